@@ -1,0 +1,52 @@
+"""The `p2pfl` command.
+
+Subcommands live in their own modules and are imported only when used, so `p2pfl --help` and
+`p2pfl status` start fast without importing torch or aiortc. To add a subcommand, add one line to
+``_COMMANDS``: its name, then ``module:attribute`` of the click command.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from p2pfl import __version__
+
+_COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (import path, one-line help shown by `p2pfl --help`)
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module_name, _, attribute = _COMMANDS[cmd_name][0].partition(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{_COMMANDS[cmd_name][0]} is not a click command")
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help text comes from the table, so listing commands imports nothing heavy.
+        rows = [(name, _COMMANDS[name][1]) for name in sorted(_COMMANDS)]
+        rows += [
+            (name, (self.commands[name].get_short_help_str())) for name in sorted(self.commands)
+        ]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(sorted(rows))
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="p2pfl")
+def main() -> None:
+    """p2pfl: peer-to-peer decentralized learning for edge nodes.
+
+    Daemons find each other with mDNS, talk over WebRTC data channels and train one model
+    together (gossip learning or server-free federated learning), every message signed.
+    """
