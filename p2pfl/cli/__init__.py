@@ -20,6 +20,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "Federation key and membership certificates.",
     ),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
+    "peers": ("p2pfl.cli._status:peers", "List the running daemon's peers."),
+    "status": ("p2pfl.cli._status:status", "Show what the running daemon is doing."),
 }
 
 
