@@ -93,6 +93,7 @@ while True:
 @pytest.mark.slow
 def test_repeated_sigkill_mid_write_never_leaves_a_corrupt_checkpoint(tmp_path: Path) -> None:
     directory = tmp_path / "ckpt"
+    directory.mkdir(mode=0o700)
     rng = random.Random(6)
     last_seq = 0
     killed_mid_write = 0
@@ -104,7 +105,13 @@ def test_repeated_sigkill_mid_write_never_leaves_a_corrupt_checkpoint(tmp_path: 
         )
         assert writer.stdout is not None
         assert writer.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.05, 0.4))
+        # Let it write a few, then kill it right as a temporary file shows up: inside a write.
+        time.sleep(rng.uniform(0.02, 0.2))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+            p.name.endswith(".tmp") for p in directory.iterdir()
+        ):
+            time.sleep(0.0005)
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait()
         writer.stdout.close()
@@ -120,5 +127,5 @@ def test_repeated_sigkill_mid_write_never_leaves_a_corrupt_checkpoint(tmp_path: 
         assert loaded.seq == store.paths()[-1][0]
         assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
         last_seq = loaded.seq
-    assert last_seq > 20  # the writers made progress between kills
-    assert killed_mid_write >= 3  # and the kills did land inside writes
+    assert last_seq >= 5  # the writers made progress between kills
+    assert killed_mid_write >= 5  # and the kills did land inside writes
