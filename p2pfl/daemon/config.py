@@ -62,7 +62,7 @@ class NodeSection:
 @dataclass(frozen=True, slots=True)
 class TrustSection:
     mode: TrustModeName = "federation"
-    federation_key: Path | None = None
+    federation_public_key: str = ""
     certificate: Path | None = None
     allowlist: Path | None = None
 
@@ -361,11 +361,11 @@ def _describe(value: Any) -> str:
 
 def _check_cross_fields(config: Config) -> None:
     trust = config.trust
-    if trust.mode == "federation" and trust.federation_key is None:
+    if trust.mode == "federation" and not _is_hex_key(trust.federation_public_key):
         raise config.error(
-            "trust.federation_key",
-            'trust mode "federation" needs federation_key = "PATH" (the federation public key '
-            'file from `p2pfl keys`), or choose mode = "allowlist" / "open"',
+            "trust.federation_public_key",
+            'trust mode "federation" needs federation_public_key = "<64 hex digits>" (printed by '
+            '`p2pfl federation init`), or choose mode = "allowlist" or "open"',
         )
     if trust.mode == "allowlist" and trust.allowlist is None:
         raise config.error(
@@ -384,6 +384,10 @@ def _check_cross_fields(config: Config) -> None:
             "task.node_index",
             f"node_index {config.task.node_index} must be below n_nodes {config.task.n_nodes}",
         )
+
+
+def _is_hex_key(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")

@@ -105,9 +105,9 @@ def test_static_peer_without_port_is_an_error(tmp_path: Path) -> None:
 def test_federation_mode_without_key_file_says_what_to_add(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         _parse('[trust]\nmode = "federation"\n', tmp_path)
-    assert info.value.key == "trust.federation_key"
+    assert info.value.key == "trust.federation_public_key"
     assert info.value.line == 1  # the [trust] table, since the key itself is absent
-    assert 'federation_key = "PATH"' in str(info.value)
+    assert "`p2pfl federation init`" in str(info.value)
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
