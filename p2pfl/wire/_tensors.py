@@ -129,21 +129,22 @@ def _encode_tensor(
         if tensor.dtype == torch.bfloat16:
             return _bytes_of(tensor.view(torch.int16).numpy()), None
         return _bytes_of(tensor.numpy()), None
-    if not bool(torch.isfinite(tensor).all()):
+    work = tensor if tensor.dtype == torch.float64 else tensor.to(torch.float32)
+    low, high = torch.aminmax(work) if work.numel() else (work.new_zeros(()), work.new_zeros(()))
+    peak = max(-float(low), float(high))  # one pass; NaN or inf anywhere makes this non-finite
+    if not math.isfinite(peak):
         raise ValueError(f"{name}: non-finite values cannot use the lossy codec {encoding!r}")
     if encoding == "fp16":
-        if tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
+        if peak > FP16_MAX:
             raise ValueError(f"{name}: values above {FP16_MAX} overflow fp16; use bf16 or fp32")
         return _bytes_of(tensor.to(torch.float16).numpy()), None
     if encoding == "bf16":
         return _bytes_of(tensor.to(torch.bfloat16).view(torch.int16).numpy()), None
-    work = tensor if tensor.dtype == torch.float64 else tensor.to(torch.float32)
     if encoding == "int8":
-        peak = float(work.abs().max()) if work.numel() else 0.0
         scale = peak / 127.0
         if scale == 0.0:
             return _bytes_of(torch.zeros(work.shape, dtype=torch.int8).numpy()), 0.0
-        quantized = torch.round(work / scale).clamp_(-127, 127).to(torch.int8)
+        quantized = work.mul(1.0 / scale).round_().clamp_(-127, 127).to(torch.int8)
         return _bytes_of(quantized.numpy()), scale
     # topk
     flat = tensor.reshape(-1)
@@ -242,10 +243,10 @@ def _decode_entry(reader: _Reader, limits: DecodeLimits) -> tuple[str, torch.Ten
         return name, _cast(tensor, dtype).reshape(shape)
     if encoding == "int8":
         scale = reader.float_()
-        if not math.isfinite(scale) or scale < 0:
-            raise WireError("bad_tensor", f"{where}: int8 scale {scale} is not finite and >= 0")
-        expect(numel, "data")
         work = "<f8" if dtype == "float64" else "<f4"
+        if not 0.0 <= scale <= float(np.finfo(work).max) / 127:  # also refuses NaN
+            raise WireError("bad_tensor", f"{where}: int8 scale {scale} out of range")
+        expect(numel, "data")
         values = np.frombuffer(data, "i1", count=numel).astype(work) * np.array(scale, work)
         return name, _cast(torch.from_numpy(values), dtype).reshape(shape)
     # topk

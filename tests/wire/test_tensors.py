@@ -130,6 +130,7 @@ F4 = b"\x00\x00\x80\x3f"  # 1.0 as float32
         (_entry_blob("w", "float32", [1] * 9, "raw", F4, None), None, "bad_tensor"),
         (_entry_blob("w", "int64", [1], "int8", b"\x01", 0.5), None, "bad_tensor"),
         (_entry_blob("w", "float32", [1], "int8", b"\x01", float("nan")), None, "bad_tensor"),
+        (_entry_blob("w", "float32", [1], "int8", b"\x7f", 1e300), None, "bad_tensor"),  # -> inf
         (_entry_blob("w", "float32", [1], "pickle", F4, None), None, "bad_tensor"),
         (_entry_blob("w", "float32", [4], "topk", F4, b"\x07\x00\x00\x00"), None, "bad_tensor"),
         (_entry_blob("w", "float32", [9], "topk", F4 * 2, b"\x02\0\0\0" * 2), None, "bad_tensor"),
