@@ -14,7 +14,8 @@ Invariants:
   much older one is ignored). The rest are combined by the aggregation rule with their ages as
   weights; the merged age is ``a``.
 - A peer's ages only grow (each send follows a training), so a model with an age not above the
-  last one seen from that peer is a duplicate or reordered copy and is dropped.
+  last one seen from that peer is a duplicate or reordered copy and is dropped. A peer that goes
+  down and comes back is a new session (it may have restarted younger): its record is forgotten.
 - A tick while training is skipped (``skipped_ticks``); sending happens only after training.
 - ``rounds`` counts completed trainings; at ``max_rounds`` the node stops (``finished``).
 """
@@ -132,6 +133,10 @@ class GossipLearner(Learner[W]):
         if len(self._inbox) == INBOX_SIZE:
             self.dropped["inbox_overflow"] += 1
         self._inbox.append((peer, message.weights, message.age))
+        return []
+
+    def _on_peer_down(self, peer: str, now: float) -> list[Action[W]]:
+        self._last_age.pop(peer, None)
         return []
 
     def _on_trained(self, weights: W, report: TrainingReport, now: float) -> list[Action[W]]:

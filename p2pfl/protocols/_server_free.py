@@ -10,9 +10,10 @@ Invariants:
   deadline; one that comes up mid-round takes part from the next round.
 - Models for a later round (up to ``max_ahead`` rounds ahead) are buffered; further ahead,
   earlier rounds, or a second model from one peer for one round are dropped and counted.
-- Catch-up: after closing round ``r`` the node continues with ``max(r + 1, highest buffered
-  round)``, so a node that was away rejoins its neighbours instead of lagging forever (it moves
-  at most ``max_ahead`` rounds per round: a peer cannot make it jump arbitrarily far).
+- Catch-up: every valid model tells the round its sender is in. After closing round ``r`` the
+  node continues with ``max(r + 1, m)``, ``m`` the lower median of the latest rounds of its live
+  neighbours, so a node that was away (or restarted from a checkpoint at round 0) rejoins its
+  neighbours instead of lagging forever, while one lying peer among three or more cannot move it.
 - Every received model is validated against the current model before it is buffered.
 - Neighbours: all live peers, or the given set (e.g. cloudlets within communication range);
   models from outside that set are dropped.
@@ -73,6 +74,7 @@ class ServerFreeLearner(Learner[W]):
         self._own: tuple[W, int] | None = None
         self._expected: set[str] = set()
         self._pending: dict[int, dict[str, tuple[W, int]]] = {}
+        self._latest: dict[str, int] = {}
 
     @property
     def rounds(self) -> int:
@@ -102,13 +104,14 @@ class ServerFreeLearner(Learner[W]):
         k = message.round
         if k < self.round:
             return self._drop("late")
-        if k > self.round + self.config.max_ahead:
-            return self._drop("too_far_ahead")
         if peer in self._pending.get(k, {}):
             return self._drop("duplicate")
         ok, actions = self._validated(peer, self._model, message.weights)
         if not ok:
             return actions
+        self._latest[peer] = max(k, self._latest.get(peer, 0))
+        if k > self.round + self.config.max_ahead:
+            return self._drop("too_far_ahead")
         self._pending.setdefault(k, {})[peer] = (message.weights, message.samples)
         if k == self.round:
             return self._close_if_complete(now)
@@ -116,6 +119,7 @@ class ServerFreeLearner(Learner[W]):
 
     def _on_peer_down(self, peer: str, now: float) -> list[Action[W]]:
         self._expected.discard(peer)
+        self._latest.pop(peer, None)
         return self._close_if_complete(now)
 
     def _on_timer(self, name: str, now: float) -> list[Action[W]]:
@@ -142,7 +146,9 @@ class ServerFreeLearner(Learner[W]):
             Metric("round_models_merged", len(models)),
         ]
         self._deadlines.pop(_ROUND, None)
-        self.round = max(self.round + 1, max(self._pending, default=0))
+        latest = sorted(self._latest[p] for p in self._peers if p in self._latest)
+        neighbours_round = latest[(len(latest) - 1) // 2] if latest else 0
+        self.round = max(self.round + 1, neighbours_round)
         self._pending = {k: v for k, v in self._pending.items() if k >= self.round}
         if self._max_rounds is not None and self.round >= self._max_rounds:
             return actions + self._finish()

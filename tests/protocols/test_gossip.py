@@ -100,6 +100,16 @@ def test_duplicate_and_reordered_models_are_dropped(ops: Any) -> None:
     assert machine.dropped["duplicate"] == 2
 
 
+def test_peer_that_rejoins_younger_is_heard_again(ops: Any) -> None:
+    machine = started(ops)
+    machine.handle(Start(), 0.0)
+    machine.handle(MessageReceived("b", GossipModel(2.0, 30, 5)), 1.0)
+    machine.handle(PeerDown("b"), 2.0)
+    machine.handle(PeerUp("b"), 3.0)
+    machine.handle(MessageReceived("b", GossipModel(2.5, 1, 5)), 4.0)
+    assert machine.dropped["duplicate"] == 0
+
+
 def test_repeat_offender_is_penalized_once_then_ignored(ops: Any) -> None:
     machine = started(ops)
     machine.handle(Start(), 0.0)

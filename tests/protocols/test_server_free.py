@@ -124,6 +124,15 @@ def test_node_far_behind_catches_up_with_its_neighbours(ops: Any, report: Any) -
     ]
 
 
+def test_restarted_node_jumps_to_the_round_of_most_neighbours(ops: Any, report: Any) -> None:
+    machine = in_round(ops, report, peers=("b", "c", "d"))
+    for peer, round_ in [("b", 40), ("c", 41), ("d", 10**6)]:  # d lies about its round
+        assert machine.handle(MessageReceived(peer, RU(round_, 3.0, 10)), 2.0) == []
+    assert machine.dropped["too_far_ahead"] == 3
+    machine.handle(TimerFired(), 6.0)
+    assert machine.round == 41
+
+
 def test_neighbour_policy_limits_sends_and_receives(ops: Any, report: Any) -> None:
     machine = in_round(ops, report, neighbours={"b"})
     assert machine.handle(MessageReceived("c", RU(0, 8.0, 10)), 2.0) == []
