@@ -21,6 +21,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
     "peers": ("p2pfl.cli._status:peers", "List the running daemon's peers."),
+    "run": ("p2pfl.cli._run:run", "Run the daemon in the foreground (systemd: ExecStart)."),
     "status": ("p2pfl.cli._status:status", "Show what the running daemon is doing."),
 }
 

@@ -70,7 +70,7 @@ class TrustSection:
 @dataclass(frozen=True, slots=True)
 class DiscoverySection:
     mdns: bool = True
-    interfaces: tuple[str, ...] = ()
+    interface: str = ""
     static_peers: tuple[str, ...] = ()
     listen_host: str = "0.0.0.0"
     signaling_port: int = 0

@@ -23,7 +23,7 @@ def test_example_config_loads_with_every_table() -> None:
     assert config.node.name == "cloudlet-1"
     assert config.trust.mode == "federation"
     assert config.discovery.static_peers == ("192.0.2.10:7070",)
-    assert config.protocol.params == {"period_s": 5.0}
+    assert config.protocol.params == {"period": 5.0}
     assert config.metrics.host == "127.0.0.1"
     assert config.checkpoints.keep == 3
     assert config.control_socket == Path("/run/p2pfl/control.sock")
