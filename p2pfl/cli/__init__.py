@@ -15,6 +15,7 @@ from p2pfl import __version__
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (import path, one-line help shown by `p2pfl --help`)
+    "simulate": ("p2pfl.cli._simulate:simulate", "Run a simulation scenario (TOML) and plot it."),
 }
 
 
