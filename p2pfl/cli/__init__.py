@@ -23,6 +23,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "peers": ("p2pfl.cli._status:peers", "List the running daemon's peers."),
     "run": ("p2pfl.cli._run:run", "Run the daemon in the foreground (systemd: ExecStart)."),
     "status": ("p2pfl.cli._status:status", "Show what the running daemon is doing."),
+    "simulate": ("p2pfl.cli._simulate:simulate", "Run a simulation scenario (TOML) and plot it."),
 }
 
 

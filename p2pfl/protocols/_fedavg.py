@@ -3,7 +3,8 @@
 Round ``r``: the aggregator sends its model as ``GlobalModel(r)`` to every live peer and trains
 it itself; participants adopt it, train, and send ``RoundUpdate(r)`` back; the aggregator
 aggregates what arrived by ``round_timeout`` (weighted by sample counts, its own update included
-when ready) and starts ``r + 1``.
+when ready) and starts ``r + 1``. A node's model is always the latest global model: local updates
+are sent, never adopted (non-IID local models would be worse to serve).
 
 Invariants:
 - Aggregator choice is deterministic and needs no election messages: at ``Start``, the configured
@@ -155,8 +156,7 @@ class FedAvgLearner(Learner[W]):
                 self._own = (weights, report.samples)
                 actions += self._close_if_complete(now)
         else:
-            self._model = weights
-            actions.append(Adopt(weights))
+            # A participant's model stays the global one; its local update only travels.
             if self.aggregator is not None:
                 update = RoundUpdate(self.round, weights, report.samples)
                 actions.append(Send(self.aggregator, update))

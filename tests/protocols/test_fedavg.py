@@ -52,10 +52,8 @@ def test_participant_adopts_global_trains_and_reports(ops: Any, report: Any) -> 
         Adopt(3.0),
         Train(3.0, 1.0),
     ]
-    assert machine.handle(TrainingDone(4.0, report(7)), 2.0) == [
-        Adopt(4.0),
-        Send("a", RU(0, 4.0, 7)),
-    ]
+    assert machine.handle(TrainingDone(4.0, report(7)), 2.0) == [Send("a", RU(0, 4.0, 7))]
+    assert machine.model == 3.0  # the global model, not the local update
 
 
 def test_aggregator_closes_round_when_all_arrived(ops: Any, report: Any) -> None:
@@ -113,8 +111,8 @@ def test_participant_takes_over_when_aggregator_leaves(ops: Any, report: Any) ->
     machine.handle(TrainingDone(4.0, report(7)), 2.0)
     assert machine.handle(PeerDown("a"), 3.0) == [
         Log("aggregator a left; taking over at round 1"),
-        Send("c", GlobalModel(1, 4.0)),
-        Train(4.0, 1.0),
+        Send("c", GlobalModel(1, 3.0)),
+        Train(3.0, 1.0),
         SetTimer(8.0),
     ]
     assert machine.is_aggregator
@@ -157,10 +155,7 @@ def test_aggregator_steps_down_for_a_higher_round(ops: Any, report: Any) -> None
     assert machine.aggregator == "b" and machine.round == 7
     # Its own round-0 training finishes: discarded; it follows b from round 7.
     assert machine.handle(TrainingDone(2.0, report(5)), 2.0) == [Adopt(3.0), Train(3.0, 1.0)]
-    assert machine.handle(TrainingDone(4.0, report(5)), 3.0) == [
-        Adopt(4.0),
-        Send("b", RU(7, 4.0, 5)),
-    ]
+    assert machine.handle(TrainingDone(4.0, report(5)), 3.0) == [Send("b", RU(7, 4.0, 5))]
 
 
 def test_configured_aggregator_is_used(ops: Any) -> None:

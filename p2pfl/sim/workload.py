@@ -1,0 +1,139 @@
+"""What the engines train: the learning core's tasks behind a small interface.
+
+A ``Workload`` owns the task, the data of every node and the models as handles: it trains a
+handle for a node (real training, synchronous), evaluates a handle, and sizes it for the network
+model. ``StateDictOps`` is the ``ModelOps`` the protocol machines get: validation and aggregation
+by the learning core's primitives (``validate_update``, ``AGGREGATORS``) over state_dicts; the
+daemon can use it as is.
+
+Handles are never changed after creation: training copies, aggregators allocate their output.
+That lets many nodes share one handle (FedAvg participants adopting the same global model) and
+keeps per-node memory to the models a node actually holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from p2pfl.protocols import FeaturePlan
+from p2pfl.sim.scenario import Scenario
+
+StateDict = dict[str, torch.Tensor]
+
+
+class Report(Protocol):
+    @property
+    def samples(self) -> int: ...
+
+    @property
+    def loss(self) -> float: ...
+
+
+class Workload(Protocol):
+    primary_metric: str
+    higher_is_better: bool
+    ops: Any
+
+    def initial(self) -> Any: ...
+
+    def train(self, node: int | None, weights: Any, epochs: float) -> tuple[Any, Report]:
+        """Train a copy of ``weights`` on ``node``'s data (None: all data, centralized)."""
+        ...
+
+    def evaluate(self, weights: Any) -> dict[str, float]: ...
+
+    def nbytes(self, weights: Any) -> int: ...
+
+    def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None: ...
+
+
+class StateDictOps:
+    """``ModelOps`` over torch state_dicts, by the learning core's aggregation primitives."""
+
+    def __init__(self, *, max_norm: float | None = None) -> None:
+        from p2pfl.ml import AGGREGATORS, validate_update
+
+        self._aggregators = AGGREGATORS
+        self._validate = validate_update
+        self.max_norm = max_norm
+
+    @property
+    def rules(self) -> Collection[str]:
+        return tuple(self._aggregators)
+
+    def validate(self, reference: StateDict, update: StateDict) -> str | None:
+        reason: str | None = self._validate(reference, update, max_norm=self.max_norm)
+        return reason
+
+    def aggregate(
+        self, rule: str, reference: StateDict, models: Sequence[StateDict], weights: Sequence[float]
+    ) -> StateDict:
+        merged: StateDict = self._aggregators[rule](models, weights, reference)
+        return merged
+
+
+def _frozen_copy(state: dict[str, torch.Tensor]) -> StateDict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+class TaskWorkload:
+    """A learning-core ``Task``: one shared module is loaded with a handle, trained, copied out."""
+
+    def __init__(self, scenario: Scenario, *, threads: int = 1) -> None:
+        from p2pfl.ml import load_task
+
+        # Tiny models, one process: one intra-op thread is fastest, and on a shared machine
+        # torch's spinning worker threads made a 4-batch MLP epoch 20x slower (measured).
+        torch.set_num_threads(threads)
+        spec = scenario.task
+        self.task = load_task(
+            spec.name,
+            n_nodes=spec.nodes,
+            partition=spec.partition,
+            alpha=spec.alpha,
+            seed=scenario.seed,
+            **dict(spec.options),
+        )
+        self.primary_metric = self.task.primary_metric
+        self.higher_is_better = self.task.higher_is_better
+        self.ops = StateDictOps()
+        self._n_nodes = spec.nodes
+        self._model = self.task.make_model()
+        self._initial = _frozen_copy(self._model.state_dict())
+        self._data: dict[int | None, Any] = {}
+
+    def _node_data(self, node: int | None) -> Any:
+        if node not in self._data:
+            self._data[node] = (
+                self.task.central_data()
+                if node is None
+                else self.task.node_data(node, self._n_nodes)
+            )
+        return self._data[node]
+
+    def initial(self) -> StateDict:
+        return self._initial
+
+    def train(
+        self, node: int | None, weights: StateDict, epochs: float
+    ) -> tuple[StateDict, Report]:
+        self._model.load_state_dict(weights)
+        report = self.task.train(self._model, self._node_data(node), epochs=epochs)
+        return _frozen_copy(self._model.state_dict()), report
+
+    def evaluate(self, weights: StateDict) -> dict[str, float]:
+        self._model.load_state_dict(weights)
+        return {k: float(v) for k, v in self.task.evaluate(self._model).items()}
+
+    def nbytes(self, weights: StateDict) -> int:
+        return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
+        return None
+
+
+def make_workload(scenario: Scenario) -> Workload:
+    return TaskWorkload(scenario)
