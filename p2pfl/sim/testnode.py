@@ -13,12 +13,14 @@ Output is JSON lines on stdout::
     {"event": "sent", "peer": ..., "size": ..., "sha256": ..., "elapsed_s": ...}
     {"event": "error", "what": ...}
     {"event": "counters", "counters": {...}}
+    {"event": "lag", "p50_ms": ..., "p99_ms": ..., "max_ms": ...}
 
 Commands are JSON lines on stdin::
 
     {"cmd": "send", "peer": ID, "size": N, "seed": K}   # N pseudo-random bytes from seed K
     {"cmd": "send", ..., "signed": true}                # ... sealed in a signed envelope
     {"cmd": "counters"}
+    {"cmd": "lag"}      # trio loop lag p50/p99/max (ms) since the last "lag" command
     {"cmd": "quit"}
 
 ``--drop-pct`` / ``--delay-ms`` impair this process's outgoing ICE datagrams in user space (each
@@ -83,7 +85,31 @@ def _impair_datagrams(drop_pct: float, delay_ms: float, seed: int) -> None:
     ice.StunProtocol.send_data = send_data  # type: ignore[method-assign]
 
 
-async def _commands(transport: PeerTransport) -> None:
+class LoopLag:
+    """Measures how late the trio loop wakes a task that sleeps ``interval_s`` at a time."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+
+    async def run(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await trio.sleep(self.interval_s)
+            self.samples.append(time.perf_counter() - before - self.interval_s)
+
+    def summary(self, *, reset: bool) -> dict[str, float]:
+        ordered = sorted(self.samples) or [0.0]
+        if reset:
+            self.samples = []
+
+        def pick(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+        return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": ordered[-1] * 1000}
+
+
+async def _commands(transport: PeerTransport, lag: LoopLag) -> None:
     stdin = trio.lowlevel.FdStream(0)
     buffer = b""
     async with trio.open_nursery() as nursery:
@@ -99,7 +125,9 @@ async def _commands(transport: PeerTransport) -> None:
                 if command["cmd"] == "quit":
                     nursery.cancel_scope.cancel()
                     return
-                if command["cmd"] == "counters":
+                if command["cmd"] == "lag":
+                    _emit(event="lag", **lag.summary(reset=True))
+                elif command["cmd"] == "counters":
                     _emit(event="counters", counters=dict(transport.counters))
                 elif command["cmd"] == "send":
                     nursery.start_soon(_send, transport, command)
@@ -121,12 +149,14 @@ async def _send(transport: PeerTransport, command: dict[str, Any]) -> None:
     except PeerUnavailable as exc:
         _emit(event="error", what=str(exc))
         return
+    elapsed = time.monotonic() - started
     _emit(
         event="sent",
         peer=command["peer"],
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
-        elapsed_s=time.monotonic() - started,
+        started_at=time.time() - elapsed,
+        elapsed_s=elapsed,
     )
 
 
@@ -174,7 +204,9 @@ async def _main(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             verifier = EnvelopeVerifier(is_trusted=lambda _key: True) if args.verify else None
             nursery.start_soon(_events, transport, verifier)
-            await _commands(transport)
+            lag = LoopLag()
+            nursery.start_soon(lag.run)
+            await _commands(transport, lag)
             nursery.cancel_scope.cancel()
 
 
