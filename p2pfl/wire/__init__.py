@@ -17,3 +17,6 @@ from p2pfl.wire._envelope import SequenceCounter as SequenceCounter
 from p2pfl.wire._envelope import seal as seal
 from p2pfl.wire._errors import REASONS as REASONS
 from p2pfl.wire._errors import WireError as WireError
+from p2pfl.wire._tensors import CODECS as CODECS
+from p2pfl.wire._tensors import decode_state_dict as decode_state_dict
+from p2pfl.wire._tensors import encode_state_dict as encode_state_dict

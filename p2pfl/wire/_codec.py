@@ -77,6 +77,64 @@ def unpack(data: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAULT_
         raise WireError("malformed", f"{type(exc).__name__}: {exc}") from None
 
 
+# Binaries at least this large are referenced, not copied, by `pack_parts`.
+LARGE_BIN_BYTES = 64 * 1024
+_FLAT_TYPES = (int, float, str, bool, type(None))
+
+
+def pack_parts(obj: Any, parts: list[bytes | memoryview]) -> None:
+    """Append the msgpack encoding of ``obj`` to ``parts``: ``b"".join(parts) == pack(obj)``.
+
+    Large binaries are appended by reference, so a 34 MB model is copied once, by the final
+    join, instead of three times (msgpack's buffer, its bytes result, then the frame).
+    """
+    if isinstance(obj, bytes | bytearray | memoryview):
+        view = memoryview(obj)
+        if view.nbytes >= LARGE_BIN_BYTES and view.c_contiguous:
+            parts.append(bin_header(view.nbytes))
+            parts.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+            return
+        parts.append(pack(obj))
+    elif isinstance(obj, dict):
+        parts.append(map_header(len(obj)))
+        for key, value in obj.items():
+            parts.append(pack(key))
+            pack_parts(value, parts)
+    elif isinstance(obj, list | tuple):
+        if all(type(item) in _FLAT_TYPES for item in obj):
+            parts.append(pack(obj))
+            return
+        parts.append(array_header(len(obj)))
+        for item in obj:
+            pack_parts(item, parts)
+    else:
+        parts.append(pack(obj))
+
+
+def bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x80 | n])
+    if n < 0x10000:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
+
+
 # Fixed-size scalars by first byte: number of bytes that follow the type byte.
 _FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _FIXED.update({0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8})

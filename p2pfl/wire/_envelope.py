@@ -19,10 +19,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from p2pfl.identity import NodeIdentity, node_id_for, verify_signature
-from p2pfl.wire._codec import DEFAULT_LIMITS, DecodeLimits, unpack
+from p2pfl.wire._codec import DEFAULT_LIMITS, DecodeLimits, pack_parts, unpack
 from p2pfl.wire._domain import Domain, signing_input
 from p2pfl.wire._errors import WireError
 from p2pfl.wire._replay import ReplayGuard
@@ -96,13 +94,14 @@ def seal(
         timestamp_ms,
         body,
     ]
-    # One buffer for payload and signature: the model bytes are copied once, not three times.
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-    packer.pack(payload)
-    with packer.getbuffer() as signed:
-        to_sign = signing_input(domain, signed)
-    packer.pack(identity.sign(to_sign))
-    return packer.bytes()
+    # The payload is built as a list of parts, large binaries by reference: the model bytes are
+    # hashed in place and copied once, into the frame.
+    parts: list[bytes | memoryview] = []
+    pack_parts(payload, parts)
+    to_sign = signing_input(domain, *parts)
+    parts.append(_SIGNATURE_TRAILER)
+    parts.append(identity.sign(to_sign))
+    return b"".join(parts)
 
 
 class EnvelopeVerifier:

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from p2pfl.wire import DecodeLimits, WireError, pack, unpack
+from p2pfl.wire._codec import pack_parts
 
 
 @pytest.mark.parametrize(
@@ -81,3 +82,18 @@ def test_depth_limit_counts_nested_containers_exactly() -> None:
 def test_unpack_accepts_memoryview_slices() -> None:
     data = b"junk" + pack({"k": [1, 2]})
     assert unpack(memoryview(data)[4:]) == {"k": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"w": b"\x01" * 70_000, "n": [1, 2.5, None], "deep": [{"x": bytearray(100_000)}]},
+        [b"a" * 65_536] * 3 + [list(range(40)), {str(i): [i] for i in range(20)}],
+        memoryview(bytes(range(256)) * 300),
+        (1, "two", [b"3" * 70_000]),
+    ],
+)
+def test_pack_parts_joins_to_exactly_pack(value: object) -> None:
+    parts: list[bytes | memoryview] = []
+    pack_parts(value, parts)
+    assert b"".join(parts) == pack(value)

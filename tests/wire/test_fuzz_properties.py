@@ -5,11 +5,20 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from p2pfl.identity import NodeIdentity
-from p2pfl.wire import EnvelopeVerifier, WireError, pack, seal, unpack
+from p2pfl.wire import (
+    EnvelopeVerifier,
+    WireError,
+    decode_state_dict,
+    encode_state_dict,
+    pack,
+    seal,
+    unpack,
+)
 
 NOW = 1_800_000_000.0
 ALICE = NodeIdentity.from_seed(b"a" * 32)
@@ -17,6 +26,9 @@ TEMPLATES = [
     seal(ALICE, kind="model", body={"w": b"\x01" * 40, "r": [1, 2.5, None]}, seq=3, now=NOW),
     pack({"a": [1, {"b": "c"}], "d": b"xyz", "e": [[[-1]]], "f": 1.0e10}),
 ]
+
+_STATE = {"w": torch.tensor([[1.0, -2.0]]), "b": torch.tensor([0.5]), "n": torch.tensor(3)}
+TENSOR_TEMPLATES = [encode_state_dict(_STATE, c, topk_ratio=0.5) for c in ("fp32", "int8", "topk")]
 
 msgpack_values = st.recursive(
     st.none()
@@ -33,8 +45,8 @@ msgpack_values = st.recursive(
 
 
 @st.composite
-def mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(draw(st.sampled_from(TEMPLATES)))
+def mutated(draw: st.DrawFn, templates: list[bytes] = TEMPLATES) -> bytes:
+    data = bytearray(draw(st.sampled_from(templates)))
     for _ in range(draw(st.integers(1, 8))):
         op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
         pos = draw(st.integers(0, max(0, len(data) - 1)))
@@ -85,3 +97,27 @@ def test_mutated_frames_raise_only_wire_error(data: bytes) -> None:
 def test_everything_pack_produces_unpacks_to_an_equal_value(value: Any) -> None:
     decoded = unpack(pack(value))
     assert pack(decoded) == pack(value)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated(TENSOR_TEMPLATES))
+def test_mutated_tensor_payloads_raise_only_wire_error(data: bytes) -> None:
+    with contextlib.suppress(WireError):
+        decoded = decode_state_dict(data)
+        assert all(isinstance(t, torch.Tensor) for t in decoded.values())
+
+
+@settings(max_examples=150)
+@given(
+    body=msgpack_values,
+    kind=st.text(min_size=1, max_size=64),
+    seq=st.integers(0, 2**64 - 1),
+    skew=st.floats(-59.0, 59.0),
+)
+def test_any_sealed_body_opens_to_an_equal_envelope(
+    body: Any, kind: str, seq: int, skew: float
+) -> None:
+    frame = seal(ALICE, kind=kind, body=body, seq=seq, now=NOW + skew)
+    envelope = EnvelopeVerifier(is_trusted=lambda key: key == ALICE.public_key).open(frame, now=NOW)
+    assert (envelope.kind, envelope.seq, envelope.sender) == (kind, seq, ALICE.public_key)
+    assert pack(envelope.body) == pack(body)
