@@ -86,10 +86,12 @@ class Reassembler:
         self._digest = b""
         self._parts: list[bytes] = []
         self._size = 0
+        self._dropped = -1
 
     def _reset(self, reason: str | None) -> None:
         if reason is not None:
             self._on_drop(reason)
+            self._dropped = self._id  # the rest of a dropped transfer is skipped uncounted
         self._id, self._parts, self._size = -1, [], 0
 
     def feed(self, frame: bytes) -> bytes | None:
@@ -98,11 +100,14 @@ class Reassembler:
             self._on_drop("short_frame")
             return None
         _, transfer_id, index, count, total, digest = HEADER.unpack_from(frame)
+        if index != 0 and transfer_id == self._dropped:
+            return None
         if index == 0:
             if self._id != -1:
                 self._reset("incomplete_transfer")
             if count == 0 or total > self._max:
                 self._on_drop("oversized_message" if total > self._max else "bad_frame_count")
+                self._dropped = transfer_id
                 return None
             self._id, self._count, self._total, self._digest = transfer_id, count, total, digest
         elif (transfer_id, count, total, digest) != (

@@ -277,14 +277,21 @@ async def _write_frame(stream: trio.SocketStream, frame: bytes) -> None:
     await stream.send_all(_LENGTH.pack(len(frame)) + frame)
 
 
-async def exchange(host: str, port: int, frame: bytes, *, timeout_s: float = 10.0) -> bytes:
+async def exchange(
+    host: str,
+    port: int,
+    frame: bytes,
+    *,
+    timeout_s: float = 10.0,
+    local_address: str | None = None,
+) -> bytes:
     """Send one request frame to a signaling listener and return its response frame.
 
     Raises OSError when unreachable, SignalingRefused("no_reply") when the peer refused
     (it closes the connection without answering) and trio.TooSlowError after ``timeout_s``.
     """
     with trio.fail_after(timeout_s):
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await trio.open_tcp_stream(host, port, local_address=local_address)
         async with stream:
             await _write_frame(stream, frame)
             try:

@@ -185,6 +185,10 @@ class PeerTransport:
         self._nursery: trio.Nursery | None = None
         self._stack = contextlib.AsyncExitStack()
         self.signaling_port = 0
+        # Signaling connections leave from our own address: the peer records the source address
+        # of an invite or offer as where to reach us.
+        host = self.config.host
+        self._local_address = None if host in ("", "0.0.0.0") else host
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> PeerTransport:
@@ -378,7 +382,11 @@ class PeerTransport:
                 candidate.public_key, candidate.node_id or "", self.signaling_port, time.time()
             )
             reply = await exchange(
-                candidate.host, candidate.port, frame, timeout_s=self.config.connect_timeout_s
+                candidate.host,
+                candidate.port,
+                frame,
+                timeout_s=self.config.connect_timeout_s,
+                local_address=self._local_address,
             )
             ack = self.guard.check_reply(reply, "invite-ack", nonce, candidate.node_id, time.time())
         except (OSError, trio.TooSlowError, SignalingRefused) as exc:
@@ -406,7 +414,9 @@ class PeerTransport:
                 frame, nonce = self.guard.seal_offer(
                     candidate.public_key, peer_id, sdp, self.signaling_port, time.time()
                 )
-                reply = await exchange(candidate.host, candidate.port, frame)
+                reply = await exchange(
+                    candidate.host, candidate.port, frame, local_address=self._local_address
+                )
                 answer = self.guard.check_reply(reply, "sdp-answer", nonce, peer_id, time.time())
                 await self._bridge.call(peer.link.accept_answer, answer.sdp)
                 await self._bridge.call(peer.link.wait_open)

@@ -105,3 +105,19 @@ def test_mutated_tensor_payloads_raise_only_wire_error(data: bytes) -> None:
     with contextlib.suppress(WireError):
         decoded = decode_state_dict(data)
         assert all(isinstance(t, torch.Tensor) for t in decoded.values())
+
+
+@settings(max_examples=150)
+@given(
+    body=msgpack_values,
+    kind=st.text(min_size=1, max_size=64),
+    seq=st.integers(0, 2**64 - 1),
+    skew=st.floats(-59.0, 59.0),
+)
+def test_any_sealed_body_opens_to_an_equal_envelope(
+    body: Any, kind: str, seq: int, skew: float
+) -> None:
+    frame = seal(ALICE, kind=kind, body=body, seq=seq, now=NOW + skew)
+    envelope = EnvelopeVerifier(is_trusted=lambda key: key == ALICE.public_key).open(frame, now=NOW)
+    assert (envelope.kind, envelope.seq, envelope.sender) == (kind, seq, ALICE.public_key)
+    assert pack(envelope.body) == pack(body)
