@@ -8,6 +8,8 @@ traceback, for a bug report). systemd is told not to restart on 2, 3 and 4.
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -35,12 +37,16 @@ def run(config_path: Path, check: bool) -> None:
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
     configure_logging(config.logging.level, config.logging.format)
-    sys.exit(_run(config, config_path, check=check))
+    code = _run(config, config_path, check=check)
+    # Everything is checkpointed and closed by now. A training step abandoned mid-way by SIGTERM
+    # can hold interpreter shutdown for seconds (torch in a daemon thread): exit right away.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run(config: object, config_path: Path, *, check: bool) -> int:
-    import logging
-
     import trio
 
     from p2pfl.daemon.config import EXIT_CONFIG, Config, ConfigError

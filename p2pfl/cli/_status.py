@@ -44,8 +44,10 @@ def status(socket_path: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(node.to_json(), indent=2, sort_keys=True))
         return
     console = _console()
+    from rich.markup import escape
+
     for warning in node.warnings():
-        console.print(f"[bold red]WARNING: {warning}[/]")
+        console.print(f"[bold red]WARNING: {escape(warning)}[/]")
     console.print(_summary(node))
     console.print()
     if node.peers:

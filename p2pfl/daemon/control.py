@@ -85,6 +85,8 @@ class NodeStatus:
     """Rejected messages by reason (all peers, and senders that never became peers)."""
     checkpoint: CheckpointStatus | None = None
     peers: tuple[PeerStatus, ...] = ()
+    transport: dict[str, int] = field(default_factory=dict)
+    """Transport counters (dial failures, refused signaling, dropped frames...) by name."""
 
     def warnings(self) -> list[str]:
         if self.trust_mode == "open":

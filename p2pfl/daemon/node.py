@@ -328,6 +328,7 @@ class Node:
             rejected=dict(state.rejected),
             checkpoint=checkpoint,
             peers=peers,
+            transport=dict(self.transport.counters) if self.transport is not None else {},
         )
 
     def _status_line(self) -> str:

@@ -32,13 +32,17 @@ class TaskTrainer:
         self._train_model = task.make_model()
         self._eval_model = task.make_model()
         self.limiter = trio.CapacityLimiter(1)
+        # The first optimizer imports torch._dynamo (seconds on a small CPU): pay it at start,
+        # before READY, instead of inside the first training step.
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
     def initial(self) -> StateDict:
         return frozen_copy(self._train_model.state_dict())
 
     def _threads(self) -> None:
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+        # Per thread, unconditionally: a fresh worker thread reports the setting but runs
+        # slower until it sets it itself.
+        torch.set_num_threads(self.threads)
 
     async def train(self, weights: StateDict, epochs: float) -> tuple[StateDict, TrainReport]:
         def work() -> tuple[StateDict, TrainReport]:

@@ -145,6 +145,7 @@ async def test_open_trust_mode_is_warned_loudly(short_tmp: Path) -> None:
         nursery.cancel_scope.cancel()
     first_line = table.stdout.decode().splitlines()[0]
     assert first_line.startswith("WARNING: trust mode is OPEN")
+    assert '[trust] mode = "federation"' in table.stdout.decode()  # markup did not eat it
     assert "OPEN" in json.loads(as_json.stdout)["warnings"][0]
 
 

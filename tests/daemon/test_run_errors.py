@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from p2pfl.identity import NodeIdentity
 
 
@@ -73,3 +75,11 @@ def test_federation_mode_without_certificate_exits_3_saying_how_to_get_one(
     assert result.returncode == 3
     line = _one_line(result)
     assert "federation.cert" in line and "p2pfl federation admit --node-key" in line
+
+
+@pytest.mark.slow
+def test_check_flag_validates_without_starting(short_tmp: Path) -> None:
+    result = _run(_config(short_tmp), "--check")
+    assert result.returncode == 0, result.stderr
+    assert "is fine; node " in result.stdout
+    assert not (short_tmp / "run" / "control.sock").exists()
