@@ -78,7 +78,9 @@ class NodeStatus:
     metric_name: str
     metric_value: float | None
     training_state: str
-    """"starting", "idle", "training", "evaluating" or "stopping"."""
+    """"starting", "idle", "training" or "stopping"."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last evaluation of the adopted model on this node's test data, every metric."""
     bytes_in: int = 0
     bytes_out: int = 0
     rejected: dict[str, int] = field(default_factory=dict)

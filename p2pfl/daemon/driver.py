@@ -103,6 +103,8 @@ class NodeState:
     last_loss: float | None = None
     metric_name: str = "accuracy"
     metric_value: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Every figure of the last evaluation (the primary one is also ``metric_value``)."""
     training_state: str = "starting"
     peers: dict[str, PeerState] = field(default_factory=dict)
     rejected: Counter[str] = field(default_factory=Counter)
@@ -381,6 +383,7 @@ class ProtocolDriver:
 
     def _take_evaluation(self, evaluated: _Evaluated) -> None:
         state = self.state
+        state.metrics = {k: float(v) for k, v in evaluated.metrics.items()}
         value = evaluated.metrics.get(self.primary_metric)
         if value is not None:
             state.metric_value = float(value)

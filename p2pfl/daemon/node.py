@@ -323,6 +323,7 @@ class Node:
             metric_name=state.metric_name,
             metric_value=state.metric_value,
             training_state=state.training_state,
+            metrics=dict(state.metrics),
             bytes_in=state.bytes_in,
             bytes_out=state.bytes_out,
             rejected=dict(state.rejected),
@@ -454,6 +455,7 @@ class Node:
                     work.start_soon(self.notifier.run_watchdog)
                     self.notifier.ready(self._status_line())
                     await self._wait_for_stop()
+                    self.state.training_state = "stopping"
                     self.notifier.stopping()
                     log.info("stopping: abandoning the current step and checkpointing")
                     work.cancel_scope.cancel()

@@ -16,22 +16,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import click
 
 from p2pfl.daemon.control import ControlError, NodeStatus, fetch_status
 from p2pfl.files import atomic_write
 from p2pfl.identity import NodeIdentity
 from p2pfl.sim.netns import BridgedNetwork
+from p2pfl.sim.results import NodeResult, Results, SetupResult
+from p2pfl.sim.scenario import Scenario, SetupSpec, StopSpec
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
-__all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode"]
+__all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,3 +293,287 @@ class DaemonCluster:
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---- `p2pfl simulate --engine processes` ------------------------------------------------------
+
+Progress = Callable[[str, float, str], None]
+_READY_TIMEOUT_S = 180.0
+_STOP_TIMEOUT_S = 40.0
+
+
+class ProcessesEngineError(click.ClickException):
+    """The engine cannot run here; the message says why and what to do."""
+
+
+def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
+    """Run every setup of ``scenario`` with real daemons; the same Results as the virtual engine.
+
+    Time is wall-clock: ``stop.time`` counts from the moment every daemon answers on its control
+    socket. Per-link latency and loss become ``tc netem`` on each node's interface where the
+    kernel has it; bandwidth limits and churn are not applied (see ``extra.not_applied``).
+    """
+    from p2pfl.sim.netns import can_create_namespaces, sweep_stale_namespaces
+
+    if not can_create_namespaces():
+        raise ProcessesEngineError(
+            "the processes engine runs its daemons in private network namespaces, which this "
+            "process may not create: run as root, or as "
+            "`python -m p2pfl.sim.netns -- p2pfl simulate SCENARIO --engine processes`"
+        )
+    sweep_stale_namespaces()
+    setups = [_run_setup(scenario, setup, progress) for setup in scenario.setups]
+    task = _load_task(scenario)
+    return Results(
+        scenario=scenario.name,
+        engine="processes",
+        seed=scenario.seed,
+        task=scenario.task.name,
+        primary_metric=task.primary_metric,
+        higher_is_better=task.higher_is_better,
+        setups=setups,
+        scenario_source=dict(scenario.raw),
+    )
+
+
+def _load_task(scenario: Scenario) -> Any:
+    from p2pfl.ml import load_task
+
+    spec = scenario.task
+    return load_task(
+        spec.name,
+        n_nodes=spec.nodes,
+        partition=spec.partition,
+        alpha=spec.alpha,
+        seed=scenario.seed,
+        **dict(spec.options),
+    )
+
+
+def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
+    stop = setup.stop or scenario.stop
+    params: dict[str, str | int | float | bool] = {}
+    if setup.protocol == "gossip":
+        params.update(
+            period=setup.period, jitter=setup.jitter, staleness_window=setup.staleness_window
+        )
+    elif setup.protocol == "server-free":
+        params.update(round_timeout=setup.round_timeout, max_ahead=setup.max_ahead)
+    elif setup.protocol == "fedavg":
+        params.update(round_timeout=setup.round_timeout)
+    if stop.rounds is not None:
+        params["max_rounds"] = stop.rounds
+    return ClusterSpec(
+        n_nodes=scenario.task.nodes,
+        task=scenario.task.name,
+        partition=scenario.task.partition,
+        alpha=scenario.task.alpha,
+        seed=scenario.seed,
+        epochs=setup.epochs if setup.epochs is not None else scenario.training.epochs,
+        protocol=setup.protocol,
+        aggregation=setup.aggregation,
+        params=params,
+        checkpoint_interval_s=30.0,
+    )
+
+
+def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) -> SetupResult:
+    if setup.protocol == "centralized":
+        return _run_centralized(scenario, setup, progress)
+    from p2pfl.sim.netns import netem_available
+
+    spec = _cluster_spec(scenario, setup)
+    stop = setup.stop or scenario.stop
+    net = scenario.network
+    not_applied = [] if net.bandwidth_mbps >= 1000 else ["network.bandwidth_mbps"]
+    if scenario.churn.fraction > 0:
+        not_applied.append("churn")
+    if net.partitions:
+        not_applied.append("network.partitions")
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="p2pfl-sim-", dir="/tmp"))
+    report = progress or (lambda _setup, _fraction, _status: None)
+    with BridgedNetwork(spec.n_nodes) as network, DaemonCluster(root, spec, network) as cluster:
+        if net.latency_ms > 0 or net.loss > 0:
+            if netem_available():
+                for i in range(spec.n_nodes):
+                    network.impair(i, delay_ms=net.latency_ms, loss_pct=net.loss * 100)
+            else:
+                not_applied.append("network.latency_ms/loss (no tc netem in this kernel)")
+        cluster.start_all()
+        for node in cluster.nodes:
+            print(f"{node.name}: p2pfl status --socket {node.socket_path}", flush=True)
+        _wait_ready(cluster, setup.name, report)
+        histories: list[list[dict[str, float]]] = [[] for _ in cluster.nodes]
+        curve: list[dict[str, float]] = []
+        t0 = time.monotonic()
+        interval = max(1.0, scenario.training.eval_interval)
+        last: list[NodeStatus | None] = [None] * spec.n_nodes
+        while True:
+            elapsed = time.monotonic() - t0
+            statuses = [cluster.status(i) for i in range(spec.n_nodes)]
+            last = [s or old for s, old in zip(statuses, last, strict=True)]
+            _record(elapsed, last, histories, curve)
+            done = _stop_reached(stop, elapsed, last)
+            report(setup.name, min(1.0, elapsed / stop.time), _live_line(last))
+            if done:
+                break
+            time.sleep(min(interval, max(0.1, stop.time - elapsed)))
+        wall = time.perf_counter() - started
+        codes = cluster.stop_all(timeout=_STOP_TIMEOUT_S)
+        nodes = [
+            _node_result(node, status, history, codes.get(node.index))
+            for node, status, history in zip(cluster.nodes, last, histories, strict=True)
+        ]
+    if not curve:
+        raise ProcessesEngineError(
+            f"setup {setup.name!r}: no daemon reported an evaluation before the stop condition; "
+            "give it more time ([stop] time)"
+        )
+    final = {k: v for k, v in curve[-1].items() if k not in ("time", "round", "bytes")}
+    result = SetupResult(
+        name=setup.name,
+        protocol=setup.protocol,
+        aggregation=setup.aggregation,
+        final=final,
+        curve=curve,
+        nodes=nodes,
+        bytes_sent=sum(n.bytes_sent for n in nodes),
+        bytes_received=sum(n.bytes_received for n in nodes),
+        virtual_time_s=None,
+        wall_time_s=wall,
+        extra={"run_time_s": curve[-1]["time"], "not_applied": not_applied},
+    )
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def _wait_ready(cluster: DaemonCluster, name: str, report: Progress) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        ready = sum(cluster.status(i, timeout=2.0) is not None for i in range(len(cluster.nodes)))
+        report(name, 0.0, f"starting daemons: {ready}/{len(cluster.nodes)} ready")
+        if ready == len(cluster.nodes):
+            return
+        for node in cluster.nodes:
+            if node.process is not None and node.process.poll() is not None:
+                raise ProcessesEngineError(
+                    f"{node.name} exited with status {node.process.returncode} while starting:\n"
+                    + cluster.log_tail(node.index, 5)
+                )
+        time.sleep(1.0)
+    raise ProcessesEngineError(f"daemons not ready after {_READY_TIMEOUT_S:.0f} s")
+
+
+def _record(
+    elapsed: float,
+    statuses: list[NodeStatus | None],
+    histories: list[list[dict[str, float]]],
+    curve: list[dict[str, float]],
+) -> None:
+    rows = []
+    for status, history in zip(statuses, histories, strict=True):
+        if status is None or not status.metrics:
+            continue
+        row = {
+            "time": elapsed,
+            "round": float(status.round),
+            "bytes_sent": float(status.bytes_out),
+            **status.metrics,
+        }
+        history.append(row)
+        rows.append(row)
+    if rows:
+        point = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "bytes_sent"}
+        point["bytes"] = float(sum(s.bytes_out for s in statuses if s is not None))
+        curve.append(point)
+
+
+def _stop_reached(stop: StopSpec, elapsed: float, statuses: list[NodeStatus | None]) -> bool:
+    if elapsed >= stop.time:
+        return True
+    live = [s for s in statuses if s is not None]
+    if stop.rounds is not None and live and all(s.round >= stop.rounds for s in live):
+        return True
+    sent = sum(s.bytes_out for s in live)
+    return stop.megabytes is not None and sent >= stop.megabytes * 1e6
+
+
+def _live_line(statuses: list[NodeStatus | None]) -> str:
+    parts = []
+    for i, s in enumerate(statuses):
+        if s is None:
+            parts.append(f"n{i} -")
+            continue
+        peers = sum(p.state == "connected" for p in s.peers)
+        metric = f" {s.metric_value:.3f}" if s.metric_value is not None else ""
+        parts.append(f"n{i} r{s.round}{metric} p{peers}")
+    return " | ".join(parts)
+
+
+def _node_result(
+    node: DaemonNode,
+    status: NodeStatus | None,
+    history: list[dict[str, float]],
+    exit_code: int | None,
+) -> NodeResult:
+    final = (
+        {k: v for k, v in history[-1].items() if k not in ("time", "round", "bytes_sent")}
+        if history
+        else {}
+    )
+    return NodeResult(
+        node=node.identity.node_id,
+        final=final,
+        history=history,
+        bytes_sent=status.bytes_out if status else 0,
+        bytes_received=status.bytes_in if status else 0,
+        rounds=status.round if status else 0,
+        extra={
+            "name": node.name,
+            "exit_code": exit_code,
+            "rejected": dict(status.rejected) if status else {},
+            "transport": dict(status.transport) if status else {},
+            "peers_connected": sum(p.state == "connected" for p in status.peers) if status else 0,
+        },
+    )
+
+
+def _run_centralized(
+    scenario: Scenario, setup: SetupSpec, progress: Progress | None
+) -> SetupResult:
+    """The baseline: one trainer on all the data in this process, for the same wall time."""
+    from p2pfl.sim.workload import TaskWorkload
+
+    stop = setup.stop or scenario.stop
+    workload = TaskWorkload(scenario)
+    epochs = setup.epochs if setup.epochs is not None else scenario.training.epochs
+    weights = workload.initial()
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    rounds = 0
+    while True:
+        elapsed = time.perf_counter() - started
+        metrics = workload.evaluate(weights)
+        history.append({"time": elapsed, "round": float(rounds), "bytes_sent": 0.0, **metrics})
+        if progress:
+            progress(setup.name, min(1.0, elapsed / stop.time), f"epoch {rounds}")
+        if elapsed >= stop.time or (stop.rounds is not None and rounds >= stop.rounds):
+            break
+        weights, _ = workload.train(None, weights, epochs)
+        rounds += 1
+    final = {k: v for k, v in history[-1].items() if k not in ("time", "round", "bytes_sent")}
+    curve = [{**{k: v for k, v in h.items() if k != "bytes_sent"}, "bytes": 0.0} for h in history]
+    return SetupResult(
+        name=setup.name,
+        protocol="centralized",
+        aggregation="-",
+        final=final,
+        curve=curve,
+        nodes=[NodeResult("central", final, history, 0, 0, rounds, {})],
+        bytes_sent=0,
+        bytes_received=0,
+        virtual_time_s=None,
+        wall_time_s=time.perf_counter() - started,
+        extra={},
+    )
