@@ -148,7 +148,8 @@ class StructuredFormatter(logging.Formatter):
         fields["msg"] = record.getMessage()
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                fields[key] = value
+                # An extra named like a base field ("level", "msg") must not overwrite it.
+                fields[f"{key}_" if key in fields else key] = value
         if record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
         if self.fmt == "json":

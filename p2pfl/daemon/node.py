@@ -510,7 +510,7 @@ class Node:
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("changed [%s] needs a restart to take effect", section)
         self.config = new
-        log.info("configuration reloaded", extra={"level": new.logging.level})
+        log.info("configuration reloaded", extra={"log_level": new.logging.level})
         self.notifier.ready(self._status_line())
 
 

@@ -74,12 +74,12 @@ def test_logfmt_lines_carry_extra_fields_and_quote_spaces(monkeypatch: pytest.Mo
     out = io.StringIO()
     configure_logging("info", "logfmt", stream=out)
     log = logging.getLogger("p2pfl.daemon.test")
-    log.info("peer up", extra={"peer": "abc123", "rtt_ms": 0.51234567})
+    log.info("peer up", extra={"peer": "abc123", "rtt_ms": 0.51234567, "level": "x"})
     log.debug("hidden")
     set_log_level("debug")
     log.debug('with "quotes"')
     assert out.getvalue().splitlines() == [
-        'level=info logger=p2pfl.daemon.test msg="peer up" peer=abc123 rtt_ms=0.512346',
+        'level=info logger=p2pfl.daemon.test msg="peer up" peer=abc123 rtt_ms=0.512346 level_=x',
         'level=debug logger=p2pfl.daemon.test msg="with \\"quotes\\""',
     ]
 
