@@ -23,20 +23,22 @@ name = "tiny"
 seed = 1
 [task]
 name = "digits"
-nodes = 2
+nodes = 3
 [training]
 epochs = 0.5
 eval_interval = 1.0
 [stop]
-time = 8.0
+time = 10.0
 [[setup]]
-name = "gossip"
-protocol = "gossip"
-period = 0.5
+name = "server-free"
+protocol = "server-free"
+round_timeout = 2.0
 """
 
 
-def test_processes_engine_writes_results_and_plots_from_real_daemons(short_tmp: Path) -> None:
+def test_processes_engine_runs_server_free_fl_with_real_daemons_and_writes_results(
+    short_tmp: Path,
+) -> None:
     scenario = short_tmp / "tiny.toml"
     scenario.write_text(SCENARIO)
     out = short_tmp / "out"
@@ -47,17 +49,18 @@ def test_processes_engine_writes_results_and_plots_from_real_daemons(short_tmp: 
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     # The harness names every daemon's control socket while it runs.
-    assert result.stdout.count("p2pfl status --socket /tmp/p2pfl-sim-") == 2
+    assert result.stdout.count("p2pfl status --socket /tmp/p2pfl-sim-") == 3
     results = load_results(out / "results.json")
     assert results.engine == "processes" and results.task == "digits"
     (setup,) = results.setups
-    assert setup.protocol == "gossip" and len(setup.nodes) == 2
-    assert setup.final["accuracy"] > 0.5
+    assert setup.protocol == "server-free" and len(setup.nodes) == 3
+    assert setup.final["accuracy"] > 0.7
     assert setup.bytes_sent > 0 and setup.virtual_time_s is None
     for node in setup.nodes:
         assert node.extra["exit_code"] == 0  # stopped cleanly with SIGTERM
-        assert node.extra["peers_connected"] == 1
+        assert node.extra["peers_connected"] == 2
         assert node.rounds >= 3 and node.history
+        assert node.final["accuracy"] > 0.7  # each one learned (untrained: about 0.1)
     for name in ("results.csv", "summary.csv", "metric_vs_time.png", "bytes_per_node.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["format"] == "p2pfl-sim-results/1"
