@@ -83,6 +83,9 @@ class NodeStatus:
     """The last evaluation of the adopted model on this node's test data, every metric."""
     bytes_in: int = 0
     bytes_out: int = 0
+    training_seconds: float = 0.0
+    protocol_seconds: float = 0.0
+    """Encoding, signing, verifying and decoding messages: the protocol's overhead."""
     rejected: dict[str, int] = field(default_factory=dict)
     """Rejected messages by reason (all peers, and senders that never became peers)."""
     checkpoint: CheckpointStatus | None = None

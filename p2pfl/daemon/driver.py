@@ -111,6 +111,8 @@ class NodeState:
     bytes_in: int = 0
     bytes_out: int = 0
     training_seconds: float = 0.0
+    protocol_seconds: float = 0.0
+    """Time spent encoding, sealing, verifying and decoding messages (worker threads)."""
     samples_trained: int = 0
     energy_joules: float = 0.0
     history: list[tuple[float, int, float | None, float | None]] = field(default_factory=list)
@@ -307,7 +309,9 @@ class ProtocolDriver:
             except MessageError as exc:
                 return exc.reason
 
+        started = time.perf_counter()
         result = await trio.to_thread.run_sync(verify_and_decode)
+        state.protocol_seconds += time.perf_counter() - started
         if isinstance(result, str):
             state.reject(result, peer)
             self.observer.on_rejected(result)
@@ -331,7 +335,9 @@ class ProtocolDriver:
                     now=time.time(),
                 )
 
+            started = time.perf_counter()
             frame = await trio.to_thread.run_sync(encode_and_seal)
+            self.state.protocol_seconds += time.perf_counter() - started
             try:
                 await self.sink.send(peer, frame)
             except (ConnectionError, ValueError) as exc:

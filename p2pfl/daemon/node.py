@@ -326,6 +326,8 @@ class Node:
             metrics=dict(state.metrics),
             bytes_in=state.bytes_in,
             bytes_out=state.bytes_out,
+            training_seconds=state.training_seconds,
+            protocol_seconds=state.protocol_seconds,
             rejected=dict(state.rejected),
             checkpoint=checkpoint,
             peers=peers,
