@@ -62,9 +62,10 @@ def _wait_meshed(cluster: DaemonCluster, timeout: float) -> float:
     return float("nan")
 
 
-def bench_overhead(seconds: float) -> None:
-    print("== 1. protocol overhead per round: 4 daemons, digits, gossip (period 1 s)")
-    spec = ClusterSpec(n_nodes=4, epochs=0.5, params={"period": 1.0}, checkpoint_interval_s=60)
+def bench_overhead(seconds: float, epochs: float) -> None:
+    print(f"== 1. protocol overhead per round: 4 daemons, digits, gossip (period 1 s, "
+          f"{epochs} epoch per round)")  # fmt: skip
+    spec = ClusterSpec(n_nodes=4, epochs=epochs, params={"period": 1.0}, checkpoint_interval_s=60)
     with (
         tempfile.TemporaryDirectory(prefix="p2pfl-b-", dir="/tmp") as root,
         BridgedNetwork(4) as net,
@@ -169,12 +170,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="8", help="comma-separated daemon counts for part 3")
     parser.add_argument("--observe", type=float, default=30.0, help="seconds per observation")
+    parser.add_argument("--epochs", type=float, default=1.0, help="local epochs per round")
     parser.add_argument("--only", choices=("overhead", "idle", "scale"), default=None)
     args = parser.parse_args()
     if not can_create_namespaces():
         raise SystemExit("needs network namespaces: run as root or under python -m p2pfl.sim.netns")
     if args.only in (None, "overhead"):
-        bench_overhead(args.observe)
+        bench_overhead(args.observe, args.epochs)
     if args.only in (None, "idle"):
         bench_idle(args.observe)
     if args.only in (None, "scale"):

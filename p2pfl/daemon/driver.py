@@ -7,10 +7,11 @@ The machine is sans-IO (``p2pfl.protocols``); this module is everything it leave
   ``TimerFired``), so ``SetTimer`` actions need no bookkeeping of their own.
 - Receiving: a frame from the transport is verified (signature, replay, skew, size: wire's
   ``EnvelopeVerifier``), checked to come from the peer whose connection carried it, and decoded
-  (message fields, then tensors with wire's codec: never pickle) in a worker thread, before the
-  machine sees a ``MessageReceived``. Anything wrong is dropped with a counted reason.
-- Sending: a ``Send`` is encoded with the wire tensor codec and sealed into a signed envelope in a
-  worker thread, then handed to the transport; sends to one peer keep their order (a fair lock).
+  (message fields, then tensors with wire's codec: never pickle) before the machine sees a
+  ``MessageReceived``. Anything wrong is dropped with a counted reason.
+- Sending: a ``Send`` is encoded with the wire tensor codec and sealed into a signed envelope,
+  then handed to the transport; sends to one peer keep their order (a fair lock).
+- Both run in a worker thread for messages over ``inline_bytes`` (1 MiB), in the loop below it.
 - Training and evaluation run on the trainer (torch in a worker thread); their results come back
   as ``TrainingDone`` / evaluation figures. At most one training is outstanding (the machine's
   invariant); evaluation of the adopted model runs whenever the model changed and none is running.
@@ -152,6 +153,14 @@ class _NoObserver:
         pass
 
 
+def _payload_bytes(message: Any) -> int:
+    """Raw size of the tensors a message carries (0 for messages without weights)."""
+    weights = getattr(message, "weights", None)
+    if not isinstance(weights, dict):
+        return 0
+    return sum(int(t.numel()) * int(t.element_size()) for t in weights.values())
+
+
 @dataclass(frozen=True, slots=True)
 class _Evaluated:
     metrics: Mapping[str, float]
@@ -172,6 +181,7 @@ class ProtocolDriver:
         verifier: EnvelopeVerifier,
         observer: DriverObserver | None = None,
         primary_metric: str = "accuracy",
+        inline_bytes: int = 1 << 20,
     ) -> None:
         self.machine = machine
         self.identity = identity
@@ -183,6 +193,9 @@ class ProtocolDriver:
         self.verifier = verifier
         self.observer: DriverObserver = observer or _NoObserver()
         self.primary_metric = primary_metric
+        self.inline_bytes = inline_bytes
+        """Messages up to this size are encoded/verified in the event loop: a worker-thread hop
+        cost 10x the work itself for a 68 KiB model (GIL contention with training)."""
         self.state.metric_name = primary_metric
         self._seq = SequenceCounter(time.time())
         self._send_locks: dict[str, trio.Lock] = {}
@@ -310,7 +323,10 @@ class ProtocolDriver:
                 return exc.reason
 
         started = time.perf_counter()
-        result = await trio.to_thread.run_sync(verify_and_decode)
+        if len(frame) <= self.inline_bytes:
+            result = verify_and_decode()  # well under a millisecond: no thread hop
+        else:
+            result = await trio.to_thread.run_sync(verify_and_decode)
         state.protocol_seconds += time.perf_counter() - started
         if isinstance(result, str):
             state.reject(result, peer)
@@ -336,7 +352,10 @@ class ProtocolDriver:
                 )
 
             started = time.perf_counter()
-            frame = await trio.to_thread.run_sync(encode_and_seal)
+            if _payload_bytes(message) <= self.inline_bytes:
+                frame = encode_and_seal()
+            else:
+                frame = await trio.to_thread.run_sync(encode_and_seal)
             self.state.protocol_seconds += time.perf_counter() - started
             try:
                 await self.sink.send(peer, frame)
