@@ -15,6 +15,7 @@ from p2pfl import __version__
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (import path, one-line help shown by `p2pfl --help`)
+    "train": ("p2pfl.cli._train:train", "Train one model on all data of a task (the baseline)."),
 }
 
 
