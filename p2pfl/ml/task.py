@@ -17,7 +17,6 @@ different seeds and partitions score on the same images; every node evaluates on
 
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cache
@@ -62,7 +61,7 @@ class Task(ABC):
     def __init__(self, *, n_nodes: int, seed: int) -> None:
         self.n_nodes = n_nodes
         self.seed = seed
-        self._calls = itertools.count()
+        self._calls = 0
 
     @abstractmethod
     def _build_model(self) -> nn.Module: ...
@@ -91,7 +90,8 @@ class Task(ABC):
 
     def _generator(self) -> torch.Generator:
         # A different but reproducible shuffle for each training call.
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + next(self._calls))
+        self._calls += 1
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,5 +220,15 @@ def load_task(
         model = "mlp" if name == "digits" else "logreg"
         return DigitsTask(
             n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, model=model, **options
+        )
+    if name in ("traffic-metr-la", "traffic-pems-bay"):
+        from p2pfl.ml.forecast import TrafficTask
+
+        return TrafficTask(
+            graph=options.pop("graph", name.removeprefix("traffic-")),
+            n_nodes=n_nodes,
+            seed=seed,
+            name=name,
+            **options,
         )
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
