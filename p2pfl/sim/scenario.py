@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 PROTOCOLS = ("centralized", "fedavg", "server-free", "gossip")
-TRAINING_PATHS = ("task",)
+TRAINING_PATHS = ("task", "vectorized")
 
 
 class ScenarioError(ValueError):
@@ -29,6 +29,9 @@ class TaskSpec:
     nodes: int
     partition: str = "iid"
     alpha: float = 0.5
+    lr: float | None = None
+    """Learning rate of local training (None: the task's default)."""
+    batch_size: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -43,7 +46,7 @@ class TrainingSpec:
     eval_nodes: int = 0
     """Evaluate this many nodes (a fixed sample by seed) at each point; 0 = all."""
     path: str = "task"
-    """"task": the learning core's own training loop."""
+    """"task": the learning core's training loop; "vectorized": numpy, digits-logreg only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,8 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         nodes=t.integer("nodes", low=1),
         partition=t.choice("partition", ("iid", "dirichlet", "quantity"), "iid"),
         alpha=t.number("alpha", 0.5, low=1e-9),
+        lr=t.number("lr", None, low=1e-12),
+        batch_size=t.integer("batch_size", None, low=1),
         options=dict(t.table_of("options")),
     )
     t.done()

@@ -83,20 +83,11 @@ class TaskWorkload:
     """A learning-core ``Task``: one shared module is loaded with a handle, trained, copied out."""
 
     def __init__(self, scenario: Scenario, *, threads: int = 1) -> None:
-        from p2pfl.ml import load_task
-
         # Tiny models, one process: one intra-op thread is fastest, and on a shared machine
         # torch's spinning worker threads made a 4-batch MLP epoch 20x slower (measured).
         torch.set_num_threads(threads)
+        self.task = load_scenario_task(scenario)
         spec = scenario.task
-        self.task = load_task(
-            spec.name,
-            n_nodes=spec.nodes,
-            partition=spec.partition,
-            alpha=spec.alpha,
-            seed=scenario.seed,
-            **dict(spec.options),
-        )
         self.primary_metric = self.task.primary_metric
         self.higher_is_better = self.task.higher_is_better
         self.ops = StateDictOps()
@@ -135,5 +126,31 @@ class TaskWorkload:
         return None
 
 
+def load_scenario_task(scenario: Scenario) -> Any:
+    """The learning core's task for the scenario's [task] table (lr/batch_size -> TrainConfig)."""
+    from p2pfl.ml import TrainConfig, load_task
+
+    spec = scenario.task
+    options = dict(spec.options)
+    if spec.lr is not None or spec.batch_size is not None:
+        default = TrainConfig()
+        options["config"] = TrainConfig(
+            lr=spec.lr if spec.lr is not None else default.lr,
+            batch_size=spec.batch_size if spec.batch_size is not None else default.batch_size,
+        )
+    return load_task(
+        spec.name,
+        n_nodes=spec.nodes,
+        partition=spec.partition,
+        alpha=spec.alpha,
+        seed=scenario.seed,
+        **options,
+    )
+
+
 def make_workload(scenario: Scenario) -> Workload:
+    if scenario.training.path == "vectorized":
+        from p2pfl.sim.vectorized import VectorizedLogReg
+
+        return VectorizedLogReg(scenario)
     return TaskWorkload(scenario)

@@ -112,3 +112,32 @@ def test_results_round_trip_and_plots(tiny: Tiny, tmp_path: Path) -> None:
     } <= names
     assert (tmp_path / "metric_vs_time.png").read_bytes()[:4] == b"\x89PNG"
     assert to_json(load_results(tmp_path / "results.json")) == to_json(results)
+
+
+def test_vectorized_logreg_scores_like_the_task_and_learns(tiny: Tiny) -> None:
+    import torch
+
+    from p2pfl.sim.vectorized import VectorizedLogReg
+    from p2pfl.sim.workload import TaskWorkload
+
+    scenario = tiny(training={"path": "vectorized"})
+    vector, task = VectorizedLogReg(scenario), TaskWorkload(scenario)
+    weights = vector.initial()
+    for _ in range(3):
+        weights, report = vector.train(None, weights, 1.0)
+    assert report.samples == task.task.central_data().num_samples
+    state = {
+        "linear.weight": torch.from_numpy(weights[:640].reshape(10, 64).copy()),
+        "linear.bias": torch.from_numpy(weights[640:].copy()),
+    }
+    ours, theirs = vector.evaluate(weights), task.evaluate(state)
+    assert ours["accuracy"] == theirs["accuracy"] > 0.85
+    assert abs(ours["loss"] - theirs["loss"]) < 1e-5
+
+
+def test_vectorized_path_refuses_other_tasks(tiny: Tiny) -> None:
+    from p2pfl.sim.scenario import ScenarioError
+    from p2pfl.sim.vectorized import VectorizedLogReg
+
+    with pytest.raises(ScenarioError, match=r"key 'training\.path'"):
+        VectorizedLogReg(tiny(task={"name": "digits"}, training={"path": "vectorized"}))
