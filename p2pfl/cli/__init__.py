@@ -16,6 +16,7 @@ from p2pfl import __version__
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (import path, one-line help shown by `p2pfl --help`)
     "simulate": ("p2pfl.cli._simulate:simulate", "Run a simulation scenario (TOML) and plot it."),
+    "train": ("p2pfl.cli._train:train", "Train one model on all data of a task (the baseline)."),
 }
 
 

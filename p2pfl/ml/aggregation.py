@@ -47,22 +47,34 @@ def _check_same_keys(states: Sequence[Mapping[str, torch.Tensor]]) -> None:
 
 
 def weighted_mean(states: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
-    """sum_i w_i * state_i / sum_i w_i, one pass over each input."""
+    """sum_i w_i * state_i / sum_i w_i.
+
+    Two states: one fused ``lerp`` (one pass, like a plain add). More: a scaled copy of the first
+    and one in-place multiply-add per other state (n passes where plain adds take n - 1).
+    """
     _check_same_keys(states)
     if len(weights) != len(states):
         raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    total = math.fsum(weights)
-    if not total > 0 or any(w < 0 for w in weights):
+    if not math.fsum(weights) > 0 or any(w < 0 for w in weights):
         raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+    used = [(s, float(w)) for s, w in zip(states, weights, strict=True) if w > 0]
     out: StateDict = {}
     with torch.no_grad():
         for key, first in states[0].items():
             if not first.is_floating_point():
                 out[key] = first.clone()
                 continue
-            acc = torch.mul(first, weights[0] / total)
-            for state, w in zip(states[1:], weights[1:], strict=True):
-                acc.add_(state[key], alpha=w / total)
+            if len(used) == 1:
+                out[key] = used[0][0][key].clone()
+                continue
+            if len(used) == 2:  # one fused pass: a + (b - a) * wb / (wa + wb)
+                (a, wa), (b, wb) = used
+                acc = torch.lerp(a[key], b[key], wb / (wa + wb))
+            else:  # n passes: a scaled copy, then one fused multiply-add per input
+                total = sum(w for _, w in used)
+                acc = torch.mul(used[0][0][key], used[0][1] / total)
+                for state, w in used[1:]:
+                    acc.add_(state[key], alpha=w / total)
             out[key] = acc
     return out
 

@@ -221,4 +221,14 @@ def load_task(
         return DigitsTask(
             n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, model=model, **options
         )
+    if name in ("traffic-metr-la", "traffic-pems-bay"):
+        from p2pfl.ml.forecast import TrafficTask
+
+        return TrafficTask(
+            graph=options.pop("graph", name.removeprefix("traffic-")),
+            n_nodes=n_nodes,
+            seed=seed,
+            name=name,
+            **options,
+        )
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
