@@ -95,7 +95,8 @@ class SetupSpec:
     max_ahead: int = 2
     aggregator: str | None = None
     neighbours: str = "all"
-    """Server-free: "all" live peers, or "topology" (only the scenario topology's links)."""
+    """Server-free: "all" live peers, "topology" (the scenario topology's links) or "task" (the
+    task's neighbour graph, e.g. cloudlets within communication range)."""
     stop: StopSpec | None = None
 
 
@@ -204,7 +205,7 @@ def _setup(source: str, table: Any, index: int, default_timeout: float) -> Setup
         round_timeout=r.number("round_timeout", default_timeout, low=1e-6),
         max_ahead=r.integer("max_ahead", 2),
         aggregator=r.get("aggregator", str, None),
-        neighbours=r.choice("neighbours", ("all", "topology"), "all"),
+        neighbours=r.choice("neighbours", ("all", "topology", "task"), "all"),
         stop=_stop(source, r.table_of("stop"), prefix + "stop.") if "stop" in table else None,
     )
     r.done()

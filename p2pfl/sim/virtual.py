@@ -180,6 +180,19 @@ class _SetupRun:
         )
         return FedAvgLearner(node.id, weights, ops, rng, fa, features=plan)
 
+    def server_free_neighbours(self, node: _Node) -> list[str] | None:
+        if self.setup.neighbours == "topology":
+            return [self.ids[j] for j in node.neighbours]
+        if self.setup.neighbours == "task":
+            task_links = getattr(self.workload, "neighbours", lambda _: None)(node.index)
+            if task_links is None:
+                raise ValueError(
+                    f"{self.scenario.source}: key 'setup.neighbours': the task "
+                    f"{self.scenario.task.name!r} has no neighbour graph; use all or topology"
+                )
+            return [self.ids[j] for j in task_links]
+        return None
+
     def handle(self, node: _Node, event: Any) -> None:
         assert node.machine is not None
         self.apply(node, node.machine.handle(event, self.now))
