@@ -141,3 +141,24 @@ def test_vectorized_path_refuses_other_tasks(tiny: Tiny) -> None:
 
     with pytest.raises(ScenarioError, match=r"key 'training\.path'"):
         VectorizedLogReg(tiny(task={"name": "digits"}, training={"path": "vectorized"}))
+
+
+def test_traffic_feature_plan_asks_halo_owners_for_real_readings(tiny: Tiny) -> None:
+    from p2pfl.sim.workload import TaskWorkload
+
+    scenario = tiny(task={"name": "traffic-metr-la", "nodes": 7, "options": {"days": 2}})
+    workload = TaskWorkload(scenario)
+    ids = virtual.node_ids(7)
+    partition = workload.task.partition
+    steps = workload.task.windows.truth.shape[0]
+    for node in range(7):
+        plan = workload.feature_plan(node, ids)
+        assert plan is not None and plan.source is not None
+        asked = sorted(s for sensors in plan.needs.values() for s in sensors)
+        assert asked == sorted(int(s) for s in partition.halos[node])
+        for owner, sensors in plan.needs.items():
+            assert all(partition.owner[s] == ids.index(owner) for s in sensors)
+        own = tuple(int(s) for s in partition.members[node][:3])
+        assert len(plan.source(own) or b"") == 4 * steps * len(own)
+        assert plan.source(tuple(int(s) for s in partition.halos[node][:1])) is None
+    assert workload.neighbours(0) == list(partition.neighbours[0])
