@@ -16,7 +16,7 @@ a one-tensor state_dict without copying), so the rules are the learning core's.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 from p2pfl.protocols import FeaturePlan
 from p2pfl.sim.scenario import Scenario, ScenarioError
+from p2pfl.sim.workload import StateDictOps, load_scenario_task
 
 Vector = np.ndarray
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
@@ -35,47 +36,29 @@ class VectorReport:
     loss: float
 
 
-class VectorOps:
-    """``ModelOps`` over flat parameter vectors, by the learning core's primitives."""
+class VectorOps(StateDictOps):
+    """``ModelOps`` over flat parameter vectors: each is wrapped as a one-tensor state_dict."""
 
-    def __init__(self, *, max_norm: float | None = None) -> None:
-        from p2pfl.ml import AGGREGATORS, validate_update
-
-        self._aggregators = AGGREGATORS
-        self._validate = validate_update
-        self.max_norm = max_norm
-
-    @property
-    def rules(self) -> Collection[str]:
-        return tuple(self._aggregators)
-
-    def validate(self, reference: Vector, update: Vector) -> str | None:
+    def validate(self, reference: Vector, update: Vector) -> str | None:  # type: ignore[override]
         if not isinstance(update, np.ndarray):
             return "not_a_tensor"
-        reason: str | None = self._validate(
-            {"p": torch.from_numpy(reference)},
-            {"p": torch.from_numpy(update)},
-            max_norm=self.max_norm,
-        )
-        return reason
+        return super().validate({"p": torch.from_numpy(reference)}, {"p": torch.from_numpy(update)})
 
-    def aggregate(
+    def aggregate(  # type: ignore[override]
         self, rule: str, reference: Vector, models: Sequence[Vector], weights: Sequence[float]
     ) -> Vector:
-        merged = self._aggregators[rule](
-            [{"p": torch.from_numpy(m)} for m in models],
-            weights,
-            {"p": torch.from_numpy(reference)},
+        wrapped = [{"p": torch.from_numpy(m)} for m in models]
+        return (
+            super()
+            .aggregate(rule, {"p": torch.from_numpy(reference)}, wrapped, weights)["p"]
+            .numpy()
         )
-        return merged["p"].numpy()
 
 
 class VectorizedLogReg:
     """``Workload`` for ``digits-logreg`` with numpy training (see the module docstring)."""
 
     def __init__(self, scenario: Scenario) -> None:
-        from p2pfl.sim.workload import load_scenario_task
-
         spec = scenario.task
         if spec.name != "digits-logreg":
             raise ScenarioError(
