@@ -61,6 +61,8 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     module = _load_engine(engine)
     out_dir = out or Path("out") / spec.name
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and pipes: do not squeeze the results table
 
     with Progress(
         TextColumn("{task.description:<16}"),
@@ -82,7 +84,15 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
 
     paths = write_results(results, out_dir)
     rows = summary_rows(results)
-    metric_cols = [k for k in rows[0] if k not in ("protocol", "aggregation", "setup")]
+    shown = {"nodes", "rounds", "mb_sent", "virtual_s", "wall_s"}
+    metric_cols = [k for k in rows[0] if k in shown]
+    # The primary metric first, then the others of its family (mae_15 -> rmse_15, wmape_15).
+    horizon = results.primary_metric.rpartition("_")[2] if "_" in results.primary_metric else ""
+    metric_cols += sorted(
+        {k for row in rows for k in row if k not in shown and k not in ("setup", "protocol")}
+        - {"aggregation"},
+        key=lambda k: (k != results.primary_metric, not k.endswith(horizon), k),
+    )[:6]
     table = Table(title=f"{spec.name} ({results.engine} engine, seed {spec.seed})")
     for col in ["setup", "protocol", *metric_cols]:
         table.add_column(col, justify="left" if col in ("setup", "protocol") else "right")

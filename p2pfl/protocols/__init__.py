@@ -4,6 +4,22 @@
 injected ``random.Random``; models are opaque handles validated and aggregated through an injected
 ``ModelOps``. No I/O, no clock, no torch: the daemon, the virtual-time engine and the unit tests
 drive the very same machines.
+
+Driving one (what the daemon and ``p2pfl.sim.virtual`` do)::
+
+    machine = GossipLearner(node_id, weights, ops, random.Random(seed), GossipConfig(period=5.0))
+    actions = [*machine.handle(PeerUp(peer), now) for each live peer]  # then:
+    actions = machine.handle(Start(), now)
+    # perform actions in order:
+    #   Send(peer, m)   -> seal(identity, kind=m.KIND, body=m.to_body(encode_weights), ...)
+    #   Train(w, b)     -> run the executor, then handle(TrainingDone(new_w, report), now)
+    #   Evaluate(w)     -> handle(EvaluationDone(metrics), now)
+    #   Adopt(w)        -> this is the node's model now (checkpoint, serve)
+    #   SetTimer(at)    -> handle(TimerFired(), at) when the clock reaches it (None: cancel)
+    #   Penalize(p, r)  -> drop/ban the peer;  UseFeatures -> hand readings to the task
+    # a verified envelope from peer:
+    #   handle(MessageReceived(peer, decode_message(env.kind, env.body, decode_weights)), now)
+    #   (MessageError: count its .reason and drop the envelope)
 """
 
 from ._actions import Action as Action

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ._actions import Action, Log, Metric, Penalize, Send, SetTimer, Train, UseFeatures
 from ._events import (
@@ -41,6 +41,22 @@ W = TypeVar("W")
 _FEATURES_TIMER = "features"
 
 
+class LearnerConfig(Protocol):
+    """The settings every learner's config has (GossipConfig, ServerFreeConfig, FedAvgConfig)."""
+
+    @property
+    def budget(self) -> float: ...
+
+    @property
+    def aggregation(self) -> str: ...
+
+    @property
+    def max_rounds(self) -> int | None: ...
+
+    @property
+    def strikes_to_penalize(self) -> int: ...
+
+
 class Learner(Generic[W]):
     """Base class of the learning machines; subclasses implement the ``_on_*`` hooks."""
 
@@ -50,13 +66,11 @@ class Learner(Generic[W]):
         weights: W,
         ops: ModelOps[W],
         rng: random.Random,
+        config: LearnerConfig,
         *,
-        budget: float,
-        aggregation: str,
-        max_rounds: int | None,
-        strikes_to_penalize: int,
         features: FeaturePlan | None,
     ) -> None:
+        aggregation, budget, max_rounds = config.aggregation, config.budget, config.max_rounds
         if aggregation not in ops.rules:
             raise ValueError(
                 f"unknown aggregation rule {aggregation!r}; known: {', '.join(sorted(ops.rules))}"
@@ -72,7 +86,7 @@ class Learner(Generic[W]):
         self._budget = budget
         self._aggregation = aggregation
         self._max_rounds = max_rounds
-        self._strikes_to_penalize = strikes_to_penalize
+        self._strikes_to_penalize = config.strikes_to_penalize
         self._plan = features or FeaturePlan()
         self._now = -math.inf
         self._deadlines: dict[str, float] = {}

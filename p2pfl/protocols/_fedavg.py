@@ -60,17 +60,7 @@ class FedAvgLearner(Learner[W]):
         features: FeaturePlan | None = None,
     ) -> None:
         self.config = config or FedAvgConfig()
-        super().__init__(
-            node_id,
-            weights,
-            ops,
-            rng,
-            budget=self.config.budget,
-            aggregation=self.config.aggregation,
-            max_rounds=self.config.max_rounds,
-            strikes_to_penalize=self.config.strikes_to_penalize,
-            features=features,
-        )
+        super().__init__(node_id, weights, ops, rng, self.config, features=features)
         self.round = 0
         self.aggregator: str | None = None
         """The node this one follows (itself when it aggregates); None before ``Start``."""

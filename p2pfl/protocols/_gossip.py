@@ -68,17 +68,7 @@ class GossipLearner(Learner[W]):
             raise ValueError(f"gossip jitter must be in [0, 1), got {self.config.jitter}")
         if self.config.period <= 0:
             raise ValueError(f"gossip period must be positive, got {self.config.period}")
-        super().__init__(
-            node_id,
-            weights,
-            ops,
-            rng,
-            budget=self.config.budget,
-            aggregation=self.config.aggregation,
-            max_rounds=self.config.max_rounds,
-            strikes_to_penalize=self.config.strikes_to_penalize,
-            features=features,
-        )
+        super().__init__(node_id, weights, ops, rng, self.config, features=features)
         self._sample_peer = peer_sampler
         self.age = 0
         self._rounds = 0

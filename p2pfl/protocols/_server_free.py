@@ -58,17 +58,7 @@ class ServerFreeLearner(Learner[W]):
         features: FeaturePlan | None = None,
     ) -> None:
         self.config = config or ServerFreeConfig()
-        super().__init__(
-            node_id,
-            weights,
-            ops,
-            rng,
-            budget=self.config.budget,
-            aggregation=self.config.aggregation,
-            max_rounds=self.config.max_rounds,
-            strikes_to_penalize=self.config.strikes_to_penalize,
-            features=features,
-        )
+        super().__init__(node_id, weights, ops, rng, self.config, features=features)
         self._neighbours = None if neighbours is None else frozenset(neighbours)
         self.round = 0
         self._own: tuple[W, int] | None = None

@@ -112,6 +112,25 @@ def summary_rows(results: Results) -> list[dict[str, Any]]:
     return rows
 
 
+def markdown_table(results: Results, metrics: list[str] | None = None) -> str:
+    """The summary as a Markdown table (for experiment READMEs)."""
+    rows = summary_rows(results)
+    metrics = metrics or _metric_names(results)
+    head = ["setup", "protocol", "rounds", "MB sent", "virtual s", *metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [
+            row["setup"],
+            row["protocol"],
+            f"{row['rounds']:.1f}",
+            f"{row['mb_sent']:.1f}",
+            f"{row['virtual_s']:.1f}",
+            *(f"{row.get(m, float('nan')):.4g}" for m in metrics),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")

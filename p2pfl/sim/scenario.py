@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 PROTOCOLS = ("centralized", "fedavg", "server-free", "gossip")
-TRAINING_PATHS = ("task",)
+TRAINING_PATHS = ("task", "vectorized")
 
 
 class ScenarioError(ValueError):
@@ -29,6 +29,9 @@ class TaskSpec:
     nodes: int
     partition: str = "iid"
     alpha: float = 0.5
+    lr: float | None = None
+    """Learning rate of local training (None: the task's default)."""
+    batch_size: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -43,7 +46,7 @@ class TrainingSpec:
     eval_nodes: int = 0
     """Evaluate this many nodes (a fixed sample by seed) at each point; 0 = all."""
     path: str = "task"
-    """"task": the learning core's own training loop."""
+    """"task": the learning core's training loop; "vectorized": numpy, digits-logreg only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +95,8 @@ class SetupSpec:
     max_ahead: int = 2
     aggregator: str | None = None
     neighbours: str = "all"
-    """Server-free: "all" live peers, or "topology" (only the scenario topology's links)."""
+    """Server-free: "all" live peers, "topology" (the scenario topology's links) or "task" (the
+    task's neighbour graph, e.g. cloudlets within communication range)."""
     stop: StopSpec | None = None
 
 
@@ -201,7 +205,7 @@ def _setup(source: str, table: Any, index: int, default_timeout: float) -> Setup
         round_timeout=r.number("round_timeout", default_timeout, low=1e-6),
         max_ahead=r.integer("max_ahead", 2),
         aggregator=r.get("aggregator", str, None),
-        neighbours=r.choice("neighbours", ("all", "topology"), "all"),
+        neighbours=r.choice("neighbours", ("all", "topology", "task"), "all"),
         stop=_stop(source, r.table_of("stop"), prefix + "stop.") if "stop" in table else None,
     )
     r.done()
@@ -221,6 +225,8 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         nodes=t.integer("nodes", low=1),
         partition=t.choice("partition", ("iid", "dirichlet", "quantity"), "iid"),
         alpha=t.number("alpha", 0.5, low=1e-9),
+        lr=t.number("lr", None, low=1e-12),
+        batch_size=t.integer("batch_size", None, low=1),
         options=dict(t.table_of("options")),
     )
     t.done()

@@ -67,6 +67,7 @@ Progress = Callable[[str, float, str], None]
 
 # Event kinds, in the order they run when they fall on the same instant and were inserted together.
 _DELIVER, _TIMER, _TRAINED, _LEAVE, _JOIN, _PEER_UP, _PEER_DOWN, _EVAL = range(8)
+_ANY_SESSION = -2  # partition notices go to whichever session a node is in
 
 
 @dataclass
@@ -89,6 +90,7 @@ class _Node:
     feature_bytes_received: int = 0
     feature_bytes_sent: int = 0
     rounds_before: int = 0
+    seen_finished: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -154,7 +156,7 @@ class _SetupRun:
                 budget=self.epochs,
                 staleness_window=s.staleness_window,
                 aggregation=s.aggregation,
-                max_rounds=None if max_rounds is None else max_rounds - node.rounds_before,
+                max_rounds=None if max_rounds is None else max(1, max_rounds - node.rounds_before),
             )
             return GossipLearner(node.id, weights, ops, rng, config, features=plan)
         if s.protocol == "server-free":
@@ -179,6 +181,19 @@ class _SetupRun:
             max_rounds=max_rounds,
         )
         return FedAvgLearner(node.id, weights, ops, rng, fa, features=plan)
+
+    def server_free_neighbours(self, node: _Node) -> list[str] | None:
+        if self.setup.neighbours == "topology":
+            return [self.ids[j] for j in node.neighbours]
+        if self.setup.neighbours == "task":
+            task_links = getattr(self.workload, "neighbours", lambda _: None)(node.index)
+            if task_links is None:
+                raise ValueError(
+                    f"{self.scenario.source}: key 'setup.neighbours': the task "
+                    f"{self.scenario.task.name!r} has no neighbour graph; use all or topology"
+                )
+            return [self.ids[j] for j in task_links]
+        return None
 
     def handle(self, node: _Node, event: Any) -> None:
         assert node.machine is not None
@@ -248,7 +263,7 @@ class _SetupRun:
             self.dispatch(kind, index, session, payload)
             if budget is not None and self.bytes_total >= budget:
                 break
-            if kind == _TRAINED and self.all_finished():
+            if self.finished_now(kind, index):
                 break
             if self.progress and at - last_report >= self.stop.time / 200:
                 last_report = at
@@ -272,7 +287,7 @@ class _SetupRun:
             self.leave(node)
         elif kind == _JOIN:
             self.join(node)
-        elif not node.alive or session != node.session:
+        elif not node.alive or session not in (_ANY_SESSION, node.session):
             return  # addressed to a session that ended
         elif kind == _TIMER:
             if payload == node.timer_version:
@@ -305,8 +320,8 @@ class _SetupRun:
             for node in self.nodes:
                 for j in node.neighbours:
                     if self.network.group(node.index, p) != self.network.group(j, p):
-                        self.push(p.start + detect, _PEER_DOWN, node.index, -2, (j, -1))
-                        self.push(p.end, _PEER_UP, node.index, -2, j)
+                        self.push(p.start + detect, _PEER_DOWN, node.index, _ANY_SESSION, (j, -1))
+                        self.push(p.end, _PEER_UP, node.index, _ANY_SESSION, j)
 
     def leave(self, node: _Node) -> None:
         if not node.alive:
@@ -333,6 +348,7 @@ class _SetupRun:
         node.session += 1
         node.alive = True
         node.timer_at = None
+        node.seen_finished = False
         node.machine = self.new_machine(node, checkpoint)
         latency = self.scenario.network.latency_ms / 1000
         for j in node.neighbours:
@@ -346,14 +362,24 @@ class _SetupRun:
         machine = node.machine
         assert machine is not None
         node.dropped.update(machine.dropped)
-        node.rounds_before += machine.rounds
+        node.rounds_before = self.rounds_of(node)
 
-    def all_finished(self) -> bool:
+    def finished_now(self, kind: int, index: int) -> bool:
+        """Every live node finished (checked when a node finishes, and at evaluation points)."""
+        if kind != _EVAL:
+            node = self.nodes[index]
+            if node.machine is None or not node.machine.finished or node.seen_finished:
+                return False
+            node.seen_finished = True
         return all(n.machine is not None and n.machine.finished for n in self.nodes if n.alive)
 
     def rounds_of(self, node: _Node) -> int:
-        assert node.machine is not None
-        return node.rounds_before + node.machine.rounds if node.alive else node.rounds_before
+        """Gossip: trainings over all sessions; rounds-based protocols: the round reached."""
+        if node.machine is None or not node.alive:
+            return node.rounds_before
+        if self.setup.protocol == "gossip":
+            return node.rounds_before + node.machine.rounds
+        return max(node.rounds_before, node.machine.rounds)
 
     def status(self) -> str:
         live = [n for n in self.nodes if n.alive]
@@ -387,11 +413,11 @@ class _SetupRun:
             self.curve.append(point)
 
     def finish(self, started: float) -> SetupResult:
+        if not self.curve or self.curve[-1]["time"] != self.now:
+            self.evaluate_point(final=True)
         for node in self.nodes:
             if node.alive:
                 self.absorb_counters(node)
-        if not self.curve or self.curve[-1]["time"] != self.now:
-            self.evaluate_point(final=True)
         nodes = []
         for i in self.eval_nodes:
             node = self.nodes[i]

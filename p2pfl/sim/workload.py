@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from p2pfl.protocols import FeaturePlan
@@ -83,20 +84,11 @@ class TaskWorkload:
     """A learning-core ``Task``: one shared module is loaded with a handle, trained, copied out."""
 
     def __init__(self, scenario: Scenario, *, threads: int = 1) -> None:
-        from p2pfl.ml import load_task
-
         # Tiny models, one process: one intra-op thread is fastest, and on a shared machine
         # torch's spinning worker threads made a 4-batch MLP epoch 20x slower (measured).
         torch.set_num_threads(threads)
+        self.task = load_scenario_task(scenario)
         spec = scenario.task
-        self.task = load_task(
-            spec.name,
-            n_nodes=spec.nodes,
-            partition=spec.partition,
-            alpha=spec.alpha,
-            seed=scenario.seed,
-            **dict(spec.options),
-        )
         self.primary_metric = self.task.primary_metric
         self.higher_is_better = self.task.higher_is_better
         self.ops = StateDictOps()
@@ -131,9 +123,66 @@ class TaskWorkload:
     def nbytes(self, weights: StateDict) -> int:
         return sum(t.numel() * t.element_size() for t in weights.values())
 
+    def neighbours(self, node: int) -> list[int] | None:
+        """The task's own neighbour graph (cloudlets within communication range), if any."""
+        partition = getattr(self.task, "partition", None)
+        if partition is None or not hasattr(partition, "neighbours"):
+            return None
+        return list(partition.neighbours[node])
+
     def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
-        return None
+        """Graph tasks: the halo readings this cloudlet needs, by owner, and what it serves.
+
+        The replies carry the real readings (float32, the whole table of those sensors) from the
+        task's speed table; the task's own data already holds the halo, so the exchange is
+        there to move and count exactly the bytes a deployment would move.
+        """
+        partition = getattr(self.task, "partition", None)
+        windows = getattr(self.task, "windows", None)
+        if partition is None or windows is None:
+            return None
+        owner = partition.owner
+        needs: dict[str, tuple[int, ...]] = {}
+        for sensor in partition.halos[node]:
+            needs.setdefault(node_ids[int(owner[sensor])], ())
+            needs[node_ids[int(owner[sensor])]] += (int(sensor),)
+        table = windows.truth
+
+        def source(sensors: tuple[int, ...]) -> bytes | None:
+            if not sensors or any(int(owner[s]) != node for s in sensors):
+                return None
+            columns = table[:, list(sensors)]
+            data = columns.numpy() if hasattr(columns, "numpy") else columns
+            return bytes(np.ascontiguousarray(data, dtype=np.float32).tobytes())
+
+        return FeaturePlan(needs=needs, source=source, timeout=30.0)
+
+
+def load_scenario_task(scenario: Scenario) -> Any:
+    """The learning core's task for the scenario's [task] table (lr/batch_size -> TrainConfig)."""
+    from p2pfl.ml import TrainConfig, load_task
+
+    spec = scenario.task
+    options = dict(spec.options)
+    if spec.lr is not None or spec.batch_size is not None:
+        default = TrainConfig()
+        options["config"] = TrainConfig(
+            lr=spec.lr if spec.lr is not None else default.lr,
+            batch_size=spec.batch_size if spec.batch_size is not None else default.batch_size,
+        )
+    return load_task(
+        spec.name,
+        n_nodes=spec.nodes,
+        partition=spec.partition,
+        alpha=spec.alpha,
+        seed=scenario.seed,
+        **options,
+    )
 
 
 def make_workload(scenario: Scenario) -> Workload:
+    if scenario.training.path == "vectorized":
+        from p2pfl.sim.vectorized import VectorizedLogReg
+
+        return VectorizedLogReg(scenario)
     return TaskWorkload(scenario)

@@ -28,6 +28,7 @@ period = 1.0
 """
 
 
+@pytest.mark.slow
 def test_simulate_writes_results_and_prints_a_table(tmp_path: Path) -> None:
     scenario = tmp_path / "s.toml"
     scenario.write_text(SCENARIO)
