@@ -19,6 +19,7 @@ Commands are JSON lines on stdin::
 
     {"cmd": "send", "peer": ID, "size": N, "seed": K}   # N pseudo-random bytes from seed K
     {"cmd": "send", ..., "signed": true}                # ... sealed in a signed envelope
+    {"cmd": "send", "peer": ID, "file": PATH}           # the bytes of a file
     {"cmd": "counters"}
     {"cmd": "lag"}      # trio loop lag p50/p99/max (ms) since the last "lag" command
     {"cmd": "quit"}
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -134,7 +136,10 @@ async def _commands(transport: PeerTransport, lag: LoopLag) -> None:
 
 
 async def _send(transport: PeerTransport, command: dict[str, Any]) -> None:
-    data = payload(command["size"], command.get("seed", 0))
+    if "file" in command:
+        data = Path(command["file"]).read_bytes()
+    else:
+        data = payload(command["size"], command.get("seed", 0))
     if command.get("signed"):
         data = seal(
             transport.identity,
