@@ -334,7 +334,7 @@ class BridgedNetwork(_Network):
         node = self.nodes[index]
         _netns_exec(
             node.namespace, "tc", "qdisc", "replace", "dev", node.interface, "root", "netem",
-            "delay", f"{delay_ms}ms", "loss", f"{loss_pct}%",
+            "delay", f"{delay_ms:g}ms", "loss", f"{loss_pct:g}%",
         )  # fmt: skip
 
     def __enter__(self) -> BridgedNetwork:
