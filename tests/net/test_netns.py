@@ -113,3 +113,19 @@ def test_ordinary_user_gets_a_private_network_through_the_netns_wrapper() -> Non
         pytest.skip(f"unprivileged user namespaces are disabled here: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['127.0.0.2', '127.0.0.3']"
+
+
+@pytest.mark.netns
+def test_sigterm_during_a_run_still_deletes_the_namespaces() -> None:
+    code = (
+        "import sys, time; from p2pfl.sim.netns import BridgedNetwork\n"
+        "with BridgedNetwork(2) as net:\n"
+        "    print(' '.join(net.namespaces), flush=True); time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        names = set(child.stdout.readline().split())
+        assert len(names) == 3 and names <= _namespaces()
+        child.terminate()
+        assert child.wait(timeout=20) == 128 + 15
+    assert names.isdisjoint(_namespaces())
