@@ -236,6 +236,11 @@ class PeerTransport:
     def connected_peers(self) -> list[str]:
         return sorted(self._peers)
 
+    def peer_public_key(self, peer: str) -> bytes | None:
+        """The Ed25519 key that signed this peer's signaling (None if never seen)."""
+        candidate = self._candidates.get(peer)
+        return None if candidate is None else candidate.public_key
+
     def add_candidate(self, candidate: PeerCandidate) -> None:
         """Tell the transport where a peer may be (static peers with no id are invited)."""
         if candidate.node_id is None:

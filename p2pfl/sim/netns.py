@@ -36,10 +36,11 @@ Threads started while inside inherit the namespace, so a test that enters first 
 its nodes (their asyncio bridge threads included) runs wholly inside; the process's other threads
 are untouched. Sockets keep the namespace they were created in.
 
-Cleanup is guaranteed three ways: ``close()`` (context-manager exit, on any exception or
-KeyboardInterrupt) kills processes still inside our namespaces and deletes them; an ``atexit``
-hook closes networks that were never closed; and every new network first deletes namespaces left
-by p2pfl processes that no longer exist (a SIGKILLed pytest leaves them behind).
+Cleanup is guaranteed three ways: ``close()`` (context-manager exit, on any exception,
+KeyboardInterrupt, or SIGTERM, which is turned into SystemExit while SIGTERM has its default
+action) kills processes still inside our namespaces and deletes them; an ``atexit`` hook closes
+networks that were never closed; and every new network first deletes namespaces left by p2pfl
+processes that no longer exist (only SIGKILL leaves them behind).
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ class _Network:
 
     def _open(self, build: Callable[[], None]) -> None:
         sweep_stale_namespaces()
+        _exit_cleanly_on_sigterm()
         with _live_lock:
             _live.add(self)
         try:
@@ -334,7 +336,7 @@ class BridgedNetwork(_Network):
         node = self.nodes[index]
         _netns_exec(
             node.namespace, "tc", "qdisc", "replace", "dev", node.interface, "root", "netem",
-            "delay", f"{delay_ms}ms", "loss", f"{loss_pct}%",
+            "delay", f"{delay_ms:g}ms", "loss", f"{loss_pct:g}%",
         )  # fmt: skip
 
     def __enter__(self) -> BridgedNetwork:
@@ -342,6 +344,20 @@ class BridgedNetwork(_Network):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM unwind (finally blocks, atexit) instead of killing us with namespaces left.
+
+    Only where SIGTERM still has its default action and we are on the main thread.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
 
 
 @atexit.register

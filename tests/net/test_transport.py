@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import trio
 
+from p2pfl.daemon.bridge import open_bridge
+from p2pfl.daemon.datachannel import LinkSettings, RtcLink
 from p2pfl.daemon.transport import (
     MessageReceived,
     PeerDown,
     PeerTransport,
     PeerUnavailable,
     PeerUp,
+    SendQueueFull,
     TransportConfig,
 )
 from p2pfl.sim.netns import SharedNetwork
@@ -23,14 +26,16 @@ from p2pfl.trust import TrustPolicy
 
 
 @contextlib.asynccontextmanager
-async def _connected_pair(net: SharedNetwork) -> AsyncIterator[tuple[PeerTransport, PeerTransport]]:
+async def _connected_pair(
+    net: SharedNetwork, send_queue: int = 64
+) -> AsyncIterator[tuple[PeerTransport, PeerTransport]]:
     """Two in-process transports joined by a static peer entry (no mDNS wait)."""
     async with contextlib.AsyncExitStack() as stack:
         a = await stack.enter_async_context(
             PeerTransport(
                 identity_for(0),
                 TrustPolicy.open(),
-                TransportConfig(host=net.addresses[0], mdns=False),
+                TransportConfig(host=net.addresses[0], mdns=False, send_queue=send_queue),
             )
         )
         config = TransportConfig(
@@ -150,3 +155,50 @@ async def test_50_mb_signed_payload_arrives_intact_between_node_processes(
         assert got["sha256"] == sent["sha256"]
         assert got["verified"] is True
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.netns
+async def test_link_uses_only_our_ice_servers_and_gathers_host_candidates_only(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    shared_net(1)
+    async with open_bridge() as bridge:
+
+        async def offer() -> tuple[list[object], str]:
+            link = RtcLink(LinkSettings(), on_message=print, on_down=lambda _r: None, on_drop=print)
+            try:
+                configuration = link._pc._RTCPeerConnection__configuration  # type: ignore[attr-defined]
+                return list(configuration.iceServers), await link.create_offer()
+            finally:
+                await link.close()
+
+        with trio.fail_after(5):
+            servers, sdp = await bridge.call(offer)
+    assert servers == []  # never aiortc's default public STUN server
+    candidates = [line for line in sdp.splitlines() if line.startswith("a=candidate")]
+    assert candidates
+    assert all(" typ host" in line for line in candidates)
+    assert all(" 127.0.0.1 " not in line for line in candidates)  # aioice skips it; aliases used
+
+
+@pytest.mark.netns
+async def test_sends_beyond_the_per_peer_queue_bound_are_refused(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    async with _connected_pair(net, send_queue=2) as (a, b):
+        outcomes: list[str] = []
+
+        async def send_one() -> None:
+            try:
+                await a.send(b.node_id, bytes(300_000))
+                outcomes.append("sent")
+            except SendQueueFull:
+                outcomes.append("full")
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(send_one)
+        assert sorted(outcomes) == ["full", "full", "full", "sent", "sent"]
+        assert a.counters["send_queue_full"] == 3
