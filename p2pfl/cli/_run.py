@@ -38,8 +38,8 @@ def run(config_path: Path, check: bool) -> None:
         _fail(str(exc), EXIT_CONFIG)
     configure_logging(config.logging.level, config.logging.format)
     code = _run(config, config_path, check=check)
-    # Everything is checkpointed and closed by now. A training step abandoned mid-way by SIGTERM
-    # can hold interpreter shutdown for seconds (torch in a daemon thread): exit right away.
+    # Everything is checkpointed, closed and the executor's worker ended by now; interpreter
+    # shutdown with torch's and aiortc's daemon threads still took seconds: exit right away.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

