@@ -96,6 +96,9 @@ class TaskSection:
     n_nodes: int = 1
     seed: int = 0
     epochs: float = 1.0
+    lr: float | None = None
+    batch_size: int | None = None
+    options: dict[str, ParamValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "task.n_nodes": (lambda v: v >= 1, "an integer >= 1"),
     "task.node_index": (lambda v: v >= 0, "an integer >= 0"),
     "task.epochs": (lambda v: v > 0, "a number > 0"),
+    "task.lr": (lambda v: v > 0, "a number > 0"),
+    "task.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "executor.threads": (lambda v: v >= 1, "an integer >= 1"),
     "limits.max_message_mb": (lambda v: v > 0, "a number > 0"),
     "limits.max_peers": (lambda v: v >= 1, "an integer >= 1"),

@@ -156,9 +156,15 @@ def prepare(config: Config) -> Prepared:
             EXIT_DATA,
         )
     from p2pfl.daemon.trainer import NodeTrainer  # torch: only the daemon pays for it
-    from p2pfl.ml import load_task
+    from p2pfl.ml import TrainConfig, load_task
 
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(task_cfg.options)
+    if task_cfg.lr is not None or task_cfg.batch_size is not None:
+        default = TrainConfig()
+        options["config"] = TrainConfig(
+            lr=task_cfg.lr if task_cfg.lr is not None else default.lr,
+            batch_size=task_cfg.batch_size or default.batch_size,
+        )
     if task_cfg.data is not None:
         if task_cfg.name.startswith("digits"):
             raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
@@ -174,6 +180,8 @@ def prepare(config: Config) -> Prepared:
         )
     except ValueError as exc:
         raise config.error("task.name", str(exc)) from None
+    except TypeError as exc:  # an option the task does not take
+        raise config.error("task.options", str(exc)) from None
     except OSError as exc:
         raise StartupError(f"[task] data {task_cfg.data}: {exc}", EXIT_DATA) from None
     lock_fd = _lock_state_dir(state_dir)

@@ -50,6 +50,9 @@ class ClusterSpec:
     alpha: float = 0.5
     seed: int = 0
     epochs: float = 1.0
+    lr: float | None = None
+    batch_size: int | None = None
+    task_options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     protocol: str = "gossip"
     aggregation: str = "mean"
     codec: str = "fp32"
@@ -199,7 +202,10 @@ class DaemonCluster:
                 "n_nodes": spec.n_nodes,
                 "seed": spec.seed,
                 "epochs": spec.epochs,
+                **({"lr": spec.lr} if spec.lr is not None else {}),
+                **({"batch_size": spec.batch_size} if spec.batch_size is not None else {}),
             },
+            "task.options": dict(spec.task_options),
             "executor": {"threads": spec.threads, "mode": spec.executor_mode},
             "limits": {"peer_timeout_s": spec.peer_timeout_s},
             "logging": {"level": spec.log_level},
@@ -339,17 +345,9 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
 
 
 def _load_task(scenario: Scenario) -> Any:
-    from p2pfl.ml import load_task
+    from p2pfl.sim.workload import load_scenario_task
 
-    spec = scenario.task
-    return load_task(
-        spec.name,
-        n_nodes=spec.nodes,
-        partition=spec.partition,
-        alpha=spec.alpha,
-        seed=scenario.seed,
-        **dict(spec.options),
-    )
+    return load_scenario_task(scenario)
 
 
 def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
@@ -372,6 +370,9 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
         alpha=scenario.task.alpha,
         seed=scenario.seed,
         epochs=setup.epochs if setup.epochs is not None else scenario.training.epochs,
+        lr=scenario.task.lr,
+        batch_size=scenario.task.batch_size,
+        task_options=dict(scenario.task.options),
         protocol=setup.protocol,
         aggregation=setup.aggregation,
         params=params,
