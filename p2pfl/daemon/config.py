@@ -98,6 +98,9 @@ class TaskSection:
     epochs: float = 1.0
     lr: float | None = None
     batch_size: int | None = None
+    node_ids: tuple[str, ...] = ()
+    """Graph tasks: the node id of every partition, by index, so halo features can be asked
+    of their owners; empty: no exchange (the task's own data holds the halo)."""
     options: dict[str, ParamValue] = field(default_factory=dict)
 
 
@@ -385,6 +388,11 @@ def _check_cross_fields(config: Config) -> None:
                 "discovery.static_peers",
                 f'"{peer}" is not host:port (for example "192.0.2.10:7070" or "[2001:db8::1]:70")',
             )
+    if config.task.node_ids and len(config.task.node_ids) != config.task.n_nodes:
+        raise config.error(
+            "task.node_ids",
+            f"lists {len(config.task.node_ids)} node ids; n_nodes is {config.task.n_nodes}",
+        )
     if config.task.node_index >= config.task.n_nodes:
         raise config.error(
             "task.node_index",

@@ -90,6 +90,9 @@ class NodeStatus:
     """Rejected messages by reason (all peers, and senders that never became peers)."""
     checkpoint: CheckpointStatus | None = None
     peers: tuple[PeerStatus, ...] = ()
+    feature_bytes_sent: int = 0
+    feature_bytes_received: int = 0
+    """Graph tasks: node features (halo sensor readings) exchanged with peers."""
     transport: dict[str, int] = field(default_factory=dict)
     """Transport counters (dial failures, refused signaling, dropped frames...) by name."""
 

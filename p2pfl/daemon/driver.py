@@ -269,9 +269,15 @@ class ProtocolDriver:
             level = logging.getLevelName(action.level.upper())
             log.log(level if isinstance(level, int) else logging.INFO, action.message)
         elif isinstance(action, UseFeatures):
-            log.warning(
-                "node features received but this daemon's task takes none; ignored",
-                extra={"peer": action.peer, "sensors": len(action.sensors)},
+            # The graph tasks build their halo from their own data set; the exchange moves the
+            # bytes a deployment would move (counted in status), the values are not re-read.
+            log.info(
+                "node features received",
+                extra={
+                    "peer": action.peer,
+                    "sensors": len(action.sensors),
+                    "bytes": len(action.data),
+                },
             )
         elif isinstance(action, SetTimer):
             pass  # the loop reads next_deadline() after every event

@@ -28,6 +28,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import trio
@@ -200,7 +201,7 @@ def prepare(config: Config) -> Prepared:
     try:
         checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
         resumed, weights = _resume(checkpoints, trainer)
-        machine = build_machine(config, identity.node_id, weights)
+        machine = build_machine(config, identity.node_id, weights, _feature_plan(config, task))
         if resumed is not None:
             _restore_machine(machine, resumed.state)
         trainer.warm_up()
@@ -242,7 +243,18 @@ def _resume(store: CheckpointStore, trainer: Any) -> tuple[Checkpoint | None, An
     return checkpoint, weights
 
 
-def build_machine(config: Config, node_id: str, weights: Any) -> Any:
+def _feature_plan(config: Config, task: Any) -> Any:
+    """Graph tasks with [task] node_ids: which halo readings to ask of whom, what to serve."""
+    if not config.task.node_ids:
+        return None
+    from p2pfl.sim.workload import TaskWorkload
+
+    # The engines' feature plan reads only ``.task``: the daemon reuses it as is.
+    shim: Any = SimpleNamespace(task=task)
+    return TaskWorkload.feature_plan(shim, config.task.node_index, list(config.task.node_ids))
+
+
+def build_machine(config: Config, node_id: str, weights: Any, features: Any = None) -> Any:
     from p2pfl.protocols import (
         FedAvgConfig,
         FedAvgLearner,
@@ -272,7 +284,7 @@ def build_machine(config: Config, node_id: str, weights: Any) -> Any:
             **proto.params, budget=config.task.epochs, aggregation=proto.aggregation
         )
         rng = random.Random(f"{proto.seed}:{node_id}")
-        return learner_cls(node_id, weights, StateDictOps(), rng, machine_config)
+        return learner_cls(node_id, weights, StateDictOps(), rng, machine_config, features=features)
     except (TypeError, ValueError) as exc:
         raise config.error("protocol.params", str(exc)) from None
 
@@ -356,6 +368,10 @@ class Node:
             checkpoint=checkpoint,
             peers=peers,
             transport=dict(self.transport.counters) if self.transport is not None else {},
+            feature_bytes_sent=int(getattr(self.prepared.machine, "bytes_features_sent", 0)),
+            feature_bytes_received=int(
+                getattr(self.prepared.machine, "bytes_features_received", 0)
+            ),
         )
 
     def _status_line(self) -> str:

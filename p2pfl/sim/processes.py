@@ -53,6 +53,8 @@ class ClusterSpec:
     lr: float | None = None
     batch_size: int | None = None
     task_options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    exchange_features: bool = False
+    """Graph tasks: give every daemon all node ids so halo features travel between them."""
     protocol: str = "gossip"
     aggregation: str = "mean"
     codec: str = "fp32"
@@ -202,6 +204,9 @@ class DaemonCluster:
                 "n_nodes": spec.n_nodes,
                 "seed": spec.seed,
                 "epochs": spec.epochs,
+                "node_ids": [n.identity.node_id for n in self.nodes]
+                if spec.exchange_features
+                else [],
                 **({"lr": spec.lr} if spec.lr is not None else {}),
                 **({"batch_size": spec.batch_size} if spec.batch_size is not None else {}),
             },
@@ -373,6 +378,7 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
         lr=scenario.task.lr,
         batch_size=scenario.task.batch_size,
         task_options=dict(scenario.task.options),
+        exchange_features=scenario.task.name.startswith("traffic-"),
         protocol=setup.protocol,
         aggregation=setup.aggregation,
         params=params,
@@ -393,6 +399,8 @@ def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) 
         not_applied.append("churn")
     if net.partitions:
         not_applied.append("network.partitions")
+    if setup.neighbours != "all":
+        not_applied.append(f"setup.neighbours = {setup.neighbours!r} (all live peers are used)")
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="p2pfl-sim-", dir="/tmp"))
     report = progress or (lambda _setup, _fraction, _status: None)
@@ -538,6 +546,8 @@ def _node_result(
             "rejected": dict(status.rejected) if status else {},
             "transport": dict(status.transport) if status else {},
             "peers_connected": sum(p.state == "connected" for p in status.peers) if status else 0,
+            "feature_bytes_sent": status.feature_bytes_sent if status else 0,
+            "feature_bytes_received": status.feature_bytes_received if status else 0,
         },
     )
 
