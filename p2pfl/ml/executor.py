@@ -42,6 +42,7 @@ thread mode; afterwards the loop lag during training stayed at a few ms
 
 from __future__ import annotations
 
+import queue
 import threading
 import traceback
 from typing import Any, Literal
@@ -121,12 +122,25 @@ class _WorkerProcess:
                 assert data is not None and data_id is not None
                 self._sent[data_id] = data  # also keeps the id from being reused
             self.jobs.put((kind, data_id, data if fresh else None, epochs))
-            status, payload = self.results.get()
+            status, payload = self._wait()
             if status != "ok":
                 raise ExecutorError(f"job {kind!r} failed in the worker process:\n{payload}")
             if kind == "train":
                 return {k: v.clone() for k, v in self.shared.items()}, payload
             return payload
+
+    def _wait(self) -> tuple[str, Any]:
+        """The child's answer; ExecutorError if the child dies first (never waits forever)."""
+        while True:
+            try:
+                answer: tuple[str, Any] = self.results.get(timeout=0.5)
+                return answer
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise ExecutorError(
+                        f"the worker process exited (code {self.process.exitcode}) during a job; "
+                        "see its output above, then create a new Executor"
+                    ) from None
 
     def close(self) -> None:
         if self.process.is_alive():
@@ -166,6 +180,11 @@ class Executor:
         self.mode = mode
         self.limiter = limiter or trio.CapacityLimiter(1)
         self._worker = _WorkerProcess(task, threads, device) if mode == "process" else None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the worker process (process mode), else None."""
+        return self._worker.process.pid if self._worker is not None else None
 
     def __enter__(self) -> Executor:
         return self

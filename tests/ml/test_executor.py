@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -131,3 +133,7 @@ async def test_process_mode_trains_through_shared_memory_and_reports_child_error
         with pytest.raises(ExecutorError, match="failed in the worker process"):
             await executor.train(weights, wrong, epochs=1)
         assert (await executor.evaluate(trained))["accuracy"] > 0.8  # the child survived
+        assert executor.worker_pid is not None
+        os.kill(executor.worker_pid, signal.SIGKILL)
+        with trio.fail_after(10), pytest.raises(ExecutorError, match="worker process exited"):
+            await executor.evaluate(trained)
