@@ -214,7 +214,9 @@ def load_task(
     """The task called ``name`` (one of :data:`TASKS`) for ``n_nodes`` nodes.
 
     Options: digits take ``config`` (TrainConfig). Traffic tasks take those of
-    :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``).
+    :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``,
+    ``speed_model``, ``model_config``, ``hops``, ``range_km``); their nodes are the cloudlets,
+    so ``partition`` and ``alpha`` do not apply to them.
     """
     if name in ("digits", "digits-logreg"):
         model = "mlp" if name == "digits" else "logreg"
