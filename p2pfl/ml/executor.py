@@ -42,6 +42,7 @@ thread mode; afterwards the loop lag during training stayed at a few ms
 
 from __future__ import annotations
 
+import queue
 import threading
 import traceback
 from typing import Any, Literal
@@ -63,7 +64,7 @@ class ExecutorError(RuntimeError):
 
 
 def _serve(
-    task: Task, threads: int, device: str, shared: StateDict, jobs: Any, results: Any
+    task: Task, threads: int, device: str, shared: StateDict, jobs: Any, results: Any, stop: Any
 ) -> None:
     """Worker-process main loop: one job at a time from ``jobs``, answers on ``results``."""
     torch.set_num_threads(threads)
@@ -78,7 +79,13 @@ def _serve(
             model.load_state_dict(shared)
             if kind == "train":
                 assert node_data is not None
-                report = task.train(model.to(device), node_data, epochs=epochs, device=device)
+                report = task.train(
+                    model.to(device),
+                    node_data,
+                    epochs=epochs,
+                    device=device,
+                    should_stop=stop.is_set,
+                )
                 with torch.no_grad():
                     for key, value in model.state_dict().items():
                         shared[key].copy_(value)
@@ -100,9 +107,10 @@ class _WorkerProcess:
             k: v.clone().share_memory_() for k, v in task.make_model().state_dict().items()
         }
         self.jobs, self.results = context.Queue(), context.Queue()
+        self.stop = context.Event()  # set by the parent to end a training job at the next step
         self.process = context.Process(
             target=_serve,
-            args=(task, threads, device, self.shared, self.jobs, self.results),
+            args=(task, threads, device, self.shared, self.jobs, self.results, self.stop),
             name=f"p2pfl-executor-{task.name}",
             daemon=True,
         )
@@ -110,8 +118,18 @@ class _WorkerProcess:
         self._sent: dict[int, NodeData] = {}  # data the child already holds, by id
         self._lock = threading.Lock()
 
-    def run(self, kind: str, weights: StateDict, data: NodeData | None, epochs: float) -> Any:
+    def run(
+        self,
+        kind: str,
+        weights: StateDict,
+        data: NodeData | None,
+        epochs: float,
+        cancelled: threading.Event | None = None,
+    ) -> Any:
         with self._lock:  # one job at a time: the shared weights are one buffer
+            self.stop.clear()
+            if cancelled is not None and cancelled.is_set():  # cancelled before we got here
+                self.stop.set()
             with torch.no_grad():
                 for key, value in weights.items():
                     self.shared[key].copy_(value)
@@ -121,12 +139,25 @@ class _WorkerProcess:
                 assert data is not None and data_id is not None
                 self._sent[data_id] = data  # also keeps the id from being reused
             self.jobs.put((kind, data_id, data if fresh else None, epochs))
-            status, payload = self.results.get()
+            status, payload = self._wait()
             if status != "ok":
                 raise ExecutorError(f"job {kind!r} failed in the worker process:\n{payload}")
             if kind == "train":
                 return {k: v.clone() for k, v in self.shared.items()}, payload
             return payload
+
+    def _wait(self) -> tuple[str, Any]:
+        """The child's answer; ExecutorError if the child dies first (never waits forever)."""
+        while True:
+            try:
+                answer: tuple[str, Any] = self.results.get(timeout=0.5)
+                return answer
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise ExecutorError(
+                        f"the worker process exited (code {self.process.exitcode}) during a job; "
+                        "see its output above, then create a new Executor"
+                    ) from None
 
     def close(self) -> None:
         if self.process.is_alive():
@@ -167,6 +198,11 @@ class Executor:
         self.limiter = limiter or trio.CapacityLimiter(1)
         self._worker = _WorkerProcess(task, threads, device) if mode == "process" else None
 
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the worker process (process mode), else None."""
+        return self._worker.process.pid if self._worker is not None else None
+
     def __enter__(self) -> Executor:
         return self
 
@@ -194,13 +230,15 @@ class Executor:
         return model.to(self.device)
 
     def _train_job(
-        self, weights: StateDict, data: NodeData, epochs: float
+        self, weights: StateDict, data: NodeData, epochs: float, stop: threading.Event
     ) -> tuple[StateDict, TrainReport]:
         if self._worker is not None:
-            trained, report = self._worker.run("train", weights, data, epochs)
+            trained, report = self._worker.run("train", weights, data, epochs, stop)
             return trained, report
         model = self._model(weights)
-        report = self.task.train(model, data, epochs=epochs, device=self.device)
+        report = self.task.train(
+            model, data, epochs=epochs, device=self.device, should_stop=stop.is_set
+        )
         trained = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return trained, report
 
@@ -213,10 +251,28 @@ class Executor:
     async def train(
         self, weights: StateDict, data: NodeData, *, epochs: float
     ) -> tuple[StateDict, TrainReport]:
-        """Train from ``weights`` on ``data``: (new weights on CPU, report). Inputs unchanged."""
-        return await trio.to_thread.run_sync(
-            self._train_job, weights, data, epochs, limiter=self.limiter
-        )
+        """Train from ``weights`` on ``data``: (new weights on CPU, report). Inputs unchanged.
+
+        Cancelling the caller returns at once and tells the job to stop at its next optimizer
+        step; the limiter's token stays held until the worker is really done (trio keeps it
+        for an abandoned thread), so a cancelled job never overlaps the next one uncounted.
+        """
+        stop = threading.Event()
+        try:
+            return await trio.to_thread.run_sync(
+                self._train_job,
+                weights,
+                data,
+                epochs,
+                stop,
+                limiter=self.limiter,
+                abandon_on_cancel=True,
+            )
+        except trio.Cancelled:
+            stop.set()
+            if self._worker is not None:
+                self._worker.stop.set()
+            raise
 
     async def evaluate(self, weights: StateDict, data: NodeData | None = None) -> dict[str, float]:
         return await trio.to_thread.run_sync(

@@ -18,6 +18,7 @@ different seeds and partitions score on the same images; every node evaluates on
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -80,7 +81,13 @@ class Task(ABC):
 
     @abstractmethod
     def train(
-        self, model: nn.Module, data: NodeData, *, epochs: float, device: str = "cpu"
+        self,
+        model: nn.Module,
+        data: NodeData,
+        *,
+        epochs: float,
+        device: str = "cpu",
+        should_stop: Callable[[], bool] | None = None,
     ) -> TrainReport: ...
 
     @abstractmethod
@@ -170,7 +177,13 @@ class DigitsTask(Task):
         return ClassificationData(TensorSamples(*self._train), self._test)
 
     def train(
-        self, model: nn.Module, data: NodeData, *, epochs: float, device: str = "cpu"
+        self,
+        model: nn.Module,
+        data: NodeData,
+        *,
+        epochs: float,
+        device: str = "cpu",
+        should_stop: Callable[[], bool] | None = None,
     ) -> TrainReport:
         assert isinstance(data, ClassificationData)
 
@@ -186,6 +199,7 @@ class DigitsTask(Task):
             config=self.config,
             device=device,
             generator=self._generator(),
+            should_stop=should_stop,
         )
 
     def evaluate(
@@ -214,7 +228,9 @@ def load_task(
     """The task called ``name`` (one of :data:`TASKS`) for ``n_nodes`` nodes.
 
     Options: digits take ``config`` (TrainConfig). Traffic tasks take those of
-    :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``).
+    :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``,
+    ``speed_model``, ``model_config``, ``hops``, ``range_km``); their nodes are the cloudlets,
+    so ``partition`` and ``alpha`` do not apply to them.
     """
     if name in ("digits", "digits-logreg"):
         model = "mlp" if name == "digits" else "logreg"

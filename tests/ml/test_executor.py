@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -62,6 +64,20 @@ async def test_executor_leaves_the_given_weights_untouched() -> None:
     assert report.samples == task.node_data(0, 2).num_samples
     assert all(torch.equal(before[k], weights[k]) for k in weights)
     assert not torch.equal(trained["linear.weight"], weights["linear.weight"])
+
+
+async def test_cancelling_a_job_stops_the_worker_at_its_next_step() -> None:
+    task = load_task("digits-logreg", n_nodes=1)
+    executor = Executor(task, mode="thread")
+    weights = task.make_model().state_dict()
+    started = trio.current_time()
+    with trio.move_on_after(0.3):
+        await executor.train(weights, task.central_data(), epochs=100_000)
+    assert trio.current_time() - started < 2.0
+    # The limiter token is free again once the worker noticed the stop (the next step).
+    with trio.fail_after(10):
+        _, report = await executor.train(weights, task.central_data(), epochs=1)
+    assert report.samples == 1437
 
 
 def test_executor_refuses_cuda_when_torch_sees_none() -> None:
@@ -131,3 +147,12 @@ async def test_process_mode_trains_through_shared_memory_and_reports_child_error
         with pytest.raises(ExecutorError, match="failed in the worker process"):
             await executor.train(weights, wrong, epochs=1)
         assert (await executor.evaluate(trained))["accuracy"] > 0.8  # the child survived
+        with trio.move_on_after(0.5):  # a cancelled job stops in the child too
+            await executor.train(weights, task.node_data(0, 2), epochs=100_000)
+        with trio.fail_after(20):
+            _, report = await executor.train(weights, task.node_data(0, 2), epochs=1)
+        assert report.samples == task.node_data(0, 2).num_samples
+        assert executor.worker_pid is not None
+        os.kill(executor.worker_pid, signal.SIGKILL)
+        with trio.fail_after(10), pytest.raises(ExecutorError, match="worker process exited"):
+            await executor.evaluate(trained)
