@@ -13,6 +13,7 @@ supervised targets: training windows x own sensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,7 +237,13 @@ class TrafficTask(Task):
         return model(x, laplacian) * self.windows.std + self.windows.mean  # type: ignore[no-any-return]
 
     def train(
-        self, model: nn.Module, data: NodeData, *, epochs: float, device: str = "cpu"
+        self,
+        model: nn.Module,
+        data: NodeData,
+        *,
+        epochs: float,
+        device: str = "cpu",
+        should_stop: Callable[[], bool] | None = None,
     ) -> TrainReport:
         assert isinstance(data, CloudletData)
         laplacian = data.laplacian.to(device)
@@ -256,6 +263,7 @@ class TrafficTask(Task):
             config=self.config,
             device=device,
             generator=self._generator(),
+            should_stop=should_stop,
         )
 
     def evaluate(

@@ -17,8 +17,8 @@ different seeds and partitions score on the same images; every node evaluates on
 
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -62,7 +62,7 @@ class Task(ABC):
     def __init__(self, *, n_nodes: int, seed: int) -> None:
         self.n_nodes = n_nodes
         self.seed = seed
-        self._calls = itertools.count()
+        self._calls = 0
 
     @abstractmethod
     def _build_model(self) -> nn.Module: ...
@@ -81,7 +81,13 @@ class Task(ABC):
 
     @abstractmethod
     def train(
-        self, model: nn.Module, data: NodeData, *, epochs: float, device: str = "cpu"
+        self,
+        model: nn.Module,
+        data: NodeData,
+        *,
+        epochs: float,
+        device: str = "cpu",
+        should_stop: Callable[[], bool] | None = None,
     ) -> TrainReport: ...
 
     @abstractmethod
@@ -91,7 +97,8 @@ class Task(ABC):
 
     def _generator(self) -> torch.Generator:
         # A different but reproducible shuffle for each training call.
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + next(self._calls))
+        self._calls += 1
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,7 +177,13 @@ class DigitsTask(Task):
         return ClassificationData(TensorSamples(*self._train), self._test)
 
     def train(
-        self, model: nn.Module, data: NodeData, *, epochs: float, device: str = "cpu"
+        self,
+        model: nn.Module,
+        data: NodeData,
+        *,
+        epochs: float,
+        device: str = "cpu",
+        should_stop: Callable[[], bool] | None = None,
     ) -> TrainReport:
         assert isinstance(data, ClassificationData)
 
@@ -186,6 +199,7 @@ class DigitsTask(Task):
             config=self.config,
             device=device,
             generator=self._generator(),
+            should_stop=should_stop,
         )
 
     def evaluate(
@@ -214,7 +228,9 @@ def load_task(
     """The task called ``name`` (one of :data:`TASKS`) for ``n_nodes`` nodes.
 
     Options: digits take ``config`` (TrainConfig). Traffic tasks take those of
-    :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``).
+    :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``,
+    ``speed_model``, ``model_config``, ``hops``, ``range_km``); their nodes are the cloudlets,
+    so ``partition`` and ``alpha`` do not apply to them.
     """
     if name in ("digits", "digits-logreg"):
         model = "mlp" if name == "digits" else "logreg"

@@ -143,10 +143,13 @@ def fit(
     config: TrainConfig,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainReport:
     """Train ``model`` in place for ``epochs`` passes over ``source``; return what it did.
 
     ``loss_fn(model, batch)`` returns (mean loss of the batch, number of samples in it).
+    ``should_stop`` is polled before every step; when it turns true the loop ends early and
+    the report covers the steps done.
     """
     device = torch.device(device)
     model.to(device).train()
@@ -160,6 +163,8 @@ def fit(
     samples = 0
 
     for batch in prefetch(source.batches(steps, config.batch_size, generator), device):
+        if should_stop is not None and should_stop():
+            break
         loss, n = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from p2pfl.ml import load_task
 from p2pfl.ml.forecast import TrafficTask, baseline_metrics
@@ -63,6 +64,9 @@ def test_halo_report_gives_megabytes_per_cloudlet(task: TrafficTask) -> None:
 def test_briefly_trained_stgcn_beats_last_value_and_historical_average_at_15_min() -> None:
     # Three synthetic weekdays (the test split is Wednesday 15:00-24:00, evening rush included),
     # one cloudlet (own sensors + halo): 2 epochs at lr 2e-3, 1 at 5e-4, batch 8 (~220 steps).
+    # Dropout draws from the global generator: seed it so the run does not depend on test order.
+    # Measured over dropout seeds 0-2: MAE 2.93-3.12 mph vs. 3.35 (last value), 3.45 (hist. avg.).
+    torch.manual_seed(0)
     task = load_task("traffic-metr-la", n_nodes=7, days=3, speed_model=SpeedModel(start_weekday=0))
     assert isinstance(task, TrafficTask)
     data = task.node_data(3, 7)
