@@ -21,7 +21,17 @@ import random
 from collections import Counter
 from typing import Generic, Protocol, TypeVar
 
-from ._actions import Action, Log, Metric, Penalize, Send, SetTimer, Train, UseFeatures
+from ._actions import (
+    Action,
+    Evaluate,
+    Log,
+    Metric,
+    Penalize,
+    Send,
+    SetTimer,
+    Train,
+    UseFeatures,
+)
 from ._events import (
     EvaluationDone,
     Event,
@@ -56,6 +66,9 @@ class LearnerConfig(Protocol):
     @property
     def strikes_to_penalize(self) -> int: ...
 
+    @property
+    def evaluate_every(self) -> int: ...
+
 
 class Learner(Generic[W]):
     """Base class of the learning machines; subclasses implement the ``_on_*`` hooks."""
@@ -87,6 +100,7 @@ class Learner(Generic[W]):
         self._aggregation = aggregation
         self._max_rounds = max_rounds
         self._strikes_to_penalize = config.strikes_to_penalize
+        self._evaluate_every = config.evaluate_every
         self._plan = features or FeaturePlan()
         self._now = -math.inf
         self._deadlines: dict[str, float] = {}
@@ -271,6 +285,12 @@ class Learner(Generic[W]):
         if len(models) == 1:
             return models[0]
         return self._ops.aggregate(self._aggregation, self._model, models, weights)
+
+    def _evaluation_due(self) -> list[Action[W]]:
+        """``Evaluate(model)`` when ``rounds`` just reached a multiple of ``evaluate_every``."""
+        if self._evaluate_every > 0 and self.rounds % self._evaluate_every == 0:
+            return [Evaluate(self._model)]
+        return []
 
     def _finish(self) -> list[Action[W]]:
         self.finished = True

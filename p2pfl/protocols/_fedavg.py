@@ -46,6 +46,8 @@ class FedAvgConfig:
     """Node id of the configured aggregator; None: the smallest live node id."""
     max_rounds: int | None = None
     strikes_to_penalize: int = 3
+    evaluate_every: int = 0
+    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
 
 class FedAvgLearner(Learner[W]):
@@ -121,6 +123,7 @@ class FedAvgLearner(Learner[W]):
             Metric("round_models_merged", len(arrived)),
         ]
         self.round += 1
+        actions += self._evaluation_due()
         if self._max_rounds is not None and self.round >= self._max_rounds:
             actions += [Send(p, GlobalModel(self.round, self._model)) for p in sorted(self._peers)]
             return actions + self._finish()
@@ -196,6 +199,7 @@ class FedAvgLearner(Learner[W]):
         return [
             *actions,
             Adopt(message.weights),
+            *self._evaluation_due(),
             *self._train_round(message.round, message.weights),
         ]
 

@@ -49,6 +49,8 @@ class GossipConfig:
     aggregation: str = "mean"
     max_rounds: int | None = None
     strikes_to_penalize: int = 3
+    evaluate_every: int = 0
+    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
 
 class GossipLearner(Learner[W]):
@@ -139,6 +141,7 @@ class GossipLearner(Learner[W]):
             actions.append(Send(peer, GossipModel(weights, self.age, report.samples)))
         else:
             self.dropped["no_peer_to_send"] += 1
+        actions += self._evaluation_due()
         if self._max_rounds is not None and self._rounds >= self._max_rounds:
             actions += self._finish()
         return actions

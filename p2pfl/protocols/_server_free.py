@@ -43,6 +43,8 @@ class ServerFreeConfig:
     max_rounds: int | None = None
     max_ahead: int = 2
     strikes_to_penalize: int = 3
+    evaluate_every: int = 0
+    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
 
 class ServerFreeLearner(Learner[W]):
@@ -140,6 +142,7 @@ class ServerFreeLearner(Learner[W]):
         neighbours_round = latest[(len(latest) - 1) // 2] if latest else 0
         self.round = max(self.round + 1, neighbours_round)
         self._pending = {k: v for k, v in self._pending.items() if k >= self.round}
+        actions += self._evaluation_due()
         if self._max_rounds is not None and self.round >= self._max_rounds:
             return actions + self._finish()
         return actions + self._train(self._model)

@@ -7,6 +7,7 @@ from typing import Any
 
 from p2pfl.protocols import (
     Adopt,
+    Evaluate,
     FedAvgConfig,
     FedAvgLearner,
     GlobalModel,
@@ -181,3 +182,13 @@ def test_final_round_is_broadcast_and_participants_stop(ops: Any, report: Any) -
     part.handle(Start(), 0.0)
     assert part.handle(MessageReceived("a", GlobalModel(1, 3.0)), 3.0)[0] == Adopt(3.0)
     assert part.finished
+
+
+def test_participant_evaluates_the_global_models_it_adopts(ops: Any) -> None:
+    machine = node(ops, "b", ("a",), config=FedAvgConfig(evaluate_every=2))
+    machine.handle(Start(), 0.0)
+    assert machine.handle(MessageReceived("a", GlobalModel(2, 3.0)), 1.0) == [
+        Adopt(3.0),
+        Evaluate(3.0),
+        Train(3.0, 1.0),
+    ]

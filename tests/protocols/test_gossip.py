@@ -9,10 +9,13 @@ import pytest
 
 from p2pfl.protocols import (
     Adopt,
+    Evaluate,
+    EvaluationDone,
     GossipConfig,
     GossipLearner,
     GossipModel,
     MessageReceived,
+    Metric,
     PeerDown,
     PeerUp,
     Penalize,
@@ -185,3 +188,16 @@ def test_same_seed_same_script_gives_same_actions(ops: Any, report: Any) -> None
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_evaluation_is_requested_every_k_trainings(ops: Any, report: Any) -> None:
+    config = GossipConfig(period=10.0, jitter=0.0, evaluate_every=2)
+    machine = started(ops, peers=(), config=config)
+    machine.handle(Start(), 0.0)
+    tick = machine.next_deadline()
+    machine.handle(TimerFired(), tick)
+    assert machine.handle(TrainingDone(2.0, report(5)), tick + 1) == [Adopt(2.0)]
+    machine.handle(TimerFired(), tick + 10)
+    assert machine.handle(TrainingDone(3.0, report(5)), tick + 11) == [Adopt(3.0), Evaluate(3.0)]
+    metric = machine.handle(EvaluationDone({"accuracy": 0.5}), tick + 12)
+    assert metric == [Metric("eval_accuracy", 0.5)]

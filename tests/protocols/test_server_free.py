@@ -7,6 +7,7 @@ from typing import Any
 
 from p2pfl.protocols import (
     Adopt,
+    Evaluate,
     GossipModel,
     MessageReceived,
     Metric,
@@ -159,3 +160,14 @@ def test_max_rounds_stops_training(ops: Any, report: Any) -> None:
     machine.handle(MessageReceived("b", RU(0, 4.0, 10)), 2.0)
     actions = machine.handle(MessageReceived("c", RU(0, 8.0, 10)), 2.0)
     assert not any(isinstance(a, Train) for a in actions) and machine.finished
+
+
+def test_evaluation_follows_the_round_that_completes_it(ops: Any, report: Any) -> None:
+    config = ServerFreeConfig(round_timeout=5.0, evaluate_every=1)
+    machine = in_round(ops, report, peers=("b",), config=config)
+    assert machine.handle(MessageReceived("b", RU(0, 4.0, 10)), 2.0) == [
+        *closed(3.0, 0, 2),
+        Evaluate(3.0),
+        Train(3.0, 1.0),
+        SetTimer(None),
+    ]
