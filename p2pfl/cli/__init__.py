@@ -15,6 +15,11 @@ from p2pfl import __version__
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (import path, one-line help shown by `p2pfl --help`)
+    "federation": (
+        "p2pfl.cli._federation:federation",
+        "Federation key and membership certificates.",
+    ),
+    "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
 }
 
 

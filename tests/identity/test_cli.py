@@ -1,0 +1,97 @@
+"""`p2pfl keys` and `p2pfl federation` end to end through click."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from p2pfl.cli import main
+from p2pfl.identity import NodeIdentity
+from p2pfl.trust import FederationAuthority, TrustPolicy
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+def test_keys_init_prints_node_id_and_refuses_overwrite(tmp_path: Path) -> None:
+    code, out = run("keys", "init", "--state-dir", str(tmp_path))
+    assert code == 0
+    node_id = out.splitlines()[0]
+    assert node_id == NodeIdentity.load(tmp_path).node_id
+    assert stat.S_IMODE((tmp_path / "node.key").stat().st_mode) == 0o600
+    code, out = run("keys", "init", "--state-dir", str(tmp_path))
+    assert code != 0 and "--force" in out
+    assert NodeIdentity.load(tmp_path).node_id == node_id
+    code, out = run("keys", "init", "--state-dir", str(tmp_path), "--force")
+    assert code == 0 and out.splitlines()[0] != node_id
+
+
+def test_keys_show_json(tmp_path: Path) -> None:
+    identity = NodeIdentity.generate()
+    identity.save(tmp_path)
+    code, out = run("keys", "show", "--state-dir", str(tmp_path), "--json")
+    assert code == 0
+    assert json.loads(out) == {"node_id": identity.node_id, "public_key": identity.public_key.hex()}
+
+
+def test_keys_show_refuses_readable_key_with_fix(tmp_path: Path) -> None:
+    path = NodeIdentity.generate().save(tmp_path)
+    os.chmod(path, 0o644)
+    code, out = run("keys", "show", "--state-dir", str(tmp_path))
+    assert code == 1 and f"chmod 600 {path}" in out
+
+
+def test_federation_init_admit_show_produces_accepted_certificate(tmp_path: Path) -> None:
+    fed_dir, state = tmp_path / "fed", tmp_path / "node"
+    node = NodeIdentity.generate()
+    node.save(state)
+    code, out = run("federation", "init", "--dir", str(fed_dir))
+    assert code == 0
+    authority = FederationAuthority.load(fed_dir)
+    assert authority.public_key.hex() in out
+    cert_path = state / "federation.cert"
+    code, out = run(
+        "federation",
+        "admit",
+        "--dir",
+        str(fed_dir),
+        "--node-key",
+        node.public_key.hex(),
+        "--name",
+        "cloudlet-1",
+        "--days",
+        "2",
+        "--out",
+        str(cert_path),
+    )
+    assert code == 0, out
+    policy = TrustPolicy.federation(authority.public_key)
+    assert policy.check(node.public_key, cert_path.read_bytes(), now=time.time()) == "cloudlet-1"
+    code, out = run("federation", "show", "--certificate", str(cert_path), "--json")
+    assert code == 0 and json.loads(out)["name"] == "cloudlet-1"
+    code, out = run("federation", "show", "--dir", str(fed_dir), "--json")
+    assert json.loads(out)["federation_id"] == authority.federation_id
+
+
+def test_federation_admit_rejects_bad_node_key(tmp_path: Path) -> None:
+    run("federation", "init", "--dir", str(tmp_path))
+    code, out = run(
+        "federation",
+        "admit",
+        "--dir",
+        str(tmp_path),
+        "--node-key",
+        "abc",
+        "--name",
+        "n",
+        "--out",
+        str(tmp_path / "c"),
+    )
+    assert code == 2 and "64 hex digits" in out
