@@ -1,0 +1,195 @@
+"""Data-channel throughput and trio loop lag between two node processes, next to plain TCP.
+
+Run: ``.venv/bin/python benchmarks/bench_transport.py`` (as root; as an ordinary user it
+re-executes itself under ``python -m p2pfl.sim.netns``). Two namespaces joined by a veth
+bridge (``BridgedNetwork``); one ``p2pfl.sim.testnode`` process in each. Per frame size
+(64/128/256 KiB) one 64 MiB message is sent; throughput = bytes / (arrival of the whole message
+at the receiver - start of send). Loop lag = how late a 5 ms trio sleep wakes during the
+transfer, in the sender and the receiver. Baseline, same run: plain TCP between the same two
+namespaces. With the int8 codec (p2pfl.wire), the fp32-equivalent rate of a 64 MiB fp32 model =
+fp32 bytes / (encode + transfer + decode). Targets: >= 20 MB/s raw; p99 lag < 10 ms;
+int8 >= 80 MB/s fp32-equivalent. The figures depend on how busy the CPU is: note the load.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces, run_in_private_userns
+from p2pfl.sim.testnode import NodeProcess, node_argv
+
+SIZE = 64 * 1024 * 1024
+MB = 1e6
+TCP_RECEIVER = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5999)); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); n = 0; buf = bytearray(1 << 20)
+while n < int(sys.argv[2]):
+    k = c.recv_into(buf)
+    if not k: break
+    n += k
+print(time.time(), n, flush=True)
+"""
+TCP_SENDER = """
+import socket, sys, time
+data = bytes(int(sys.argv[2])); c = socket.create_connection((sys.argv[1], 5999))
+print(time.time(), flush=True); c.sendall(data); c.close()
+"""
+
+
+def plain_tcp(net: BridgedNetwork) -> float:
+    receiver = subprocess.Popen(
+        net.command(1, [sys.executable, "-c", TCP_RECEIVER, net.addresses[1], str(SIZE)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert receiver.stdout is not None
+    receiver.stdout.readline()
+    sender = subprocess.run(
+        net.command(0, [sys.executable, "-c", TCP_SENDER, net.addresses[1], str(SIZE)]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    started = float(sender.stdout.split()[0])
+    finished, received = receiver.stdout.readline().split()
+    receiver.wait()
+    assert int(received) == SIZE
+    return SIZE / (float(finished) - started) / MB
+
+
+async def _last(node: NodeProcess, kind: str, mark: int) -> dict[str, Any]:
+    return await node.wait_for(lambda e: e["event"] == kind, start=mark)
+
+
+async def data_channel(net: BridgedNetwork, frame_bytes: int, file: Path | None) -> dict[str, Any]:
+    """One 64 MiB message (or ``file``) from node 0 to node 1; throughput and loop lag."""
+    extra = ("--no-mdns", "--frame-bytes", str(frame_bytes))
+    sender = NodeProcess(net.command(0, node_argv(0, net.addresses[0], *extra)), 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        with trio.fail_after(30):
+            ready = await sender.wait_for(lambda e: e["event"] == "ready")
+        static = ("--static", f"{net.addresses[0]}:{ready['port']}")
+        receiver = NodeProcess(net.command(1, node_argv(1, net.addresses[1], *extra, *static)), 1)
+        await nursery.start(receiver.run)
+        with trio.fail_after(30):
+            await sender.wait_for(lambda e: e["event"] == "up")
+            await receiver.wait_for(lambda e: e["event"] == "up")
+        await sender.command_line(cmd="lag")  # reset the samples
+        await trio.sleep(2.0)
+        marks = len(sender.events), len(receiver.events)
+        await sender.command_line(cmd="lag")  # idle baseline: the same loop with no transfer
+        with trio.fail_after(10):
+            idle = await _last(sender, "lag", marks[0])
+        marks = len(sender.events), len(receiver.events)
+        await receiver.command_line(cmd="lag")  # reset the samples
+        with trio.fail_after(10):
+            reset_r = await _last(receiver, "lag", marks[1])
+        marks = len(sender.events), len(receiver.events)
+        if file is None:
+            await sender.command_line(cmd="send", peer=receiver.node_id, size=SIZE, seed=1)
+        else:
+            await sender.command_line(cmd="send", peer=receiver.node_id, file=str(file))
+        with trio.fail_after(300):
+            got = await _last(receiver, "message", marks[1])
+            sent = await _last(sender, "sent", marks[0])
+        marks = len(sender.events), len(receiver.events)
+        for node in (sender, receiver):
+            await node.command_line(cmd="lag")
+        with trio.fail_after(10):
+            lag_s = await _last(sender, "lag", marks[0])
+            lag_r = await _last(receiver, "lag", marks[1])
+        nursery.cancel_scope.cancel()
+    assert got["sha256"] == sent["sha256"], "payload corrupted"
+    seconds = got["at"] - sent["started_at"]
+    return {
+        "bytes": got["size"],
+        "seconds": seconds,
+        "lag_idle": idle,
+        # CPU seconds each process spent on the transfer (both threads; crypto, SCTP, framing)
+        "cpu_sender": lag_s["cpu_s"] - idle["cpu_s"],
+        "cpu_receiver": lag_r["cpu_s"] - reset_r["cpu_s"],
+        "lag_sender": lag_s,
+        "lag_receiver": lag_r,
+    }
+
+
+def int8_model() -> tuple[bytes, float, float, int] | None:
+    try:
+        import torch
+
+        from p2pfl.wire import decode_state_dict, encode_state_dict  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    # 16 Mi float32 parameters = 64 MiB, shaped like an MLP's layers.
+    state = {f"layer{i}.weight": torch.randn(1024, 1024) for i in range(16)}
+    fp32_bytes = sum(t.numel() * 4 for t in state.values())
+    started = time.perf_counter()
+    encoded = encode_state_dict(state, "int8")
+    encode_s = time.perf_counter() - started
+    started = time.perf_counter()
+    decode_state_dict(encoded)
+    decode_s = time.perf_counter() - started
+    return encoded, encode_s, decode_s, fp32_bytes
+
+
+def _lag(result: dict[str, Any]) -> str:
+    s, r, i = result["lag_sender"], result["lag_receiver"], result["lag_idle"]
+    return (
+        f"loop lag p50/p99 sender {s['p50_ms']:.1f}/{s['p99_ms']:.1f} ms, "
+        f"receiver {r['p50_ms']:.1f}/{r['p99_ms']:.1f} ms "
+        f"(idle baseline {i['p50_ms']:.1f}/{i['p99_ms']:.1f})"
+    )
+
+
+async def main() -> None:
+    print(f"load average before: {os.getloadavg()}  (cores: {os.cpu_count()})")
+    with BridgedNetwork(2) as net:
+        tcp = plain_tcp(net)
+        print(f"baseline  plain TCP, same two namespaces: {tcp:8.1f} MB/s  (64 MiB)")
+        for frame in (64 * 1024, 128 * 1024, 256 * 1024):
+            result = await data_channel(net, frame, None)
+            rate = result["bytes"] / result["seconds"] / MB
+            per_cpu = result["bytes"] / max(result["cpu_sender"], result["cpu_receiver"]) / MB
+            print(
+                f"data channel {frame // 1024:3d} KiB frames: {rate:6.1f} MB/s raw "
+                f"(target >= 20); {per_cpu:.1f} MB per CPU-second of the busier end "
+                f"(sender {result['cpu_sender']:.1f} s, receiver {result['cpu_receiver']:.1f} s)"
+                f"\n    {_lag(result)} (target p99 < 10)"
+            )
+        model = int8_model()
+        if model is None:
+            print("int8: p2pfl.wire has no encode_state_dict here; skipped")
+        else:
+            encoded, encode_s, decode_s, fp32_bytes = model
+            with tempfile.NamedTemporaryFile(suffix=".int8") as handle:
+                handle.write(encoded)
+                handle.flush()
+                result = await data_channel(net, 256 * 1024, Path(handle.name))
+            total = encode_s + result["seconds"] + decode_s
+            print(
+                f"int8 model: {fp32_bytes / MB:.0f} MB fp32 -> {len(encoded) / MB:.1f} MB; "
+                f"encode {encode_s:.2f} s + transfer {result['seconds']:.2f} s + decode "
+                f"{decode_s:.2f} s = {fp32_bytes / total / MB:.1f} MB/s fp32-equivalent "
+                "(target >= 80)"
+            )
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    if "--size-mb" in sys.argv:  # a smaller message for a quick check of the script itself
+        SIZE = int(sys.argv[sys.argv.index("--size-mb") + 1]) * 1024 * 1024
+    if not can_create_namespaces():
+        sys.exit(run_in_private_userns([sys.executable, *sys.argv]))
+    trio.run(main)

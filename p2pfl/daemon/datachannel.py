@@ -1,0 +1,284 @@
+"""One WebRTC peer connection with one reliable, ordered data channel (asyncio side).
+
+Everything in this module runs on the bridge's asyncio loop (see ``bridge.py``); the trio side
+only calls its coroutines through ``AsyncioBridge.call`` and receives its events through the
+callbacks it passes in, which the bridge hands to trio.
+
+Framing: aiortc messages are at most 256 KiB, so a message of any size travels as frames::
+
+    DATA       u8 kind=1 | u64 transfer id | u32 index | u32 count | u64 total bytes |
+               16-byte BLAKE2b digest of the whole message | chunk
+    HEARTBEAT  u8 kind=2
+
+The channel is reliable and ordered, so frames of one transfer arrive in order; the receiver
+checks index/count/total on every frame and the digest on reassembly, and drops a bad transfer
+with a counted reason. The sender waits on ``bufferedAmount`` (high/low water marks) so a large
+model is never queued whole inside aiortc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+
+__all__ = [
+    "FRAME_LIMIT",
+    "HEADER",
+    "LinkSettings",
+    "Reassembler",
+    "RtcLink",
+    "split_frames",
+]
+
+FRAME_LIMIT = 256 * 1024  # aiortc's maximum message size
+HEADER = struct.Struct(">BQIIQ16s")
+KIND_DATA = 1
+KIND_HEARTBEAT = 2
+HEARTBEAT = bytes([KIND_HEARTBEAT])
+_transfer_ids = itertools.count(1)
+
+
+def _digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def split_frames(data: bytes, frame_bytes: int, transfer_id: int) -> Iterator[bytes]:
+    """Cut ``data`` into DATA frames of at most ``frame_bytes`` bytes each (header included).
+
+    Lazy, so a large message is never held twice; the digest is computed up front.
+    """
+    if not HEADER.size < frame_bytes <= FRAME_LIMIT:
+        raise ValueError(f"frame_bytes must be in ({HEADER.size}, {FRAME_LIMIT}]")
+    chunk = frame_bytes - HEADER.size
+    view = memoryview(data)
+    count = max(1, -(-len(data) // chunk))
+    digest = _digest(view)
+    return (
+        HEADER.pack(KIND_DATA, transfer_id, i, count, len(data), digest)
+        + view[i * chunk : (i + 1) * chunk]
+        for i in range(count)
+    )
+
+
+class Reassembler:
+    """Turns frames back into messages; bad input is dropped with a reason, never raised."""
+
+    def __init__(self, max_message_bytes: int, on_drop: Callable[[str], None]) -> None:
+        self._max = max_message_bytes
+        self._on_drop = on_drop
+        self._id = -1
+        self._count = 0
+        self._total = 0
+        self._digest = b""
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._dropped = -1
+
+    def _reset(self, reason: str | None) -> None:
+        if reason is not None:
+            self._on_drop(reason)
+            self._dropped = self._id  # the rest of a dropped transfer is skipped uncounted
+        self._id, self._parts, self._size = -1, [], 0
+
+    def feed(self, frame: bytes) -> bytes | None:
+        """Take one DATA frame; return the message when it is complete and intact."""
+        if len(frame) < HEADER.size:
+            self._on_drop("short_frame")
+            return None
+        _, transfer_id, index, count, total, digest = HEADER.unpack_from(frame)
+        if index != 0 and transfer_id == self._dropped:
+            return None
+        if index == 0:
+            if self._id != -1:
+                self._reset("incomplete_transfer")
+            if count == 0 or total > self._max:
+                self._on_drop("oversized_message" if total > self._max else "bad_frame_count")
+                self._dropped = transfer_id
+                return None
+            self._id, self._count, self._total, self._digest = transfer_id, count, total, digest
+        elif (transfer_id, count, total, digest) != (
+            self._id,
+            self._count,
+            self._total,
+            self._digest,
+        ) or index != len(self._parts):
+            self._reset("out_of_sequence_frame")
+            return None
+        chunk = frame[HEADER.size :]
+        self._size += len(chunk)
+        if self._size > self._total:
+            self._reset("frame_overrun")
+            return None
+        self._parts.append(chunk)
+        if len(self._parts) < self._count:
+            return None
+        message = self._parts[0] if self._count == 1 else b"".join(self._parts)
+        ok = len(message) == self._total and _digest(message) == self._digest
+        self._reset(None if ok else "digest_mismatch")
+        return message if ok else None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.lan:3478",); empty: host candidates only
+    frame_bytes: int = FRAME_LIMIT
+    buffered_high: int = 4 * 1024 * 1024
+    buffered_low: int = 1024 * 1024
+    heartbeat_interval_s: float = 1.0
+    peer_timeout_s: float = 6.0
+    max_message_bytes: int = 80 * 1024 * 1024
+
+
+class LinkDown(ConnectionError):
+    """The peer connection or its data channel is closed."""
+
+
+class RtcLink:
+    """A peer connection + data channel. Create, use and close only on the asyncio loop.
+
+    ``on_message(data)``, ``on_down(reason)`` and ``on_drop(reason)`` are called on the asyncio
+    thread; the transport passes functions that forward to trio. ``on_down`` is called once.
+    """
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        *,
+        on_message: Callable[[bytes], None],
+        on_down: Callable[[str], None],
+        on_drop: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
+        # Always our own ICE configuration: aiortc's default contacts a public STUN server.
+        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self._channel: RTCDataChannel | None = None
+        self._open = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._on_message = on_message
+        self._on_down = on_down
+        self._on_drop = on_drop
+        self._reassembler = Reassembler(settings.max_message_bytes, on_drop)
+        self._down_reason: str | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self.last_heard = time.monotonic()
+        self._pc.on("connectionstatechange", self._on_state)
+        self._pc.on("datachannel", self._attach)
+
+    # --- set-up -------------------------------------------------------------------------------
+    async def create_offer(self) -> str:
+        self._attach(self._pc.createDataChannel("p2pfl", ordered=True))
+        await self._pc.setLocalDescription(await self._pc.createOffer())
+        return self._pc.localDescription.sdp
+
+    async def accept_offer(self, sdp: str) -> str:
+        await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await self._pc.setLocalDescription(await self._pc.createAnswer())
+        return self._pc.localDescription.sdp
+
+    async def accept_answer(self, sdp: str) -> None:
+        await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    async def wait_open(self) -> None:
+        """Wait until the data channel is open, then start heartbeats and the liveness check."""
+        opened = asyncio.ensure_future(self._open.wait())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait([opened, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.cancel()
+            closed.cancel()
+        if not self._open.is_set():
+            raise LinkDown(self._down_reason or "closed before the data channel opened")
+        self.last_heard = time.monotonic()
+        self._monitor = asyncio.ensure_future(self._watch())
+
+    def _attach(self, channel: RTCDataChannel) -> None:
+        if self._channel is not None:
+            self._on_drop("extra_data_channel")
+            return
+        self._channel = channel
+        channel.bufferedAmountLowThreshold = self.settings.buffered_low
+        channel.on("open", self._open.set)
+        channel.on("message", self._on_frame)
+        channel.on("bufferedamountlow", self._drained.set)
+        channel.on("close", lambda: self._down("channel_closed"))
+        if channel.readyState == "open":
+            self._open.set()
+
+    # --- runtime ------------------------------------------------------------------------------
+    def _on_state(self) -> None:
+        if self._pc.connectionState in ("failed", "closed"):
+            self._down(f"connection_{self._pc.connectionState}")
+
+    def _on_frame(self, frame: bytes | str) -> None:
+        self.last_heard = time.monotonic()
+        if not isinstance(frame, bytes) or not frame:
+            self._on_drop("text_or_empty_frame")
+            return
+        if frame[0] == KIND_HEARTBEAT:
+            return
+        if frame[0] != KIND_DATA:
+            self._on_drop("unknown_frame_kind")
+            return
+        message = self._reassembler.feed(frame)
+        if message is not None:
+            self._on_message(message)
+
+    async def _watch(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        while not self._closed.is_set():
+            channel = self._channel
+            if channel is not None and channel.readyState == "open":
+                channel.send(HEARTBEAT)
+            silent = time.monotonic() - self.last_heard
+            if silent > self.settings.peer_timeout_s:
+                self._down("heartbeat_timeout")
+                return
+            await asyncio.sleep(interval)
+
+    def _down(self, reason: str) -> None:
+        if self._down_reason is None:
+            self._down_reason = reason
+            self._closed.set()
+            self._drained.set()
+            self._on_down(reason)
+
+    async def send_message(self, data: bytes) -> None:
+        """Frame ``data`` and hand every frame to the channel, waiting on bufferedAmount."""
+        channel = self._channel
+        if channel is None or self._closed.is_set():
+            raise LinkDown(self._down_reason or "no open data channel")
+        frames = split_frames(data, self.settings.frame_bytes, next(_transfer_ids))
+        for frame in frames:
+            while channel.bufferedAmount > self.settings.buffered_high:
+                self._drained.clear()
+                if self._closed.is_set():
+                    break
+                await self._drained.wait()
+            if self._closed.is_set() or channel.readyState != "open":
+                raise LinkDown(self._down_reason or "data channel closed during send")
+            channel.send(frame)
+
+    async def close(self) -> None:
+        self._down("closed_locally")
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self._pc.close()

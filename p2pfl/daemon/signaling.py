@@ -1,0 +1,347 @@
+"""Signaling: signed SDP offers/answers (and invites) over a small trio TCP listener.
+
+Every signaling message is an envelope sealed in ``Domain.SIGNALING`` (so it can never pass as a
+protocol message, nor the reverse) whose body names both node ids, carries a fresh 16-byte nonce
+and an expiry. aiortc accepts any DTLS certificate and then checks it against the fingerprint in
+the remote SDP, so a signed SDP is what binds the data channel to the peer's Ed25519 key.
+
+Kinds (body fields; ``from``/``to`` are node ids, ``cert`` an optional federation certificate):
+
+``sdp-offer``   from, to, nonce, expires_ms, sdp, port, cert  (the node with the smaller id offers)
+``sdp-answer``  from, to, nonce, reply_to, expires_ms, sdp, cert
+``invite``      from, to ("" when unknown: static peers), nonce, expires_ms, port, cert
+                ("I am here at <port>; the smaller of us should offer")
+``invite-ack``  from, to, nonce, reply_to, expires_ms, port, cert
+
+One request and one response per TCP connection, each a u32 big-endian length plus the frame.
+``SignalingGuard.check_request`` refuses, *before any WebRTC resources exist*: rate-limited
+sources, oversized frames, bad signatures, replays, stale or far-future expiries, SDP or invites
+addressed to another node, untrusted keys, the wrong offering role, and SDP without a DTLS
+fingerprint. Each refusal increments ``counters[reason]`` and closes the connection unanswered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from p2pfl.identity import NodeIdentity
+from p2pfl.trust import TrustError, TrustPolicy
+from p2pfl.wire import Domain, EnvelopeVerifier, SequenceCounter, WireError, seal
+
+__all__ = [
+    "MAX_SIGNALING_FRAME",
+    "RateLimiter",
+    "SignalingGuard",
+    "SignalingRefused",
+    "SignalingRequest",
+    "exchange",
+    "serve_signaling",
+]
+
+MAX_SIGNALING_FRAME = 64 * 1024
+MAX_SDP_CHARS = 32 * 1024
+REQUEST_KINDS = ("sdp-offer", "invite")
+_LENGTH = struct.Struct(">I")
+logger = logging.getLogger(__name__)
+
+
+class SignalingRefused(Exception):
+    """A signaling message was refused; ``reason`` is the counted slug."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class SignalingRequest:
+    """A verified offer or invite."""
+
+    kind: str
+    sender: bytes  # public key
+    sender_id: str
+    nonce: bytes
+    port: int  # the sender's signaling port
+    sdp: str  # "" for an invite
+    host: str  # the TCP source address it came from
+
+
+class RateLimiter:
+    """Token bucket per source address: ``burst`` requests at once, ``rate`` per second after."""
+
+    def __init__(self, rate: float = 5.0, burst: float = 20.0, max_sources: int = 4096) -> None:
+        self.rate, self.burst, self.max_sources = rate, burst, max_sources
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, source: str, now: float) -> bool:
+        tokens, last = self._buckets.get(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if len(self._buckets) >= self.max_sources and source not in self._buckets:
+            self._buckets.clear()  # bounded memory; a flood of sources resets everyone's bucket
+        if tokens < 1.0:
+            self._buckets[source] = (tokens, now)
+            return False
+        self._buckets[source] = (tokens - 1.0, now)
+        return True
+
+
+class SignalingGuard:
+    """Seals our signaling messages and checks everyone else's (no I/O, testable alone)."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        trust: TrustPolicy,
+        *,
+        certificate: bytes | None = None,
+        ttl_s: float = 30.0,
+        rate: RateLimiter | None = None,
+        counters: Counter[str] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.trust = trust
+        self.certificate = certificate
+        self.ttl_s = ttl_s
+        self.rate = rate or RateLimiter()
+        self.counters: Counter[str] = counters if counters is not None else Counter()
+        self._seq = SequenceCounter(time.time())
+        self._verifier = EnvelopeVerifier(
+            is_trusted=lambda _key: True,  # trust needs the certificate: checked below
+            max_skew_s=ttl_s,
+            own_key=identity.public_key,
+        )
+        self._nonces: dict[bytes, float] = {}
+
+    # --- sealing ----------------------------------------------------------------------------
+    def _seal(
+        self, kind: str, body: dict[str, Any], recipient: bytes | None, now: float
+    ) -> tuple[bytes, bytes]:
+        nonce = os.urandom(16)
+        body = {
+            "from": self.identity.node_id,
+            "nonce": nonce,
+            "expires_ms": round((now + self.ttl_s) * 1000),
+            "cert": self.certificate,
+            **body,
+        }
+        frame = seal(
+            self.identity,
+            kind=kind,
+            body=body,
+            seq=self._seq.next(),
+            now=now,
+            recipient=recipient,
+            domain=Domain.SIGNALING,
+        )
+        return frame, nonce
+
+    def seal_offer(
+        self, peer_key: bytes, peer_id: str, sdp: str, port: int, now: float
+    ) -> tuple[bytes, bytes]:
+        return self._seal("sdp-offer", {"to": peer_id, "sdp": sdp, "port": port}, peer_key, now)
+
+    def seal_answer(self, offer: SignalingRequest, sdp: str, now: float) -> tuple[bytes, bytes]:
+        body = {"to": offer.sender_id, "reply_to": offer.nonce, "sdp": sdp}
+        return self._seal("sdp-answer", body, offer.sender, now)
+
+    def seal_invite(
+        self, peer_key: bytes | None, peer_id: str, port: int, now: float
+    ) -> tuple[bytes, bytes]:
+        return self._seal("invite", {"to": peer_id, "port": port}, peer_key, now)
+
+    def seal_invite_ack(
+        self, invite: SignalingRequest, port: int, now: float
+    ) -> tuple[bytes, bytes]:
+        body = {"to": invite.sender_id, "reply_to": invite.nonce, "port": port}
+        return self._seal("invite-ack", body, invite.sender, now)
+
+    # --- checking ---------------------------------------------------------------------------
+    def _refuse(self, reason: str, message: str = "") -> SignalingRefused:
+        self.counters[f"refused_{reason}"] += 1
+        return SignalingRefused(reason, message)
+
+    def _open(self, frame: bytes, now: float, kinds: tuple[str, ...]) -> tuple[Any, Any]:
+        if len(frame) > MAX_SIGNALING_FRAME:
+            raise self._refuse("oversized")
+        try:
+            envelope = self._verifier.open(frame, now=now, domain=Domain.SIGNALING)
+        except WireError as exc:
+            raise self._refuse(exc.reason, str(exc)) from None
+        body = envelope.body
+        if envelope.kind not in kinds:
+            raise self._refuse("unexpected_kind", envelope.kind)
+        if not isinstance(body, dict) or not all(
+            [
+                body.get("from") == envelope.sender_id,
+                isinstance(body.get("to"), str),
+                isinstance(body.get("nonce"), bytes) and len(body["nonce"]) == 16,
+                type(body.get("expires_ms")) is int,
+                body.get("cert") is None or isinstance(body.get("cert"), bytes),
+            ]
+        ):
+            raise self._refuse("malformed_body")
+        if body["to"] not in (self.identity.node_id, "") or (
+            body["to"] == "" and envelope.kind != "invite"
+        ):
+            raise self._refuse("not_addressed_to_us")
+        if envelope.kind != "invite" and envelope.recipient != self.identity.public_key:
+            raise self._refuse("not_addressed_to_us")
+        now_ms = now * 1000
+        if body["expires_ms"] <= now_ms:
+            raise self._refuse("stale", "expiry has passed")
+        if body["expires_ms"] > now_ms + 2 * self.ttl_s * 1000:
+            raise self._refuse("expiry_too_far")
+        self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+        if body["nonce"] in self._nonces:
+            raise self._refuse("replayed_nonce")
+        try:
+            self.trust.check(envelope.sender, body["cert"], now=now)
+        except TrustError as exc:
+            raise self._refuse(f"untrusted_{exc.reason}", str(exc)) from None
+        self._nonces[body["nonce"]] = body["expires_ms"] / 1000
+        return envelope, body
+
+    def check_request(self, frame: bytes, source: str, now: float) -> SignalingRequest:
+        """Verify an offer or invite from ``source``; raise SignalingRefused(reason)."""
+        if not self.rate.allow(source, now):
+            raise self._refuse("rate_limited")
+        envelope, body = self._open(frame, now, REQUEST_KINDS)
+        port = body.get("port")
+        if type(port) is not int or not 0 < port < 65536:
+            raise self._refuse("malformed_body", "bad port")
+        sdp = ""
+        if envelope.kind == "sdp-offer":
+            if envelope.sender_id >= self.identity.node_id:
+                raise self._refuse("wrong_role", "the node with the smaller id offers")
+            sdp = body.get("sdp")
+            if not isinstance(sdp, str) or len(sdp) > MAX_SDP_CHARS or "a=fingerprint:" not in sdp:
+                raise self._refuse("bad_sdp")
+        self.counters[f"accepted_{envelope.kind}"] += 1
+        return SignalingRequest(
+            envelope.kind, envelope.sender, envelope.sender_id, body["nonce"], port, sdp, source
+        )
+
+    def check_reply(
+        self, frame: bytes, kind: str, request_nonce: bytes, peer_id: str | None, now: float
+    ) -> SignalingRequest:
+        """Verify the answer to our offer (or the ack of our invite)."""
+        envelope, body = self._open(frame, now, (kind,))
+        if body.get("reply_to") != request_nonce:
+            raise self._refuse("not_our_request")
+        if peer_id is not None and envelope.sender_id != peer_id:
+            raise self._refuse("unexpected_peer")
+        sdp = body.get("sdp", "")
+        port = body.get("port", 0)
+        if kind == "sdp-answer" and (
+            not isinstance(sdp, str) or len(sdp) > MAX_SDP_CHARS or "a=fingerprint:" not in sdp
+        ):
+            raise self._refuse("bad_sdp")
+        if type(port) is not int:
+            raise self._refuse("malformed_body")
+        return SignalingRequest(
+            envelope.kind, envelope.sender, envelope.sender_id, body["nonce"], port, sdp, ""
+        )
+
+
+# --- I/O ------------------------------------------------------------------------------------
+async def _read_frame(stream: trio.SocketStream) -> bytes:
+    buffer = bytearray()
+    need = _LENGTH.size
+    length: int | None = None
+    while True:
+        while len(buffer) < need:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                raise SignalingRefused("truncated", "connection closed mid-frame")
+            buffer += chunk
+        if length is None:
+            (length,) = _LENGTH.unpack_from(buffer)
+            if length > MAX_SIGNALING_FRAME:
+                raise SignalingRefused("oversized")
+            need = _LENGTH.size + length
+            continue
+        return bytes(buffer[_LENGTH.size : need])
+
+
+async def _write_frame(stream: trio.SocketStream, frame: bytes) -> None:
+    await stream.send_all(_LENGTH.pack(len(frame)) + frame)
+
+
+async def exchange(
+    host: str,
+    port: int,
+    frame: bytes,
+    *,
+    timeout_s: float = 10.0,
+    local_address: str | None = None,
+) -> bytes:
+    """Send one request frame to a signaling listener and return its response frame.
+
+    Raises OSError when unreachable, SignalingRefused("no_reply") when the peer refused
+    (it closes the connection without answering) and trio.TooSlowError after ``timeout_s``.
+    """
+    with trio.fail_after(timeout_s):
+        stream = await trio.open_tcp_stream(host, port, local_address=local_address)
+        async with stream:
+            await _write_frame(stream, frame)
+            try:
+                return await _read_frame(stream)
+            except SignalingRefused:
+                raise SignalingRefused("no_reply", f"{host}:{port} refused or closed") from None
+
+
+Handler = Callable[[SignalingRequest], Awaitable[bytes | None]]
+
+
+async def serve_signaling(
+    guard: SignalingGuard,
+    handler: Handler,
+    host: str,
+    port: int = 0,
+    *,
+    timeout_s: float = 15.0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``host:port``; started with ``nursery.start`` it reports the bound port.
+
+    Each connection: read one frame (``timeout_s``), check it with the guard, await
+    ``handler(request)`` and write its response frame (None: close without answering).
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+
+    async def one(stream: trio.SocketStream) -> None:
+        source = str(stream.socket.getpeername()[0])
+        async with stream:
+            with trio.move_on_after(timeout_s) as scope:
+                try:
+                    frame = await _read_frame(stream)
+                    request = guard.check_request(frame, source, time.time())
+                except SignalingRefused as exc:
+                    if exc.reason in ("truncated", "oversized"):
+                        guard.counters[f"refused_{exc.reason}"] += 1
+                    return
+                try:
+                    response = await handler(request)
+                except Exception:  # a failing set-up must not take the listener down
+                    logger.exception("signaling handler failed for %s", request.sender_id[:8])
+                    guard.counters["handler_error"] += 1
+                    return
+                if response is not None:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await _write_frame(stream, response)
+            if scope.cancelled_caught:
+                guard.counters["signaling_timeout"] += 1
+
+    task_status.started(bound)
+    await trio.serve_listeners(one, listeners)

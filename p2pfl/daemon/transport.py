@@ -1,0 +1,473 @@
+"""PeerTransport: what the daemon sees of the network (trio side).
+
+``async with PeerTransport(identity, trust, config) as transport:`` starts, in one nursery: the
+asyncio bridge (aiortc + AsyncZeroconf), the signaling listener, the mDNS advert and browser,
+and a dial loop. Events arrive on ``transport.events``: ``PeerUp(peer)``,
+``MessageReceived(peer, data)``, ``PeerDown(peer, reason)`` (peer = node id). For each peer,
+PeerUp comes before its messages and PeerDown after them.
+
+``await transport.send(peer, data)`` frames ``data`` over the peer's data channel and returns
+once the last frame has been handed to the channel (waiting on bufferedAmount on the way).
+Sends to one peer are delivered in call order. It raises ``PeerUnavailable`` when the peer is not
+connected or drops during the send, and ``SendQueueFull`` when ``send_queue`` sends to that peer
+are already waiting.
+
+Connections: one RTCPeerConnection with one reliable ordered data channel per pair; the node with
+the smaller id offers (the larger one sends a signed ``invite`` so the smaller dials it, which
+also makes one-sided static peers work). Every connect has a deadline (``connect_timeout_s``).
+Heartbeats run on the data channel; a peer silent for ``peer_timeout_s`` (default 6 s) or whose
+connection fails is PeerDown, and the dial loop reconnects with exponential backoff while the
+peer is still a candidate. On exit every connection is closed and the mDNS goodbye is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import trio
+
+from p2pfl.daemon.bridge import AsyncioBridge, BridgeClosed, open_bridge
+from p2pfl.daemon.datachannel import FRAME_LIMIT, LinkDown, LinkSettings, RtcLink
+from p2pfl.daemon.discovery import Advert, PeerCandidate, open_mdns_discovery, parse_static_peer
+from p2pfl.daemon.signaling import (
+    SignalingGuard,
+    SignalingRefused,
+    SignalingRequest,
+    exchange,
+    serve_signaling,
+)
+from p2pfl.identity import NodeIdentity
+from p2pfl.trust import TrustPolicy
+
+__all__ = [
+    "MessageReceived",
+    "PeerDown",
+    "PeerTransport",
+    "PeerUnavailable",
+    "PeerUp",
+    "SendQueueFull",
+    "TransportConfig",
+    "TransportEvent",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUp:
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDown:
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    peer: str
+    data: bytes
+
+
+TransportEvent = PeerUp | PeerDown | MessageReceived
+
+
+class PeerUnavailable(ConnectionError):
+    """The peer is not connected (or went down during the send)."""
+
+
+class SendQueueFull(PeerUnavailable):
+    """Too many sends to this peer are already waiting; try later or drop the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    host: str = "0.0.0.0"  # signaling bind + advertised address; a 127.0.0.x alias in tests
+    signaling_port: int = 0  # 0: any free port (read transport.signaling_port)
+    mdns: bool = True
+    static_peers: tuple[str, ...] = ()  # "host:port" of peers' signaling listeners
+    ice_servers: tuple[str, ...] = ()  # our own STUN/TURN URLs only; empty: none
+    frame_bytes: int = FRAME_LIMIT
+    buffered_high: int = 4 * 1024 * 1024
+    buffered_low: int = 1024 * 1024
+    send_queue: int = 64
+    heartbeat_interval_s: float = 1.0
+    peer_timeout_s: float = 6.0
+    connect_timeout_s: float = 10.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 8.0
+    max_message_bytes: int = 80 * 1024 * 1024
+    event_buffer: int = 4096
+
+    def link_settings(self) -> LinkSettings:
+        return LinkSettings(
+            ice_servers=self.ice_servers,
+            frame_bytes=self.frame_bytes,
+            buffered_high=self.buffered_high,
+            buffered_low=self.buffered_low,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            peer_timeout_s=self.peer_timeout_s,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+
+@dataclass(eq=False)
+class _Peer:
+    """One connection attempt / connection to one peer (trio side)."""
+
+    node_id: str
+    transport: PeerTransport
+    link: RtcLink | None = None
+    down: trio.Event = field(default_factory=trio.Event)
+    reason: str = ""
+    announced: bool = False
+    finished: bool = False
+    early: list[bytes] = field(default_factory=list)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    waiting: int = 0
+
+    def on_message(self, data: bytes) -> None:
+        if self.finished:
+            return
+        if not self.announced:
+            self.early.append(data)
+        else:
+            self.transport._emit(MessageReceived(self.node_id, data))
+
+    def on_down(self, reason: str) -> None:
+        if not self.down.is_set():
+            self.reason = reason
+            self.down.set()
+
+
+@dataclass
+class _Retry:
+    at: float = 0.0
+    delay: float = 0.0
+
+
+class PeerTransport:
+    """Signed-signaling WebRTC transport to every trusted peer found (see module docstring)."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        trust: TrustPolicy,
+        config: TransportConfig | None = None,
+        *,
+        certificate: bytes | None = None,
+    ) -> None:
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.config = config or TransportConfig()
+        self.counters: Counter[str] = Counter()
+        self.guard = SignalingGuard(
+            identity, trust, certificate=certificate, counters=self.counters
+        )
+        self._trust = trust
+        self._event_send, self.events = trio.open_memory_channel[TransportEvent](
+            self.config.event_buffer
+        )
+        self._peers: dict[str, _Peer] = {}  # announced (up) peers
+        self._pending: set[str] = set()  # peers with a dial or accept in progress
+        self._candidates: dict[str, PeerCandidate] = {}
+        self._static = [parse_static_peer(entry) for entry in self.config.static_peers]
+        self._retry: dict[str, _Retry] = {}
+        self._wake = trio.Event()
+        self._bridge: AsyncioBridge | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self.signaling_port = 0
+        # Signaling connections leave from our own address: the peer records the source address
+        # of an invite or offer as where to reach us.
+        host = self.config.host
+        self._local_address = None if host in ("", "0.0.0.0") else host
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def __aenter__(self) -> PeerTransport:
+        stack = self._stack
+        await stack.__aenter__()
+        try:
+            self._bridge = await stack.enter_async_context(open_bridge(f"p2pfl-{self.node_id[:8]}"))
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(self._nursery.cancel_scope.cancel)
+            cfg = self.config
+            self.signaling_port = await self._nursery.start(
+                serve_signaling, self.guard, self._on_request, cfg.host, cfg.signaling_port
+            )
+            if cfg.mdns:
+                send, receive = trio.open_memory_channel[PeerCandidate](256)
+                advert = Advert(
+                    node_id=self.node_id,
+                    public_key=self.identity.public_key,
+                    host=cfg.host,
+                    signaling_port=self.signaling_port,
+                    federation_id=self._trust.federation_id,
+                )
+                await stack.enter_async_context(
+                    open_mdns_discovery(self._bridge, advert, send, self.counters)
+                )
+                self._nursery.start_soon(self._consume_candidates, receive)
+            self._nursery.start_soon(self._dial_loop)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            return await self._stack.__aexit__(exc_type, exc, tb)
+        finally:
+            self._event_send.close()
+
+    # --- public API -----------------------------------------------------------------------------
+    def connected_peers(self) -> list[str]:
+        return sorted(self._peers)
+
+    def peer_public_key(self, peer: str) -> bytes | None:
+        """The Ed25519 key that signed this peer's signaling (None if never seen)."""
+        candidate = self._candidates.get(peer)
+        return None if candidate is None else candidate.public_key
+
+    def add_candidate(self, candidate: PeerCandidate) -> None:
+        """Tell the transport where a peer may be (static peers with no id are invited)."""
+        if candidate.node_id is None:
+            self._static.append(candidate)
+        elif candidate.node_id != self.node_id:
+            self._candidates[candidate.node_id] = candidate
+        self._wake.set()
+
+    async def send(self, peer: str, data: bytes) -> None:
+        """Send one message; returns when its last frame is handed to the data channel."""
+        if len(data) > self.config.max_message_bytes:
+            raise ValueError(
+                f"message of {len(data)} bytes exceeds max_message_bytes "
+                f"{self.config.max_message_bytes}"
+            )
+        target = self._peers.get(peer)
+        if target is None or target.down.is_set() or target.link is None or self._bridge is None:
+            raise PeerUnavailable(f"peer {peer[:8]} is not connected")
+        if target.waiting >= self.config.send_queue:
+            self.counters["send_queue_full"] += 1
+            raise SendQueueFull(f"{target.waiting} sends to {peer[:8]} already waiting")
+        target.waiting += 1
+        try:
+            async with target.lock:
+                await self._bridge.call(target.link.send_message, data)
+        except (LinkDown, BridgeClosed) as exc:
+            raise PeerUnavailable(f"peer {peer[:8]} went down during send: {exc}") from exc
+        finally:
+            target.waiting -= 1
+
+    # --- events ---------------------------------------------------------------------------------
+    def _emit(self, event: TransportEvent) -> None:
+        try:
+            self._event_send.send_nowait(event)
+        except trio.WouldBlock:
+            self.counters["event_channel_full"] += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _count(self, reason: str) -> None:
+        self.counters[reason] += 1
+
+    # --- connections ----------------------------------------------------------------------------
+    async def _new_link(self, peer: _Peer) -> RtcLink:
+        bridge = self._bridge
+        assert bridge is not None
+        return RtcLink(
+            self.config.link_settings(),
+            on_message=lambda data: bridge.to_trio(peer.on_message, data),
+            on_down=lambda reason: bridge.to_trio(peer.on_down, reason),
+            on_drop=lambda reason: bridge.to_trio(self._count, f"dropped_{reason}"),
+        )
+
+    async def _close_link(self, peer: _Peer) -> None:
+        if peer.link is not None and self._bridge is not None:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(5),
+                contextlib.suppress(BridgeClosed, Exception),
+            ):
+                await self._bridge.call(peer.link.close)
+
+    async def _run_peer(self, peer: _Peer) -> None:
+        """Announce the peer, hold it until it goes down, then clean up and plan a reconnect."""
+        old = self._peers.get(peer.node_id)
+        if old is not None:
+            self._finish(old, "replaced")
+            old.on_down("replaced")
+        self._peers[peer.node_id] = peer
+        self._retry.pop(peer.node_id, None)
+        peer.announced = True
+        self._emit(PeerUp(peer.node_id))
+        for data in peer.early:
+            self._emit(MessageReceived(peer.node_id, data))
+        peer.early.clear()
+        try:
+            await peer.down.wait()
+        finally:
+            self._finish(peer, peer.reason or "shutdown")
+            await self._close_link(peer)
+            self._plan_retry(peer.node_id, first=True)
+            self._wake.set()
+
+    def _finish(self, peer: _Peer, reason: str) -> None:
+        if peer.finished:
+            return
+        peer.finished = True
+        if self._peers.get(peer.node_id) is peer:
+            del self._peers[peer.node_id]
+        self._emit(PeerDown(peer.node_id, reason))
+
+    def _plan_retry(self, key: str, *, first: bool = False) -> None:
+        cfg = self.config
+        retry = self._retry.setdefault(key, _Retry())
+        retry.delay = (
+            cfg.reconnect_min_s
+            if first
+            else min(cfg.reconnect_max_s, max(cfg.reconnect_min_s, retry.delay * 2))
+        )
+        retry.at = trio.current_time() + retry.delay * random.uniform(0.8, 1.2)
+
+    def _due(self, key: str) -> bool:
+        retry = self._retry.get(key)
+        return retry is None or retry.at <= trio.current_time()
+
+    async def _consume_candidates(self, receive: trio.MemoryReceiveChannel[PeerCandidate]) -> None:
+        async with receive:
+            async for candidate in receive:
+                self.add_candidate(candidate)
+
+    async def _dial_loop(self) -> None:
+        assert self._nursery is not None
+        while True:
+            for peer_id, candidate in list(self._candidates.items()):
+                if peer_id in self._peers or peer_id in self._pending or not self._due(peer_id):
+                    continue
+                self._pending.add(peer_id)
+                self._plan_retry(peer_id)
+                if self.node_id < peer_id:
+                    self._nursery.start_soon(self._dial, candidate)
+                else:
+                    self._nursery.start_soon(self._invite, candidate, peer_id)
+            for candidate in self._static:
+                key = f"{candidate.host}:{candidate.port}"
+                if key in self._pending or not self._due(key):
+                    continue
+                known = [
+                    c
+                    for c in self._candidates.values()
+                    if (c.host, c.port) == (candidate.host, candidate.port)
+                ]
+                if known and known[0].node_id in self._peers:
+                    continue
+                self._pending.add(key)
+                self._plan_retry(key)
+                self._nursery.start_soon(self._invite, candidate, key)
+            self._wake = trio.Event()
+            with trio.move_on_after(0.25):
+                await self._wake.wait()
+
+    async def _invite(self, candidate: PeerCandidate, key: str) -> None:
+        try:
+            frame, nonce = self.guard.seal_invite(
+                candidate.public_key, candidate.node_id or "", self.signaling_port, time.time()
+            )
+            reply = await exchange(
+                candidate.host,
+                candidate.port,
+                frame,
+                timeout_s=self.config.connect_timeout_s,
+                local_address=self._local_address,
+            )
+            ack = self.guard.check_reply(reply, "invite-ack", nonce, candidate.node_id, time.time())
+        except (OSError, trio.TooSlowError, SignalingRefused) as exc:
+            self.counters[f"invite_failed_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+            return
+        finally:
+            self._pending.discard(key)
+        if ack.sender_id != self.node_id:
+            self._candidates[ack.sender_id] = PeerCandidate(
+                candidate.host, ack.port, ack.sender_id, ack.sender, candidate.source
+            )
+            if self.node_id < ack.sender_id:
+                self._retry.pop(ack.sender_id, None)
+            self._wake.set()
+
+    async def _dial(self, candidate: PeerCandidate) -> None:
+        peer_id = candidate.node_id
+        assert peer_id is not None and candidate.public_key is not None and self._bridge
+        peer = _Peer(peer_id, self)
+        try:
+            with trio.fail_after(self.config.connect_timeout_s):
+                self.counters["peer_connections_created"] += 1
+                peer.link = await self._bridge.call(self._new_link, peer)
+                sdp = await self._bridge.call(peer.link.create_offer)
+                frame, nonce = self.guard.seal_offer(
+                    candidate.public_key, peer_id, sdp, self.signaling_port, time.time()
+                )
+                reply = await exchange(
+                    candidate.host, candidate.port, frame, local_address=self._local_address
+                )
+                answer = self.guard.check_reply(reply, "sdp-answer", nonce, peer_id, time.time())
+                await self._bridge.call(peer.link.accept_answer, answer.sdp)
+                await self._bridge.call(peer.link.wait_open)
+        except (OSError, trio.TooSlowError, SignalingRefused, LinkDown, ValueError) as exc:
+            self.counters[f"dial_failed_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+            await self._close_link(peer)
+            return
+        finally:
+            self._pending.discard(peer_id)
+        await self._run_peer(peer)
+
+    async def _on_request(self, request: SignalingRequest) -> bytes | None:
+        """Signaling handler: the request is already verified, trusted and addressed to us."""
+        assert self._bridge is not None and self._nursery is not None
+        now = time.time()
+        self._candidates[request.sender_id] = PeerCandidate(
+            request.host, request.port, request.sender_id, request.sender, "invite"
+        )
+        if request.kind == "invite":
+            if self.node_id < request.sender_id and request.sender_id not in self._peers:
+                self._retry.pop(request.sender_id, None)
+                self._wake.set()
+            return self.guard.seal_invite_ack(request, self.signaling_port, now)[0]
+        peer = _Peer(request.sender_id, self)
+        try:
+            with trio.fail_after(self.config.connect_timeout_s):
+                self.counters["peer_connections_created"] += 1
+                peer.link = await self._bridge.call(self._new_link, peer)
+                sdp = await self._bridge.call(peer.link.accept_offer, request.sdp)
+        except (trio.TooSlowError, LinkDown, ValueError) as exc:
+            self.counters[f"accept_failed_{type(exc).__name__}"] += 1
+            await self._close_link(peer)
+            return None
+        self._pending.add(request.sender_id)
+        self._nursery.start_soon(self._finish_accept, peer)
+        return self.guard.seal_answer(request, sdp, time.time())[0]
+
+    async def _finish_accept(self, peer: _Peer) -> None:
+        assert self._bridge is not None and peer.link is not None
+        try:
+            with trio.fail_after(self.config.connect_timeout_s):
+                await self._bridge.call(peer.link.wait_open)
+        except (trio.TooSlowError, LinkDown) as exc:
+            self.counters[f"accept_failed_{type(exc).__name__}"] += 1
+            await self._close_link(peer)
+            return
+        finally:
+            self._pending.discard(peer.node_id)
+        await self._run_peer(peer)

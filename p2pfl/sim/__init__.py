@@ -1,0 +1,1 @@
+"""Simulation: the private test network and the multi-process / virtual-time engines."""

@@ -1,0 +1,204 @@
+"""Messages over real data channels between nodes inside a private namespace."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trio
+
+from p2pfl.daemon.bridge import open_bridge
+from p2pfl.daemon.datachannel import LinkSettings, RtcLink
+from p2pfl.daemon.transport import (
+    MessageReceived,
+    PeerDown,
+    PeerTransport,
+    PeerUnavailable,
+    PeerUp,
+    SendQueueFull,
+    TransportConfig,
+)
+from p2pfl.sim.netns import SharedNetwork
+from p2pfl.sim.testnode import NodeProcess, identity_for, node_argv
+from p2pfl.trust import TrustPolicy
+
+
+@contextlib.asynccontextmanager
+async def _connected_pair(
+    net: SharedNetwork, send_queue: int = 64
+) -> AsyncIterator[tuple[PeerTransport, PeerTransport]]:
+    """Two in-process transports joined by a static peer entry (no mDNS wait)."""
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(
+            PeerTransport(
+                identity_for(0),
+                TrustPolicy.open(),
+                TransportConfig(host=net.addresses[0], mdns=False, send_queue=send_queue),
+            )
+        )
+        config = TransportConfig(
+            host=net.addresses[1],
+            mdns=False,
+            static_peers=(f"{net.addresses[0]}:{a.signaling_port}",),
+        )
+        b = await stack.enter_async_context(
+            PeerTransport(identity_for(1), TrustPolicy.open(), config)
+        )
+        with trio.fail_after(15):
+            for transport in (a, b):
+                event = await transport.events.receive()
+                assert isinstance(event, PeerUp)
+        yield a, b
+
+
+@pytest.mark.netns
+async def test_many_small_messages_keep_their_order(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    count = 1500
+    async with _connected_pair(net) as (a, b):
+        received: list[bytes] = []
+
+        async def collect() -> None:
+            async for event in b.events:
+                assert isinstance(event, MessageReceived)
+                assert event.peer == a.node_id
+                received.append(event.data)
+                if len(received) == count:
+                    return
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(collect)
+                for i in range(count):
+                    await a.send(b.node_id, i.to_bytes(4, "big") * (1 + i % 50))
+        assert [int.from_bytes(m[:4], "big") for m in received] == list(range(count))
+        assert all(len(m) == 4 * (1 + i % 50) for i, m in enumerate(received))
+
+
+@pytest.mark.netns
+async def test_send_to_an_unknown_peer_raises_peer_unavailable(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(1)
+    config = TransportConfig(host=net.addresses[0], mdns=False)
+    async with PeerTransport(identity_for(0), TrustPolicy.open(), config) as transport:
+        with pytest.raises(PeerUnavailable, match="not connected"):
+            await transport.send(identity_for(1).node_id, b"hello")
+
+
+@pytest.mark.netns
+async def test_clean_shutdown_is_seen_as_peer_down_before_any_heartbeat_timeout(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    async with contextlib.AsyncExitStack() as outer:
+        b = await outer.enter_async_context(
+            PeerTransport(
+                identity_for(1),
+                TrustPolicy.open(),
+                TransportConfig(host=net.addresses[1], mdns=False, peer_timeout_s=30),
+            )
+        )
+        config = TransportConfig(
+            host=net.addresses[0],
+            mdns=False,
+            static_peers=(f"{net.addresses[1]}:{b.signaling_port}",),
+            peer_timeout_s=30,
+        )
+        async with PeerTransport(identity_for(0), TrustPolicy.open(), config) as a:
+            with trio.fail_after(15):
+                assert isinstance(await a.events.receive(), PeerUp)
+                assert isinstance(await b.events.receive(), PeerUp)
+        closed = time.monotonic()
+        with trio.fail_after(10):
+            event = await b.events.receive()
+        assert isinstance(event, PeerDown)
+        assert event.peer == identity_for(0).node_id
+        assert event.reason != "heartbeat_timeout"
+        assert time.monotonic() - closed < 5
+        assert b.connected_peers() == []
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+async def test_50_mb_signed_payload_arrives_intact_between_node_processes(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    sender = NodeProcess(net.command(node_argv(0, net.addresses[0], "--no-mdns")), 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        with trio.fail_after(20):
+            ready = await sender.wait_for(lambda e: e["event"] == "ready")
+        static = f"{net.addresses[0]}:{ready['port']}"
+        receiver = NodeProcess(
+            net.command(
+                node_argv(1, net.addresses[1], "--no-mdns", "--verify", "--static", static)
+            ),
+            1,
+        )
+        await nursery.start(receiver.run)
+        with trio.fail_after(30):
+            await sender.wait_for(lambda e: e["event"] == "up")
+        await sender.command_line(
+            cmd="send", peer=receiver.node_id, size=50_000_000, seed=7, signed=True
+        )
+        with trio.fail_after(120):
+            got = await receiver.wait_for(lambda e: e["event"] == "message")
+            sent = await sender.wait_for(lambda e: e["event"] == "sent")
+        assert got["peer"] == sender.node_id
+        assert got["size"] == sent["size"] > 50_000_000
+        assert got["sha256"] == sent["sha256"]
+        assert got["verified"] is True
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.netns
+async def test_link_uses_only_our_ice_servers_and_gathers_host_candidates_only(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    shared_net(1)
+    async with open_bridge() as bridge:
+
+        async def offer() -> tuple[list[object], str]:
+            link = RtcLink(LinkSettings(), on_message=print, on_down=lambda _r: None, on_drop=print)
+            try:
+                configuration = link._pc._RTCPeerConnection__configuration  # type: ignore[attr-defined]
+                return list(configuration.iceServers), await link.create_offer()
+            finally:
+                await link.close()
+
+        with trio.fail_after(5):
+            servers, sdp = await bridge.call(offer)
+    assert servers == []  # never aiortc's default public STUN server
+    candidates = [line for line in sdp.splitlines() if line.startswith("a=candidate")]
+    assert candidates
+    assert all(" typ host" in line for line in candidates)
+    assert all(" 127.0.0.1 " not in line for line in candidates)  # aioice skips it; aliases used
+
+
+@pytest.mark.netns
+async def test_sends_beyond_the_per_peer_queue_bound_are_refused(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    async with _connected_pair(net, send_queue=2) as (a, b):
+        outcomes: list[str] = []
+
+        async def send_one() -> None:
+            try:
+                await a.send(b.node_id, bytes(300_000))
+                outcomes.append("sent")
+            except SendQueueFull:
+                outcomes.append("full")
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(send_one)
+        assert sorted(outcomes) == ["full", "full", "full", "sent", "sent"]
+        assert a.counters["send_queue_full"] == 3
