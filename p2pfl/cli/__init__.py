@@ -20,6 +20,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "Federation key and membership certificates.",
     ),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
+    "train": ("p2pfl.cli._train:train", "Train one model on all data of a task (the baseline)."),
 }
 
 

@@ -1,0 +1,41 @@
+"""Learning core: models, data, partitions, metrics, aggregation, training, the executor.
+
+Importing this package imports torch; the CLI imports it only inside commands that train.
+"""
+
+from p2pfl.ml.aggregation import AGGREGATORS as AGGREGATORS
+from p2pfl.ml.aggregation import Aggregator as Aggregator
+from p2pfl.ml.aggregation import StateDict as StateDict
+from p2pfl.ml.aggregation import clip_toward as clip_toward
+from p2pfl.ml.aggregation import coordinate_median as coordinate_median
+from p2pfl.ml.aggregation import load_validated as load_validated
+from p2pfl.ml.aggregation import state_norm as state_norm
+from p2pfl.ml.aggregation import trimmed_mean as trimmed_mean
+from p2pfl.ml.aggregation import validate_update as validate_update
+from p2pfl.ml.aggregation import weighted_mean as weighted_mean
+from p2pfl.ml.executor import Executor as Executor
+from p2pfl.ml.forecast import CloudletData as CloudletData
+from p2pfl.ml.forecast import TrafficTask as TrafficTask
+from p2pfl.ml.forecast import baseline_metrics as baseline_metrics
+from p2pfl.ml.models import MLP as MLP
+from p2pfl.ml.models import STGCN as STGCN
+from p2pfl.ml.models import LogisticRegression as LogisticRegression
+from p2pfl.ml.models import SmallCNN as SmallCNN
+from p2pfl.ml.models import STGCNConfig as STGCNConfig
+from p2pfl.ml.partition import CloudletPartition as CloudletPartition
+from p2pfl.ml.partition import partition_cloudlets as partition_cloudlets
+from p2pfl.ml.partition import partition_samples as partition_samples
+from p2pfl.ml.readings import ReadingsError as ReadingsError
+from p2pfl.ml.readings import load_speeds as load_speeds
+from p2pfl.ml.synthetic import SpeedModel as SpeedModel
+from p2pfl.ml.synthetic import generate_speeds as generate_speeds
+from p2pfl.ml.task import TASKS as TASKS
+from p2pfl.ml.task import ClassificationData as ClassificationData
+from p2pfl.ml.task import NodeData as NodeData
+from p2pfl.ml.task import Task as Task
+from p2pfl.ml.task import load_task as load_task
+from p2pfl.ml.traffic import GraphFileError as GraphFileError
+from p2pfl.ml.traffic import SensorGraph as SensorGraph
+from p2pfl.ml.traffic import load_graph as load_graph
+from p2pfl.ml.train import TrainConfig as TrainConfig
+from p2pfl.ml.train import TrainReport as TrainReport

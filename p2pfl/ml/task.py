@@ -1,0 +1,250 @@
+"""Tasks: a model, its data split across nodes, and how to train and score it.
+
+A :class:`Task` is what the simulator and the daemon call; everything else in ``p2pfl.ml`` is
+behind it. Get one with :func:`load_task`:
+
+- ``"digits"``: scikit-learn's 8x8 digits (1,797 real images shipped inside scikit-learn),
+  :class:`~p2pfl.ml.models.MLP`; split IID / Dirichlet label skew / quantity skew over nodes.
+- ``"digits-logreg"``: the same data with a 650-parameter logistic regression, for runs with
+  a thousand virtual nodes.
+- ``"traffic-metr-la"``, ``"traffic-pems-bay"``: STGCN on the sensor graph, one node per
+  cloudlet (7); see :mod:`p2pfl.ml.forecast`.
+
+The digits test set is fixed (20 %, stratified, independent of the seed) so that runs with
+different seeds and partitions score on the same images; every node evaluates on it.
+``make_model()`` is deterministic for the task's seed: every node starts from the same weights.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from p2pfl.ml.metrics import ClassificationMeter
+from p2pfl.ml.models import MLP, LogisticRegression
+from p2pfl.ml.partition import partition_samples
+from p2pfl.ml.train import Batch, TensorSamples, TrainConfig, TrainReport, fit
+
+__all__ = ["TASKS", "ClassificationData", "DigitsTask", "NodeData", "Task", "load_task"]
+
+TASKS = ("digits", "digits-logreg", "traffic-metr-la", "traffic-pems-bay")
+
+
+class NodeData(ABC):
+    """One node's share of a task's data; ``num_samples`` weighs it in aggregation."""
+
+    @property
+    @abstractmethod
+    def num_samples(self) -> int: ...
+
+
+class Task(ABC):
+    """The contract between learning and the protocols/simulator/daemon.
+
+    Subclasses set ``name``, ``kind`` ("classification" or "forecast"), ``primary_metric`` and
+    ``higher_is_better``. ``train`` changes the model in place; ``evaluate`` does not change it.
+    """
+
+    name: str
+    kind: Literal["classification", "forecast"]
+    primary_metric: str
+    higher_is_better: bool
+    n_nodes: int
+    seed: int
+
+    def __init__(self, *, n_nodes: int, seed: int) -> None:
+        self.n_nodes = n_nodes
+        self.seed = seed
+        self._calls = 0
+
+    @abstractmethod
+    def _build_model(self) -> nn.Module: ...
+
+    def make_model(self) -> nn.Module:
+        """A fresh model, with the same initial weights on every call for a given seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return self._build_model()
+
+    @abstractmethod
+    def node_data(self, node: int, n_nodes: int) -> NodeData: ...
+
+    @abstractmethod
+    def central_data(self) -> NodeData: ...
+
+    @abstractmethod
+    def train(
+        self,
+        model: nn.Module,
+        data: NodeData,
+        *,
+        epochs: float,
+        device: str = "cpu",
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainReport: ...
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, data: NodeData | None = None, *, device: str = "cpu"
+    ) -> dict[str, float]: ...
+
+    def _generator(self) -> torch.Generator:
+        # A different but reproducible shuffle for each training call.
+        self._calls += 1
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
+
+
+@dataclass(frozen=True, eq=False)
+class ClassificationData(NodeData):
+    train_set: TensorSamples  # (features float32, labels int64)
+    test_set: TensorSamples
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.train_set)
+
+
+@cache
+def _digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x / 16.0, y, test_size=0.2, stratify=y, random_state=0
+    )
+    return (
+        torch.tensor(x_train, dtype=torch.float32),
+        torch.tensor(y_train, dtype=torch.int64),
+        torch.tensor(x_test, dtype=torch.float32),
+        torch.tensor(y_test, dtype=torch.int64),
+    )
+
+
+class DigitsTask(Task):
+    """8x8 digits classification (MLP, or logistic regression with ``model="logreg"``)."""
+
+    kind = "classification"
+    primary_metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(
+        self,
+        *,
+        n_nodes: int,
+        partition: str = "iid",
+        alpha: float = 0.5,
+        seed: int = 0,
+        model: str = "mlp",
+        config: TrainConfig | None = None,
+    ) -> None:
+        super().__init__(n_nodes=n_nodes, seed=seed)
+        if model not in ("mlp", "logreg"):
+            raise ValueError(f"digits model must be 'mlp' or 'logreg', got {model!r}")
+        self.name = "digits" if model == "mlp" else "digits-logreg"
+        self.model_kind = model
+        self.partition, self.alpha = partition, alpha
+        self.config = config or TrainConfig(lr=3e-3, batch_size=32)
+        x_train, y_train, x_test, y_test = _digits_split()
+        self._train = (x_train, y_train)
+        self._test = TensorSamples(x_test, y_test)
+        self._parts: dict[int, list[np.ndarray]] = {}
+        self.node_data(0, n_nodes)  # partition now: bad options fail at load time
+
+    def _build_model(self) -> nn.Module:
+        return MLP() if self.model_kind == "mlp" else LogisticRegression()
+
+    def node_data(self, node: int, n_nodes: int) -> ClassificationData:
+        if n_nodes not in self._parts:
+            labels = self._train[1].numpy()
+            self._parts[n_nodes] = partition_samples(
+                labels, n_nodes, partition=self.partition, alpha=self.alpha, seed=self.seed
+            )
+        if not 0 <= node < n_nodes:
+            raise ValueError(f"node {node} is not in 0..{n_nodes - 1}")
+        idx = torch.from_numpy(self._parts[n_nodes][node])
+        x, y = self._train
+        return ClassificationData(TensorSamples(x[idx], y[idx]), self._test)
+
+    def central_data(self) -> ClassificationData:
+        return ClassificationData(TensorSamples(*self._train), self._test)
+
+    def train(
+        self,
+        model: nn.Module,
+        data: NodeData,
+        *,
+        epochs: float,
+        device: str = "cpu",
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainReport:
+        assert isinstance(data, ClassificationData)
+
+        def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+            x, y = batch
+            return nn.functional.cross_entropy(model(x), y), len(y)
+
+        return fit(
+            model,
+            data.train_set,
+            loss_fn,
+            epochs=epochs,
+            config=self.config,
+            device=device,
+            generator=self._generator(),
+            should_stop=should_stop,
+        )
+
+    def evaluate(
+        self, model: nn.Module, data: NodeData | None = None, *, device: str = "cpu"
+    ) -> dict[str, float]:
+        test = data.test_set if isinstance(data, ClassificationData) else self._test
+        meter = ClassificationMeter()
+        was_training = model.training
+        model.to(device).eval()
+        with torch.inference_mode():
+            for x, y in test.in_order(512):
+                meter.update(model(x.to(device)), y.to(device))
+        model.train(was_training)
+        return meter.result()
+
+
+def load_task(
+    name: str,
+    *,
+    n_nodes: int,
+    partition: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    **options: Any,
+) -> Task:
+    """The task called ``name`` (one of :data:`TASKS`) for ``n_nodes`` nodes.
+
+    Options: digits take ``config`` (TrainConfig). Traffic tasks take those of
+    :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``,
+    ``speed_model``, ``model_config``, ``hops``, ``range_km``); their nodes are the cloudlets,
+    so ``partition`` and ``alpha`` do not apply to them.
+    """
+    if name in ("digits", "digits-logreg"):
+        model = "mlp" if name == "digits" else "logreg"
+        return DigitsTask(
+            n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, model=model, **options
+        )
+    if name in ("traffic-metr-la", "traffic-pems-bay"):
+        from p2pfl.ml.forecast import TrafficTask
+
+        return TrafficTask(
+            graph=options.pop("graph", name.removeprefix("traffic-")),
+            n_nodes=n_nodes,
+            seed=seed,
+            name=name,
+            **options,
+        )
+    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
