@@ -204,6 +204,9 @@ class ProtocolDriver:
         self._evaluate_again = False
         self._nursery: trio.Nursery | None = None
         self._machine_drops: Counter[str] = Counter()
+        # With the machine's evaluate_every set, evaluate when it asks; else after every Adopt.
+        every = getattr(getattr(machine, "config", None), "evaluate_every", 0)
+        self.evaluate_on_request = isinstance(every, int) and every > 0
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -252,7 +255,8 @@ class ProtocolDriver:
             state.model_updated_at = time.time()
             state.round = state.round_offset + self.machine.rounds
             self.observer.on_round(state)
-            self._schedule_evaluation()
+            if not self.evaluate_on_request:
+                self._schedule_evaluation()
             state.mark_changed()
         elif isinstance(action, Evaluate):
             self._schedule_evaluation()
