@@ -349,6 +349,10 @@ class ProtocolDriver:
 
     async def _send(self, peer: str, message: Message[StateDict]) -> None:
         lock = self._send_locks.setdefault(peer, trio.Lock())
+        # Addressed to the peer's key where the transport knows it, so a frame cannot be replayed
+        # to another member of the federation (the verifier there checks the recipient).
+        key_of = getattr(self.sink, "peer_public_key", None)
+        recipient = key_of(peer) if key_of is not None else None
         async with lock:
 
             def encode_and_seal() -> bytes:
@@ -359,6 +363,7 @@ class ProtocolDriver:
                     body=body,
                     seq=self._seq.next(),
                     now=time.time(),
+                    recipient=recipient,
                 )
 
             started = time.perf_counter()
