@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: 4 real daemons (own keys, a federation, mDNS, WebRTC, signed messages) learn the
+# embedded digits data with gossip inside a private network namespace, then the results table.
+# p2pfl.sim.netns runs it directly as root, in a user namespace otherwise.
 demo: $(STAMP)
-	$(BIN)/p2pfl --help
+	$(BIN)/python -m p2pfl.sim.netns -- $(BIN)/p2pfl simulate simulations/default.toml \
+		--engine processes --out out/default
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

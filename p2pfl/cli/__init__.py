@@ -20,6 +20,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "Federation key and membership certificates.",
     ),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
+    "peers": ("p2pfl.cli._status:peers", "List the running daemon's peers."),
+    "run": ("p2pfl.cli._run:run", "Run the daemon in the foreground (systemd: ExecStart)."),
+    "status": ("p2pfl.cli._status:status", "Show what the running daemon is doing."),
+    "simulate": ("p2pfl.cli._simulate:simulate", "Run a simulation scenario (TOML) and plot it."),
     "train": ("p2pfl.cli._train:train", "Train one model on all data of a task (the baseline)."),
 }
 

@@ -1,0 +1,169 @@
+"""`p2pfl status` and `p2pfl peers`: what a running daemon is doing, at a glance.
+
+Talks to the daemon's control socket; a daemon that is not running is one clear line and exit
+status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from p2pfl.daemon.config import default_control_socket
+from p2pfl.daemon.control import ControlError, NodeStatus, PeerStatus, fetch_status
+from p2pfl.identity import SHORT_ID_CHARS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+_SOCKET_HELP = (
+    "The daemon's control socket. Default: $P2PFL_SOCKET, else control.sock in the runtime "
+    "directory ($RUNTIME_DIRECTORY, /run/p2pfl for root, $XDG_RUNTIME_DIR/p2pfl)."
+)
+
+
+def _fetch(socket_path: Path | None) -> NodeStatus:
+    try:
+        return fetch_status(socket_path or default_control_socket())
+    except ControlError as exc:
+        click.echo(f"p2pfl: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.command("status")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), help=_SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def status(socket_path: Path | None, as_json: bool) -> None:
+    """Show this node, its model and training, and its peers."""
+    node = _fetch(socket_path)
+    if as_json:
+        click.echo(json.dumps(node.to_json(), indent=2, sort_keys=True))
+        return
+    console = _console()
+    from rich.markup import escape
+
+    for warning in node.warnings():
+        console.print(f"[bold red]WARNING: {escape(warning)}[/]")
+    console.print(_summary(node))
+    console.print()
+    if node.peers:
+        console.print(_peer_table(node))
+    else:
+        console.print("[yellow]no peers yet[/] (mDNS and static peers are being tried)")
+
+
+@click.command("peers")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), help=_SOCKET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def peers(socket_path: Path | None, as_json: bool) -> None:
+    """List the daemon's peers: state, round-trip time, traffic, rejected messages."""
+    node = _fetch(socket_path)
+    if as_json:
+        click.echo(json.dumps(node.to_json()["peers"], indent=2, sort_keys=True))
+        return
+    _console().print(_peer_table(node) if node.peers else "no peers")
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    # Piped output (scripts, `| less`) gets wide lines instead of rich's 80-column default.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _summary(node: NodeStatus) -> str:
+    from rich.markup import escape
+
+    name = f"  {escape(node.name)}" if node.name else ""
+    lines = [
+        f"[bold]node[/]        {node.short_id}{name}   "
+        f"[dim](p2pfl {node.version}, pid {node.pid}, up {_duration(node.now - node.started_at)})"
+        f"[/]",
+        f"[dim]            {node.node_id}[/]",
+    ]
+    trust = node.trust_mode if node.trust_mode != "open" else "[bold red]OPEN[/]"
+    federation = node.federation_id or "-"
+    lines.append(f"[bold]federation[/]  {federation}   trust: {trust}")
+    lines.append(f"[bold]protocol[/]    {node.protocol}   task: {node.task}")
+    age = (
+        f"updated {_duration(node.now - node.model_updated_at)} ago"
+        if node.model_updated_at is not None
+        else "not trained yet"
+    )
+    figures = []
+    if node.last_loss is not None:
+        figures.append(f"loss {node.last_loss:.4g}")
+    if node.metric_value is not None:
+        figures.append(f"{node.metric_name} {node.metric_value:.4g}")
+    lines.append(
+        f"[bold]model[/]       round {node.round}, {age}"
+        + "; " * bool(figures)
+        + ", ".join(figures)
+    )
+    lines.append(f"[bold]training[/]    {node.training_state}")
+    traffic = f"in {_bytes(node.bytes_in)}, out {_bytes(node.bytes_out)}"
+    rejected = sum(node.rejected.values())
+    if rejected:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(node.rejected.items()))
+        traffic += f"; [yellow]rejected {rejected}[/] ({reasons})"
+    lines.append(f"[bold]traffic[/]     {traffic}")
+    if node.checkpoint is not None:
+        ckpt = node.checkpoint
+        lines.append(
+            f"[bold]checkpoint[/]  #{ckpt.seq}, {_duration(node.now - ckpt.created)} ago, "
+            f"sha256 {ckpt.digest[:12]}"
+        )
+    return "\n".join(lines)
+
+
+def _peer_table(node: NodeStatus) -> object:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("PEER", "NAME", "STATE", "RTT", "IN", "OUT", "LAST SEEN", "REJECTED"):
+        table.add_column(column, justify="right" if column in {"RTT", "IN", "OUT"} else "left")
+    for peer in sorted(node.peers, key=lambda p: p.node_id):
+        table.add_row(
+            peer.node_id[:SHORT_ID_CHARS],
+            peer.name or "-",
+            _state(peer),
+            f"{peer.rtt_ms:.1f} ms" if peer.rtt_ms is not None else "-",
+            _bytes(peer.bytes_in),
+            _bytes(peer.bytes_out),
+            f"{_duration(node.now - peer.last_seen)} ago"
+            if peer.last_seen is not None
+            else "never",
+            f"[yellow]{peer.rejected}[/]" if peer.rejected else "0",
+        )
+    return table
+
+
+def _state(peer: PeerStatus) -> str:
+    colour = {"connected": "green", "connecting": "yellow", "down": "dim", "refused": "red"}
+    return f"[{colour.get(peer.state, 'white')}]{peer.state}[/]"
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"

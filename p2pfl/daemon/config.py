@@ -1,0 +1,442 @@
+"""The daemon's TOML configuration, read into typed, frozen dataclasses.
+
+Every table and key is declared here; anything else in the file is an error. Errors name the file,
+the line, the key and what to do, because an operator reading ``journalctl`` has nothing else to go
+on. ``tomllib`` reports no positions for values, so :func:`locate` finds the line by scanning the
+file text for the table header and the key (plain, quoted and dotted keys, inline tables are found
+at their parent key).
+
+Relative paths in the file are resolved against the file's directory, so a configuration and the
+files it names can move together. Directories left unset fall back to what systemd hands us
+(``$STATE_DIRECTORY``, ``$RUNTIME_DIRECTORY``) and then to per-user defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+EXIT_CONFIG = 2
+"""Exit status for a configuration the daemon cannot run with (systemd: do not restart)."""
+
+TrustModeName = Literal["federation", "allowlist", "open"]
+ProtocolName = Literal["gossip", "server-free", "fedavg"]
+AggregationName = Literal["mean", "median", "trimmed_mean", "clip"]
+PartitionName = Literal["iid", "dirichlet"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["logfmt", "json"]
+ParamValue = str | int | float | bool
+
+
+class ConfigError(Exception):
+    """A configuration problem, with where it is and how to fix it."""
+
+    def __init__(
+        self, message: str, *, file: Path | None = None, line: int | None = None, key: str = ""
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.key = key
+        where = str(file) if file is not None else "configuration"
+        if line is not None:
+            where += f":{line}"
+        prefix = f"{where}: {key}: " if key else f"{where}: "
+        super().__init__(prefix + message)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSection:
+    name: str = ""
+    state_dir: Path | None = None
+    runtime_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrustSection:
+    mode: TrustModeName = "federation"
+    federation_public_key: str = ""
+    certificate: Path | None = None
+    allowlist: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySection:
+    mdns: bool = True
+    interface: str = ""
+    static_peers: tuple[str, ...] = ()
+    listen_host: str = "0.0.0.0"
+    signaling_port: int = 0
+    ice_servers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolSection:
+    name: ProtocolName = "gossip"
+    aggregation: AggregationName = "mean"
+    codec: Literal["fp32", "fp16", "bf16", "int8", "topk"] = "fp32"
+    seed: int = 0
+    params: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSection:
+    name: str = "digits"
+    data: Path | None = None
+    partition: PartitionName = "iid"
+    alpha: float = 0.5
+    node_index: int = 0
+    n_nodes: int = 1
+    seed: int = 0
+    epochs: float = 1.0
+    lr: float | None = None
+    batch_size: int | None = None
+    node_ids: tuple[str, ...] = ()
+    """Graph tasks: the node id of every partition, by index, so halo features can be asked
+    of their owners; empty: no exchange (the task's own data holds the halo)."""
+    options: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorSection:
+    device: str = "cpu"
+    threads: int = 1
+    mode: Literal["process", "thread"] = "process"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSection:
+    max_message_mb: float = 64.0
+    max_peers: int = 32
+    peer_timeout_s: float = 8.0
+    stop_timeout_s: float = 20.0
+    max_clock_skew_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSection:
+    level: LogLevel = "info"
+    format: LogFormat = "logfmt"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSection:
+    prometheus: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointsSection:
+    keep: int = 3
+    interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    trust: TrustSection = field(default_factory=TrustSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    protocol: ProtocolSection = field(default_factory=ProtocolSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    executor: ExecutorSection = field(default_factory=ExecutorSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    checkpoints: CheckpointsSection = field(default_factory=CheckpointsSection)
+    source: ConfigSource | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.node.state_dir or default_state_dir()
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.node.runtime_dir or default_runtime_dir()
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / CONTROL_SOCKET_NAME
+
+    def error(self, key_path: str, message: str) -> ConfigError:
+        """A ConfigError for ``key_path`` (e.g. "protocol.params.period_s") found after loading."""
+        if self.source is None:
+            return ConfigError(message, key=key_path)
+        return self.source.error(key_path, message)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """The file a Config came from, kept so later checks can still point at a line."""
+
+    path: Path
+    text: str
+
+    def error(self, key_path: str, message: str) -> ConfigError:
+        return ConfigError(
+            message, file=self.path, line=locate(self.text, key_path.split(".")), key=key_path
+        )
+
+
+CONTROL_SOCKET_NAME = "control.sock"
+
+# Constraints beyond the type, checked per key: (predicate, what is expected).
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "discovery.signaling_port": (lambda v: 0 <= v <= 65535, "a port number 0..65535 (0: any)"),
+    "metrics.port": (lambda v: 1 <= v <= 65535, "a port number 1..65535"),
+    "task.alpha": (lambda v: v > 0, "a number > 0"),
+    "task.n_nodes": (lambda v: v >= 1, "an integer >= 1"),
+    "task.node_index": (lambda v: v >= 0, "an integer >= 0"),
+    "task.epochs": (lambda v: v > 0, "a number > 0"),
+    "task.lr": (lambda v: v > 0, "a number > 0"),
+    "task.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "executor.threads": (lambda v: v >= 1, "an integer >= 1"),
+    "limits.max_message_mb": (lambda v: v > 0, "a number > 0"),
+    "limits.max_peers": (lambda v: v >= 1, "an integer >= 1"),
+    "limits.peer_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "limits.stop_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "limits.max_clock_skew_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "checkpoints.keep": (lambda v: v >= 1, "an integer >= 1"),
+    "checkpoints.interval_s": (lambda v: v > 0, "a number of seconds > 0"),
+}
+
+
+def default_state_dir() -> Path:
+    if env := os.environ.get("STATE_DIRECTORY"):
+        return Path(env.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/p2pfl")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "p2pfl"
+
+
+def default_runtime_dir() -> Path:
+    if env := os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(env.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/run/p2pfl")
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "p2pfl"
+    return Path(f"/tmp/p2pfl-{os.geteuid()}")
+
+
+def default_control_socket() -> Path:
+    if env := os.environ.get("P2PFL_SOCKET"):
+        return Path(env)
+    return default_runtime_dir() / CONTROL_SOCKET_NAME
+
+
+def load_config(path: Path) -> Config:
+    """Read and check ``path``; raise ConfigError naming the file, line and key on any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file; pass an existing file with --config", file=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read it: {exc}", file=path) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=path) from None
+    source = ConfigSource(path=path, text=text)
+    base = path.resolve().parent
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        section_type = _SECTIONS.get(name)
+        if section_type is None:
+            raise source.error(name, f"unknown table; known tables: {', '.join(_SECTIONS)}")
+        if not isinstance(value, dict):
+            raise source.error(name, f"must be a table ([{name}]), not a {_toml_type(value)}")
+        sections[name] = _build_section(section_type, value, name, source, base)
+    config = Config(**sections, source=source)
+    _check_cross_fields(config)
+    return config
+
+
+_SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Config).items() if name != "source"
+}
+
+
+def _build_section(
+    cls: type, raw: dict[str, Any], table: str, source: ConfigSource, base: Path
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        key_path = f"{table}.{key}"
+        if key not in known:
+            raise source.error(
+                key_path, f"unknown key; keys of [{table}]: {', '.join(sorted(known))}"
+            )
+        try:
+            values[key] = _convert(hints[key], value, base)
+        except _TypeMismatch as exc:
+            raise source.error(
+                key_path, f"expected {exc.expected}, got {_describe(value)}"
+            ) from None
+        check = _CHECKS.get(key_path)
+        if check is not None and not check[0](values[key]):
+            raise source.error(key_path, f"expected {check[1]}, got {_describe(value)}")
+    return cls(**values)
+
+
+class _TypeMismatch(Exception):
+    def __init__(self, expected: str) -> None:
+        self.expected = expected
+
+
+def _convert(hint: Any, value: Any, base: Path) -> Any:
+    """Check ``value`` against the annotation ``hint`` and convert it (paths, tuples)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _TypeMismatch("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _TypeMismatch("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _TypeMismatch("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _TypeMismatch("a string")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise _TypeMismatch("a path (a non-empty string)")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    if origin is Literal:
+        if value not in args:
+            raise _TypeMismatch("one of " + ", ".join(f'"{a}"' for a in args))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if set(non_none) == {str, int, float, bool}:  # ParamValue: any TOML scalar
+            if not isinstance(value, str | int | float | bool):
+                raise _TypeMismatch("a string, number or boolean")
+            return value
+        (inner,) = non_none
+        return _convert(inner, value, base)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise _TypeMismatch(f"a list of {_plural(args[0])}")
+        try:
+            return tuple(_convert(args[0], item, base) for item in value)
+        except _TypeMismatch:
+            raise _TypeMismatch(f"a list of {_plural(args[0])}") from None
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _TypeMismatch("a table")
+        return {str(k): _convert(args[1], v, base) for k, v in value.items()}
+    raise TypeError(f"config field type {hint!r} is not supported")
+
+
+def _plural(hint: Any) -> str:
+    return {str: "strings", int: "integers", float: "numbers", Path: "paths"}.get(hint, "values")
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return {int: "integer", float: "number", str: "string", list: "list", dict: "table"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _describe(value: Any) -> str:
+    shown = repr(value) if not isinstance(value, dict | list) else _toml_type(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return f"{_toml_type(value)} {shown}" if not isinstance(value, dict | list) else shown
+
+
+def _check_cross_fields(config: Config) -> None:
+    trust = config.trust
+    if trust.mode == "federation" and not _is_hex_key(trust.federation_public_key):
+        raise config.error(
+            "trust.federation_public_key",
+            'trust mode "federation" needs federation_public_key = "<64 hex digits>" (printed by '
+            '`p2pfl federation init`), or choose mode = "allowlist" or "open"',
+        )
+    if trust.mode == "allowlist" and trust.allowlist is None:
+        raise config.error(
+            "trust.allowlist",
+            'trust mode "allowlist" needs allowlist = "PATH" (one public key per line)',
+        )
+    for peer in config.discovery.static_peers:
+        host, sep, port = peer.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise config.error(
+                "discovery.static_peers",
+                f'"{peer}" is not host:port (for example "192.0.2.10:7070" or "[2001:db8::1]:70")',
+            )
+    if config.task.node_ids and len(config.task.node_ids) != config.task.n_nodes:
+        raise config.error(
+            "task.node_ids",
+            f"lists {len(config.task.node_ids)} node ids; n_nodes is {config.task.n_nodes}",
+        )
+    if config.task.node_index >= config.task.n_nodes:
+        raise config.error(
+            "task.node_index",
+            f"node_index {config.task.node_index} must be below n_nodes {config.task.n_nodes}",
+        )
+
+
+def _is_hex_key(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_PART = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
+_KEY = re.compile(rf"^\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*=")
+
+
+def _split_key(dotted: str) -> list[str]:
+    parts = re.findall(_KEY_PART, dotted)
+    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
+
+
+def locate(text: str, key_path: list[str]) -> int | None:
+    """The 1-based line in ``text`` where ``key_path`` is defined, or None if it cannot be found.
+
+    Tries the longest match first: the key itself (under its table header, or dotted under a parent
+    table, or dotted at top level); failing that, the closest enclosing table or key.
+    """
+    for depth in range(len(key_path), 0, -1):
+        line = _locate_exact(text, key_path[:depth])
+        if line is not None:
+            return line
+    return None
+
+
+def _locate_exact(text: str, path: list[str]) -> int | None:
+    table: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            table = _split_key(header.group(2))
+            if table == path:
+                return number
+            continue
+        key = _KEY.match(line)
+        if key and table + _split_key(key.group(1)) == path:
+            return number
+    return None

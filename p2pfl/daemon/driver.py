@@ -1,0 +1,441 @@
+"""The protocol driver: transport events -> protocol machine -> actions, in the trio loop.
+
+The machine is sans-IO (``p2pfl.protocols``); this module is everything it leaves out:
+
+- Time: the machine's clock is ``trio.current_time()``; after every ``handle`` the driver waits
+  for the next event or ``machine.next_deadline()``, whichever comes first (a deadline passing is
+  ``TimerFired``), so ``SetTimer`` actions need no bookkeeping of their own.
+- Receiving: a frame from the transport is verified (signature, replay, skew, size: wire's
+  ``EnvelopeVerifier``), checked to come from the peer whose connection carried it, and decoded
+  (message fields, then tensors with wire's codec: never pickle) before the machine sees a
+  ``MessageReceived``. Anything wrong is dropped with a counted reason.
+- Sending: a ``Send`` is encoded with the wire tensor codec and sealed into a signed envelope,
+  then handed to the transport; sends to one peer keep their order (a fair lock).
+- Both run in a worker thread for messages over ``inline_bytes`` (1 MiB), in the loop below it.
+- Training and evaluation run on the trainer (torch in a worker thread); their results come back
+  as ``TrainingDone`` / evaluation figures. At most one training is outstanding (the machine's
+  invariant); evaluation of the adopted model runs whenever the model changed and none is running.
+
+Everything an operator sees (`p2pfl status`, metrics, checkpoints) reads :class:`NodeState`,
+which only this driver writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from p2pfl.identity import NodeIdentity
+from p2pfl.protocols import (
+    Adopt,
+    Evaluate,
+    Learner,
+    Log,
+    Message,
+    MessageError,
+    MessageReceived,
+    Metric,
+    PeerDown,
+    PeerUp,
+    Penalize,
+    Send,
+    SetTimer,
+    Start,
+    TimerFired,
+    Train,
+    TrainingDone,
+    UseFeatures,
+    decode_message,
+)
+from p2pfl.protocols import Event as ProtocolEvent
+from p2pfl.wire import EnvelopeVerifier, SequenceCounter, WireError, seal
+
+log = logging.getLogger(__name__)
+
+_LOCAL_DROPS = frozenset({"no_peer_to_send", "stale_model", "inbox_overflow"})
+"""Machine drop reasons that are bookkeeping, not a peer's message being rejected."""
+
+StateDict = dict[str, Any]  # name -> torch.Tensor (torch is imported by the trainer, not here)
+
+
+class Trainer(Protocol):
+    """Runs torch work off the event loop (a worker thread behind a CapacityLimiter)."""
+
+    async def train(self, weights: StateDict, epochs: float) -> tuple[StateDict, Any]:
+        """Train a copy of ``weights``; return it and a report with ``samples``/``loss``."""
+        ...
+
+    async def evaluate(self, weights: StateDict) -> dict[str, float]: ...
+
+
+class MessageSink(Protocol):
+    """The transport as the driver uses it."""
+
+    async def send(self, peer: str, data: bytes) -> None: ...
+
+
+@dataclass
+class PeerState:
+    node_id: str
+    state: str = "connected"
+    since: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    last_seen: float | None = None
+    rejected: int = 0
+
+
+@dataclass
+class NodeState:
+    """What the node is doing; written by the driver, read by status, metrics and checkpoints."""
+
+    model: StateDict | None = None
+    round: int = 0
+    round_offset: int = 0
+    """Rounds done before the last restart (from the checkpoint)."""
+    model_updated_at: float | None = None
+    last_loss: float | None = None
+    metric_name: str = "accuracy"
+    metric_value: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Every figure of the last evaluation (the primary one is also ``metric_value``)."""
+    training_state: str = "starting"
+    peers: dict[str, PeerState] = field(default_factory=dict)
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    training_seconds: float = 0.0
+    protocol_seconds: float = 0.0
+    """Time spent encoding, sealing, verifying and decoding messages (worker threads)."""
+    samples_trained: int = 0
+    energy_joules: float = 0.0
+    history: list[tuple[float, int, float | None, float | None]] = field(default_factory=list)
+    """(unix time, round, loss, metric) after every evaluation: the node's learning curve."""
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def mark_changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def reject(self, reason: str, peer: str | None = None) -> None:
+        self.rejected[reason] += 1
+        if peer is not None and peer in self.peers:
+            self.peers[peer].rejected += 1
+
+
+class DriverObserver(Protocol):
+    """Hooks for metrics (all optional in effect: the default implementation does nothing)."""
+
+    def on_rejected(self, reason: str) -> None: ...
+    def on_bytes(self, received: int, sent: int) -> None: ...
+    def on_trained(self, report: Any, wall_s: float) -> None: ...
+    def on_round(self, state: NodeState) -> None: ...
+
+
+class _NoObserver:
+    def on_rejected(self, reason: str) -> None:
+        pass
+
+    def on_bytes(self, received: int, sent: int) -> None:
+        pass
+
+    def on_trained(self, report: Any, wall_s: float) -> None:
+        pass
+
+    def on_round(self, state: NodeState) -> None:
+        pass
+
+
+def _payload_bytes(message: Any) -> int:
+    """Raw size of the tensors a message carries (0 for messages without weights)."""
+    weights = getattr(message, "weights", None)
+    if not isinstance(weights, dict):
+        return 0
+    return sum(int(t.numel()) * int(t.element_size()) for t in weights.values())
+
+
+@dataclass(frozen=True, slots=True)
+class _Evaluated:
+    metrics: Mapping[str, float]
+    round: int
+
+
+class ProtocolDriver:
+    def __init__(
+        self,
+        machine: Learner[StateDict],
+        *,
+        identity: NodeIdentity,
+        sink: MessageSink,
+        trainer: Trainer,
+        encode_weights: Callable[[StateDict], bytes],
+        decode_weights: Callable[[bytes], StateDict],
+        state: NodeState,
+        verifier: EnvelopeVerifier,
+        observer: DriverObserver | None = None,
+        primary_metric: str = "accuracy",
+        inline_bytes: int = 1 << 20,
+    ) -> None:
+        self.machine = machine
+        self.identity = identity
+        self.sink = sink
+        self.trainer = trainer
+        self.encode_weights = encode_weights
+        self.decode_weights = decode_weights
+        self.state = state
+        self.verifier = verifier
+        self.observer: DriverObserver = observer or _NoObserver()
+        self.primary_metric = primary_metric
+        self.inline_bytes = inline_bytes
+        """Messages up to this size are encoded/verified in the event loop: a worker-thread hop
+        cost 10x the work itself for a 68 KiB model (GIL contention with training)."""
+        self.state.metric_name = primary_metric
+        self._seq = SequenceCounter(time.time())
+        self._send_locks: dict[str, trio.Lock] = {}
+        self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
+        self._evaluating = False
+        self._evaluate_again = False
+        self._nursery: trio.Nursery | None = None
+        self._machine_drops: Counter[str] = Counter()
+        # With the machine's evaluate_every set, evaluate when it asks; else after every Adopt.
+        every = getattr(getattr(machine, "config", None), "evaluate_every", 0)
+        self.evaluate_on_request = isinstance(every, int) and every > 0
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def run(self, transport_events: trio.abc.ReceiveChannel[Any]) -> None:
+        """Drive the machine until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._receive_loop, transport_events)
+            self.state.training_state = "idle"
+            self.state.model = self.machine.model
+            await self._handle(Start())
+            while True:
+                deadline = self.machine.next_deadline()
+                event: Any = None
+                with trio.move_on_at(deadline if deadline is not None else math.inf):
+                    event = await self._inbox.receive()
+                if event is None:
+                    await self._handle(TimerFired())
+                elif isinstance(event, _Evaluated):
+                    self._take_evaluation(event)
+                else:
+                    await self._handle(event)
+
+    async def _handle(self, event: ProtocolEvent[StateDict]) -> None:
+        actions = self.machine.handle(event, trio.current_time())
+        for action in actions:
+            self._perform(action)
+        for reason, count in self.machine.dropped.items():
+            new = count - self._machine_drops.get(reason, 0)
+            if new > 0 and reason not in _LOCAL_DROPS:
+                self.state.rejected[reason] += new
+                for _ in range(new):
+                    self.observer.on_rejected(reason)
+        self._machine_drops = Counter(self.machine.dropped)
+
+    def _perform(self, action: Any) -> None:
+        assert self._nursery is not None
+        state = self.state
+        if isinstance(action, Send):
+            self._nursery.start_soon(self._send, action.peer, action.message)
+        elif isinstance(action, Train):
+            state.training_state = "training"
+            self._nursery.start_soon(self._train, action.weights, action.budget)
+        elif isinstance(action, Adopt):
+            state.model = action.weights
+            state.model_updated_at = time.time()
+            state.round = state.round_offset + self.machine.rounds
+            self.observer.on_round(state)
+            if not self.evaluate_on_request:
+                self._schedule_evaluation()
+            state.mark_changed()
+        elif isinstance(action, Evaluate):
+            self._schedule_evaluation()
+        elif isinstance(action, Penalize):
+            state.reject(f"penalized_{action.reason}", action.peer)
+            self.observer.on_rejected(f"penalized_{action.reason}")
+            log.warning(
+                "peer penalized: its updates keep failing validation",
+                extra={"peer": action.peer, "reason": action.reason},
+            )
+        elif isinstance(action, Metric):
+            log.debug("protocol metric", extra={"name": action.name, "value": action.value})
+        elif isinstance(action, Log):
+            level = logging.getLevelName(action.level.upper())
+            log.log(level if isinstance(level, int) else logging.INFO, action.message)
+        elif isinstance(action, UseFeatures):
+            # The graph tasks build their halo from their own data set; the exchange moves the
+            # bytes a deployment would move (counted in status), the values are not re-read.
+            log.info(
+                "node features received",
+                extra={
+                    "peer": action.peer,
+                    "sensors": len(action.sensors),
+                    "bytes": len(action.data),
+                },
+            )
+        elif isinstance(action, SetTimer):
+            pass  # the loop reads next_deadline() after every event
+        else:
+            raise TypeError(f"unknown protocol action {action!r}")
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    async def _receive_loop(self, events: trio.abc.ReceiveChannel[Any]) -> None:
+        """Turn transport events into protocol events, verifying and decoding on the way."""
+        async for event in events:
+            kind = type(event).__name__
+            now = time.time()
+            if kind == "PeerUp":
+                self.state.peers[event.peer] = PeerState(event.peer, since=now, last_seen=now)
+                log.info("peer up", extra={"peer": event.peer})
+                await self._inbox_send.send(PeerUp(event.peer))
+            elif kind == "PeerDown":
+                peer = self.state.peers.get(event.peer)
+                if peer is not None:
+                    peer.state = "down"
+                log.info("peer down", extra={"peer": event.peer, "reason": event.reason})
+                await self._inbox_send.send(PeerDown(event.peer))
+            elif kind == "MessageReceived":
+                message = await self._open(event.peer, event.data)
+                if message is not None:
+                    await self._inbox_send.send(MessageReceived(event.peer, message))
+            self.state.mark_changed()
+
+    async def _open(self, peer: str, frame: bytes) -> Message[StateDict] | None:
+        state = self.state
+        state.bytes_in += len(frame)
+        self.observer.on_bytes(len(frame), 0)
+        info = state.peers.get(peer)
+        if info is not None:
+            info.bytes_in += len(frame)
+            info.last_seen = time.time()
+
+        def verify_and_decode() -> Message[StateDict] | str:
+            try:
+                envelope = self.verifier.open(frame, now=time.time())
+            except WireError as exc:
+                return exc.reason
+            if envelope.sender_id != peer:
+                return "sender_mismatch"
+            try:
+                return decode_message(envelope.kind, envelope.body, self.decode_weights)
+            except MessageError as exc:
+                return exc.reason
+
+        started = time.perf_counter()
+        if len(frame) <= self.inline_bytes:
+            result = verify_and_decode()  # well under a millisecond: no thread hop
+        else:
+            result = await trio.to_thread.run_sync(verify_and_decode)
+        state.protocol_seconds += time.perf_counter() - started
+        if isinstance(result, str):
+            state.reject(result, peer)
+            self.observer.on_rejected(result)
+            log.info("message rejected", extra={"peer": peer, "reason": result})
+            return None
+        return result
+
+    # ---- sending ----------------------------------------------------------------------------
+
+    async def _send(self, peer: str, message: Message[StateDict]) -> None:
+        lock = self._send_locks.setdefault(peer, trio.Lock())
+        # Addressed to the peer's key where the transport knows it, so a frame cannot be replayed
+        # to another member of the federation (the verifier there checks the recipient).
+        key_of = getattr(self.sink, "peer_public_key", None)
+        recipient = key_of(peer) if key_of is not None else None
+        async with lock:
+
+            def encode_and_seal() -> bytes:
+                body = message.to_body(self.encode_weights)
+                return seal(
+                    self.identity,
+                    kind=message.KIND,
+                    body=body,
+                    seq=self._seq.next(),
+                    now=time.time(),
+                    recipient=recipient,
+                )
+
+            started = time.perf_counter()
+            if _payload_bytes(message) <= self.inline_bytes:
+                frame = encode_and_seal()
+            else:
+                frame = await trio.to_thread.run_sync(encode_and_seal)
+            self.state.protocol_seconds += time.perf_counter() - started
+            try:
+                await self.sink.send(peer, frame)
+            except (ConnectionError, ValueError) as exc:
+                self.state.reject("send_failed")
+                log.info("send failed", extra={"peer": peer, "error": str(exc)})
+                return
+        self.state.bytes_out += len(frame)
+        self.observer.on_bytes(0, len(frame))
+        info = self.state.peers.get(peer)
+        if info is not None:
+            info.bytes_out += len(frame)
+
+    # ---- training and evaluation ------------------------------------------------------------
+
+    async def _train(self, weights: StateDict, epochs: float) -> None:
+        started = time.perf_counter()
+        trained, report = await self.trainer.train(weights, epochs)
+        wall = time.perf_counter() - started
+        state = self.state
+        state.training_state = "idle"
+        state.last_loss = float(report.loss)
+        state.training_seconds += wall
+        state.samples_trained += int(report.samples)
+        energy = getattr(report, "energy_j", None)
+        if energy is not None:
+            state.energy_joules += float(energy)
+        self.observer.on_trained(report, wall)
+        await self._inbox_send.send(TrainingDone(trained, report))
+
+    def _schedule_evaluation(self) -> None:
+        assert self._nursery is not None
+        if self._evaluating:
+            self._evaluate_again = True
+            return
+        self._evaluating = True
+        self._nursery.start_soon(self._evaluate)
+
+    async def _evaluate(self) -> None:
+        while True:
+            self._evaluate_again = False
+            model, round_ = self.state.model, self.state.round
+            if model is None:
+                break
+            metrics = await self.trainer.evaluate(model)
+            await self._inbox_send.send(_Evaluated(metrics, round_))
+            if not self._evaluate_again:
+                break
+        self._evaluating = False
+
+    def _take_evaluation(self, evaluated: _Evaluated) -> None:
+        state = self.state
+        state.metrics = {k: float(v) for k, v in evaluated.metrics.items()}
+        value = evaluated.metrics.get(self.primary_metric)
+        if value is not None:
+            state.metric_value = float(value)
+        state.history.append((time.time(), evaluated.round, state.last_loss, state.metric_value))
+        del state.history[:-10_000]
+        self.observer.on_round(state)
+        state.mark_changed()
+        log.info(
+            "evaluated",
+            extra={
+                "round": evaluated.round,
+                self.primary_metric: state.metric_value,
+                "loss": state.last_loss,
+            },
+        )

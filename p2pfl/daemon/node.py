@@ -1,0 +1,592 @@
+"""The node: one trio nursery holding everything a daemon runs.
+
+``prepare(config)`` does every check that can fail before anything starts listening, and turns
+each failure into a :class:`StartupError` with a one-line message and an exit status (2 bad
+configuration, 3 identity or trust files, 4 data); ``Node.run()`` then runs, in one nursery:
+the control server, the Prometheus endpoint (optional), the transport (discovery, signaling,
+WebRTC), the protocol driver with its trainer, the checkpointer, sd_notify's status and watchdog,
+and the signal handler.
+
+Signals: SIGTERM/SIGINT stop taking work (the driver is cancelled; a running training step is
+finished by the executor, its result unused), write a final checkpoint, close every connection
+and return within ``[limits] stop_timeout_s``. SIGHUP re-reads the configuration file and
+applies what can change at run time: the log level, the trust policy (allowlist or federation
+key) and new static peers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import random
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+
+from p2pfl import __version__
+from p2pfl.daemon.checkpoint import Checkpoint, CheckpointStore
+from p2pfl.daemon.config import EXIT_CONFIG, Config, ConfigError, load_config
+from p2pfl.daemon.control import CheckpointStatus, ControlServer, NodeStatus, PeerStatus
+from p2pfl.daemon.driver import NodeState, ProtocolDriver
+from p2pfl.daemon.metrics import NodeMetrics, set_log_level
+from p2pfl.daemon.notify import SystemdNotifier
+from p2pfl.identity import IdentityError, NodeIdentity
+from p2pfl.trust import CERTIFICATE_FILE, TrustError, TrustPolicy
+
+log = logging.getLogger(__name__)
+
+EXIT_IDENTITY = 3
+EXIT_DATA = 4
+_MIB = 1024 * 1024
+_STATUS_INTERVAL_S = 5.0
+
+
+class StartupError(Exception):
+    """The node cannot start; ``str()`` is the one line to show, ``exit_code`` the status."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before the node starts listening."""
+
+    config: Config
+    identity: NodeIdentity
+    trust: TrustPolicy
+    certificate: bytes | None
+    trainer: Any  # p2pfl.daemon.trainer.NodeTrainer (imports torch)
+    machine: Any  # a p2pfl.protocols.Learner over state_dicts
+    checkpoints: CheckpointStore
+    resumed: Checkpoint | None
+    lock_fd: int
+
+
+def load_trust(config: Config, identity: NodeIdentity) -> tuple[TrustPolicy, bytes | None]:
+    trust = config.trust
+    if trust.mode == "open":
+        return TrustPolicy.open(), None
+    if trust.mode == "allowlist":
+        assert trust.allowlist is not None  # checked by the config loader
+        try:
+            return TrustPolicy.load_allowlist(trust.allowlist), None
+        except (OSError, TrustError, IdentityError, ValueError) as exc:
+            raise StartupError(
+                f"[trust] allowlist {trust.allowlist}: {exc}", EXIT_IDENTITY
+            ) from None
+    policy = TrustPolicy.federation(bytes.fromhex(trust.federation_public_key))
+    cert_path = trust.certificate or config.state_dir / CERTIFICATE_FILE
+    try:
+        certificate = cert_path.read_bytes()
+    except OSError as exc:
+        raise StartupError(
+            f"membership certificate {cert_path}: {exc.strerror}; ask the federation operator "
+            f"for one (`p2pfl federation admit --node-key {identity.public_key.hex()} ...`) "
+            "and put it there, or set [trust] certificate",
+            EXIT_IDENTITY,
+        ) from None
+    try:
+        policy.check(identity.public_key, certificate, now=time.time())
+    except TrustError as exc:
+        raise StartupError(
+            f"membership certificate {cert_path} does not admit this node ({exc.reason}): {exc}",
+            EXIT_IDENTITY,
+        ) from None
+    return policy, certificate
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of network interface ``name`` (SIOCGIFADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("256s", name.encode()[:15])
+        try:
+            reply = fcntl.ioctl(sock.fileno(), 0x8915, request)
+        except OSError as exc:
+            raise StartupError(
+                f"[discovery] interface {name!r}: {exc.strerror} (no such interface, or it "
+                "has no IPv4 address)",
+                EXIT_CONFIG,
+            ) from None
+    return socket.inet_ntoa(reply[20:24])
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another p2pfl daemon is using the state directory {state_dir}; stop it, or give "
+            "this one its own [node] state_dir",
+            EXIT_CONFIG,
+        ) from None
+    return fd
+
+
+def prepare(config: Config) -> Prepared:
+    """Check and load everything; raise StartupError with the reason and exit status."""
+    state_dir = config.state_dir
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"state directory {state_dir}: {exc.strerror}", EXIT_CONFIG) from None
+    try:
+        identity = NodeIdentity.load_or_create(state_dir)
+    except IdentityError as exc:
+        raise StartupError(str(exc), EXIT_IDENTITY) from None
+    trust, certificate = load_trust(config, identity)
+
+    task_cfg = config.task
+    if task_cfg.data is not None and not task_cfg.data.exists():
+        raise StartupError(
+            f"[task] data {task_cfg.data}: no such file or directory; put the data there or "
+            "fix the path",
+            EXIT_DATA,
+        )
+    from p2pfl.daemon.trainer import NodeTrainer  # torch: only the daemon pays for it
+    from p2pfl.ml import TrainConfig, load_task
+
+    options: dict[str, Any] = dict(task_cfg.options)
+    if task_cfg.lr is not None or task_cfg.batch_size is not None:
+        default = TrainConfig()
+        options["config"] = TrainConfig(
+            lr=task_cfg.lr if task_cfg.lr is not None else default.lr,
+            batch_size=task_cfg.batch_size or default.batch_size,
+        )
+    if task_cfg.data is not None:
+        if task_cfg.name.startswith("digits"):
+            raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
+        options["readings"] = task_cfg.data
+    try:
+        task = load_task(
+            task_cfg.name,
+            n_nodes=task_cfg.n_nodes,
+            partition=task_cfg.partition,
+            alpha=task_cfg.alpha,
+            seed=task_cfg.seed,
+            **options,
+        )
+    except ValueError as exc:
+        raise config.error("task.name", str(exc)) from None
+    except TypeError as exc:  # an option the task does not take
+        raise config.error("task.options", str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"[task] data {task_cfg.data}: {exc}", EXIT_DATA) from None
+    lock_fd = _lock_state_dir(state_dir)
+    executor = config.executor
+    try:
+        trainer = NodeTrainer(
+            task,
+            task_cfg.node_index,
+            device=executor.device,
+            threads=executor.threads,
+            mode=executor.mode,
+        )
+    except ValueError as exc:  # e.g. a CUDA device torch cannot see
+        os.close(lock_fd)
+        raise config.error("executor.device", str(exc)) from None
+    try:
+        checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
+        resumed, weights = _resume(checkpoints, trainer)
+        machine = build_machine(config, identity.node_id, weights, _feature_plan(config, task))
+        if resumed is not None:
+            _restore_machine(machine, resumed.state)
+        trainer.warm_up()
+    except BaseException:
+        trainer.close()
+        os.close(lock_fd)
+        raise
+    return Prepared(
+        config, identity, trust, certificate, trainer, machine, checkpoints, resumed, lock_fd
+    )
+
+
+def _resume(store: CheckpointStore, trainer: Any) -> tuple[Checkpoint | None, Any]:
+    from p2pfl.ml import validate_update
+    from p2pfl.wire import WireError, decode_state_dict
+
+    initial = trainer.initial()
+    checkpoint, skipped = store.load_latest()
+    for bad in skipped:
+        log.warning("checkpoint skipped", extra={"path": str(bad.path), "reason": bad.reason})
+    if checkpoint is None:
+        return None, initial
+    try:
+        weights = decode_state_dict(checkpoint.model)
+    except WireError as exc:
+        log.warning("checkpoint model unreadable", extra={"reason": exc.reason})
+        return None, initial
+    reason = validate_update(initial, weights)
+    if reason is not None:
+        log.warning(
+            "checkpoint is for another model (task changed?); starting fresh",
+            extra={"path": str(checkpoint.path), "reason": reason},
+        )
+        return None, initial
+    log.info(
+        "resuming from checkpoint",
+        extra={"seq": checkpoint.seq, "round": checkpoint.state.get("round", 0)},
+    )
+    return checkpoint, weights
+
+
+def _feature_plan(config: Config, task: Any) -> Any:
+    """Graph tasks with [task] node_ids: which halo readings to ask of whom, what to serve."""
+    if not config.task.node_ids:
+        return None
+    from p2pfl.sim.workload import TaskWorkload
+
+    # The engines' feature plan reads only ``.task``: the daemon reuses it as is.
+    shim: Any = SimpleNamespace(task=task)
+    return TaskWorkload.feature_plan(shim, config.task.node_index, list(config.task.node_ids))
+
+
+def build_machine(config: Config, node_id: str, weights: Any, features: Any = None) -> Any:
+    from p2pfl.protocols import (
+        FedAvgConfig,
+        FedAvgLearner,
+        GossipConfig,
+        GossipLearner,
+        ServerFreeConfig,
+        ServerFreeLearner,
+    )
+    from p2pfl.sim.workload import StateDictOps
+
+    proto = config.protocol
+    kinds: dict[str, tuple[Any, Any]] = {
+        "gossip": (GossipLearner, GossipConfig),
+        "server-free": (ServerFreeLearner, ServerFreeConfig),
+        "fedavg": (FedAvgLearner, FedAvgConfig),
+    }
+    learner_cls, config_cls = kinds[proto.name]
+    allowed = {f.name for f in dataclasses.fields(config_cls)} - {"budget", "aggregation"}
+    for name in proto.params:
+        if name not in allowed:
+            raise config.error(
+                f"protocol.params.{name}",
+                f"not a parameter of {proto.name}; known: {', '.join(sorted(allowed))}",
+            )
+    try:
+        machine_config = config_cls(
+            **proto.params, budget=config.task.epochs, aggregation=proto.aggregation
+        )
+        rng = random.Random(f"{proto.seed}:{node_id}")
+        return learner_cls(node_id, weights, StateDictOps(), rng, machine_config, features=features)
+    except (TypeError, ValueError) as exc:
+        raise config.error("protocol.params", str(exc)) from None
+
+
+def machine_state(machine: Any, round_offset: int) -> dict[str, Any]:
+    state: dict[str, Any] = {"round": round_offset + int(machine.rounds)}
+    for attribute in ("age", "round"):
+        value = getattr(machine, attribute, None)
+        if isinstance(value, int):
+            state[f"machine_{attribute}"] = value
+    return state
+
+
+def _restore_machine(machine: Any, state: dict[str, Any]) -> None:
+    # Gossip's age weighs our model against received ones; a restart must not reset it to 0.
+    if isinstance(state.get("machine_age"), int) and hasattr(machine, "age"):
+        machine.age = state["machine_age"]
+
+
+class Node:
+    def __init__(self, prepared: Prepared, *, config_path: Path | None = None) -> None:
+        self.prepared = prepared
+        self.config = prepared.config
+        self.config_path = config_path
+        self.identity = prepared.identity
+        self.started_at = time.time()
+        self.state = NodeState()
+        if prepared.resumed is not None:
+            self.state.round_offset = int(prepared.resumed.state.get("round", 0))
+            self.state.round = self.state.round_offset
+        self.metrics = NodeMetrics()
+        self.notifier = SystemdNotifier.from_environment()
+        self.last_checkpoint: Checkpoint | None = prepared.resumed
+        self.transport: Any = None
+        self._checkpointed_model: Any = None
+
+    # ---- status ------------------------------------------------------------------------------
+
+    def status(self) -> NodeStatus:
+        state, config = self.state, self.config
+        checkpoint = None
+        if self.last_checkpoint is not None:
+            c = self.last_checkpoint
+            checkpoint = CheckpointStatus(seq=c.seq, digest=c.digest, created=c.created)
+        peers = tuple(
+            PeerStatus(
+                node_id=p.node_id,
+                name="",
+                state=p.state,
+                bytes_in=p.bytes_in,
+                bytes_out=p.bytes_out,
+                last_seen=p.last_seen,
+                rejected=p.rejected,
+            )
+            for p in state.peers.values()
+        )
+        return NodeStatus(
+            node_id=self.identity.node_id,
+            short_id=self.identity.short_id,
+            name=config.node.name,
+            version=__version__,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            now=time.time(),
+            federation_id=self.prepared.trust.federation_id,
+            trust_mode=config.trust.mode,
+            protocol=config.protocol.name,
+            task=config.task.name,
+            round=state.round,
+            model_updated_at=state.model_updated_at,
+            last_loss=state.last_loss,
+            metric_name=state.metric_name,
+            metric_value=state.metric_value,
+            training_state=state.training_state,
+            metrics=dict(state.metrics),
+            bytes_in=state.bytes_in,
+            bytes_out=state.bytes_out,
+            training_seconds=state.training_seconds,
+            protocol_seconds=state.protocol_seconds,
+            rejected=dict(state.rejected),
+            checkpoint=checkpoint,
+            peers=peers,
+            transport=dict(self.transport.counters) if self.transport is not None else {},
+            feature_bytes_sent=int(getattr(self.prepared.machine, "bytes_features_sent", 0)),
+            feature_bytes_received=int(
+                getattr(self.prepared.machine, "bytes_features_received", 0)
+            ),
+        )
+
+    def _status_line(self) -> str:
+        s = self.state
+        connected = sum(1 for p in s.peers.values() if p.state == "connected")
+        metric = f", {s.metric_name} {s.metric_value:.3f}" if s.metric_value is not None else ""
+        return f"round {s.round}, {connected} peers{metric}"
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    async def checkpoint(self) -> None:
+        """Write a checkpoint of the adopted model if it changed since the last one."""
+        from p2pfl.wire import encode_state_dict
+
+        model = self.state.model
+        if model is None or model is self._checkpointed_model:
+            return
+        state = machine_state(self.prepared.machine, self.state.round_offset)
+
+        def write() -> Checkpoint:
+            data = encode_state_dict(model, "fp32")
+            return self.prepared.checkpoints.save(data, state, now=time.time())
+
+        self.last_checkpoint = await trio.to_thread.run_sync(write)
+        self._checkpointed_model = model
+        log.info("checkpoint written", extra={"seq": self.last_checkpoint.seq, **state})
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.checkpoints.interval_s)
+            await self.checkpoint()
+
+    # ---- the nursery -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit status."""
+        from p2pfl.daemon.transport import PeerTransport, TransportConfig
+        from p2pfl.wire import DEFAULT_LIMITS, EnvelopeVerifier, decode_state_dict
+        from p2pfl.wire import encode_state_dict as encode
+
+        config = self.config
+        host = config.discovery.listen_host
+        if config.discovery.interface:
+            host = interface_address(config.discovery.interface)
+        max_bytes = int(config.limits.max_message_mb * _MIB)
+        transport_config = TransportConfig(
+            host=host,
+            signaling_port=config.discovery.signaling_port,
+            mdns=config.discovery.mdns,
+            static_peers=config.discovery.static_peers,
+            ice_servers=config.discovery.ice_servers,
+            peer_timeout_s=config.limits.peer_timeout_s,
+            max_message_bytes=max_bytes + _MIB,
+        )
+        limits = dataclasses.replace(
+            DEFAULT_LIMITS, max_frame_bytes=max_bytes + _MIB, max_bin_bytes=max_bytes
+        )
+        self.metrics.info.info(
+            {
+                "node_id": self.identity.node_id,
+                "name": config.node.name,
+                "protocol": config.protocol.name,
+                "task": config.task.name,
+                "version": __version__,
+            }
+        )
+        if config.trust.mode == "open":
+            log.warning("trust mode is OPEN: any machine on the network can join this federation")
+        codec = config.protocol.codec
+        async with trio.open_nursery() as nursery:
+            control = ControlServer(
+                config.control_socket,
+                {"status": lambda _: self.status().to_json(), "peers": self._peers_reply},
+            )
+            await nursery.start(control.serve)
+            if config.metrics.prometheus:
+                port = await nursery.start(
+                    self.metrics.serve, config.metrics.host, config.metrics.port
+                )
+                log.info(
+                    "metrics endpoint",
+                    extra={"url": f"http://{config.metrics.host}:{port}/metrics"},
+                )
+            async with PeerTransport(
+                self.identity,
+                self.prepared.trust,
+                transport_config,
+                certificate=self.prepared.certificate,
+            ) as transport:
+                self.transport = transport
+                connected = lambda key: True  # noqa: E731 (trust was proven in signaling)
+                verifier = EnvelopeVerifier(
+                    is_trusted=connected,
+                    max_skew_s=config.limits.max_clock_skew_s,
+                    limits=limits,
+                    own_key=self.identity.public_key,
+                )
+                driver = ProtocolDriver(
+                    self.prepared.machine,
+                    identity=self.identity,
+                    sink=transport,
+                    trainer=self.prepared.trainer,
+                    encode_weights=lambda sd: encode(sd, codec),
+                    decode_weights=lambda data: decode_state_dict(data, limits),
+                    state=self.state,
+                    verifier=verifier,
+                    observer=_MetricsObserver(self.metrics),
+                    primary_metric=self.prepared.trainer.task.primary_metric,
+                )
+                log.info(
+                    "node started",
+                    extra={
+                        "node": self.identity.node_id,
+                        "signaling": f"{host}:{transport.signaling_port}",
+                        "control": str(config.control_socket),
+                        "round": self.state.round,
+                    },
+                )
+                async with trio.open_nursery() as work:
+                    work.start_soon(driver.run, transport.events)
+                    work.start_soon(self._checkpoint_loop)
+                    work.start_soon(self._status_loop)
+                    work.start_soon(self.notifier.run_watchdog)
+                    self.notifier.ready(self._status_line())
+                    await self._wait_for_stop()
+                    self.state.training_state = "stopping"
+                    self.notifier.stopping()
+                    log.info("stopping: no new steps; checkpointing")
+                    work.cancel_scope.cancel()
+                with trio.move_on_after(config.limits.stop_timeout_s) as scope:
+                    scope.shield = True
+                    await self.checkpoint()
+            nursery.cancel_scope.cancel()
+        log.info("stopped", extra={"round": self.state.round})
+        return 0
+
+    def _peers_reply(self, _: Any) -> Any:
+        return self.status().to_json()["peers"]
+
+    async def _wait_for_stop(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                    continue
+                log.info("signal received", extra={"signal": signal.Signals(signum).name})
+                return
+
+    async def _status_loop(self) -> None:
+        while True:
+            with trio.move_on_after(_STATUS_INTERVAL_S):
+                await self.state.changed.wait()
+            self.notifier.status(self._status_line())
+            await trio.sleep(1.0)  # at most one STATUS= per second
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration and apply what can change while running."""
+        if self.config_path is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            trust, _ = load_trust(new, self.identity)
+        except (ConfigError, StartupError) as exc:
+            log.error("reload failed; keeping the running configuration", extra={"error": str(exc)})
+            self.notifier.ready(self._status_line())
+            return
+        set_log_level(new.logging.level)
+        if self.transport is not None:
+            self.transport.guard.trust = trust
+            from p2pfl.daemon.discovery import parse_static_peer
+
+            for entry in set(new.discovery.static_peers) - set(self.config.discovery.static_peers):
+                self.transport.add_candidate(parse_static_peer(entry))
+        self.prepared.trust = trust
+        unchanged = ("node", "protocol", "task", "executor", "limits", "metrics", "checkpoints")
+        for section in unchanged:
+            if getattr(new, section) != getattr(self.config, section):
+                log.warning("changed [%s] needs a restart to take effect", section)
+        self.config = new
+        log.info("configuration reloaded", extra={"log_level": new.logging.level})
+        self.notifier.ready(self._status_line())
+
+
+class _MetricsObserver:
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self.metrics = metrics
+
+    def on_rejected(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+
+    def on_bytes(self, received: int, sent: int) -> None:
+        if received:
+            self.metrics.bytes_received.inc(received)
+        if sent:
+            self.metrics.bytes_sent.inc(sent)
+
+    def on_trained(self, report: Any, wall_s: float) -> None:
+        self.metrics.training_steps.inc()
+        self.metrics.training_seconds.inc(wall_s)
+        self.metrics.samples.inc(int(report.samples))
+        self.metrics.loss.set(float(report.loss))
+        energy = getattr(report, "energy_j", None)
+        if energy is not None:
+            self.metrics.energy.inc(float(energy))
+
+    def on_round(self, state: NodeState) -> None:
+        self.metrics.round.set(state.round)
+        self.metrics.peers.set(sum(1 for p in state.peers.values() if p.state == "connected"))
+        if state.metric_value is not None:
+            self.metrics.metric.labels(state.metric_name).set(state.metric_value)
+
+
+def close_prepared(prepared: Prepared) -> None:
+    """End the executor's worker process and release the state-directory lock."""
+    prepared.trainer.close()
+    with contextlib.suppress(OSError):
+        os.close(prepared.lock_fd)

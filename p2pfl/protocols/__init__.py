@@ -1,0 +1,64 @@
+"""Sans-IO learning protocols: gossip learning, server-free FL and FedAvg as pure state machines.
+
+``machine.handle(event, now) -> list[Action]`` and ``machine.next_deadline()``; randomness from an
+injected ``random.Random``; models are opaque handles validated and aggregated through an injected
+``ModelOps``. No I/O, no clock, no torch: the daemon, the virtual-time engine and the unit tests
+drive the very same machines.
+
+Driving one (what the daemon and ``p2pfl.sim.virtual`` do)::
+
+    machine = GossipLearner(node_id, weights, ops, random.Random(seed), GossipConfig(period=5.0))
+    actions = [*machine.handle(PeerUp(peer), now) for each live peer]  # then:
+    actions = machine.handle(Start(), now)
+    # perform actions in order:
+    #   Send(peer, m)   -> seal(identity, kind=m.KIND, body=m.to_body(encode_weights), ...)
+    #   Train(w, b)     -> run the executor, then handle(TrainingDone(new_w, report), now)
+    #   Evaluate(w)     -> handle(EvaluationDone(metrics), now)
+    #   Adopt(w)        -> this is the node's model now (checkpoint, serve)
+    #   SetTimer(at)    -> handle(TimerFired(), at) when the clock reaches it (None: cancel)
+    #   Penalize(p, r)  -> drop/ban the peer;  UseFeatures -> hand readings to the task
+    # a verified envelope from peer:
+    #   handle(MessageReceived(peer, decode_message(env.kind, env.body, decode_weights)), now)
+    #   (MessageError: count its .reason and drop the envelope)
+"""
+
+from ._actions import Action as Action
+from ._actions import Adopt as Adopt
+from ._actions import Evaluate as Evaluate
+from ._actions import Log as Log
+from ._actions import Metric as Metric
+from ._actions import Penalize as Penalize
+from ._actions import Send as Send
+from ._actions import SetTimer as SetTimer
+from ._actions import Train as Train
+from ._actions import UseFeatures as UseFeatures
+from ._base import Learner as Learner
+from ._events import EvaluationDone as EvaluationDone
+from ._events import Event as Event
+from ._events import MessageReceived as MessageReceived
+from ._events import PeerDown as PeerDown
+from ._events import PeerUp as PeerUp
+from ._events import Start as Start
+from ._events import TimerFired as TimerFired
+from ._events import TrainingDone as TrainingDone
+from ._events import TrainingReport as TrainingReport
+from ._fedavg import FedAvgConfig as FedAvgConfig
+from ._fedavg import FedAvgLearner as FedAvgLearner
+from ._gossip import GossipConfig as GossipConfig
+from ._gossip import GossipLearner as GossipLearner
+from ._messages import MESSAGE_KINDS as MESSAGE_KINDS
+from ._messages import FeatureReply as FeatureReply
+from ._messages import FeatureRequest as FeatureRequest
+from ._messages import GlobalModel as GlobalModel
+from ._messages import GossipModel as GossipModel
+from ._messages import Message as Message
+from ._messages import MessageError as MessageError
+from ._messages import RoundUpdate as RoundUpdate
+from ._messages import decode_message as decode_message
+from ._ops import FeaturePlan as FeaturePlan
+from ._ops import FeatureSource as FeatureSource
+from ._ops import ModelOps as ModelOps
+from ._ops import PeerSampler as PeerSampler
+from ._ops import uniform_peer as uniform_peer
+from ._server_free import ServerFreeConfig as ServerFreeConfig
+from ._server_free import ServerFreeLearner as ServerFreeLearner

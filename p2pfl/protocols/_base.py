@@ -1,0 +1,320 @@
+"""The part every learner shares: time, timers, peers, offenders, feature exchange, training slot.
+
+Invariants:
+- ``now`` never goes backwards between calls (a driver bug: ``ValueError``).
+- Timers are named deadlines; ``next_deadline()`` is the earliest; ``TimerFired`` runs every
+  deadline ``<= now`` in (time, name) order, so a late or spurious timer is harmless.
+- At most one ``Train`` is outstanding (``_training``); a ``TrainingDone`` without one is a
+  driver bug (``ValueError``).
+- A peer is in ``peers`` between its ``PeerUp`` and ``PeerDown``, never this node, never a
+  penalized peer. Messages from penalized peers are dropped and counted.
+- Remote input never raises: a bad message is dropped with a reason counted in ``dropped``;
+  an update that fails validation is also a strike against its sender, and at
+  ``strikes_to_penalize`` strikes the machine emits ``Penalize`` once and ignores the peer.
+- Learning starts only when the feature plan is satisfied (every needed reply, or its timeout).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from typing import Generic, Protocol, TypeVar
+
+from ._actions import (
+    Action,
+    Evaluate,
+    Log,
+    Metric,
+    Penalize,
+    Send,
+    SetTimer,
+    Train,
+    UseFeatures,
+)
+from ._events import (
+    EvaluationDone,
+    Event,
+    MessageReceived,
+    PeerDown,
+    PeerUp,
+    Start,
+    TimerFired,
+    TrainingDone,
+    TrainingReport,
+)
+from ._messages import FeatureReply, FeatureRequest, Message
+from ._ops import FeaturePlan, ModelOps
+
+W = TypeVar("W")
+
+_FEATURES_TIMER = "features"
+
+
+class LearnerConfig(Protocol):
+    """The settings every learner's config has (GossipConfig, ServerFreeConfig, FedAvgConfig)."""
+
+    @property
+    def budget(self) -> float: ...
+
+    @property
+    def aggregation(self) -> str: ...
+
+    @property
+    def max_rounds(self) -> int | None: ...
+
+    @property
+    def strikes_to_penalize(self) -> int: ...
+
+    @property
+    def evaluate_every(self) -> int: ...
+
+
+class Learner(Generic[W]):
+    """Base class of the learning machines; subclasses implement the ``_on_*`` hooks."""
+
+    def __init__(
+        self,
+        node_id: str,
+        weights: W,
+        ops: ModelOps[W],
+        rng: random.Random,
+        config: LearnerConfig,
+        *,
+        features: FeaturePlan | None,
+    ) -> None:
+        aggregation, budget, max_rounds = config.aggregation, config.budget, config.max_rounds
+        if aggregation not in ops.rules:
+            raise ValueError(
+                f"unknown aggregation rule {aggregation!r}; known: {', '.join(sorted(ops.rules))}"
+            )
+        if budget <= 0:
+            raise ValueError(f"training budget must be positive, got {budget}")
+        if max_rounds is not None and max_rounds < 1:
+            raise ValueError(f"max_rounds must be at least 1, got {max_rounds}")
+        self.node_id = node_id
+        self._model = weights
+        self._ops = ops
+        self._rng = rng
+        self._budget = budget
+        self._aggregation = aggregation
+        self._max_rounds = max_rounds
+        self._strikes_to_penalize = config.strikes_to_penalize
+        self._evaluate_every = config.evaluate_every
+        self._plan = features or FeaturePlan()
+        self._now = -math.inf
+        self._deadlines: dict[str, float] = {}
+        self._peers: set[str] = set()
+        self._penalized: set[str] = set()
+        self._strikes: Counter[str] = Counter()
+        self._features_pending = set(self._plan.needs)
+        self._started = False
+        self._learning = False
+        self._training = False
+        self.finished = False
+        self.dropped: Counter[str] = Counter()
+        """Remote input dropped, by reason slug (the machine's only error channel for peers)."""
+        self.bytes_features_sent = 0
+        self.bytes_features_received = 0
+
+    # -- public surface -------------------------------------------------------------------
+
+    @property
+    def model(self) -> W:
+        """The node's current model (the last one announced by ``Adopt``, or the initial one)."""
+        return self._model
+
+    @property
+    def peers(self) -> frozenset[str]:
+        return frozenset(self._peers)
+
+    @property
+    def rounds(self) -> int:
+        """Completed rounds (gossip: completed local trainings)."""
+        raise NotImplementedError
+
+    def next_deadline(self) -> float | None:
+        return min(self._deadlines.values(), default=None)
+
+    def handle(self, event: Event[W], now: float) -> list[Action[W]]:
+        if now < self._now:
+            raise ValueError(f"time went backwards: {now} < {self._now}")
+        self._now = now
+        before = self.next_deadline()
+        actions = self._dispatch(event, now)
+        after = self.next_deadline()
+        if after != before:
+            actions.append(SetTimer(after))
+        return actions
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def _dispatch(self, event: Event[W], now: float) -> list[Action[W]]:
+        if isinstance(event, MessageReceived):
+            return self._on_received(event.peer, event.message, now)
+        if isinstance(event, TimerFired):
+            return self._fire_timers(now)
+        if isinstance(event, TrainingDone):
+            if not self._training:
+                raise ValueError("TrainingDone without an outstanding Train")
+            self._training = False
+            return self._on_trained(event.weights, event.report, now)
+        if isinstance(event, PeerUp):
+            return self._peer_up(event.peer, now)
+        if isinstance(event, PeerDown):
+            if event.peer not in self._peers:
+                return []
+            self._peers.discard(event.peer)
+            return self._on_peer_down(event.peer, now)
+        if isinstance(event, Start):
+            return self._start(now)
+        if isinstance(event, EvaluationDone):
+            return [Metric(f"eval_{k}", float(v)) for k, v in sorted(event.metrics.items())]
+        raise TypeError(f"not a protocol event: {event!r}")
+
+    def _start(self, now: float) -> list[Action[W]]:
+        if self._started:
+            raise ValueError("Start handed in twice")
+        self._started = True
+        actions: list[Action[W]] = [
+            Send(peer, FeatureRequest(self._plan.needs[peer]))
+            for peer in sorted(self._features_pending & self._peers)
+        ]
+        if self._features_pending:
+            self._deadlines[_FEATURES_TIMER] = now + self._plan.timeout
+            return actions
+        return actions + self._begin_learning(now)
+
+    def _begin_learning(self, now: float) -> list[Action[W]]:
+        self._deadlines.pop(_FEATURES_TIMER, None)
+        self._learning = True
+        return self._on_begin(now)
+
+    def _peer_up(self, peer: str, now: float) -> list[Action[W]]:
+        if peer == self.node_id or peer in self._penalized or peer in self._peers:
+            return []
+        self._peers.add(peer)
+        actions: list[Action[W]] = []
+        if self._started and not self._learning and peer in self._features_pending:
+            actions.append(Send(peer, FeatureRequest(self._plan.needs[peer])))
+        return actions + self._on_peer_up(peer, now)
+
+    def _fire_timers(self, now: float) -> list[Action[W]]:
+        actions: list[Action[W]] = []
+        due = sorted((at, name) for name, at in self._deadlines.items() if at <= now)
+        for _, name in due:
+            if self._deadlines.get(name, math.inf) > now:
+                continue  # cancelled or moved by an earlier timer of this same call
+            del self._deadlines[name]
+            if name == _FEATURES_TIMER:
+                missing = ", ".join(sorted(self._features_pending))
+                actions.append(Log(f"starting without features from {missing}", "warning"))
+                actions += self._begin_learning(now)
+            else:
+                actions += self._on_timer(name, now)
+        return actions
+
+    def _on_received(self, peer: str, message: Message[W], now: float) -> list[Action[W]]:
+        if peer in self._penalized:
+            return self._drop("penalized_peer")
+        if isinstance(message, FeatureRequest):
+            return self._serve_features(peer, message)
+        if isinstance(message, FeatureReply):
+            return self._take_features(peer, message, now)
+        return self._on_message(peer, message, now)
+
+    # -- feature exchange -----------------------------------------------------------------
+
+    def _serve_features(self, peer: str, request: FeatureRequest) -> list[Action[W]]:
+        data = self._plan.source(request.sensors) if self._plan.source else None
+        if data is None:
+            return self._drop("features_not_owned")
+        self.bytes_features_sent += len(data)
+        return [
+            Send(peer, FeatureReply(request.sensors, data)),
+            Metric("feature_bytes_sent", len(data)),
+        ]
+
+    def _take_features(self, peer: str, reply: FeatureReply, now: float) -> list[Action[W]]:
+        if peer not in self._features_pending:
+            return self._drop("unexpected_features")
+        if reply.sensors != self._plan.needs[peer]:
+            return self._reject(peer, "wrong_features")
+        self._features_pending.discard(peer)
+        self.bytes_features_received += len(reply.data)
+        actions: list[Action[W]] = [
+            UseFeatures(peer, reply.sensors, reply.data),
+            Metric("feature_bytes_received", len(reply.data)),
+        ]
+        if not self._features_pending and self._started and not self._learning:
+            actions += self._begin_learning(now)
+        return actions
+
+    # -- helpers for subclasses -----------------------------------------------------------
+
+    def _drop(self, reason: str) -> list[Action[W]]:
+        self.dropped[reason] += 1
+        return []
+
+    def _reject(self, peer: str, reason: str) -> list[Action[W]]:
+        """A peer sent something that fails validation: drop it, strike, maybe penalize."""
+        self.dropped[reason] += 1
+        self._strikes[peer] += 1
+        if self._strikes[peer] < self._strikes_to_penalize or peer in self._penalized:
+            return []
+        self._penalized.add(peer)
+        actions: list[Action[W]] = [Penalize(peer, reason)]
+        if peer in self._peers:
+            self._peers.discard(peer)
+            actions += self._on_peer_down(peer, self._now)
+        return actions
+
+    def _validated(self, peer: str, reference: W, update: W) -> tuple[bool, list[Action[W]]]:
+        reason = self._ops.validate(reference, update)
+        if reason is None:
+            return True, []
+        return False, self._reject(peer, f"invalid_update:{reason}")
+
+    def _train(self, weights: W) -> list[Action[W]]:
+        if self._training:
+            raise AssertionError("a second Train while one is outstanding")
+        self._training = True
+        return [Train(weights, self._budget)]
+
+    def _aggregate(self, models: list[W], weights: list[float]) -> W:
+        if len(models) == 1:
+            return models[0]
+        return self._ops.aggregate(self._aggregation, self._model, models, weights)
+
+    def _evaluation_due(self) -> list[Action[W]]:
+        """``Evaluate(model)`` when ``rounds`` just reached a multiple of ``evaluate_every``."""
+        if self._evaluate_every > 0 and self.rounds % self._evaluate_every == 0:
+            return [Evaluate(self._model)]
+        return []
+
+    def _finish(self) -> list[Action[W]]:
+        self.finished = True
+        for name in list(self._deadlines):
+            if name != _FEATURES_TIMER:
+                del self._deadlines[name]
+        return [Log(f"finished after {self.rounds} rounds")]
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _on_begin(self, now: float) -> list[Action[W]]:
+        raise NotImplementedError
+
+    def _on_peer_up(self, peer: str, now: float) -> list[Action[W]]:
+        return []
+
+    def _on_peer_down(self, peer: str, now: float) -> list[Action[W]]:
+        return []
+
+    def _on_timer(self, name: str, now: float) -> list[Action[W]]:
+        raise NotImplementedError
+
+    def _on_message(self, peer: str, message: Message[W], now: float) -> list[Action[W]]:
+        raise NotImplementedError
+
+    def _on_trained(self, weights: W, report: TrainingReport, now: float) -> list[Action[W]]:
+        raise NotImplementedError

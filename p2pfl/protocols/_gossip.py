@@ -1,0 +1,147 @@
+"""Gossip learning (Ormandi et al.), timer-driven, with age-weighted merging.
+
+Every node owns one model and its *age* (the number of local trainings behind it). Each tick
+(a period with jitter, so nodes do not move in lock-step) the node merges what it received since
+the last tick with its own model, trains the result for a local budget, and when training is done
+sends the model to one peer drawn by the peer-sampling policy.
+
+Invariants:
+- The inbox keeps the last two received models (FIFO, ``INBOX_SIZE``); a tick consumes it, so a
+  model is merged at most once. With an empty inbox the node trains its own model again rather
+  than re-averaging stale ones.
+- Merge: among the own model and the inbox, the newest age ``a`` sets a window; models older than
+  ``a - staleness_window`` are dropped (a much newer received model is thus adopted outright; a
+  much older one is ignored). The rest are combined by the aggregation rule with their ages as
+  weights; the merged age is ``a``.
+- A peer's ages only grow (each send follows a training), so a model with an age not above the
+  last one seen from that peer is a duplicate or reordered copy and is dropped. A peer that goes
+  down and comes back is a new session (it may have restarted younger): its record is forgotten.
+- A tick while training is skipped (``skipped_ticks``); sending happens only after training.
+- ``rounds`` counts completed trainings; at ``max_rounds`` the node stops (``finished``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from ._actions import Action, Adopt, Send
+from ._base import Learner, W
+from ._events import TrainingReport
+from ._messages import GossipModel, Message
+from ._ops import FeaturePlan, ModelOps, PeerSampler, uniform_peer
+
+INBOX_SIZE = 2
+_TICK = "tick"
+
+
+@dataclass(frozen=True, slots=True)
+class GossipConfig:
+    period: float = 1.0
+    """Seconds between ticks, on average."""
+    jitter: float = 0.1
+    """Each period is scaled by a uniform factor in [1 - jitter, 1 + jitter]."""
+    budget: float = 1.0
+    """Local training per tick, in epochs."""
+    staleness_window: int = 10
+    """Models more than this many trainings older than the newest one are not merged."""
+    aggregation: str = "mean"
+    max_rounds: int | None = None
+    strikes_to_penalize: int = 3
+    evaluate_every: int = 0
+    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
+
+
+class GossipLearner(Learner[W]):
+    def __init__(
+        self,
+        node_id: str,
+        weights: W,
+        ops: ModelOps[W],
+        rng: random.Random,
+        config: GossipConfig | None = None,
+        *,
+        peer_sampler: PeerSampler = uniform_peer,
+        features: FeaturePlan | None = None,
+    ) -> None:
+        self.config = config or GossipConfig()
+        if not 0 <= self.config.jitter < 1:
+            raise ValueError(f"gossip jitter must be in [0, 1), got {self.config.jitter}")
+        if self.config.period <= 0:
+            raise ValueError(f"gossip period must be positive, got {self.config.period}")
+        super().__init__(node_id, weights, ops, rng, self.config, features=features)
+        self._sample_peer = peer_sampler
+        self.age = 0
+        self._rounds = 0
+        self._inbox: deque[tuple[str, W, int]] = deque(maxlen=INBOX_SIZE)
+        self._last_age: dict[str, int] = {}
+        self.skipped_ticks = 0
+
+    @property
+    def rounds(self) -> int:
+        return self._rounds
+
+    def _next_tick(self, now: float) -> None:
+        jitter = self.config.jitter
+        self._deadlines[_TICK] = now + self.config.period * self._rng.uniform(
+            1 - jitter, 1 + jitter
+        )
+
+    def _on_begin(self, now: float) -> list[Action[W]]:
+        # The first tick falls anywhere in the first period, so nodes start out of phase.
+        self._deadlines[_TICK] = now + self.config.period * self._rng.random()
+        return []
+
+    def _on_timer(self, name: str, now: float) -> list[Action[W]]:
+        self._next_tick(now)
+        if self._training:
+            self.skipped_ticks += 1
+            return []
+        actions: list[Action[W]] = []
+        if self._inbox:
+            self._merge_inbox()
+            actions.append(Adopt(self._model))
+        return actions + self._train(self._model)
+
+    def _merge_inbox(self) -> None:
+        candidates = [(self._model, self.age), *((w, age) for _, w, age in self._inbox)]
+        self._inbox.clear()
+        newest = max(age for _, age in candidates)
+        kept = [(w, age) for w, age in candidates if age >= newest - self.config.staleness_window]
+        self.dropped["stale_model"] += len(candidates) - len(kept)
+        self._model = self._aggregate([w for w, _ in kept], [float(max(age, 1)) for _, age in kept])
+        self.age = newest
+
+    def _on_message(self, peer: str, message: Message[W], now: float) -> list[Action[W]]:
+        if not isinstance(message, GossipModel):
+            return self._drop("wrong_protocol")
+        if message.age <= self._last_age.get(peer, -1):
+            return self._drop("duplicate")
+        ok, actions = self._validated(peer, self._model, message.weights)
+        if not ok:
+            return actions
+        self._last_age[peer] = message.age
+        if len(self._inbox) == INBOX_SIZE:
+            self.dropped["inbox_overflow"] += 1
+        self._inbox.append((peer, message.weights, message.age))
+        return []
+
+    def _on_peer_down(self, peer: str, now: float) -> list[Action[W]]:
+        self._last_age.pop(peer, None)
+        return []
+
+    def _on_trained(self, weights: W, report: TrainingReport, now: float) -> list[Action[W]]:
+        self._model = weights
+        self.age += 1
+        self._rounds += 1
+        actions: list[Action[W]] = [Adopt(weights)]
+        if self._peers:
+            peer = self._sample_peer(sorted(self._peers), self._rng)
+            actions.append(Send(peer, GossipModel(weights, self.age, report.samples)))
+        else:
+            self.dropped["no_peer_to_send"] += 1
+        actions += self._evaluation_due()
+        if self._max_rounds is not None and self._rounds >= self._max_rounds:
+            actions += self._finish()
+        return actions

@@ -1,0 +1,148 @@
+"""Server-free federated learning (D-PSGD style): numbered rounds, no coordinator.
+
+Round ``r``: train the current model, send the result to every live neighbour, collect the
+neighbours' round-``r`` models until all expected ones arrived or ``round_timeout`` passed since
+sending, aggregate (own model included, weighted by sample counts), adopt, and go on to ``r + 1``.
+
+Invariants:
+- The expected set of round ``r`` is fixed when the node sends: live neighbours at that moment,
+  minus those that go down before the round closes. A missing neighbour delays nobody past the
+  deadline; one that comes up mid-round takes part from the next round.
+- Models for a later round (up to ``max_ahead`` rounds ahead) are buffered; further ahead,
+  earlier rounds, or a second model from one peer for one round are dropped and counted.
+- Catch-up: every valid model tells the round its sender is in. After closing round ``r`` the
+  node continues with ``max(r + 1, m)``, ``m`` the lower median of the latest rounds of its live
+  neighbours, so a node that was away (or restarted from a checkpoint at round 0) rejoins its
+  neighbours instead of lagging forever, while one lying peer among three or more cannot move it.
+- Every received model is validated against the current model before it is buffered.
+- Neighbours: all live peers, or the given set (e.g. cloudlets within communication range);
+  models from outside that set are dropped.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from ._actions import Action, Adopt, Metric, Send
+from ._base import Learner, W
+from ._events import TrainingReport
+from ._messages import Message, RoundUpdate
+from ._ops import FeaturePlan, ModelOps
+
+_ROUND = "round"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerFreeConfig:
+    round_timeout: float = 10.0
+    """Seconds to wait for neighbours' models after sending ours."""
+    budget: float = 1.0
+    aggregation: str = "mean"
+    max_rounds: int | None = None
+    max_ahead: int = 2
+    strikes_to_penalize: int = 3
+    evaluate_every: int = 0
+    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
+
+
+class ServerFreeLearner(Learner[W]):
+    def __init__(
+        self,
+        node_id: str,
+        weights: W,
+        ops: ModelOps[W],
+        rng: random.Random,
+        config: ServerFreeConfig | None = None,
+        *,
+        neighbours: Collection[str] | None = None,
+        features: FeaturePlan | None = None,
+    ) -> None:
+        self.config = config or ServerFreeConfig()
+        super().__init__(node_id, weights, ops, rng, self.config, features=features)
+        self._neighbours = None if neighbours is None else frozenset(neighbours)
+        self.round = 0
+        self._own: tuple[W, int] | None = None
+        self._expected: set[str] = set()
+        self._pending: dict[int, dict[str, tuple[W, int]]] = {}
+        self._latest: dict[str, int] = {}
+
+    @property
+    def rounds(self) -> int:
+        return self.round
+
+    def _is_neighbour(self, peer: str) -> bool:
+        return self._neighbours is None or peer in self._neighbours
+
+    def _on_begin(self, now: float) -> list[Action[W]]:
+        return self._train(self._model)
+
+    def _on_trained(self, weights: W, report: TrainingReport, now: float) -> list[Action[W]]:
+        self._own = (weights, report.samples)
+        self._expected = {p for p in self._peers if self._is_neighbour(p)}
+        actions: list[Action[W]] = [
+            Send(peer, RoundUpdate(self.round, weights, report.samples))
+            for peer in sorted(self._expected)
+        ]
+        self._deadlines[_ROUND] = now + self.config.round_timeout
+        return actions + self._close_if_complete(now)
+
+    def _on_message(self, peer: str, message: Message[W], now: float) -> list[Action[W]]:
+        if not isinstance(message, RoundUpdate):
+            return self._drop("wrong_protocol")
+        if not self._is_neighbour(peer):
+            return self._drop("not_neighbour")
+        k = message.round
+        if k < self.round:
+            return self._drop("late")
+        if peer in self._pending.get(k, {}):
+            return self._drop("duplicate")
+        ok, actions = self._validated(peer, self._model, message.weights)
+        if not ok:
+            return actions
+        self._latest[peer] = max(k, self._latest.get(peer, 0))
+        if k > self.round + self.config.max_ahead:
+            return self._drop("too_far_ahead")
+        self._pending.setdefault(k, {})[peer] = (message.weights, message.samples)
+        if k == self.round:
+            return self._close_if_complete(now)
+        return []
+
+    def _on_peer_down(self, peer: str, now: float) -> list[Action[W]]:
+        self._expected.discard(peer)
+        self._latest.pop(peer, None)
+        return self._close_if_complete(now)
+
+    def _on_timer(self, name: str, now: float) -> list[Action[W]]:
+        return self._close_round(now)
+
+    def _close_if_complete(self, now: float) -> list[Action[W]]:
+        if self._own is None or _ROUND not in self._deadlines:
+            return []
+        if not self._expected <= set(self._pending.get(self.round, {})):
+            return []
+        del self._deadlines[_ROUND]
+        return self._close_round(now)
+
+    def _close_round(self, now: float) -> list[Action[W]]:
+        assert self._own is not None
+        received = self._pending.pop(self.round, {})
+        models = [self._own[0]] + [received[p][0] for p in sorted(received)]
+        samples = [float(self._own[1])] + [float(received[p][1]) for p in sorted(received)]
+        self._model = self._aggregate(models, samples)
+        self._own = None
+        actions: list[Action[W]] = [
+            Adopt(self._model),
+            Metric("round_completed", self.round),
+            Metric("round_models_merged", len(models)),
+        ]
+        self._deadlines.pop(_ROUND, None)
+        latest = sorted(self._latest[p] for p in self._peers if p in self._latest)
+        neighbours_round = latest[(len(latest) - 1) // 2] if latest else 0
+        self.round = max(self.round + 1, neighbours_round)
+        self._pending = {k: v for k, v in self._pending.items() if k >= self.round}
+        actions += self._evaluation_due()
+        if self._max_rounds is not None and self.round >= self._max_rounds:
+            return actions + self._finish()
+        return actions + self._train(self._model)

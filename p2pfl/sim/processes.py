@@ -1,0 +1,592 @@
+"""The multi-process engine: N real `p2pfl run` daemons on this machine, in a private network.
+
+Each daemon gets its own key, a membership certificate of a federation made for the run, its own
+state and runtime directories and its own configuration file, and runs as a child process inside
+the private test network of :mod:`p2pfl.sim.netns` (a namespace per node on one bridge,
+addresses 10.77.0.2 and up), so discovery is real mDNS, connections are real WebRTC, every
+message is really signed, and nothing can leave the machine. The harness watches the daemons
+only through their control sockets, exactly as an operator's `p2pfl status` would.
+
+:class:`DaemonCluster` is the building block (the tests drive it directly: start, SIGKILL,
+restart); :func:`run_processes` runs a scenario with it for `p2pfl simulate --engine processes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from p2pfl.daemon.control import ControlError, NodeStatus, fetch_status
+from p2pfl.files import atomic_write
+from p2pfl.identity import NodeIdentity
+from p2pfl.sim.netns import BridgedNetwork
+from p2pfl.sim.results import NodeResult, Results, SetupResult
+from p2pfl.sim.scenario import Scenario, SetupSpec, StopSpec
+from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
+
+__all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """What every daemon of the cluster runs (the per-node parts are filled in by the cluster)."""
+
+    n_nodes: int
+    task: str = "digits"
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    epochs: float = 1.0
+    lr: float | None = None
+    batch_size: int | None = None
+    task_options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    exchange_features: bool = False
+    """Graph tasks: give every daemon all node ids so halo features travel between them."""
+    protocol: str = "gossip"
+    aggregation: str = "mean"
+    codec: str = "fp32"
+    params: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    mdns: bool = True
+    static_peers: bool = False
+    """Also give every node the others' signaling addresses (fixed ports) as static peers."""
+    peer_timeout_s: float = 6.0
+    checkpoint_interval_s: float = 5.0
+    log_level: str = "info"
+    threads: int = 1
+    executor_mode: str = "thread"
+    """Thread mode by default here: many daemons share this machine's memory and cores."""
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def _toml(tables: Mapping[str, Mapping[str, object]]) -> str:
+    lines = []
+    for table, values in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass
+class DaemonNode:
+    index: int
+    name: str
+    address: str
+    root: Path
+    identity: NodeIdentity
+    signaling_port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    log_file: IO[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "p2pfl.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "daemon.log"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.runtime_dir / "control.sock"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class DaemonCluster:
+    """N daemons with keys, a federation and configurations under ``root``.
+
+    ``network`` is a :class:`p2pfl.sim.netns.BridgedNetwork` (one namespace per node: every node
+    has its own address, as on a LAN) or a ``SharedNetwork`` (loopback aliases in one namespace),
+    with at least N nodes.
+    """
+
+    def __init__(self, root: Path, spec: ClusterSpec, network: Any) -> None:
+        self.root = root
+        self.spec = spec
+        self.network = network
+        addresses = network.addresses if network is not None else []
+        if len(addresses) < spec.n_nodes:
+            raise ValueError(f"the network has {len(addresses)} addresses, {spec.n_nodes} needed")
+        self.federation = FederationAuthority.generate()
+        self.nodes: list[DaemonNode] = []
+        now = time.time()
+        for index in range(spec.n_nodes):
+            node_root = root / f"node{index}"
+            identity = NodeIdentity.generate()
+            node = DaemonNode(
+                index=index,
+                name=f"node-{index}",
+                address=addresses[index],
+                root=node_root,
+                identity=identity,
+                signaling_port=7070 if spec.static_peers else 0,
+            )
+            node_root.mkdir(parents=True, exist_ok=True)
+            identity.save(node.state_dir)
+            certificate = self.federation.admit(
+                identity.public_key, name=node.name, expires_at=now + 7 * 86400, issued_at=now
+            )
+            atomic_write(node.state_dir / CERTIFICATE_FILE, certificate, mode=0o600)
+            self.nodes.append(node)
+        for node in self.nodes:
+            node.config_path.write_text(self._config(node))
+
+    def _config(self, node: DaemonNode) -> str:
+        spec = self.spec
+        static = [
+            f"{other.address}:{other.signaling_port}"
+            for other in self.nodes
+            if other is not node and spec.static_peers
+        ]
+        tables: dict[str, dict[str, object]] = {
+            "node": {
+                "name": node.name,
+                "state_dir": str(node.state_dir),
+                "runtime_dir": str(node.runtime_dir),
+            },
+            "trust": {
+                "mode": "federation",
+                "federation_public_key": self.federation.public_key.hex(),
+            },
+            "discovery": {
+                "mdns": spec.mdns,
+                "listen_host": node.address,
+                "signaling_port": node.signaling_port,
+                "static_peers": static,
+            },
+            "protocol": {
+                "name": spec.protocol,
+                "aggregation": spec.aggregation,
+                "codec": spec.codec,
+                "seed": spec.seed,
+            },
+            "protocol.params": dict(spec.params),
+            "task": {
+                "name": spec.task,
+                "partition": spec.partition,
+                "alpha": spec.alpha,
+                "node_index": node.index,
+                "n_nodes": spec.n_nodes,
+                "seed": spec.seed,
+                "epochs": spec.epochs,
+                "node_ids": [n.identity.node_id for n in self.nodes]
+                if spec.exchange_features
+                else [],
+                **({"lr": spec.lr} if spec.lr is not None else {}),
+                **({"batch_size": spec.batch_size} if spec.batch_size is not None else {}),
+            },
+            "task.options": dict(spec.task_options),
+            "executor": {"threads": spec.threads, "mode": spec.executor_mode},
+            "limits": {"peer_timeout_s": spec.peer_timeout_s},
+            "logging": {"level": spec.log_level},
+            "checkpoints": {"interval_s": spec.checkpoint_interval_s},
+        }
+        return _toml(tables)
+
+    # ---- processes ---------------------------------------------------------------------------
+
+    def start(self, index: int) -> DaemonNode:
+        node = self.nodes[index]
+        if node.running:
+            raise RuntimeError(f"{node.name} is already running")
+        argv = [sys.executable, "-m", "p2pfl", "run", "--config", str(node.config_path)]
+        if isinstance(self.network, BridgedNetwork):
+            argv = self.network.command(index, argv)
+        elif self.network is not None:
+            argv = self.network.command(argv)
+        node.log_file = open(node.log_path, "ab")  # noqa: SIM115 (closed in _reap)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("NOTIFY_SOCKET", None)
+        node.process = subprocess.Popen(
+            argv, stdout=node.log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        return node
+
+    def start_all(self) -> None:
+        for node in self.nodes:
+            self.start(node.index)
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        node = self.nodes[index]
+        if node.process is not None and node.process.poll() is None:
+            # `ip netns exec` execs the daemon, so the pid is the daemon's own.
+            node.process.send_signal(sig)
+
+    def wait(self, index: int, timeout: float) -> int | None:
+        node = self.nodes[index]
+        if node.process is None:
+            return None
+        try:
+            code = node.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._reap(node)
+        node.process = None
+        return code
+
+    def _reap(self, node: DaemonNode) -> None:
+        if node.log_file is not None:
+            node.log_file.close()
+            node.log_file = None
+
+    def stop_all(self, timeout: float = 30.0) -> dict[int, int | None]:
+        """SIGTERM every daemon; SIGKILL those still running after ``timeout``; exit codes."""
+        for node in self.nodes:
+            self.kill(node.index, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes: dict[int, int | None] = {}
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            codes[node.index] = self.wait(node.index, max(0.1, deadline - time.monotonic()))
+            if codes[node.index] is None:
+                self.kill(node.index, signal.SIGKILL)
+                self.wait(node.index, 5)
+        return codes
+
+    def close(self) -> None:
+        for node in self.nodes:
+            if node.running:
+                self.kill(node.index, signal.SIGKILL)
+                self.wait(node.index, 5)
+            self._reap(node)
+
+    def __enter__(self) -> DaemonCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- observation -------------------------------------------------------------------------
+
+    def status(self, index: int, *, timeout: float = 5.0) -> NodeStatus | None:
+        """The node's status, or None while its control socket does not answer."""
+        node = self.nodes[index]
+        with contextlib.suppress(ControlError):
+            return fetch_status(node.socket_path, timeout=timeout)
+        return None
+
+    def log_tail(self, index: int, lines: int = 20) -> str:
+        path = self.nodes[index].log_path
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---- `p2pfl simulate --engine processes` ------------------------------------------------------
+
+Progress = Callable[[str, float, str], None]
+_READY_TIMEOUT_S = 180.0
+_STOP_TIMEOUT_S = 40.0
+
+
+class ProcessesEngineError(click.ClickException):
+    """The engine cannot run here; the message says why and what to do."""
+
+
+def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
+    """Run every setup of ``scenario`` with real daemons; the same Results as the virtual engine.
+
+    Time is wall-clock: ``stop.time`` counts from the moment every daemon answers on its control
+    socket. Per-link latency and loss become ``tc netem`` on each node's interface where the
+    kernel has it; bandwidth limits and churn are not applied (see ``extra.not_applied``).
+    """
+    from p2pfl.sim.netns import can_create_namespaces, sweep_stale_namespaces
+
+    if not can_create_namespaces():
+        raise ProcessesEngineError(
+            "the processes engine runs its daemons in private network namespaces, which this "
+            "process may not create: run as root, or as "
+            "`python -m p2pfl.sim.netns -- p2pfl simulate SCENARIO --engine processes`"
+        )
+    sweep_stale_namespaces()
+    setups = [_run_setup(scenario, setup, progress) for setup in scenario.setups]
+    task = _load_task(scenario)
+    return Results(
+        scenario=scenario.name,
+        engine="processes",
+        seed=scenario.seed,
+        task=scenario.task.name,
+        primary_metric=task.primary_metric,
+        higher_is_better=task.higher_is_better,
+        setups=setups,
+        scenario_source=dict(scenario.raw),
+    )
+
+
+def _load_task(scenario: Scenario) -> Any:
+    from p2pfl.sim.workload import load_scenario_task
+
+    return load_scenario_task(scenario)
+
+
+def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
+    stop = setup.stop or scenario.stop
+    params: dict[str, str | int | float | bool] = {}
+    if setup.protocol == "gossip":
+        params.update(
+            period=setup.period, jitter=setup.jitter, staleness_window=setup.staleness_window
+        )
+    elif setup.protocol == "server-free":
+        params.update(round_timeout=setup.round_timeout, max_ahead=setup.max_ahead)
+    elif setup.protocol == "fedavg":
+        params.update(round_timeout=setup.round_timeout)
+    if stop.rounds is not None:
+        params["max_rounds"] = stop.rounds
+    return ClusterSpec(
+        n_nodes=scenario.task.nodes,
+        task=scenario.task.name,
+        partition=scenario.task.partition,
+        alpha=scenario.task.alpha,
+        seed=scenario.seed,
+        epochs=setup.epochs if setup.epochs is not None else scenario.training.epochs,
+        lr=scenario.task.lr,
+        batch_size=scenario.task.batch_size,
+        task_options=dict(scenario.task.options),
+        exchange_features=scenario.task.name.startswith("traffic-"),
+        protocol=setup.protocol,
+        aggregation=setup.aggregation,
+        params=params,
+        checkpoint_interval_s=30.0,
+    )
+
+
+def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) -> SetupResult:
+    if setup.protocol == "centralized":
+        return _run_centralized(scenario, setup, progress)
+    from p2pfl.sim.netns import netem_available
+
+    spec = _cluster_spec(scenario, setup)
+    stop = setup.stop or scenario.stop
+    net = scenario.network
+    not_applied = [] if net.bandwidth_mbps >= 1000 else ["network.bandwidth_mbps"]
+    if scenario.churn.fraction > 0:
+        not_applied.append("churn")
+    if net.partitions:
+        not_applied.append("network.partitions")
+    if setup.neighbours != "all":
+        not_applied.append(f"setup.neighbours = {setup.neighbours!r} (all live peers are used)")
+    started = time.perf_counter()
+    root = Path(tempfile.mkdtemp(prefix="p2pfl-sim-", dir="/tmp"))
+    report = progress or (lambda _setup, _fraction, _status: None)
+    with BridgedNetwork(spec.n_nodes) as network, DaemonCluster(root, spec, network) as cluster:
+        if net.latency_ms > 0 or net.loss > 0:
+            if netem_available():
+                for i in range(spec.n_nodes):
+                    network.impair(i, delay_ms=net.latency_ms, loss_pct=net.loss * 100)
+            else:
+                not_applied.append("network.latency_ms/loss (no tc netem in this kernel)")
+        cluster.start_all()
+        for node in cluster.nodes:
+            print(f"{node.name}: p2pfl status --socket {node.socket_path}", flush=True)
+        _wait_ready(cluster, setup.name, report)
+        histories: list[list[dict[str, float]]] = [[] for _ in cluster.nodes]
+        curve: list[dict[str, float]] = []
+        t0 = time.monotonic()
+        interval = max(1.0, scenario.training.eval_interval)
+        last: list[NodeStatus | None] = [None] * spec.n_nodes
+        while True:
+            elapsed = time.monotonic() - t0
+            statuses = [cluster.status(i) for i in range(spec.n_nodes)]
+            last = [s or old for s, old in zip(statuses, last, strict=True)]
+            _record(elapsed, last, histories, curve)
+            done = _stop_reached(stop, elapsed, last)
+            report(setup.name, min(1.0, elapsed / stop.time), _live_line(last))
+            if done:
+                break
+            time.sleep(min(interval, max(0.1, stop.time - elapsed)))
+        wall = time.perf_counter() - started
+        codes = cluster.stop_all(timeout=_STOP_TIMEOUT_S)
+        nodes = [
+            _node_result(node, status, history, codes.get(node.index))
+            for node, status, history in zip(cluster.nodes, last, histories, strict=True)
+        ]
+    if not curve:
+        raise ProcessesEngineError(
+            f"setup {setup.name!r}: no daemon reported an evaluation before the stop condition; "
+            "give it more time ([stop] time)"
+        )
+    final = {k: v for k, v in curve[-1].items() if k not in ("time", "round", "bytes")}
+    result = SetupResult(
+        name=setup.name,
+        protocol=setup.protocol,
+        aggregation=setup.aggregation,
+        final=final,
+        curve=curve,
+        nodes=nodes,
+        bytes_sent=sum(n.bytes_sent for n in nodes),
+        bytes_received=sum(n.bytes_received for n in nodes),
+        virtual_time_s=None,
+        wall_time_s=wall,
+        extra={"run_time_s": curve[-1]["time"], "not_applied": not_applied},
+    )
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def _wait_ready(cluster: DaemonCluster, name: str, report: Progress) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        ready = sum(cluster.status(i, timeout=2.0) is not None for i in range(len(cluster.nodes)))
+        report(name, 0.0, f"starting daemons: {ready}/{len(cluster.nodes)} ready")
+        if ready == len(cluster.nodes):
+            return
+        for node in cluster.nodes:
+            if node.process is not None and node.process.poll() is not None:
+                raise ProcessesEngineError(
+                    f"{node.name} exited with status {node.process.returncode} while starting:\n"
+                    + cluster.log_tail(node.index, 5)
+                )
+        time.sleep(1.0)
+    raise ProcessesEngineError(f"daemons not ready after {_READY_TIMEOUT_S:.0f} s")
+
+
+def _record(
+    elapsed: float,
+    statuses: list[NodeStatus | None],
+    histories: list[list[dict[str, float]]],
+    curve: list[dict[str, float]],
+) -> None:
+    rows = []
+    for status, history in zip(statuses, histories, strict=True):
+        if status is None or not status.metrics:
+            continue
+        row = {
+            "time": elapsed,
+            "round": float(status.round),
+            "bytes_sent": float(status.bytes_out),
+            **status.metrics,
+        }
+        history.append(row)
+        rows.append(row)
+    if rows:
+        point = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "bytes_sent"}
+        point["bytes"] = float(sum(s.bytes_out for s in statuses if s is not None))
+        curve.append(point)
+
+
+def _stop_reached(stop: StopSpec, elapsed: float, statuses: list[NodeStatus | None]) -> bool:
+    if elapsed >= stop.time:
+        return True
+    live = [s for s in statuses if s is not None]
+    if stop.rounds is not None and live and all(s.round >= stop.rounds for s in live):
+        return True
+    sent = sum(s.bytes_out for s in live)
+    return stop.megabytes is not None and sent >= stop.megabytes * 1e6
+
+
+def _live_line(statuses: list[NodeStatus | None]) -> str:
+    parts = []
+    for i, s in enumerate(statuses):
+        if s is None:
+            parts.append(f"n{i} -")
+            continue
+        peers = sum(p.state == "connected" for p in s.peers)
+        metric = f" {s.metric_value:.3f}" if s.metric_value is not None else ""
+        parts.append(f"n{i} r{s.round}{metric} p{peers}")
+    return " | ".join(parts)
+
+
+def _node_result(
+    node: DaemonNode,
+    status: NodeStatus | None,
+    history: list[dict[str, float]],
+    exit_code: int | None,
+) -> NodeResult:
+    final = (
+        {k: v for k, v in history[-1].items() if k not in ("time", "round", "bytes_sent")}
+        if history
+        else {}
+    )
+    return NodeResult(
+        node=node.identity.node_id,
+        final=final,
+        history=history,
+        bytes_sent=status.bytes_out if status else 0,
+        bytes_received=status.bytes_in if status else 0,
+        rounds=status.round if status else 0,
+        extra={
+            "name": node.name,
+            "exit_code": exit_code,
+            "rejected": dict(status.rejected) if status else {},
+            "transport": dict(status.transport) if status else {},
+            "peers_connected": sum(p.state == "connected" for p in status.peers) if status else 0,
+            "feature_bytes_sent": status.feature_bytes_sent if status else 0,
+            "feature_bytes_received": status.feature_bytes_received if status else 0,
+        },
+    )
+
+
+def _run_centralized(
+    scenario: Scenario, setup: SetupSpec, progress: Progress | None
+) -> SetupResult:
+    """The baseline: one trainer on all the data in this process, for the same wall time."""
+    from p2pfl.sim.workload import TaskWorkload
+
+    stop = setup.stop or scenario.stop
+    workload = TaskWorkload(scenario)
+    epochs = setup.epochs if setup.epochs is not None else scenario.training.epochs
+    weights = workload.initial()
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    rounds = 0
+    while True:
+        elapsed = time.perf_counter() - started
+        metrics = workload.evaluate(weights)
+        history.append({"time": elapsed, "round": float(rounds), "bytes_sent": 0.0, **metrics})
+        if progress:
+            progress(setup.name, min(1.0, elapsed / stop.time), f"epoch {rounds}")
+        if elapsed >= stop.time or (stop.rounds is not None and rounds >= stop.rounds):
+            break
+        weights, _ = workload.train(None, weights, epochs)
+        rounds += 1
+    final = {k: v for k, v in history[-1].items() if k not in ("time", "round", "bytes_sent")}
+    curve = [{**{k: v for k, v in h.items() if k != "bytes_sent"}, "bytes": 0.0} for h in history]
+    return SetupResult(
+        name=setup.name,
+        protocol="centralized",
+        aggregation="-",
+        final=final,
+        curve=curve,
+        nodes=[NodeResult("central", final, history, 0, 0, rounds, {})],
+        bytes_sent=0,
+        bytes_received=0,
+        virtual_time_s=None,
+        wall_time_s=time.perf_counter() - started,
+        extra={},
+    )

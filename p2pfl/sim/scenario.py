@@ -1,0 +1,315 @@
+"""Scenario files: one TOML file describes a simulated experiment, checked before anything runs.
+
+A scenario has one task, network, churn and stop condition, and one or more ``[[setup]]`` tables
+(the protocols to compare on exactly that task and network). Every key is checked: an unknown key,
+a wrong type or an out-of-range value is a ``ScenarioError`` naming the file and the dotted key.
+The whole format, with defaults, is in ``simulations/README.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROTOCOLS = ("centralized", "fedavg", "server-free", "gossip")
+TRAINING_PATHS = ("task", "vectorized")
+
+
+class ScenarioError(ValueError):
+    """A scenario file is wrong; the message names the file, the key and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    name: str
+    nodes: int
+    partition: str = "iid"
+    alpha: float = 0.5
+    lr: float | None = None
+    """Learning rate of local training (None: the task's default)."""
+    batch_size: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingSpec:
+    epochs: float = 1.0
+    samples_per_s: float = 2000.0
+    """Modelled compute speed: a training of n samples takes n / samples_per_s virtual seconds."""
+    speed_spread: float = 0.0
+    """Node speeds are drawn uniformly in [1 - spread, 1 + spread] times samples_per_s."""
+    eval_interval: float = 10.0
+    eval_nodes: int = 0
+    """Evaluate this many nodes (a fixed sample by seed) at each point; 0 = all."""
+    path: str = "task"
+    """"task": the learning core's training loop; "vectorized": numpy, digits-logreg only."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionSpec:
+    start: float
+    end: float
+    groups: int
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSpec:
+    latency_ms: float = 10.0
+    bandwidth_mbps: float = 100.0
+    loss: float = 0.0
+    detect_s: float = 2.0
+    topology: str = "full"
+    degree: int = 8
+    partitions: tuple[PartitionSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnSpec:
+    fraction: float = 0.0
+    start: float = 0.0
+    end: float = 0.0
+    downtime: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class StopSpec:
+    time: float
+    rounds: int | None = None
+    megabytes: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetupSpec:
+    name: str
+    protocol: str
+    aggregation: str = "mean"
+    epochs: float | None = None
+    period: float = 5.0
+    jitter: float = 0.1
+    staleness_window: int = 10
+    round_timeout: float = 10.0
+    max_ahead: int = 2
+    aggregator: str | None = None
+    neighbours: str = "all"
+    """Server-free: "all" live peers, "topology" (the scenario topology's links) or "task" (the
+    task's neighbour graph, e.g. cloudlets within communication range)."""
+    stop: StopSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    seed: int
+    task: TaskSpec
+    training: TrainingSpec
+    network: NetworkSpec
+    churn: ChurnSpec
+    stop: StopSpec
+    setups: tuple[SetupSpec, ...]
+    source: str = "<memory>"
+    description: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+class _Reader:
+    """Typed access to one TOML table that remembers which keys were used."""
+
+    def __init__(self, source: str, table: Mapping[str, Any], prefix: str) -> None:
+        self.source, self.table, self.prefix = source, table, prefix
+        self.used: set[str] = set()
+
+    def error(self, key: str, problem: str) -> ScenarioError:
+        return ScenarioError(f"{self.source}: key '{self.prefix}{key}': {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise self.error(key, "is required")
+            return default
+        value = self.table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.error(key, f"must be {names}, got {value!r}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: Any = ...,
+        *,
+        low: float = -math.inf,
+        high: float = math.inf,
+        open_high: bool = False,
+    ) -> Any:
+        value = self.get(key, float, default)
+        if value is None or value is default:
+            return value
+        if not (low <= value and (value < high if open_high else value <= high)):
+            bracket = ")" if open_high else "]"
+            raise self.error(key, f"must be in [{low}, {high}{bracket}, got {value}")
+        return value
+
+    def integer(self, key: str, default: Any = ..., *, low: int = 0) -> Any:
+        value = self.get(key, int, default)
+        if value is not None and value is not default and value < low:
+            raise self.error(key, f"must be at least {low}, got {value}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> Any:
+        value = self.get(key, str, default)
+        if value is not default and value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def table_of(self, key: str) -> Mapping[str, Any]:
+        return self.get(key, dict, {})  # type: ignore[no-any-return]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (a typo?); see simulations/README.md")
+
+
+def _stop(source: str, table: Mapping[str, Any], prefix: str) -> StopSpec:
+    r = _Reader(source, table, prefix)
+    stop = StopSpec(
+        time=r.number("time", low=0.0),
+        rounds=r.integer("rounds", None, low=1),
+        megabytes=r.number("megabytes", None, low=0.0),
+    )
+    r.done()
+    return stop
+
+
+def _setup(source: str, table: Any, index: int, default_timeout: float) -> SetupSpec:
+    prefix = f"setup[{index}]."
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{source}: key 'setup[{index}]': must be a table")
+    r = _Reader(source, table, prefix)
+    spec = SetupSpec(
+        name=r.get("name", str),
+        protocol=r.choice("protocol", PROTOCOLS),
+        aggregation=r.get("aggregation", str, "mean"),
+        epochs=r.number("epochs", None, low=0.0),
+        period=r.number("period", 5.0, low=1e-6),
+        jitter=r.number("jitter", 0.1, low=0.0, high=1.0, open_high=True),
+        staleness_window=r.integer("staleness_window", 10),
+        round_timeout=r.number("round_timeout", default_timeout, low=1e-6),
+        max_ahead=r.integer("max_ahead", 2),
+        aggregator=r.get("aggregator", str, None),
+        neighbours=r.choice("neighbours", ("all", "topology", "task"), "all"),
+        stop=_stop(source, r.table_of("stop"), prefix + "stop.") if "stop" in table else None,
+    )
+    r.done()
+    return spec
+
+
+def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenario:
+    """Check and convert a parsed TOML document; raises ``ScenarioError`` naming the key."""
+    top = _Reader(source, data, "")
+    name = top.get("name", str)
+    seed = top.integer("seed", 0)
+    description = top.get("description", str, "")
+
+    t = _Reader(source, top.get("task", dict), "task.")
+    task = TaskSpec(
+        name=t.get("name", str),
+        nodes=t.integer("nodes", low=1),
+        partition=t.choice("partition", ("iid", "dirichlet", "quantity"), "iid"),
+        alpha=t.number("alpha", 0.5, low=1e-9),
+        lr=t.number("lr", None, low=1e-12),
+        batch_size=t.integer("batch_size", None, low=1),
+        options=dict(t.table_of("options")),
+    )
+    t.done()
+
+    tr = _Reader(source, top.table_of("training"), "training.")
+    training = TrainingSpec(
+        epochs=tr.number("epochs", 1.0, low=1e-9),
+        samples_per_s=tr.number("samples_per_s", 2000.0, low=1e-9),
+        speed_spread=tr.number("speed_spread", 0.0, low=0.0, high=1.0, open_high=True),
+        eval_interval=tr.number("eval_interval", 10.0, low=1e-6),
+        eval_nodes=tr.integer("eval_nodes", 0),
+        path=tr.choice("path", TRAINING_PATHS, "task"),
+    )
+    tr.done()
+
+    n = _Reader(source, top.table_of("network"), "network.")
+    partitions = []
+    for i, p in enumerate(n.get("partitions", list, [])):
+        if not isinstance(p, dict):
+            raise n.error(f"partitions[{i}]", "must be a table with start, end, groups")
+        pr = _Reader(source, p, f"network.partitions[{i}].")
+        spec = PartitionSpec(
+            pr.number("start", low=0.0), pr.number("end", low=0.0), pr.integer("groups", 2, low=2)
+        )
+        if spec.end <= spec.start:
+            raise pr.error("end", f"must be after start ({spec.start}), got {spec.end}")
+        pr.done()
+        partitions.append(spec)
+    network = NetworkSpec(
+        latency_ms=n.number("latency_ms", 10.0, low=0.0),
+        bandwidth_mbps=n.number("bandwidth_mbps", 100.0, low=1e-9),
+        loss=n.number("loss", 0.0, low=0.0, high=1.0, open_high=True),
+        detect_s=n.number("detect_s", 2.0, low=0.0),
+        topology=n.choice("topology", ("full", "random"), "full"),
+        degree=n.integer("degree", 8, low=1),
+        partitions=tuple(partitions),
+    )
+    n.done()
+
+    c = _Reader(source, top.table_of("churn"), "churn.")
+    churn = ChurnSpec(
+        fraction=c.number("fraction", 0.0, low=0.0, high=1.0),
+        start=c.number("start", 0.0, low=0.0),
+        end=c.number("end", 0.0, low=0.0),
+        downtime=c.number("downtime", 30.0, low=0.0),
+    )
+    if churn.fraction > 0 and churn.end < churn.start:
+        raise c.error("end", f"must not be before churn.start ({churn.start})")
+    c.done()
+
+    stop = _stop(source, top.get("stop", dict), "stop.")
+    raw_setups = top.get("setup", list)
+    if not raw_setups:
+        raise top.error("setup", "needs at least one [[setup]] table")
+    setups = tuple(_setup(source, s, i, 10.0) for i, s in enumerate(raw_setups))
+    names = [s.name for s in setups]
+    for i, s in enumerate(names):
+        if s in names[:i]:
+            raise ScenarioError(f"{source}: key 'setup[{i}].name': {s!r} is used twice")
+    top.done()
+    return Scenario(
+        name=name,
+        seed=seed,
+        task=task,
+        training=training,
+        network=network,
+        churn=churn,
+        stop=stop,
+        setups=setups,
+        source=source,
+        description=description,
+        raw=data,
+    )
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and check a scenario file; errors name the file and the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read the scenario file ({exc.strerror})") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_scenario(data, str(path))

@@ -1,0 +1,528 @@
+"""The virtual-time engine: every node's protocol machine in one process, one virtual clock.
+
+``run(scenario, progress=None) -> Results`` runs each ``[[setup]]`` of the scenario on the same
+task, topology, churn schedule and partitions, and returns the results (see ``results``).
+
+How it drives the machines (the same ``p2pfl.protocols`` machines the daemon drives):
+- One event heap ordered by (virtual time, insertion number): deliveries, machine timers,
+  training completions, churn, peer up/down notices, evaluation points. Nothing reads a clock.
+- ``Train`` runs the real training at once (synchronously) and hands ``TrainingDone`` in after
+  the modelled duration: samples processed / (samples_per_s x the node's speed factor).
+- ``Send`` goes through ``NetworkModel`` (uplink FIFO at bandwidth, latency, loss, partitions);
+  the wire size is the model's raw tensor bytes plus a fixed envelope overhead.
+- Churn: a leaving node's machine is dropped (its in-flight events die with its session) and its
+  neighbours get ``PeerDown`` after ``detect_s``; on rejoin a new machine starts from the node's
+  last adopted model, as a daemon restarting from its checkpoint would.
+- Timers: after every ``handle`` the engine reads ``next_deadline()`` and (re)schedules.
+Deterministic: every random draw comes from a ``random.Random`` seeded from the scenario seed and
+a purpose string, and ties in time break by insertion order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pfl.protocols import (
+    Action,
+    Evaluate,
+    EvaluationDone,
+    FeatureReply,
+    FeatureRequest,
+    FedAvgConfig,
+    FedAvgLearner,
+    GossipConfig,
+    GossipLearner,
+    Learner,
+    Message,
+    MessageReceived,
+    PeerDown,
+    PeerUp,
+    Penalize,
+    Send,
+    ServerFreeConfig,
+    ServerFreeLearner,
+    Start,
+    TimerFired,
+    Train,
+    TrainingDone,
+    UseFeatures,
+)
+from p2pfl.sim.network import NetworkModel, build_topology
+from p2pfl.sim.results import NodeResult, Results, SetupResult
+from p2pfl.sim.scenario import Scenario, SetupSpec
+from p2pfl.sim.workload import Workload, make_workload
+
+ENVELOPE_OVERHEAD = 160
+"""Bytes a signed envelope adds to a body: Ed25519 signature and key, kind, seq, time, framing."""
+
+Progress = Callable[[str, float, str], None]
+"""progress(setup name, fraction done in [0, 1], status line)."""
+
+# Event kinds, in the order they run when they fall on the same instant and were inserted together.
+_DELIVER, _TIMER, _TRAINED, _LEAVE, _JOIN, _PEER_UP, _PEER_DOWN, _EVAL = range(8)
+_ANY_SESSION = -2  # partition notices go to whichever session a node is in
+
+
+@dataclass
+class _Node:
+    index: int
+    id: str
+    neighbours: list[int]
+    speed: float
+    machine: Learner[Any] | None = None
+    alive: bool = True
+    session: int = 0
+    timer_at: float | None = None
+    timer_version: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_lost: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    penalized: list[str] = field(default_factory=list)
+    feature_bytes_received: int = 0
+    feature_bytes_sent: int = 0
+    rounds_before: int = 0
+    seen_finished: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def node_ids(n: int) -> list[str]:
+    width = max(3, len(str(n - 1)))
+    return [f"n{i:0{width}d}" for i in range(n)]
+
+
+def message_bytes(message: Message[Any], workload: Workload) -> int:
+    if isinstance(message, FeatureRequest):
+        return ENVELOPE_OVERHEAD + 4 * len(message.sensors)
+    if isinstance(message, FeatureReply):
+        return ENVELOPE_OVERHEAD + 4 * len(message.sensors) + len(message.data)
+    return ENVELOPE_OVERHEAD + workload.nbytes(message.weights)
+
+
+class _SetupRun:
+    def __init__(
+        self, scenario: Scenario, setup: SetupSpec, workload: Workload, progress: Progress | None
+    ) -> None:
+        self.scenario, self.setup, self.workload = scenario, setup, workload
+        self.progress = progress
+        self.stop = setup.stop or scenario.stop
+        self.epochs = setup.epochs or scenario.training.epochs
+        n = scenario.task.nodes
+        self.ids = node_ids(n)
+        seed = scenario.seed
+        topology = build_topology(
+            n, scenario.network.topology, scenario.network.degree, random.Random(f"{seed}:topology")
+        )
+        speeds = random.Random(f"{seed}:speed")
+        spread = scenario.training.speed_spread
+        self.nodes = [
+            _Node(i, self.ids[i], topology[i], speeds.uniform(1 - spread, 1 + spread))
+            for i in range(n)
+        ]
+        self.by_id = {node.id: node for node in self.nodes}
+        self.network = NetworkModel(scenario.network, n, random.Random(f"{seed}:loss:{setup.name}"))
+        self.heap: list[tuple[float, int, int, int, int, Any]] = []
+        self.seq = itertools.count()
+        self.now = 0.0
+        self.bytes_total = 0
+        eval_rng = random.Random(f"{seed}:eval")
+        k = scenario.training.eval_nodes
+        self.eval_nodes = sorted(eval_rng.sample(range(n), k)) if 0 < k < n else list(range(n))
+        self.curve: list[dict[str, float]] = []
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def push(self, at: float, kind: int, node: int, session: int, payload: Any = None) -> None:
+        heapq.heappush(self.heap, (at, next(self.seq), kind, node, session, payload))
+
+    def new_machine(self, node: _Node, weights: Any) -> Learner[Any]:
+        s = self.setup
+        rng = random.Random(f"{self.scenario.seed}:{s.name}:{node.id}:{node.session}")
+        ops = self.workload.ops
+        max_rounds = self.stop.rounds
+        plan = self.workload.feature_plan(node.index, self.ids)
+        if s.protocol == "gossip":
+            config = GossipConfig(
+                period=s.period,
+                jitter=s.jitter,
+                budget=self.epochs,
+                staleness_window=s.staleness_window,
+                aggregation=s.aggregation,
+                max_rounds=None if max_rounds is None else max(1, max_rounds - node.rounds_before),
+            )
+            return GossipLearner(node.id, weights, ops, rng, config, features=plan)
+        if s.protocol == "server-free":
+            sf = ServerFreeConfig(
+                round_timeout=s.round_timeout,
+                budget=self.epochs,
+                aggregation=s.aggregation,
+                max_rounds=max_rounds,
+                max_ahead=s.max_ahead,
+            )
+            neighbours = (
+                [self.ids[j] for j in node.neighbours] if s.neighbours == "topology" else None
+            )
+            return ServerFreeLearner(
+                node.id, weights, ops, rng, sf, neighbours=neighbours, features=plan
+            )
+        fa = FedAvgConfig(
+            round_timeout=s.round_timeout,
+            budget=self.epochs,
+            aggregation=s.aggregation,
+            aggregator=s.aggregator,
+            max_rounds=max_rounds,
+        )
+        return FedAvgLearner(node.id, weights, ops, rng, fa, features=plan)
+
+    def server_free_neighbours(self, node: _Node) -> list[str] | None:
+        if self.setup.neighbours == "topology":
+            return [self.ids[j] for j in node.neighbours]
+        if self.setup.neighbours == "task":
+            task_links = getattr(self.workload, "neighbours", lambda _: None)(node.index)
+            if task_links is None:
+                raise ValueError(
+                    f"{self.scenario.source}: key 'setup.neighbours': the task "
+                    f"{self.scenario.task.name!r} has no neighbour graph; use all or topology"
+                )
+            return [self.ids[j] for j in task_links]
+        return None
+
+    def handle(self, node: _Node, event: Any) -> None:
+        assert node.machine is not None
+        self.apply(node, node.machine.handle(event, self.now))
+
+    def apply(self, node: _Node, actions: list[Action[Any]]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.send(node, action.peer, action.message)
+            elif isinstance(action, Train):
+                new, report = self.workload.train(node.index, action.weights, action.budget)
+                duration = report.samples / (self.scenario.training.samples_per_s * node.speed)
+                self.push(self.now + duration, _TRAINED, node.index, node.session, (new, report))
+            elif isinstance(action, Evaluate):
+                self.handle(node, EvaluationDone(self.workload.evaluate(action.weights)))
+            elif isinstance(action, Penalize):
+                node.penalized.append(action.peer)
+            elif isinstance(action, UseFeatures):
+                node.feature_bytes_received += len(action.data)
+        machine = node.machine
+        assert machine is not None
+        deadline = machine.next_deadline()
+        if deadline != node.timer_at:
+            node.timer_at = deadline
+            node.timer_version += 1
+            if deadline is not None:
+                self.push(
+                    max(deadline, self.now), _TIMER, node.index, node.session, node.timer_version
+                )
+
+    def send(self, src: _Node, peer: str, message: Message[Any]) -> None:
+        dst = self.by_id[peer]
+        size = message_bytes(message, self.workload)
+        if isinstance(message, FeatureReply):
+            src.feature_bytes_sent += len(message.data)
+        src.bytes_sent += size
+        src.messages_sent += 1
+        self.bytes_total += size
+        sent = self.network.transmit(src.index, dst.index, size, self.now)
+        if sent.lost is not None:
+            src.messages_lost[sent.lost] += 1
+            return
+        self.push(sent.arrival, _DELIVER, dst.index, -1, (src.id, message, size))
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> SetupResult:
+        started = time.perf_counter()
+        if self.setup.protocol == "centralized":
+            return self.run_centralized(started)
+        self.schedule_churn_and_partitions()
+        initial = self.workload.initial()
+        for node in self.nodes:
+            node.machine = self.new_machine(node, initial)
+        for node in self.nodes:
+            for j in node.neighbours:
+                self.handle(node, PeerUp(self.ids[j]))
+            self.handle(node, Start())
+        self.push(0.0, _EVAL, -1, 0)
+        budget = None if self.stop.megabytes is None else self.stop.megabytes * 1e6
+        last_report = -1.0
+        while self.heap:
+            at, _, kind, index, session, payload = heapq.heappop(self.heap)
+            if at > self.stop.time:
+                break
+            self.now = at
+            self.dispatch(kind, index, session, payload)
+            if budget is not None and self.bytes_total >= budget:
+                break
+            if self.finished_now(kind, index):
+                break
+            if self.progress and at - last_report >= self.stop.time / 200:
+                last_report = at
+                self.progress(self.setup.name, at / self.stop.time, self.status())
+        return self.finish(started)
+
+    def dispatch(self, kind: int, index: int, session: int, payload: Any) -> None:
+        if kind == _EVAL:
+            self.evaluate_point()
+            self.push(self.now + self.scenario.training.eval_interval, _EVAL, -1, 0)
+            return
+        node = self.nodes[index]
+        if kind == _DELIVER:
+            src, message, size = payload
+            if not node.alive:
+                self.by_id[src].messages_lost["receiver_down"] += 1
+                return
+            node.bytes_received += size
+            self.handle(node, MessageReceived(src, message))
+        elif kind == _LEAVE:
+            self.leave(node)
+        elif kind == _JOIN:
+            self.join(node)
+        elif not node.alive or session not in (_ANY_SESSION, node.session):
+            return  # addressed to a session that ended
+        elif kind == _TIMER:
+            if payload == node.timer_version:
+                node.timer_at = None
+                self.handle(node, TimerFired())
+        elif kind == _TRAINED:
+            self.handle(node, TrainingDone(*payload))
+        elif kind == _PEER_UP:
+            peer = self.nodes[payload]
+            if peer.alive and not self.network.separated(index, payload, self.now):
+                self.handle(node, PeerUp(peer.id))
+        elif kind == _PEER_DOWN:
+            peer_index, peer_session = payload
+            if self.nodes[peer_index].session == peer_session or self.network.separated(
+                index, peer_index, self.now
+            ):
+                self.handle(node, PeerDown(self.ids[peer_index]))
+
+    def schedule_churn_and_partitions(self) -> None:
+        churn = self.scenario.churn
+        n = len(self.nodes)
+        if churn.fraction > 0:
+            rng = random.Random(f"{self.scenario.seed}:churn")
+            for i in sorted(rng.sample(range(n), round(churn.fraction * n))):
+                leave = rng.uniform(churn.start, churn.end)
+                self.push(leave, _LEAVE, i, -1)
+                self.push(leave + churn.downtime, _JOIN, i, -1)
+        detect = self.scenario.network.detect_s
+        for p in self.scenario.network.partitions:
+            for node in self.nodes:
+                for j in node.neighbours:
+                    if self.network.group(node.index, p) != self.network.group(j, p):
+                        self.push(p.start + detect, _PEER_DOWN, node.index, _ANY_SESSION, (j, -1))
+                        self.push(p.end, _PEER_UP, node.index, _ANY_SESSION, j)
+
+    def leave(self, node: _Node) -> None:
+        if not node.alive:
+            return
+        self.absorb_counters(node)
+        node.alive = False
+        node.session += 1
+        for j in node.neighbours:
+            peer = self.nodes[j]
+            if peer.alive:
+                self.push(
+                    self.now + self.scenario.network.detect_s,
+                    _PEER_DOWN,
+                    j,
+                    peer.session,
+                    (node.index, node.session),
+                )
+
+    def join(self, node: _Node) -> None:
+        if node.alive:
+            return
+        assert node.machine is not None
+        checkpoint = node.machine.model
+        node.session += 1
+        node.alive = True
+        node.timer_at = None
+        node.seen_finished = False
+        node.machine = self.new_machine(node, checkpoint)
+        latency = self.scenario.network.latency_ms / 1000
+        for j in node.neighbours:
+            peer = self.nodes[j]
+            if peer.alive and not self.network.separated(node.index, j, self.now):
+                self.handle(node, PeerUp(peer.id))
+                self.push(self.now + latency, _PEER_UP, j, peer.session, node.index)
+        self.handle(node, Start())
+
+    def absorb_counters(self, node: _Node) -> None:
+        machine = node.machine
+        assert machine is not None
+        node.dropped.update(machine.dropped)
+        node.rounds_before = self.rounds_of(node)
+
+    def finished_now(self, kind: int, index: int) -> bool:
+        """Every live node finished (checked when a node finishes, and at evaluation points)."""
+        if kind != _EVAL:
+            node = self.nodes[index]
+            if node.machine is None or not node.machine.finished or node.seen_finished:
+                return False
+            node.seen_finished = True
+        return all(n.machine is not None and n.machine.finished for n in self.nodes if n.alive)
+
+    def rounds_of(self, node: _Node) -> int:
+        """Gossip: trainings over all sessions; rounds-based protocols: the round reached."""
+        if node.machine is None or not node.alive:
+            return node.rounds_before
+        if self.setup.protocol == "gossip":
+            return node.rounds_before + node.machine.rounds
+        return max(node.rounds_before, node.machine.rounds)
+
+    def status(self) -> str:
+        live = [n for n in self.nodes if n.alive]
+        mean_round = sum(self.rounds_of(n) for n in live) / max(len(live), 1)
+        last = self.curve[-1].get(self.workload.primary_metric) if self.curve else None
+        metric = f"{self.workload.primary_metric} {last:.4g}" if last is not None else ""
+        return f"t={self.now:.0f}s round {mean_round:.1f} {self.bytes_total / 1e6:.1f} MB {metric}"
+
+    def evaluate_point(self, *, final: bool = False) -> None:
+        cache: dict[int, dict[str, float]] = {}
+        rows = []
+        for i in self.eval_nodes:
+            node = self.nodes[i]
+            if not (node.alive or final) or node.machine is None:
+                continue
+            model = node.machine.model
+            if id(model) not in cache:
+                cache[id(model)] = self.workload.evaluate(model)
+            metrics = cache[id(model)]
+            row = {
+                "time": self.now,
+                "round": float(self.rounds_of(node)),
+                "bytes_sent": float(node.bytes_sent),
+                **metrics,
+            }
+            node.history.append(row)
+            rows.append(row)
+        if rows:
+            point = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "bytes_sent"}
+            point["bytes"] = float(self.bytes_total)
+            self.curve.append(point)
+
+    def finish(self, started: float) -> SetupResult:
+        if not self.curve or self.curve[-1]["time"] != self.now:
+            self.evaluate_point(final=True)
+        for node in self.nodes:
+            if node.alive:
+                self.absorb_counters(node)
+        nodes = []
+        for i in self.eval_nodes:
+            node = self.nodes[i]
+            final = (
+                {
+                    k: v
+                    for k, v in node.history[-1].items()
+                    if k not in ("time", "round", "bytes_sent")
+                }
+                if node.history
+                else {}
+            )
+            extra: dict[str, Any] = {
+                "alive": node.alive,
+                "sessions": node.session // 2 + 1,
+                "messages_sent": node.messages_sent,
+                "messages_lost": dict(sorted(node.messages_lost.items())),
+                "dropped": dict(sorted(node.dropped.items())),
+                "penalized": node.penalized,
+                "feature_bytes_sent": node.feature_bytes_sent,
+                "feature_bytes_received": node.feature_bytes_received,
+            }
+            nodes.append(
+                NodeResult(
+                    node.id,
+                    final,
+                    node.history,
+                    node.bytes_sent,
+                    node.bytes_received,
+                    node.rounds_before,
+                    extra,
+                )
+            )
+        final_point = self.curve[-1]
+        finals = {k: v for k, v in final_point.items() if k not in ("time", "round", "bytes")}
+        return SetupResult(
+            name=self.setup.name,
+            protocol=self.setup.protocol,
+            aggregation=self.setup.aggregation,
+            final=finals,
+            curve=self.curve,
+            nodes=nodes,
+            bytes_sent=sum(n.bytes_sent for n in self.nodes),
+            bytes_received=sum(n.bytes_received for n in self.nodes),
+            virtual_time_s=self.now,
+            wall_time_s=time.perf_counter() - started,
+            extra={
+                "nodes_total": len(self.nodes),
+                "evaluated_nodes": len(self.eval_nodes),
+                "model_bytes": self.workload.nbytes(self.workload.initial()),
+            },
+        )
+
+    def run_centralized(self, started: float) -> SetupResult:
+        """One trainer on all the data, evaluated after every training; no network."""
+        weights = self.workload.initial()
+        speed = self.scenario.training.samples_per_s
+        history = []
+        rounds = 0
+        while True:
+            metrics = self.workload.evaluate(weights)
+            history.append({"time": self.now, "round": float(rounds), "bytes_sent": 0.0, **metrics})
+            if self.stop.rounds is not None and rounds >= self.stop.rounds:
+                break
+            weights, report = self.workload.train(None, weights, self.epochs)
+            duration = report.samples / speed
+            if self.now + duration > self.stop.time:
+                break
+            self.now += duration
+            rounds += 1
+            if self.progress:
+                self.progress(self.setup.name, self.now / self.stop.time, f"epoch {rounds}")
+        curve = [
+            {**{k: v for k, v in h.items() if k != "bytes_sent"}, "bytes": 0.0} for h in history
+        ]
+        final = {k: v for k, v in history[-1].items() if k not in ("time", "round", "bytes_sent")}
+        node = NodeResult("central", final, history, 0, 0, rounds, {})
+        return SetupResult(
+            name=self.setup.name,
+            protocol="centralized",
+            aggregation="-",
+            final=final,
+            curve=curve,
+            nodes=[node],
+            bytes_sent=0,
+            bytes_received=0,
+            virtual_time_s=self.now,
+            wall_time_s=time.perf_counter() - started,
+            extra={"model_bytes": self.workload.nbytes(weights)},
+        )
+
+
+def run(
+    scenario: Scenario, *, progress: Progress | None = None, workload: Workload | None = None
+) -> Results:
+    """Run every setup of ``scenario`` in virtual time; deterministic for the scenario's seed."""
+    workload = workload or make_workload(scenario)
+    setups = [_SetupRun(scenario, s, workload, progress).run() for s in scenario.setups]
+    return Results(
+        scenario=scenario.name,
+        engine="virtual",
+        seed=scenario.seed,
+        task=scenario.task.name,
+        primary_metric=workload.primary_metric,
+        higher_is_better=workload.higher_is_better,
+        setups=setups,
+        scenario_source=dict(scenario.raw),
+    )

@@ -1,0 +1,188 @@
+"""What the engines train: the learning core's tasks behind a small interface.
+
+A ``Workload`` owns the task, the data of every node and the models as handles: it trains a
+handle for a node (real training, synchronous), evaluates a handle, and sizes it for the network
+model. ``StateDictOps`` is the ``ModelOps`` the protocol machines get: validation and aggregation
+by the learning core's primitives (``validate_update``, ``AGGREGATORS``) over state_dicts; the
+daemon can use it as is.
+
+Handles are never changed after creation: training copies, aggregators allocate their output.
+That lets many nodes share one handle (FedAvg participants adopting the same global model) and
+keeps per-node memory to the models a node actually holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from p2pfl.protocols import FeaturePlan
+from p2pfl.sim.scenario import Scenario
+
+StateDict = dict[str, torch.Tensor]
+
+
+class Report(Protocol):
+    @property
+    def samples(self) -> int: ...
+
+    @property
+    def loss(self) -> float: ...
+
+
+class Workload(Protocol):
+    primary_metric: str
+    higher_is_better: bool
+    ops: Any
+
+    def initial(self) -> Any: ...
+
+    def train(self, node: int | None, weights: Any, epochs: float) -> tuple[Any, Report]:
+        """Train a copy of ``weights`` on ``node``'s data (None: all data, centralized)."""
+        ...
+
+    def evaluate(self, weights: Any) -> dict[str, float]: ...
+
+    def nbytes(self, weights: Any) -> int: ...
+
+    def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None: ...
+
+
+class StateDictOps:
+    """``ModelOps`` over torch state_dicts, by the learning core's aggregation primitives."""
+
+    def __init__(self, *, max_norm: float | None = None) -> None:
+        from p2pfl.ml import AGGREGATORS, validate_update
+
+        self._aggregators = AGGREGATORS
+        self._validate = validate_update
+        self.max_norm = max_norm
+
+    @property
+    def rules(self) -> Collection[str]:
+        return tuple(self._aggregators)
+
+    def validate(self, reference: StateDict, update: StateDict) -> str | None:
+        reason: str | None = self._validate(reference, update, max_norm=self.max_norm)
+        return reason
+
+    def aggregate(
+        self, rule: str, reference: StateDict, models: Sequence[StateDict], weights: Sequence[float]
+    ) -> StateDict:
+        merged: StateDict = self._aggregators[rule](models, weights, reference)
+        return merged
+
+
+def _frozen_copy(state: dict[str, torch.Tensor]) -> StateDict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+class TaskWorkload:
+    """A learning-core ``Task``: one shared module is loaded with a handle, trained, copied out."""
+
+    def __init__(self, scenario: Scenario, *, threads: int = 1) -> None:
+        # Tiny models, one process: one intra-op thread is fastest, and on a shared machine
+        # torch's spinning worker threads made a 4-batch MLP epoch 20x slower (measured).
+        torch.set_num_threads(threads)
+        self.task = load_scenario_task(scenario)
+        spec = scenario.task
+        self.primary_metric = self.task.primary_metric
+        self.higher_is_better = self.task.higher_is_better
+        self.ops = StateDictOps()
+        self._n_nodes = spec.nodes
+        self._model = self.task.make_model()
+        self._initial = _frozen_copy(self._model.state_dict())
+        self._data: dict[int | None, Any] = {}
+
+    def _node_data(self, node: int | None) -> Any:
+        if node not in self._data:
+            self._data[node] = (
+                self.task.central_data()
+                if node is None
+                else self.task.node_data(node, self._n_nodes)
+            )
+        return self._data[node]
+
+    def initial(self) -> StateDict:
+        return self._initial
+
+    def train(
+        self, node: int | None, weights: StateDict, epochs: float
+    ) -> tuple[StateDict, Report]:
+        self._model.load_state_dict(weights)
+        report = self.task.train(self._model, self._node_data(node), epochs=epochs)
+        return _frozen_copy(self._model.state_dict()), report
+
+    def evaluate(self, weights: StateDict) -> dict[str, float]:
+        self._model.load_state_dict(weights)
+        return {k: float(v) for k, v in self.task.evaluate(self._model).items()}
+
+    def nbytes(self, weights: StateDict) -> int:
+        return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def neighbours(self, node: int) -> list[int] | None:
+        """The task's own neighbour graph (cloudlets within communication range), if any."""
+        partition = getattr(self.task, "partition", None)
+        if partition is None or not hasattr(partition, "neighbours"):
+            return None
+        return list(partition.neighbours[node])
+
+    def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
+        """Graph tasks: the halo readings this cloudlet needs, by owner, and what it serves.
+
+        The replies carry the real readings (float32, the whole table of those sensors) from the
+        task's speed table; the task's own data already holds the halo, so the exchange is
+        there to move and count exactly the bytes a deployment would move.
+        """
+        partition = getattr(self.task, "partition", None)
+        windows = getattr(self.task, "windows", None)
+        if partition is None or windows is None:
+            return None
+        owner = partition.owner
+        needs: dict[str, tuple[int, ...]] = {}
+        for sensor in partition.halos[node]:
+            needs.setdefault(node_ids[int(owner[sensor])], ())
+            needs[node_ids[int(owner[sensor])]] += (int(sensor),)
+        table = windows.truth
+
+        def source(sensors: tuple[int, ...]) -> bytes | None:
+            if not sensors or any(int(owner[s]) != node for s in sensors):
+                return None
+            columns = table[:, list(sensors)]
+            data = columns.numpy() if hasattr(columns, "numpy") else columns
+            return bytes(np.ascontiguousarray(data, dtype=np.float32).tobytes())
+
+        return FeaturePlan(needs=needs, source=source, timeout=30.0)
+
+
+def load_scenario_task(scenario: Scenario) -> Any:
+    """The learning core's task for the scenario's [task] table (lr/batch_size -> TrainConfig)."""
+    from p2pfl.ml import TrainConfig, load_task
+
+    spec = scenario.task
+    options = dict(spec.options)
+    if spec.lr is not None or spec.batch_size is not None:
+        default = TrainConfig()
+        options["config"] = TrainConfig(
+            lr=spec.lr if spec.lr is not None else default.lr,
+            batch_size=spec.batch_size if spec.batch_size is not None else default.batch_size,
+        )
+    return load_task(
+        spec.name,
+        n_nodes=spec.nodes,
+        partition=spec.partition,
+        alpha=spec.alpha,
+        seed=scenario.seed,
+        **options,
+    )
+
+
+def make_workload(scenario: Scenario) -> Workload:
+    if scenario.training.path == "vectorized":
+        from p2pfl.sim.vectorized import VectorizedLogReg
+
+        return VectorizedLogReg(scenario)
+    return TaskWorkload(scenario)

@@ -1,0 +1,142 @@
+"""Configuration: the example loads; every mistake names the file, the line and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pfl.daemon.config import ConfigError, load_config, locate, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "daemon" / "p2pfl.toml"
+
+
+def _parse(text: str, tmp_path: Path) -> object:
+    path = tmp_path / "p2pfl.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_example_config_loads_with_every_table() -> None:
+    config = load_config(EXAMPLE)
+    assert config.node.name == "cloudlet-1"
+    assert config.trust.mode == "federation"
+    assert config.discovery.static_peers == ("192.0.2.10:7070",)
+    assert config.protocol.params == {"period": 5.0}
+    assert config.metrics.host == "127.0.0.1"
+    assert config.checkpoints.keep == 3
+    assert config.control_socket == Path("/run/p2pfl/control.sock")
+
+
+def test_example_config_comments_every_key() -> None:
+    lines = EXAMPLE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if "=" in line and not line.lstrip().startswith("#"):
+            above = lines[number - 1].lstrip()
+            assert above.startswith("#"), f"line {number + 1} ({line}) has no comment above it"
+
+
+def test_empty_file_uses_defaults_except_required_trust_files(tmp_path: Path) -> None:
+    config = _parse('[trust]\nmode = "open"\n', tmp_path)
+    assert config.protocol.name == "gossip"  # type: ignore[attr-defined]
+    assert config.executor.threads == 1  # type: ignore[attr-defined]
+
+
+def test_unknown_key_is_named_with_its_line(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\n\n[discovery]\nmdns = true\nstatic_peer = ["a:1"]\n'
+    with pytest.raises(ConfigError) as info:
+        _parse(text, tmp_path)
+    assert info.value.line == 6
+    assert info.value.key == "discovery.static_peer"
+    assert str(info.value).startswith(f"{tmp_path / 'p2pfl.toml'}:6: discovery.static_peer: ")
+    assert "static_peers" in str(info.value)  # lists the keys that do exist
+
+
+def test_unknown_table_is_named_with_its_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _parse('[trust]\nmode = "open"\n[metric]\nport = 1\n', tmp_path)
+    assert (info.value.line, info.value.key) == (3, "metric")
+
+
+def test_wrong_type_is_named_with_its_line_and_expected_type(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\n[executor]\ndevice = "cpu"\n  threads = "four"\n'
+    with pytest.raises(ConfigError) as info:
+        _parse(text, tmp_path)
+    assert (info.value.line, info.value.key) == (5, "executor.threads")
+    assert "expected an integer, got string 'four'" in str(info.value)
+
+
+def test_boolean_is_not_accepted_as_a_number(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"limits.max_peers: expected an integer, got boolean"):
+        _parse('[trust]\nmode = "open"\n[limits]\nmax_peers = true\n', tmp_path)
+
+
+def test_wrong_choice_lists_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _parse('[protocol]\nname = "gosip"\n', tmp_path)
+    assert info.value.line == 2
+    assert '"gossip", "server-free", "fedavg"' in str(info.value)
+
+
+def test_dotted_key_at_top_level_is_located(tmp_path: Path) -> None:
+    text = 'trust.mode = "open"\n# comment\nexecutor.threads = 0\n'
+    with pytest.raises(ConfigError) as info:
+        _parse(text, tmp_path)
+    assert (info.value.line, info.value.key) == (3, "executor.threads")
+    assert "an integer >= 1" in str(info.value)
+
+
+def test_list_element_of_wrong_type_is_an_error(tmp_path: Path) -> None:
+    text = 'trust.mode = "open"\n[discovery]\nstatic_peers = ["a:1", 2]\n'
+    expected = r":3: discovery.static_peers: expected a list of strings"
+    with pytest.raises(ConfigError, match=expected):
+        _parse(text, tmp_path)
+
+
+def test_static_peer_without_port_is_an_error(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\n[discovery]\nstatic_peers = ["10.0.0.1"]\n'
+    with pytest.raises(ConfigError) as info:
+        _parse(text, tmp_path)
+    assert info.value.line == 4
+    assert "is not host:port" in str(info.value)
+
+
+def test_federation_mode_without_key_file_says_what_to_add(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _parse('[trust]\nmode = "federation"\n', tmp_path)
+    assert info.value.key == "trust.federation_public_key"
+    assert info.value.line == 1  # the [trust] table, since the key itself is absent
+    assert "`p2pfl federation init`" in str(info.value)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    config = _parse('[node]\nstate_dir = "state"\n[trust]\nmode = "open"\n', tmp_path)
+    assert config.state_dir == tmp_path / "state"  # type: ignore[attr-defined]
+
+
+def test_invalid_toml_reports_tomllib_position(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid TOML: .*line 2"):
+        _parse("[trust]\nmode = \n", tmp_path)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_late_errors_still_point_at_the_line(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\n[protocol.params]\nperiod_s = 5.0\nfanout = 3\n'
+    path = tmp_path / "p.toml"
+    config = parse_config(text, path)
+    error = config.error("protocol.params.fanout", "not a parameter of gossip")
+    assert (error.line, error.key) == (5, "protocol.params.fanout")
+
+
+def test_locate_handles_quoted_keys_and_array_tables() -> None:
+    text = '[a]\n"b" = 1\n[[c]]\nd = 2\n[e . f]\ng = 3\n'
+    assert locate(text, ["a", "b"]) == 2
+    assert locate(text, ["c", "d"]) == 4
+    assert locate(text, ["e", "f", "g"]) == 6
+    assert locate(text, ["e", "f", "missing"]) == 5
+    assert locate(text, ["nowhere"]) is None

@@ -1,0 +1,230 @@
+"""The control socket and `p2pfl status` / `p2pfl peers` against a live server and a stopped one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2pfl.daemon.control import (
+    CheckpointStatus,
+    ControlError,
+    ControlServer,
+    ControlSocketError,
+    NodeStatus,
+    PeerStatus,
+    fetch_status,
+    request,
+)
+
+NOW = time.time()
+
+
+def _status(trust_mode: str = "federation") -> NodeStatus:
+    return NodeStatus(
+        node_id="a3f9c2e1" + "0" * 44,
+        short_id="a3f9c2e1",
+        name="cloudlet-1",
+        version="0.1.0",
+        pid=4242,
+        started_at=NOW - 3725,
+        now=NOW,
+        federation_id="fed-77",
+        trust_mode=trust_mode,
+        protocol="gossip",
+        task="digits",
+        round=42,
+        model_updated_at=NOW - 3,
+        last_loss=0.2311,
+        metric_name="accuracy",
+        metric_value=0.9123,
+        training_state="training",
+        bytes_in=3 << 20,
+        bytes_out=5 << 20,
+        rejected={"bad_signature": 2},
+        checkpoint=CheckpointStatus(seq=12, digest="9f" * 32, created=NOW - 125),
+        peers=(
+            PeerStatus("b7" * 26, "cloudlet-2", "connected", 0.8, 1 << 20, 2 << 20, NOW - 1, 0),
+            PeerStatus("c1" * 26, "", "down", None, 0, 0, None, 2),
+        ),
+    )
+
+
+async def _serve(
+    nursery: trio.Nursery, path: Path, node: NodeStatus | None = None
+) -> ControlServer:
+    node = node or _status()
+    server = ControlServer(
+        path, {"status": lambda _: node.to_json(), "peers": lambda _: node.to_json()["peers"]}
+    )
+    await nursery.start(server.serve)
+    return server
+
+
+async def _cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "p2pfl", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+
+
+async def test_socket_is_owner_only_in_an_owner_only_directory(short_tmp: Path) -> None:
+    runtime = short_tmp / "run"
+    runtime.mkdir(mode=0o755)
+    runtime.chmod(0o755)
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, runtime / "control.sock")
+        assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+        info = (runtime / "control.sock").stat()
+        assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+        assert info.st_uid == os.geteuid()
+        nursery.cancel_scope.cancel()
+    assert not (runtime / "control.sock").exists()  # removed on the way out
+
+
+async def test_status_json_against_a_live_server_is_the_whole_status(short_tmp: Path) -> None:
+    path = short_tmp / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path)
+        result = await _cli("status", "--socket", str(path), "--json")
+        nursery.cancel_scope.cancel()
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["node_id"].startswith("a3f9c2e1") and data["round"] == 42
+    assert data["metric_name"] == "accuracy" and data["metric_value"] == pytest.approx(0.9123)
+    assert [p["name"] for p in data["peers"]] == ["cloudlet-2", ""]
+    assert data["rejected"] == {"bad_signature": 2} and data["warnings"] == []
+
+
+async def test_status_table_shows_node_model_and_peers(short_tmp: Path) -> None:
+    path = short_tmp / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path)
+        result = await _cli("status", "--socket", str(path))
+        peers = await _cli("peers", "--socket", str(path))
+        nursery.cancel_scope.cancel()
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr
+    for expected in (
+        "a3f9c2e1  cloudlet-1",
+        "up 1h02m",
+        "trust: federation",
+        "round 42, updated 3s ago; loss 0.2311, accuracy 0.9123",
+        "training    training",
+        "rejected 2 (bad_signature 2)",
+        "checkpoint  #12, 2m05s ago, sha256 9f9f9f9f9f9f",
+        "PEER",
+        "cloudlet-2",
+        "0.8 ms",
+        "2.0 MiB",
+        "never",
+    ):
+        assert expected in out, f"{expected!r} not in:\n{out}"
+    assert "WARNING" not in out
+    assert peers.returncode == 0 and "cloudlet-2" in peers.stdout.decode()
+    assert "round 42" not in peers.stdout.decode()
+
+
+async def test_open_trust_mode_is_warned_loudly(short_tmp: Path) -> None:
+    path = short_tmp / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path, _status(trust_mode="open"))
+        table = await _cli("status", "--socket", str(path))
+        as_json = await _cli("status", "--socket", str(path), "--json")
+        nursery.cancel_scope.cancel()
+    first_line = table.stdout.decode().splitlines()[0]
+    assert first_line.startswith("WARNING: trust mode is OPEN")
+    assert '[trust] mode = "federation"' in table.stdout.decode()  # markup did not eat it
+    assert "OPEN" in json.loads(as_json.stdout)["warnings"][0]
+
+
+@pytest.mark.parametrize("command", ["status", "peers"])
+async def test_stopped_daemon_is_one_line_and_exit_status_1(short_tmp: Path, command: str) -> None:
+    result = await _cli(command, "--socket", str(short_tmp / "control.sock"))
+    assert result.returncode == 1
+    assert result.stdout == b""
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "p2pfl daemon is not running" in lines[0]
+    assert str(short_tmp / "control.sock") in lines[0]
+
+
+async def test_stale_socket_of_a_dead_daemon_counts_as_stopped_and_is_replaced(
+    short_tmp: Path,
+) -> None:
+    path = short_tmp / "control.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens: what SIGKILL leaves behind
+    result = await _cli("status", "--socket", str(path))
+    assert result.returncode == 1 and "not running" in result.stderr.decode()
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path)
+        status = await trio.to_thread.run_sync(fetch_status, path)
+        nursery.cancel_scope.cancel()
+    assert status.round == 42 and status.peers[0].rtt_ms == 0.8
+
+
+async def test_second_server_on_a_live_socket_is_refused(short_tmp: Path) -> None:
+    path = short_tmp / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path)
+        with pytest.raises(ControlSocketError, match="already listening"):
+            await ControlServer(path, {}).serve()
+        nursery.cancel_scope.cancel()
+
+
+async def test_runtime_dir_of_another_user_is_refused(short_tmp: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a directory owned by someone else")
+    other = short_tmp / "other"
+    other.mkdir(mode=0o700)
+    os.chown(other, 65534, 65534)
+    with pytest.raises(ControlSocketError, match="belongs to uid 65534"):
+        await ControlServer(other / "control.sock", {}).serve()
+
+
+async def test_bad_requests_get_error_replies_not_a_crash(short_tmp: Path) -> None:
+    path = short_tmp / "control.sock"
+
+    def boom(_: Any) -> Any:
+        raise RuntimeError("bug")
+
+    server = ControlServer(path, {"status": lambda _: {"round": 1}, "boom": boom})
+
+    def exchange(lines: list[bytes]) -> list[dict[str, Any]]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(path))
+            sock.sendall(b"".join(lines))
+            reader = sock.makefile("rb")
+            return [json.loads(reader.readline()) for _ in lines]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        replies = await trio.to_thread.run_sync(
+            exchange,
+            [
+                b"not json\n",
+                b'{"nocmd": 1}\n',
+                b'{"cmd": "nope"}\n',
+                b'{"cmd": "boom"}\n',
+                b'{"cmd": "status"}\n',
+            ],
+        )
+        with pytest.raises(ControlError, match="unknown command 'nope'"):
+            await trio.to_thread.run_sync(lambda: request(path, "nope"))
+        nursery.cancel_scope.cancel()
+    assert [r["ok"] for r in replies] == [False, False, False, False, True]
+    assert replies[2]["error"] == "unknown command 'nope'; known: boom, status"
+    assert replies[3]["error"] == "internal error; see the daemon's log"
+    assert replies[4]["result"] == {"round": 1}

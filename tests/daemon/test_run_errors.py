@@ -1,0 +1,85 @@
+"""`p2pfl run`: every startup problem is one line on stderr with its own exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2pfl.identity import NodeIdentity
+
+
+def _run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pfl", "run", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _config(tmp: Path, extra: str = "", trust: str = 'mode = "open"') -> Path:
+    path = tmp / "node.toml"
+    path.write_text(
+        f'[node]\nstate_dir = "state"\nruntime_dir = "run"\n[trust]\n{trust}\n'
+        f'[discovery]\nmdns = false\nlisten_host = "127.0.0.1"\n{extra}'
+    )
+    return path
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback
+    assert lines[0].startswith("p2pfl: ")
+    return lines[0]
+
+
+def test_unknown_key_exits_2_naming_file_line_and_key(short_tmp: Path) -> None:
+    config = _config(short_tmp, extra="mdsn = true\n")
+    result = _run(config)
+    assert result.returncode == 2
+    assert f"{config}:9: discovery.mdsn: unknown key" in _one_line(result)
+
+
+def test_missing_config_file_exits_2(short_tmp: Path) -> None:
+    result = _run(short_tmp / "nope.toml")
+    assert result.returncode == 2
+    assert "no such file" in _one_line(result)
+
+
+def test_key_file_readable_by_others_exits_3(short_tmp: Path) -> None:
+    state = short_tmp / "state"
+    key_path = NodeIdentity.generate().save(state)
+    key_path.chmod(0o644)
+    result = _run(_config(short_tmp))
+    assert result.returncode == 3
+    line = _one_line(result)
+    assert str(key_path) in line and "can be read by group or others" in line
+
+
+def test_missing_data_file_exits_4(short_tmp: Path) -> None:
+    config = _config(short_tmp, extra='[task]\nname = "traffic-metr-la"\ndata = "metr-la.h5"\n')
+    result = _run(config)
+    assert result.returncode == 4
+    line = _one_line(result)
+    assert str(short_tmp / "metr-la.h5") in line and "no such file" in line
+
+
+def test_federation_mode_without_certificate_exits_3_saying_how_to_get_one(
+    short_tmp: Path,
+) -> None:
+    trust = 'mode = "federation"\nfederation_public_key = "' + "ab" * 32 + '"'
+    result = _run(_config(short_tmp, trust=trust))
+    assert result.returncode == 3
+    line = _one_line(result)
+    assert "federation.cert" in line and "p2pfl federation admit --node-key" in line
+
+
+@pytest.mark.slow
+def test_check_flag_validates_without_starting(short_tmp: Path) -> None:
+    result = _run(_config(short_tmp), "--check")
+    assert result.returncode == 0, result.stderr
+    assert "is fine; node " in result.stdout
+    assert not (short_tmp / "run" / "control.sock").exists()

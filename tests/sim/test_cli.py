@@ -1,0 +1,62 @@
+"""`p2pfl simulate`: progress, a results table, files; clear errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from p2pfl.cli import main
+
+SCENARIO = """
+name = "cli-tiny"
+seed = 1
+[task]
+name = "digits-logreg"
+nodes = 4
+[training]
+samples_per_s = 250.0
+eval_interval = 5.0
+[stop]
+time = 8.0
+[[setup]]
+name = "gossip"
+protocol = "gossip"
+period = 1.0
+"""
+
+
+@pytest.mark.slow
+def test_simulate_writes_results_and_prints_a_table(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["simulate", str(scenario), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "cli-tiny (virtual engine, seed 1)" in result.output
+    assert "accuracy" in result.output
+    assert (out / "results.json").exists() and (out / "metric_vs_time.png").exists()
+
+
+def test_scenario_mistake_is_one_clear_line(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO.replace("nodes = 4", "nodes = 4\nnodez = 5"))
+    result = CliRunner().invoke(main, ["simulate", str(scenario)])
+    assert result.exit_code == 1
+    assert "key 'task.nodez': unknown key" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("p2pfl.sim.processes") is not None,
+    reason="the processes engine is installed",
+)
+def test_missing_processes_engine_is_a_clear_error(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO)
+    result = CliRunner().invoke(main, ["simulate", str(scenario), "--engine", "processes"])
+    assert result.exit_code == 1
+    assert "engine 'processes' is not part of this installation" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -1,0 +1,60 @@
+"""Scenario files: every mistake is an error that names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pfl.sim.scenario import ScenarioError, load_scenario, parse_scenario
+
+SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["network"].update(los=0.1), "key 'network.los': unknown key"),
+        (lambda d: d["network"].update(loss=1.5), "key 'network.loss': must be in [0.0, 1.0)"),
+        (lambda d: d["task"].update(nodes="ten"), "key 'task.nodes': must be int"),
+        (lambda d: d["task"].pop("name"), "key 'task.name': is required"),
+        (lambda d: d["setup"][1].update(protocol="raft"), "key 'setup[1].protocol': must be one"),
+        (lambda d: d["setup"][2].update(name="gossip"), "key 'setup[2].name': 'gossip' is used"),
+        (lambda d: d.update(setup=[]), "key 'setup': needs at least one"),
+        (lambda d: d["stop"].update(rounds=0), "key 'stop.rounds': must be at least 1"),
+        (lambda d: d["task"].update(partition="skewed"), "key 'task.partition': must be one of"),
+        (
+            lambda d: d["network"].update(partitions=[{"start": 5.0, "end": 2.0}]),
+            "key 'network.partitions[0].end': must be after start",
+        ),
+        (lambda d: d["training"].update(epochs=True), "key 'training.epochs': must be float"),
+    ],
+)
+def test_mistake_names_file_and_key(tiny_dict: dict[str, Any], change: Any, message: str) -> None:
+    change(tiny_dict)
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(tiny_dict, "exp.toml")
+    assert str(info.value).startswith("exp.toml: ")
+    assert message in str(info.value)
+
+
+def test_bad_toml_and_missing_file_name_the_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ScenarioError, match=r"bad\.toml: not valid TOML"):
+        load_scenario(bad)
+    with pytest.raises(ScenarioError, match=r"nope\.toml: cannot read"):
+        load_scenario(tmp_path / "nope.toml")
+
+
+def test_defaults_fill_what_is_left_out(tiny_dict: dict[str, Any]) -> None:
+    scenario = parse_scenario(tiny_dict)
+    assert scenario.network.loss == 0.0 and scenario.churn.fraction == 0.0
+    assert scenario.setups[0].aggregation == "mean" and scenario.setups[0].stop is None
+
+
+@pytest.mark.parametrize("path", sorted(SIMULATIONS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_scenarios_are_valid(path: Path) -> None:
+    scenario = load_scenario(path)
+    assert scenario.setups and scenario.task.nodes >= 1
