@@ -33,6 +33,7 @@ from ._actions import SetTimer as SetTimer
 from ._actions import Train as Train
 from ._actions import UseFeatures as UseFeatures
 from ._base import Learner as Learner
+from ._base import LearnerSettings as LearnerSettings
 from ._events import EvaluationDone as EvaluationDone
 from ._events import Event as Event
 from ._events import MessageReceived as MessageReceived

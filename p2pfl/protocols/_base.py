@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from ._actions import (
     Action,
@@ -51,23 +52,19 @@ W = TypeVar("W")
 _FEATURES_TIMER = "features"
 
 
-class LearnerConfig(Protocol):
-    """The settings every learner's config has (GossipConfig, ServerFreeConfig, FedAvgConfig)."""
+@dataclass(frozen=True, slots=True)
+class LearnerSettings:
+    """What every learner's config has; GossipConfig, ServerFreeConfig, FedAvgConfig extend it."""
 
-    @property
-    def budget(self) -> float: ...
-
-    @property
-    def aggregation(self) -> str: ...
-
-    @property
-    def max_rounds(self) -> int | None: ...
-
-    @property
-    def strikes_to_penalize(self) -> int: ...
-
-    @property
-    def evaluate_every(self) -> int: ...
+    budget: float = 1.0
+    """Local training per round (gossip: per tick), in epochs."""
+    aggregation: str = "mean"
+    """Name of the aggregation rule, one of ``ModelOps.rules``."""
+    max_rounds: int | None = None
+    strikes_to_penalize: int = 3
+    """Rejected updates from one peer before it is penalized."""
+    evaluate_every: int = 0
+    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
 
 class Learner(Generic[W]):
@@ -79,7 +76,7 @@ class Learner(Generic[W]):
         weights: W,
         ops: ModelOps[W],
         rng: random.Random,
-        config: LearnerConfig,
+        config: LearnerSettings,
         *,
         features: FeaturePlan | None,
     ) -> None:

@@ -28,7 +28,7 @@ import random
 from dataclasses import dataclass
 
 from ._actions import Action, Adopt, Log, Metric, Send
-from ._base import Learner, W
+from ._base import Learner, LearnerSettings, W
 from ._events import TrainingReport
 from ._messages import GlobalModel, Message, RoundUpdate
 from ._ops import FeaturePlan, ModelOps
@@ -37,17 +37,11 @@ _ROUND = "round"
 
 
 @dataclass(frozen=True, slots=True)
-class FedAvgConfig:
+class FedAvgConfig(LearnerSettings):
     round_timeout: float = 10.0
     """Seconds the aggregator waits for updates after broadcasting a round."""
-    budget: float = 1.0
-    aggregation: str = "mean"
     aggregator: str | None = None
     """Node id of the configured aggregator; None: the smallest live node id."""
-    max_rounds: int | None = None
-    strikes_to_penalize: int = 3
-    evaluate_every: int = 0
-    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
 
 class FedAvgLearner(Learner[W]):

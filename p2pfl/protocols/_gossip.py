@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ._actions import Action, Adopt, Send
-from ._base import Learner, W
+from ._base import Learner, LearnerSettings, W
 from ._events import TrainingReport
 from ._messages import GossipModel, Message
 from ._ops import FeaturePlan, ModelOps, PeerSampler, uniform_peer
@@ -37,20 +37,13 @@ _TICK = "tick"
 
 
 @dataclass(frozen=True, slots=True)
-class GossipConfig:
+class GossipConfig(LearnerSettings):
     period: float = 1.0
     """Seconds between ticks, on average."""
     jitter: float = 0.1
     """Each period is scaled by a uniform factor in [1 - jitter, 1 + jitter]."""
-    budget: float = 1.0
-    """Local training per tick, in epochs."""
     staleness_window: int = 10
     """Models more than this many trainings older than the newest one are not merged."""
-    aggregation: str = "mean"
-    max_rounds: int | None = None
-    strikes_to_penalize: int = 3
-    evaluate_every: int = 0
-    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
 
 class GossipLearner(Learner[W]):

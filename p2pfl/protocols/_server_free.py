@@ -26,7 +26,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from ._actions import Action, Adopt, Metric, Send
-from ._base import Learner, W
+from ._base import Learner, LearnerSettings, W
 from ._events import TrainingReport
 from ._messages import Message, RoundUpdate
 from ._ops import FeaturePlan, ModelOps
@@ -35,16 +35,11 @@ _ROUND = "round"
 
 
 @dataclass(frozen=True, slots=True)
-class ServerFreeConfig:
+class ServerFreeConfig(LearnerSettings):
     round_timeout: float = 10.0
     """Seconds to wait for neighbours' models after sending ours."""
-    budget: float = 1.0
-    aggregation: str = "mean"
-    max_rounds: int | None = None
     max_ahead: int = 2
-    strikes_to_penalize: int = 3
-    evaluate_every: int = 0
-    """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
+    """Models up to this many rounds ahead are buffered; further ahead only inform catch-up."""
 
 
 class ServerFreeLearner(Learner[W]):
