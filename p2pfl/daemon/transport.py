@@ -169,7 +169,11 @@ class PeerTransport:
         self.config = config or TransportConfig()
         self.counters: Counter[str] = Counter()
         self.guard = SignalingGuard(
-            identity, trust, certificate=certificate, counters=self.counters
+            identity,
+            trust,
+            certificate=certificate,
+            host=self.config.host,
+            counters=self.counters,
         )
         self._trust = trust
         self._event_send, self.events = trio.open_memory_channel[TransportEvent](
@@ -185,8 +189,9 @@ class PeerTransport:
         self._nursery: trio.Nursery | None = None
         self._stack = contextlib.AsyncExitStack()
         self.signaling_port = 0
-        # Signaling connections leave from our own address: the peer records the source address
-        # of an invite or offer as where to reach us.
+        # Signaling connections leave from our own address, and every request names it (signed):
+        # peers reply and dial back there, never to the TCP source (127.0.0.1 in a shared
+        # loopback namespace, another interface on a multi-homed host).
         host = self.config.host
         self._local_address = None if host in ("", "0.0.0.0") else host
 
@@ -401,7 +406,7 @@ class PeerTransport:
             self._pending.discard(key)
         if ack.sender_id != self.node_id:
             self._candidates[ack.sender_id] = PeerCandidate(
-                candidate.host, ack.port, ack.sender_id, ack.sender, candidate.source
+                ack.host or candidate.host, ack.port, ack.sender_id, ack.sender, candidate.source
             )
             if self.node_id < ack.sender_id:
                 self._retry.pop(ack.sender_id, None)
