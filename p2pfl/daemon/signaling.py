@@ -89,6 +89,7 @@ class SignalingRequest:
     port: int  # the sender's signaling port
     sdp: str  # "" for an invite
     host: str  # where to reach the sender: its signed ``host``, else the TCP source address
+    name: str | None = None  # the sender's federation member name (from trust), if any
 
 
 class RateLimiter:
@@ -188,7 +189,9 @@ class SignalingGuard:
         self.counters[f"refused_{reason}"] += 1
         return SignalingRefused(reason, message)
 
-    def _open(self, frame: bytes, now: float, kinds: tuple[str, ...]) -> tuple[Any, Any]:
+    def _open(
+        self, frame: bytes, now: float, kinds: tuple[str, ...]
+    ) -> tuple[Any, Any, str | None]:
         if len(frame) > MAX_SIGNALING_FRAME:
             raise self._refuse("oversized")
         try:
@@ -224,17 +227,17 @@ class SignalingGuard:
         if body["nonce"] in self._nonces:
             raise self._refuse("replayed_nonce")
         try:
-            self.trust.check(envelope.sender, body["cert"], now=now)
+            name = self.trust.check(envelope.sender, body["cert"], now=now)
         except TrustError as exc:
             raise self._refuse(f"untrusted_{exc.reason}", str(exc)) from None
         self._nonces[body["nonce"]] = body["expires_ms"] / 1000
-        return envelope, body
+        return envelope, body, name
 
     def check_request(self, frame: bytes, source: str, now: float) -> SignalingRequest:
         """Verify an offer or invite from ``source``; raise SignalingRefused(reason)."""
         if not self.rate.allow(source, now):
             raise self._refuse("rate_limited")
-        envelope, body = self._open(frame, now, REQUEST_KINDS)
+        envelope, body, name = self._open(frame, now, REQUEST_KINDS)
         port = body.get("port")
         if type(port) is not int or not 0 < port < 65536:
             raise self._refuse("malformed_body", "bad port")
@@ -254,13 +257,14 @@ class SignalingGuard:
             port,
             sdp,
             body.get("host") or source,
+            name,
         )
 
     def check_reply(
         self, frame: bytes, kind: str, request_nonce: bytes, peer_id: str | None, now: float
     ) -> SignalingRequest:
         """Verify the answer to our offer (or the ack of our invite)."""
-        envelope, body = self._open(frame, now, (kind,))
+        envelope, body, name = self._open(frame, now, (kind,))
         if body.get("reply_to") != request_nonce:
             raise self._refuse("not_our_request")
         if peer_id is not None and envelope.sender_id != peer_id:
@@ -281,6 +285,7 @@ class SignalingGuard:
             port,
             sdp,
             body.get("host") or "",
+            name,
         )
 
 
