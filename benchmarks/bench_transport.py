@@ -67,6 +67,16 @@ def plain_tcp(net: BridgedNetwork) -> float:
     return SIZE / (float(finished) - started) / MB
 
 
+def udp_counters(net: BridgedNetwork, index: int) -> dict[str, int]:
+    """The namespace's UDP counters (/proc/net/snmp): RcvbufErrors = datagrams the kernel
+    dropped because the receiving socket's buffer was full (each costs SCTP a retransmission)."""
+    text = subprocess.run(
+        net.command(index, ["cat", "/proc/net/snmp"]), capture_output=True, text=True, check=True
+    ).stdout
+    names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Udp:"))
+    return dict(zip(names, map(int, values), strict=True))
+
+
 async def _last(node: NodeProcess, kind: str, mark: int) -> dict[str, Any]:
     return await node.wait_for(lambda e: e["event"] == kind, start=mark)
 
@@ -74,6 +84,7 @@ async def _last(node: NodeProcess, kind: str, mark: int) -> dict[str, Any]:
 async def data_channel(net: BridgedNetwork, frame_bytes: int, file: Path | None) -> dict[str, Any]:
     """One 64 MiB message (or ``file``) from node 0 to node 1; throughput and loop lag."""
     extra = ("--no-mdns", "--frame-bytes", str(frame_bytes))
+    udp_before = udp_counters(net, 1)
     sender = NodeProcess(net.command(0, node_argv(0, net.addresses[0], *extra)), 0)
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.run)
@@ -111,6 +122,7 @@ async def data_channel(net: BridgedNetwork, frame_bytes: int, file: Path | None)
             lag_r = await _last(receiver, "lag", marks[1])
         nursery.cancel_scope.cancel()
     assert got["sha256"] == sent["sha256"], "payload corrupted"
+    udp_after = udp_counters(net, 1)
     seconds = got["at"] - sent["started_at"]
     return {
         "bytes": got["size"],
@@ -121,6 +133,8 @@ async def data_channel(net: BridgedNetwork, frame_bytes: int, file: Path | None)
         "cpu_receiver": lag_r["cpu_s"] - reset_r["cpu_s"],
         "lag_sender": lag_s,
         "lag_receiver": lag_r,
+        "udp_in": udp_after["InDatagrams"] - udp_before["InDatagrams"],
+        "udp_dropped": udp_after["RcvbufErrors"] - udp_before["RcvbufErrors"],
     }
 
 
@@ -167,6 +181,9 @@ async def main() -> None:
                 f"(target >= 20); {per_cpu:.1f} MB per CPU-second of the busier end "
                 f"(sender {result['cpu_sender']:.1f} s, receiver {result['cpu_receiver']:.1f} s)"
                 f"\n    {_lag(result)} (target p99 < 10)"
+                f"\n    receiver UDP: {result['udp_in']} datagrams, "
+                f"{result['udp_dropped']} dropped "
+                "on a full socket buffer (each one an SCTP retransmission)"
             )
         model = int8_model()
         if model is None:

@@ -8,7 +8,13 @@ Framing: aiortc messages are at most 256 KiB, so a message of any size travels a
 
     DATA       u8 kind=1 | u64 transfer id | u32 index | u32 count | u64 total bytes |
                16-byte BLAKE2b digest of the whole message | chunk
-    HEARTBEAT  u8 kind=2
+    HEARTBEAT  u8 kind=2 | u64 sender's monotonic clock, ns   (a ping: answered by a PONG)
+    PONG       u8 kind=3 | u64 the ping's timestamp, echoed
+
+Each heartbeat is a ping; its echo gives a round-trip sample, smoothed as in RFC 6298
+(``srtt = 7/8 srtt + 1/8 sample``) into ``RtcLink.rtt_s``. Only the sender ever reads its own
+timestamps, so clocks need not agree. A bare one-byte HEARTBEAT (older nodes) is accepted and not
+answered. Samples taken while a transfer fills the channel include that queueing delay.
 
 The channel is reliable and ordered, so frames of one transfer arrive in order; the receiver
 checks index/count/total on every frame and the digest on reassembly, and drops a bad transfer
@@ -38,6 +44,7 @@ from aiortc import (
 __all__ = [
     "FRAME_LIMIT",
     "HEADER",
+    "PING",
     "LinkSettings",
     "Reassembler",
     "RtcLink",
@@ -48,7 +55,9 @@ FRAME_LIMIT = 256 * 1024  # aiortc's maximum message size
 HEADER = struct.Struct(">BQIIQ16s")
 KIND_DATA = 1
 KIND_HEARTBEAT = 2
-HEARTBEAT = bytes([KIND_HEARTBEAT])
+KIND_PONG = 3
+PING = struct.Struct(">BQ")
+RTT_ALPHA = 1 / 8
 _transfer_ids = itertools.count(1)
 
 
@@ -177,6 +186,11 @@ class RtcLink:
         self._down_reason: str | None = None
         self._monitor: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
+        # Read from the trio thread without a bridge hop: plain attributes, written only here.
+        self.rtt_s: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last_seen: float | None = None  # Unix time of the last frame from the peer
         self._pc.on("connectionstatechange", self._on_state)
         self._pc.on("datachannel", self._attach)
 
@@ -228,10 +242,19 @@ class RtcLink:
 
     def _on_frame(self, frame: bytes | str) -> None:
         self.last_heard = time.monotonic()
+        self.last_seen = time.time()
         if not isinstance(frame, bytes) or not frame:
             self._on_drop("text_or_empty_frame")
             return
+        self.bytes_in += len(frame)
         if frame[0] == KIND_HEARTBEAT:
+            if len(frame) == PING.size:
+                self._send(bytes([KIND_PONG]) + frame[1:])
+            elif len(frame) != 1:
+                self._on_drop("bad_heartbeat")
+            return
+        if frame[0] == KIND_PONG:
+            self._on_pong(frame)
             return
         if frame[0] != KIND_DATA:
             self._on_drop("unknown_frame_kind")
@@ -240,12 +263,31 @@ class RtcLink:
         if message is not None:
             self._on_message(message)
 
+    def _on_pong(self, frame: bytes) -> None:
+        now = time.monotonic_ns()
+        if len(frame) != PING.size:
+            self._on_drop("bad_pong")
+            return
+        _, sent = PING.unpack(frame)
+        sample = (now - sent) / 1e9
+        # Only echoes of our own pings from this link's lifetime are samples; anything else is
+        # a confused or lying peer.
+        if not 0 <= sample <= max(self.settings.peer_timeout_s, 1.0) * 2:
+            self._on_drop("bad_pong")
+            return
+        rtt = self.rtt_s
+        self.rtt_s = sample if rtt is None else rtt + RTT_ALPHA * (sample - rtt)
+
+    def _send(self, frame: bytes) -> None:
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(frame)
+            self.bytes_out += len(frame)
+
     async def _watch(self) -> None:
         interval = self.settings.heartbeat_interval_s
         while not self._closed.is_set():
-            channel = self._channel
-            if channel is not None and channel.readyState == "open":
-                channel.send(HEARTBEAT)
+            self._send(PING.pack(KIND_HEARTBEAT, time.monotonic_ns()))
             silent = time.monotonic() - self.last_heard
             if silent > self.settings.peer_timeout_s:
                 self._down("heartbeat_timeout")
@@ -274,6 +316,7 @@ class RtcLink:
             if self._closed.is_set() or channel.readyState != "open":
                 raise LinkDown(self._down_reason or "data channel closed during send")
             channel.send(frame)
+            self.bytes_out += len(frame)
 
     async def close(self) -> None:
         self._down("closed_locally")

@@ -329,18 +329,24 @@ class Node:
         if self.last_checkpoint is not None:
             c = self.last_checkpoint
             checkpoint = CheckpointStatus(seq=c.seq, digest=c.digest, created=c.created)
-        peers = tuple(
-            PeerStatus(
-                node_id=p.node_id,
-                name="",
-                state=p.state,
-                bytes_in=p.bytes_in,
-                bytes_out=p.bytes_out,
-                last_seen=p.last_seen,
-                rejected=p.rejected,
+        transport = self.transport
+        peers = []
+        for p in state.peers.values():
+            # The transport knows the member name (proven in signaling) and the heartbeat RTT.
+            info = transport.peer_info(p.node_id) if transport is not None else None
+            rtt = None if info is None or info.rtt_s is None else round(info.rtt_s * 1000, 3)
+            peers.append(
+                PeerStatus(
+                    node_id=p.node_id,
+                    name=(info.name or "") if info is not None else "",
+                    state=p.state,
+                    rtt_ms=rtt if p.state == "connected" else None,
+                    bytes_in=p.bytes_in,
+                    bytes_out=p.bytes_out,
+                    last_seen=p.last_seen,
+                    rejected=p.rejected,
+                )
             )
-            for p in state.peers.values()
-        )
         return NodeStatus(
             node_id=self.identity.node_id,
             short_id=self.identity.short_id,
@@ -366,7 +372,7 @@ class Node:
             protocol_seconds=state.protocol_seconds,
             rejected=dict(state.rejected),
             checkpoint=checkpoint,
-            peers=peers,
+            peers=tuple(peers),
             transport=dict(self.transport.counters) if self.transport is not None else {},
             feature_bytes_sent=int(getattr(self.prepared.machine, "bytes_features_sent", 0)),
             feature_bytes_received=int(

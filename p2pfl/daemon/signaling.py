@@ -7,11 +7,16 @@ the remote SDP, so a signed SDP is what binds the data channel to the peer's Ed2
 
 Kinds (body fields; ``from``/``to`` are node ids, ``cert`` an optional federation certificate):
 
-``sdp-offer``   from, to, nonce, expires_ms, sdp, port, cert  (the node with the smaller id offers)
-``sdp-answer``  from, to, nonce, reply_to, expires_ms, sdp, cert
-``invite``      from, to ("" when unknown: static peers), nonce, expires_ms, port, cert
-                ("I am here at <port>; the smaller of us should offer")
-``invite-ack``  from, to, nonce, reply_to, expires_ms, port, cert
+``sdp-offer``   from, to, nonce, expires_ms, sdp, host, port, cert  (the smaller id offers)
+``sdp-answer``  from, to, nonce, reply_to, expires_ms, sdp, host, cert
+``invite``      from, to ("" when unknown: static peers), nonce, expires_ms, host, port, cert
+                ("I am here at <host>:<port>; the smaller of us should offer")
+``invite-ack``  from, to, nonce, reply_to, expires_ms, host, port, cert
+
+``host`` is the sender's own configured address (omitted when it listens on every address).
+Where it is present, replies and later dials go there, never to the TCP source address: in a
+shared namespace (127.0.0.2, .3, ... on one loopback) or behind a multi-homed host the source can
+be 127.0.0.1 or another interface the sender does not listen on.
 
 One request and one response per TCP connection, each a u32 big-endian length plus the frame.
 ``SignalingGuard.check_request`` refuses, *before any WebRTC resources exist*: rate-limited
@@ -23,6 +28,7 @@ fingerprint. Each refusal increments ``counters[reason]`` and closes the connect
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import struct
@@ -55,6 +61,15 @@ _LENGTH = struct.Struct(">I")
 logger = logging.getLogger(__name__)
 
 
+def _valid_host(value: object) -> bool:
+    """A signed ``host``: an IPv4 address or a DNS name, nothing that could be a URL or a list."""
+    if not isinstance(value, str) or not 0 < len(value) <= 253 or value == "0.0.0.0":
+        return False
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(value).version == 4
+    return all(c.isalnum() or c in "-." for c in value)
+
+
 class SignalingRefused(Exception):
     """A signaling message was refused; ``reason`` is the counted slug."""
 
@@ -73,7 +88,8 @@ class SignalingRequest:
     nonce: bytes
     port: int  # the sender's signaling port
     sdp: str  # "" for an invite
-    host: str  # the TCP source address it came from
+    host: str  # where to reach the sender: its signed ``host``, else the TCP source address
+    name: str | None = None  # the sender's federation member name (from trust), if any
 
 
 class RateLimiter:
@@ -104,6 +120,7 @@ class SignalingGuard:
         trust: TrustPolicy,
         *,
         certificate: bytes | None = None,
+        host: str | None = None,
         ttl_s: float = 30.0,
         rate: RateLimiter | None = None,
         counters: Counter[str] | None = None,
@@ -111,6 +128,7 @@ class SignalingGuard:
         self.identity = identity
         self.trust = trust
         self.certificate = certificate
+        self.host = None if host in (None, "", "0.0.0.0") else host
         self.ttl_s = ttl_s
         self.rate = rate or RateLimiter()
         self.counters: Counter[str] = counters if counters is not None else Counter()
@@ -132,6 +150,7 @@ class SignalingGuard:
             "nonce": nonce,
             "expires_ms": round((now + self.ttl_s) * 1000),
             "cert": self.certificate,
+            **({"host": self.host} if self.host is not None else {}),
             **body,
         }
         frame = seal(
@@ -170,7 +189,9 @@ class SignalingGuard:
         self.counters[f"refused_{reason}"] += 1
         return SignalingRefused(reason, message)
 
-    def _open(self, frame: bytes, now: float, kinds: tuple[str, ...]) -> tuple[Any, Any]:
+    def _open(
+        self, frame: bytes, now: float, kinds: tuple[str, ...]
+    ) -> tuple[Any, Any, str | None]:
         if len(frame) > MAX_SIGNALING_FRAME:
             raise self._refuse("oversized")
         try:
@@ -187,6 +208,7 @@ class SignalingGuard:
                 isinstance(body.get("nonce"), bytes) and len(body["nonce"]) == 16,
                 type(body.get("expires_ms")) is int,
                 body.get("cert") is None or isinstance(body.get("cert"), bytes),
+                body.get("host") is None or _valid_host(body.get("host")),
             ]
         ):
             raise self._refuse("malformed_body")
@@ -205,17 +227,17 @@ class SignalingGuard:
         if body["nonce"] in self._nonces:
             raise self._refuse("replayed_nonce")
         try:
-            self.trust.check(envelope.sender, body["cert"], now=now)
+            name = self.trust.check(envelope.sender, body["cert"], now=now)
         except TrustError as exc:
             raise self._refuse(f"untrusted_{exc.reason}", str(exc)) from None
         self._nonces[body["nonce"]] = body["expires_ms"] / 1000
-        return envelope, body
+        return envelope, body, name
 
     def check_request(self, frame: bytes, source: str, now: float) -> SignalingRequest:
         """Verify an offer or invite from ``source``; raise SignalingRefused(reason)."""
         if not self.rate.allow(source, now):
             raise self._refuse("rate_limited")
-        envelope, body = self._open(frame, now, REQUEST_KINDS)
+        envelope, body, name = self._open(frame, now, REQUEST_KINDS)
         port = body.get("port")
         if type(port) is not int or not 0 < port < 65536:
             raise self._refuse("malformed_body", "bad port")
@@ -228,14 +250,21 @@ class SignalingGuard:
                 raise self._refuse("bad_sdp")
         self.counters[f"accepted_{envelope.kind}"] += 1
         return SignalingRequest(
-            envelope.kind, envelope.sender, envelope.sender_id, body["nonce"], port, sdp, source
+            envelope.kind,
+            envelope.sender,
+            envelope.sender_id,
+            body["nonce"],
+            port,
+            sdp,
+            body.get("host") or source,
+            name,
         )
 
     def check_reply(
         self, frame: bytes, kind: str, request_nonce: bytes, peer_id: str | None, now: float
     ) -> SignalingRequest:
         """Verify the answer to our offer (or the ack of our invite)."""
-        envelope, body = self._open(frame, now, (kind,))
+        envelope, body, name = self._open(frame, now, (kind,))
         if body.get("reply_to") != request_nonce:
             raise self._refuse("not_our_request")
         if peer_id is not None and envelope.sender_id != peer_id:
@@ -249,7 +278,14 @@ class SignalingGuard:
         if type(port) is not int:
             raise self._refuse("malformed_body")
         return SignalingRequest(
-            envelope.kind, envelope.sender, envelope.sender_id, body["nonce"], port, sdp, ""
+            envelope.kind,
+            envelope.sender,
+            envelope.sender_id,
+            body["nonce"],
+            port,
+            sdp,
+            body.get("host") or "",
+            name,
         )
 
 

@@ -48,6 +48,7 @@ from p2pfl.trust import TrustPolicy
 __all__ = [
     "MessageReceived",
     "PeerDown",
+    "PeerInfo",
     "PeerTransport",
     "PeerUnavailable",
     "PeerUp",
@@ -77,6 +78,18 @@ class MessageReceived:
 
 
 TransportEvent = PeerUp | PeerDown | MessageReceived
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """What ``PeerTransport.peer_info`` knows of one peer right now."""
+
+    name: str | None  # federation member name (allowlist entry or certificate); None: open trust
+    rtt_s: float | None  # smoothed heartbeat round trip; None until the first echo
+    bytes_in: int  # data-channel bytes of the current connection, framing and heartbeats included
+    bytes_out: int
+    last_seen: float | None  # Unix time of the last frame from the peer
+    state: str  # "connected" or "connecting"
 
 
 class PeerUnavailable(ConnectionError):
@@ -169,7 +182,11 @@ class PeerTransport:
         self.config = config or TransportConfig()
         self.counters: Counter[str] = Counter()
         self.guard = SignalingGuard(
-            identity, trust, certificate=certificate, counters=self.counters
+            identity,
+            trust,
+            certificate=certificate,
+            host=self.config.host,
+            counters=self.counters,
         )
         self._trust = trust
         self._event_send, self.events = trio.open_memory_channel[TransportEvent](
@@ -178,6 +195,7 @@ class PeerTransport:
         self._peers: dict[str, _Peer] = {}  # announced (up) peers
         self._pending: set[str] = set()  # peers with a dial or accept in progress
         self._candidates: dict[str, PeerCandidate] = {}
+        self._names: dict[str, str] = {}  # member names proven in signaling
         self._static = [parse_static_peer(entry) for entry in self.config.static_peers]
         self._retry: dict[str, _Retry] = {}
         self._wake = trio.Event()
@@ -185,8 +203,9 @@ class PeerTransport:
         self._nursery: trio.Nursery | None = None
         self._stack = contextlib.AsyncExitStack()
         self.signaling_port = 0
-        # Signaling connections leave from our own address: the peer records the source address
-        # of an invite or offer as where to reach us.
+        # Signaling connections leave from our own address, and every request names it (signed):
+        # peers reply and dial back there, never to the TCP source (127.0.0.1 in a shared
+        # loopback namespace, another interface on a multi-homed host).
         host = self.config.host
         self._local_address = None if host in ("", "0.0.0.0") else host
 
@@ -241,6 +260,23 @@ class PeerTransport:
         candidate = self._candidates.get(peer)
         return None if candidate is None else candidate.public_key
 
+    def peer_info(self, peer: str) -> PeerInfo | None:
+        """Name, RTT, traffic and state of ``peer``; None when neither connected nor connecting.
+
+        Reads the link's counters directly (plain attributes the asyncio thread writes), so it
+        is cheap enough for every ``status`` request.
+        """
+        name = self._names.get(peer)
+        up = self._peers.get(peer)
+        link = None if up is None else up.link
+        if link is not None:
+            return PeerInfo(
+                name, link.rtt_s, link.bytes_in, link.bytes_out, link.last_seen, "connected"
+            )
+        if peer in self._pending:
+            return PeerInfo(name, None, 0, 0, None, "connecting")
+        return None
+
     def add_candidate(self, candidate: PeerCandidate) -> None:
         """Tell the transport where a peer may be (static peers with no id are invited)."""
         if candidate.node_id is None:
@@ -282,6 +318,10 @@ class PeerTransport:
 
     def _count(self, reason: str) -> None:
         self.counters[reason] += 1
+
+    def _remember_name(self, message: SignalingRequest) -> None:
+        if message.name:
+            self._names[message.sender_id] = message.name
 
     # --- connections ----------------------------------------------------------------------------
     async def _new_link(self, peer: _Peer) -> RtcLink:
@@ -394,6 +434,7 @@ class PeerTransport:
                 local_address=self._local_address,
             )
             ack = self.guard.check_reply(reply, "invite-ack", nonce, candidate.node_id, time.time())
+            self._remember_name(ack)
         except (OSError, trio.TooSlowError, SignalingRefused) as exc:
             self.counters[f"invite_failed_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
             return
@@ -401,7 +442,7 @@ class PeerTransport:
             self._pending.discard(key)
         if ack.sender_id != self.node_id:
             self._candidates[ack.sender_id] = PeerCandidate(
-                candidate.host, ack.port, ack.sender_id, ack.sender, candidate.source
+                ack.host or candidate.host, ack.port, ack.sender_id, ack.sender, candidate.source
             )
             if self.node_id < ack.sender_id:
                 self._retry.pop(ack.sender_id, None)
@@ -423,6 +464,7 @@ class PeerTransport:
                     candidate.host, candidate.port, frame, local_address=self._local_address
                 )
                 answer = self.guard.check_reply(reply, "sdp-answer", nonce, peer_id, time.time())
+                self._remember_name(answer)
                 await self._bridge.call(peer.link.accept_answer, answer.sdp)
                 await self._bridge.call(peer.link.wait_open)
         except (OSError, trio.TooSlowError, SignalingRefused, LinkDown, ValueError) as exc:
@@ -437,6 +479,7 @@ class PeerTransport:
         """Signaling handler: the request is already verified, trusted and addressed to us."""
         assert self._bridge is not None and self._nursery is not None
         now = time.time()
+        self._remember_name(request)
         self._candidates[request.sender_id] = PeerCandidate(
             request.host, request.port, request.sender_id, request.sender, "invite"
         )

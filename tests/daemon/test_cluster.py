@@ -96,6 +96,16 @@ def test_three_daemons_gossip_on_digits_and_each_improves(cluster: DaemonCluster
     data = json.loads(out.stdout)
     assert {p["node_id"] for p in data["peers"] if p["state"] == "connected"} == set(ids[1:])
     assert data["trust_mode"] == "federation" and data["federation_id"]
+    # Each peer shows its member name (from its certificate) and a heartbeat RTT.
+    names = {n.identity.node_id: n.name for n in cluster.nodes}
+    for peer in data["peers"]:
+        assert peer["name"] == names[peer["node_id"]]
+        assert peer["rtt_ms"] is not None and 0 < peer["rtt_ms"] < 1000
+    table = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "status", "--socket", str(cluster.nodes[0].socket_path)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert cluster.nodes[1].name in table and " ms" in table
     codes = cluster.stop_all(timeout=30)
     assert codes == {0: 0, 1: 0, 2: 0}
 

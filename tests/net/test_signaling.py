@@ -208,3 +208,68 @@ async def test_node_outside_the_federation_is_refused_and_never_connects(
         assert members[1].counters["peer_connections_created"] == 1
         assert members[0].connected_peers() == [c.node_id]
         assert members[1].connected_peers() == [a.node_id]
+
+
+def test_reply_address_is_the_signed_host_not_the_tcp_source() -> None:
+    small, large, _ = _ordered()
+    now = time.time()
+    sender = SignalingGuard(small, TrustPolicy.open(), host="127.0.0.3")
+    frame, _ = sender.seal_invite(large.public_key, large.node_id, 7000, now)
+    # In a shared loopback namespace the TCP source can be 127.0.0.1, where nobody listens.
+    request = _guard(large).check_request(frame, "127.0.0.1", now)
+    assert (request.host, request.port) == ("127.0.0.3", 7000)
+
+
+def test_a_request_without_a_signed_host_falls_back_to_the_tcp_source() -> None:
+    small, large, _ = _ordered()
+    now = time.time()
+    sender = SignalingGuard(small, TrustPolicy.open(), host="0.0.0.0")  # listens everywhere
+    frame, _ = sender.seal_invite(large.public_key, large.node_id, 7000, now)
+    assert _guard(large).check_request(frame, "10.0.0.9", now).host == "10.0.0.9"
+
+
+@pytest.mark.parametrize("host", ["http://evil/", "a b", "", "x" * 300, "0.0.0.0"])
+def test_a_signed_host_that_is_not_an_address_or_name_is_refused(host: str) -> None:
+    small, large, _ = _ordered()
+    now = time.time()
+    sender = SignalingGuard(small, TrustPolicy.open())
+    sender.host = host  # bypass the constructor's normalisation: a peer may send anything
+    frame, _ = sender.seal_invite(large.public_key, large.node_id, 7000, now)
+    assert _refusal(_guard(large), frame, now) == "malformed_body"
+
+
+@pytest.mark.netns
+async def test_four_nodes_in_one_shared_namespace_all_connect_pairwise(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    # Node i knows only the nodes started before it (static, no mDNS), so every pair is set up
+    # by an invite one way and an offer whichever way the ids say: replies and dial-backs must
+    # reach 127.0.0.2.. (the signed host), never 127.0.0.1.
+    n = 4
+    net = shared_net(n)
+    ids = [NodeIdentity.generate() for _ in range(n)]
+    async with contextlib.AsyncExitStack() as stack:
+        nodes: list[PeerTransport] = []
+        for i in range(n):
+            peers = tuple(f"{net.addresses[j]}:{nodes[j].signaling_port}" for j in range(i))
+            config = TransportConfig(host=net.addresses[i], mdns=False, static_peers=peers)
+            nodes.append(
+                await stack.enter_async_context(PeerTransport(ids[i], TrustPolicy.open(), config))
+            )
+
+        async def all_up(node: PeerTransport) -> None:
+            seen: set[str] = set()
+            async for event in node.events:
+                if isinstance(event, PeerUp):
+                    seen.add(event.peer)
+                if len(seen) == n - 1:
+                    return
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for node in nodes:
+                    nursery.start_soon(all_up, node)
+        for i, node in enumerate(nodes):
+            assert node.connected_peers() == sorted(ids[j].node_id for j in range(n) if j != i)
+        # Exactly one connection per pair: n*(n-1)/2 offers accepted in all.
+        assert sum(node.counters["accepted_sdp-offer"] for node in nodes) == n * (n - 1) // 2

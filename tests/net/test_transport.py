@@ -22,7 +22,7 @@ from p2pfl.daemon.transport import (
 )
 from p2pfl.sim.netns import SharedNetwork
 from p2pfl.sim.testnode import NodeProcess, identity_for, node_argv
-from p2pfl.trust import TrustPolicy
+from p2pfl.trust import FederationAuthority, TrustPolicy
 
 
 @contextlib.asynccontextmanager
@@ -202,3 +202,53 @@ async def test_sends_beyond_the_per_peer_queue_bound_are_refused(
                     nursery.start_soon(send_one)
         assert sorted(outcomes) == ["full", "full", "full", "sent", "sent"]
         assert a.counters["send_queue_full"] == 3
+
+
+@pytest.mark.netns
+async def test_peer_info_names_the_federation_member_and_measures_rtt_from_heartbeats(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    authority = FederationAuthority.generate()
+    policy = TrustPolicy.federation(authority.public_key)
+    ids = [identity_for(0), identity_for(1)]
+    certs = [
+        authority.admit(ident.public_key, name=f"edge-{i}", expires_at=time.time() + 3600)
+        for i, ident in enumerate(ids)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(
+            PeerTransport(
+                ids[0],
+                policy,
+                TransportConfig(host=net.addresses[0], mdns=False, heartbeat_interval_s=0.1),
+                certificate=certs[0],
+            )
+        )
+        config = TransportConfig(
+            host=net.addresses[1],
+            mdns=False,
+            heartbeat_interval_s=0.1,
+            static_peers=(f"{net.addresses[0]}:{a.signaling_port}",),
+        )
+        b = await stack.enter_async_context(
+            PeerTransport(ids[1], policy, config, certificate=certs[1])
+        )
+        with trio.fail_after(15):
+            for transport in (a, b):
+                assert isinstance(await transport.events.receive(), PeerUp)
+        assert a.peer_info("0" * 64) is None
+        with trio.fail_after(5):
+            while (info := a.peer_info(b.node_id)) is None or info.rtt_s is None:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        before = info.bytes_out
+        await a.send(b.node_id, b"x" * 1000)
+        assert isinstance(await b.events.receive(), MessageReceived)
+        after_a, seen_by_b = a.peer_info(b.node_id), b.peer_info(a.node_id)
+    assert info.name == "edge-1" and info.state == "connected"
+    assert seen_by_b is not None and seen_by_b.name == "edge-0"
+    # Loopback: a round trip well under a heartbeat interval, and never zero or negative.
+    assert info.rtt_s is not None and 0 < info.rtt_s < 0.1
+    assert after_a is not None and after_a.bytes_out >= before + 1000
+    assert seen_by_b.bytes_in >= 1000 and seen_by_b.last_seen is not None
+    assert abs(seen_by_b.last_seen - time.time()) < 5
