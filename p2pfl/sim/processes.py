@@ -68,6 +68,12 @@ class ClusterSpec:
     threads: int = 1
     executor_mode: str = "thread"
     """Thread mode by default here: many daemons share this machine's memory and cores."""
+    start_peers: int = 0
+    """Daemons start learning once this many peers are up (or after ``start_timeout_s``)."""
+    start_timeout_s: float = 20.0
+    aggregator_index: int | None = None
+    """FedAvg: the node (by index) every daemon is configured to follow; None: the smallest live
+    node id, chosen by the protocol itself."""
 
 
 def _toml_value(value: object) -> str:
@@ -194,8 +200,10 @@ class DaemonCluster:
                 "aggregation": spec.aggregation,
                 "codec": spec.codec,
                 "seed": spec.seed,
+                "start_peers": spec.start_peers,
+                "start_timeout_s": spec.start_timeout_s,
             },
-            "protocol.params": dict(spec.params),
+            "protocol.params": self._params(),
             "task": {
                 "name": spec.task,
                 "partition": spec.partition,
@@ -217,6 +225,12 @@ class DaemonCluster:
             "checkpoints": {"interval_s": spec.checkpoint_interval_s},
         }
         return _toml(tables)
+
+    def _params(self) -> dict[str, object]:
+        params: dict[str, object] = dict(self.spec.params)
+        if self.spec.aggregator_index is not None:
+            params["aggregator"] = self.nodes[self.spec.aggregator_index].identity.node_id
+        return params
 
     # ---- processes ---------------------------------------------------------------------------
 
@@ -383,7 +397,26 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
         aggregation=setup.aggregation,
         params=params,
         checkpoint_interval_s=30.0,
+        aggregator_index=_aggregator_index(setup, scenario.task.nodes),
+        # FedAvg elects among the peers it sees at start: let every daemon see all the others.
+        start_peers=scenario.task.nodes - 1 if setup.protocol == "fedavg" else 0,
     )
+
+
+def _aggregator_index(setup: SetupSpec, n_nodes: int) -> int | None:
+    """``setup.aggregator`` as a node index: the virtual engine's id ("n001") or "node-1"."""
+    if setup.protocol != "fedavg" or setup.aggregator is None:
+        return None
+    from p2pfl.sim.virtual import node_ids
+
+    names = {name: i for i, name in enumerate(node_ids(n_nodes))}
+    names.update({f"node-{i}": i for i in range(n_nodes)})
+    if setup.aggregator not in names:
+        raise ProcessesEngineError(
+            f"setup {setup.name!r}: aggregator = {setup.aggregator!r} names no node; use one of "
+            f"{node_ids(n_nodes)[0]}..{node_ids(n_nodes)[-1]} (or node-0..node-{n_nodes - 1})"
+        )
+    return names[setup.aggregator]
 
 
 def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) -> SetupResult:
