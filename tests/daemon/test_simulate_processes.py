@@ -130,3 +130,27 @@ def test_processes_engine_applies_churn_with_real_restarts_and_partitions_with_c
             # It checkpointed on the way out and counts on from there, not from 0 (resuming
             # after SIGKILL from an older checkpoint is pinned in test_cluster.py).
             assert after[0] >= before[-1]
+
+
+def test_processes_engine_runs_fedavg_around_the_configured_aggregator(short_tmp: Path) -> None:
+    scenario = short_tmp / "fedavg.toml"
+    scenario.write_text(
+        SCENARIO.replace('name = "server-free"\nprotocol = "server-free"', 'name = "fedavg"\n'
+                         'protocol = "fedavg"\naggregator = "n002"')
+    )  # fmt: skip
+    out = short_tmp / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "simulate", str(scenario), "--engine", "processes",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (setup,) = load_results(out / "results.json").setups
+    assert setup.protocol == "fedavg"
+    for node in setup.nodes:
+        assert node.extra["exit_code"] == 0 and node.extra["peers_connected"] == 2
+        assert node.rounds >= 3 and node.final["accuracy"] > 0.7
+    # node-2 aggregates: it sends the global model to both others, each of them sends one
+    # update back to it only, so it sends about twice what either participant does.
+    aggregator, *participants = setup.nodes[2], setup.nodes[0], setup.nodes[1]
+    assert all(aggregator.bytes_sent > 1.5 * p.bytes_sent for p in participants)
