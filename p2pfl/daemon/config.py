@@ -83,6 +83,10 @@ class ProtocolSection:
     aggregation: AggregationName = "mean"
     codec: Literal["fp32", "fp16", "bf16", "int8", "topk"] = "fp32"
     seed: int = 0
+    start_peers: int = 0
+    """Start learning once this many peers are connected (or ``start_timeout_s`` passed): FedAvg
+    then elects the smallest id among all of them rather than among the first to connect."""
+    start_timeout_s: float = 30.0
     params: dict[str, ParamValue] = field(default_factory=dict)
 
 
@@ -197,6 +201,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "task.epochs": (lambda v: v > 0, "a number > 0"),
     "task.lr": (lambda v: v > 0, "a number > 0"),
     "task.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "protocol.start_peers": (lambda v: v >= 0, "an integer >= 0"),
+    "protocol.start_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
     "executor.threads": (lambda v: v >= 1, "an integer >= 1"),
     "limits.max_message_mb": (lambda v: v > 0, "a number > 0"),
     "limits.max_peers": (lambda v: v >= 1, "an integer >= 1"),

@@ -182,6 +182,8 @@ class ProtocolDriver:
         observer: DriverObserver | None = None,
         primary_metric: str = "accuracy",
         inline_bytes: int = 1 << 20,
+        start_peers: int = 0,
+        start_timeout_s: float = 30.0,
     ) -> None:
         self.machine = machine
         self.identity = identity
@@ -197,6 +199,10 @@ class ProtocolDriver:
         """Messages up to this size are encoded/verified in the event loop: a worker-thread hop
         cost 10x the work itself for a 68 KiB model (GIL contention with training)."""
         self.state.metric_name = primary_metric
+        self.start_peers = start_peers
+        """Hand the machine ``Start`` only once this many peers are up (or after
+        ``start_timeout_s``): FedAvg's election then sees everyone who came up together."""
+        self.start_timeout_s = start_timeout_s
         self._seq = SequenceCounter(time.time())
         self._send_locks: dict[str, trio.Lock] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
@@ -217,18 +223,52 @@ class ProtocolDriver:
             nursery.start_soon(self._receive_loop, transport_events)
             self.state.training_state = "idle"
             self.state.model = self.machine.model
+            deferred = await self._await_start_peers()
             await self._handle(Start())
+            for early in deferred:
+                await self._dispatch(early)
             while True:
                 deadline = self.machine.next_deadline()
                 event: Any = None
                 with trio.move_on_at(deadline if deadline is not None else math.inf):
                     event = await self._inbox.receive()
-                if event is None:
-                    await self._handle(TimerFired())
-                elif isinstance(event, _Evaluated):
-                    self._take_evaluation(event)
-                else:
+                await self._dispatch(event)
+
+    async def _dispatch(self, event: Any) -> None:
+        if event is None:
+            await self._handle(TimerFired())
+        elif isinstance(event, _Evaluated):
+            self._take_evaluation(event)
+        else:
+            await self._handle(event)
+
+    async def _await_start_peers(self) -> list[Any]:
+        """Wait for ``start_peers`` peers (peer events reach the machine before ``Start``).
+
+        Everything else that arrives meanwhile is kept, in order, for after ``Start``.
+        """
+        if self.start_peers <= 0:
+            return []
+        live: set[str] = set()
+        deferred: list[Any] = []
+        self.state.training_state = "waiting for peers"
+        with trio.move_on_after(self.start_timeout_s):
+            while len(live) < self.start_peers:
+                event = await self._inbox.receive()
+                if isinstance(event, PeerUp | PeerDown):
+                    if isinstance(event, PeerUp):
+                        live.add(event.peer)
+                    else:
+                        live.discard(event.peer)
                     await self._handle(event)
+                else:
+                    deferred.append(event)
+        log.info(
+            "starting the protocol",
+            extra={"peers": len(live), "wanted": self.start_peers},
+        )
+        self.state.training_state = "idle"
+        return deferred
 
     async def _handle(self, event: ProtocolEvent[StateDict]) -> None:
         actions = self.machine.handle(event, trio.current_time())

@@ -486,6 +486,8 @@ class Node:
                     verifier=verifier,
                     observer=_MetricsObserver(self.metrics),
                     primary_metric=self.prepared.trainer.task.primary_metric,
+                    start_peers=config.protocol.start_peers,
+                    start_timeout_s=config.protocol.start_timeout_s,
                 )
                 log.info(
                     "node started",

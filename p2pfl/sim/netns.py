@@ -339,6 +339,35 @@ class BridgedNetwork(_Network):
             "delay", f"{delay_ms:g}ms", "loss", f"{loss_pct:g}%",
         )  # fmt: skip
 
+    # A MAC address no interface has: frames sent to it cross the bridge but every node drops
+    # them (locally administered, unicast).
+    _NOWHERE = "02:00:00:00:00:01"
+
+    def cut(self, a: int, b: int) -> None:
+        """Cut the link between nodes ``a`` and ``b``: their unicast packets vanish silently.
+
+        Each side gets a permanent neighbour entry pointing the other's address at a MAC no
+        interface has, so nothing answers and no error is reported: to the daemons it looks
+        like a broken link (WebRTC consent fails, TCP retries). Only ``ip`` is needed: this
+        kernel has neither VLAN-filtering bridges, tc actions nor iptables/nftables.
+        Multicast (mDNS) still crosses: peers may be discovered but cannot connect.
+        """
+        for x, y in ((a, b), (b, a)):
+            node = self.nodes[x]
+            _netns_exec(
+                node.namespace, "ip", "neigh", "replace", self.nodes[y].address,
+                "lladdr", self._NOWHERE, "dev", node.interface, "nud", "permanent",
+            )  # fmt: skip
+
+    def heal(self, a: int, b: int) -> None:
+        """Undo :meth:`cut`: the nodes resolve each other with ARP again."""
+        for x, y in ((a, b), (b, a)):
+            node = self.nodes[x]
+            _netns_exec(
+                node.namespace, "ip", "neigh", "del", self.nodes[y].address,
+                "dev", node.interface, check=False,
+            )  # fmt: skip
+
     def __enter__(self) -> BridgedNetwork:
         return self
 

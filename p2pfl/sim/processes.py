@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ from p2pfl.files import atomic_write
 from p2pfl.identity import NodeIdentity
 from p2pfl.sim.netns import BridgedNetwork
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import Scenario, SetupSpec, StopSpec
+from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
 __all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
@@ -68,6 +71,12 @@ class ClusterSpec:
     threads: int = 1
     executor_mode: str = "thread"
     """Thread mode by default here: many daemons share this machine's memory and cores."""
+    start_peers: int = 0
+    """Daemons start learning once this many peers are up (or after ``start_timeout_s``)."""
+    start_timeout_s: float = 20.0
+    aggregator_index: int | None = None
+    """FedAvg: the node (by index) every daemon is configured to follow; None: the smallest live
+    node id, chosen by the protocol itself."""
 
 
 def _toml_value(value: object) -> str:
@@ -194,8 +203,10 @@ class DaemonCluster:
                 "aggregation": spec.aggregation,
                 "codec": spec.codec,
                 "seed": spec.seed,
+                "start_peers": spec.start_peers,
+                "start_timeout_s": spec.start_timeout_s,
             },
-            "protocol.params": dict(spec.params),
+            "protocol.params": self._params(),
             "task": {
                 "name": spec.task,
                 "partition": spec.partition,
@@ -217,6 +228,12 @@ class DaemonCluster:
             "checkpoints": {"interval_s": spec.checkpoint_interval_s},
         }
         return _toml(tables)
+
+    def _params(self) -> dict[str, object]:
+        params: dict[str, object] = dict(self.spec.params)
+        if self.spec.aggregator_index is not None:
+            params["aggregator"] = self.nodes[self.spec.aggregator_index].identity.node_id
+        return params
 
     # ---- processes ---------------------------------------------------------------------------
 
@@ -323,8 +340,11 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
     """Run every setup of ``scenario`` with real daemons; the same Results as the virtual engine.
 
     Time is wall-clock: ``stop.time`` counts from the moment every daemon answers on its control
-    socket. Per-link latency and loss become ``tc netem`` on each node's interface where the
-    kernel has it; bandwidth limits and churn are not applied (see ``extra.not_applied``).
+    socket. Churn is real: a leaving daemon gets SIGTERM or SIGKILL (by turns) and is restarted
+    after ``churn.downtime``, resuming from its checkpoint; partitions cut the links between
+    groups (:meth:`BridgedNetwork.cut`); both are listed in ``extra.applied``. Per-link latency
+    and loss become ``tc netem`` where the kernel has it; what is not applied (bandwidth limits,
+    netem on a kernel without it) is listed in ``extra.not_applied``.
     """
     from p2pfl.sim.netns import can_create_namespaces, sweep_stale_namespaces
 
@@ -382,8 +402,130 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
         protocol=setup.protocol,
         aggregation=setup.aggregation,
         params=params,
-        checkpoint_interval_s=30.0,
+        # Churn restarts daemons from their checkpoints: keep those recent.
+        checkpoint_interval_s=5.0 if scenario.churn.fraction > 0 else 30.0,
+        aggregator_index=_aggregator_index(setup, scenario.task.nodes),
+        # FedAvg elects among the peers it sees at start: let every daemon see all the others.
+        start_peers=scenario.task.nodes - 1 if setup.protocol == "fedavg" else 0,
     )
+
+
+def _aggregator_index(setup: SetupSpec, n_nodes: int) -> int | None:
+    """``setup.aggregator`` as a node index: the virtual engine's id ("n001") or "node-1"."""
+    if setup.protocol != "fedavg" or setup.aggregator is None:
+        return None
+    from p2pfl.sim.virtual import node_ids
+
+    names = {name: i for i, name in enumerate(node_ids(n_nodes))}
+    names.update({f"node-{i}": i for i in range(n_nodes)})
+    if setup.aggregator not in names:
+        raise ProcessesEngineError(
+            f"setup {setup.name!r}: aggregator = {setup.aggregator!r} names no node; use one of "
+            f"{node_ids(n_nodes)[0]}..{node_ids(n_nodes)[-1]} (or node-0..node-{n_nodes - 1})"
+        )
+    return names[setup.aggregator]
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """One scheduled change to the running cluster (the virtual engine's churn and partitions)."""
+
+    at: float
+    kind: str  # "leave", "join", "cut", "heal"
+    node: int = -1
+    partition: PartitionSpec | None = None
+
+
+def churn_schedule(scenario: Scenario) -> list[_Change]:
+    """Churn and partitions as timed changes: the same draw as the virtual engine's.
+
+    The nodes that leave, and when, come from ``random.Random(f"{seed}:churn")`` exactly as in
+    ``p2pfl.sim.virtual``; a node rejoins ``churn.downtime`` seconds after it left. Every
+    partition is a cut at its start and a heal at its end.
+    """
+    n = scenario.task.nodes
+    changes: list[_Change] = []
+    churn = scenario.churn
+    if churn.fraction > 0:
+        rng = random.Random(f"{scenario.seed}:churn")
+        for i in sorted(rng.sample(range(n), round(churn.fraction * n))):
+            leave = rng.uniform(churn.start, churn.end)
+            changes += [_Change(leave, "leave", i), _Change(leave + churn.downtime, "join", i)]
+    for p in scenario.network.partitions:
+        changes += [_Change(p.start, "cut", partition=p), _Change(p.end, "heal", partition=p)]
+    return sorted(changes, key=lambda c: (c.at, c.kind != "heal", c.kind != "join"))
+
+
+class _Churner:
+    """Applies scheduled changes to a running cluster with real signals and real link cuts."""
+
+    def __init__(
+        self, cluster: DaemonCluster, network: BridgedNetwork, changes: list[_Change]
+    ) -> None:
+        self.cluster = cluster
+        self.network = network
+        self.pending = list(changes)
+        self.applied: list[dict[str, object]] = []
+        self.cuts: Counter[tuple[int, int]] = Counter()
+        self.leaves = 0
+        self.on_leave: Callable[[int], None] = lambda _i: None
+
+    @property
+    def next_at(self) -> float:
+        return self.pending[0].at if self.pending else math.inf
+
+    def apply_due(self, elapsed: float) -> None:
+        while self.pending and self.pending[0].at <= elapsed:
+            change = self.pending.pop(0)
+            record: dict[str, object] = {"time": round(elapsed, 2), "change": change.kind}
+            if change.kind == "leave":
+                record.update(node=change.node, signal=self._leave(change.node))
+            elif change.kind == "join":
+                record.update(node=change.node, started=self._join(change.node))
+            else:
+                assert change.partition is not None
+                if change.kind == "heal":  # what the cut did: connected peers per node
+                    record["connected_before"] = [
+                        sum(p.state == "connected" for p in s.peers) if s is not None else None
+                        for s in (self.cluster.status(i) for i in range(len(self.cluster.nodes)))
+                    ]
+                record.update(links=self._partition(change.partition, change.kind == "cut"))
+            print(f"{change.kind}: {record}", flush=True)
+            self.applied.append(record)
+
+    def _leave(self, index: int) -> str:
+        """Stop a daemon: SIGTERM (it checkpoints and exits) and SIGKILL (a crash) by turns."""
+        sig = signal.SIGTERM if self.leaves % 2 == 0 else signal.SIGKILL
+        self.leaves += 1
+        self.on_leave(index)
+        self.cluster.kill(index, sig)
+        if self.cluster.wait(index, 20.0) is None:
+            self.cluster.kill(index, signal.SIGKILL)
+            self.cluster.wait(index, 5.0)
+            return f"{sig.name}, then SIGKILL after 20 s"
+        return sig.name
+
+    def _join(self, index: int) -> bool:
+        if self.cluster.nodes[index].running:
+            return False
+        self.cluster.start(index)  # resumes from its newest valid checkpoint
+        return True
+
+    def _partition(self, p: PartitionSpec, cut: bool) -> int:
+        n = len(self.cluster.nodes)
+        pairs = [
+            (a, b)
+            for a in range(n)
+            for b in range(a + 1, n)
+            if a * p.groups // n != b * p.groups // n  # the virtual engine's grouping
+        ]
+        for pair in pairs:
+            self.cuts[pair] += 1 if cut else -1
+            if cut and self.cuts[pair] == 1:
+                self.network.cut(*pair)
+            elif not cut and self.cuts[pair] == 0:
+                self.network.heal(*pair)
+        return len(pairs)
 
 
 def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) -> SetupResult:
@@ -395,10 +537,6 @@ def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) 
     stop = setup.stop or scenario.stop
     net = scenario.network
     not_applied = [] if net.bandwidth_mbps >= 1000 else ["network.bandwidth_mbps"]
-    if scenario.churn.fraction > 0:
-        not_applied.append("churn")
-    if net.partitions:
-        not_applied.append("network.partitions")
     if setup.neighbours != "all":
         not_applied.append(f"setup.neighbours = {setup.neighbours!r} (all live peers are used)")
     started = time.perf_counter()
@@ -411,6 +549,7 @@ def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) 
                     network.impair(i, delay_ms=net.latency_ms, loss_pct=net.loss * 100)
             else:
                 not_applied.append("network.latency_ms/loss (no tc netem in this kernel)")
+        churner = _Churner(cluster, network, churn_schedule(scenario))
         cluster.start_all()
         for node in cluster.nodes:
             print(f"{node.name}: p2pfl status --socket {node.socket_path}", flush=True)
@@ -420,21 +559,40 @@ def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) 
         t0 = time.monotonic()
         interval = max(1.0, scenario.training.eval_interval)
         last: list[NodeStatus | None] = [None] * spec.n_nodes
+        # A restarted daemon counts bytes from 0: what it sent before is carried here.
+        carried: list[tuple[int, int]] = [(0, 0)] * spec.n_nodes
+
+        def on_leave(index: int) -> None:
+            status = cluster.status(index, timeout=2.0) or last[index]
+            if status is not None:
+                sent, received = carried[index]
+                carried[index] = (sent + status.bytes_out, received + status.bytes_in)
+            last[index] = None
+
+        churner.on_leave = on_leave
         while True:
             elapsed = time.monotonic() - t0
-            statuses = [cluster.status(i) for i in range(spec.n_nodes)]
-            last = [s or old for s, old in zip(statuses, last, strict=True)]
-            _record(elapsed, last, histories, curve)
+            churner.apply_due(elapsed)
+            statuses = [
+                cluster.status(i) if node.running else None for i, node in enumerate(cluster.nodes)
+            ]
+            last = [
+                s or (old if node.running else None)
+                for s, old, node in zip(statuses, last, cluster.nodes, strict=True)
+            ]
+            _record(elapsed, last, histories, curve, carried)
             done = _stop_reached(stop, elapsed, last)
             report(setup.name, min(1.0, elapsed / stop.time), _live_line(last))
             if done:
                 break
-            time.sleep(min(interval, max(0.1, stop.time - elapsed)))
+            wake = min(interval, max(0.1, stop.time - elapsed), churner.next_at - elapsed)
+            time.sleep(max(0.05, wake))
         wall = time.perf_counter() - started
         codes = cluster.stop_all(timeout=_STOP_TIMEOUT_S)
+        seen = [h[-1] if h else None for h in histories]
         nodes = [
-            _node_result(node, status, history, codes.get(node.index))
-            for node, status, history in zip(cluster.nodes, last, histories, strict=True)
+            _node_result(node, status, history, codes.get(node.index), carried[node.index], row)
+            for node, status, history, row in zip(cluster.nodes, last, histories, seen, strict=True)
         ]
     if not curve:
         raise ProcessesEngineError(
@@ -442,6 +600,9 @@ def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) 
             "give it more time ([stop] time)"
         )
     final = {k: v for k, v in curve[-1].items() if k not in ("time", "round", "bytes")}
+    extra: dict[str, object] = {"run_time_s": curve[-1]["time"], "not_applied": not_applied}
+    if churner.applied:
+        extra["applied"] = churner.applied
     result = SetupResult(
         name=setup.name,
         protocol=setup.protocol,
@@ -453,7 +614,7 @@ def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) 
         bytes_received=sum(n.bytes_received for n in nodes),
         virtual_time_s=None,
         wall_time_s=wall,
-        extra={"run_time_s": curve[-1]["time"], "not_applied": not_applied},
+        extra=extra,
     )
     shutil.rmtree(root, ignore_errors=True)
     return result
@@ -481,22 +642,25 @@ def _record(
     statuses: list[NodeStatus | None],
     histories: list[list[dict[str, float]]],
     curve: list[dict[str, float]],
+    carried: list[tuple[int, int]],
 ) -> None:
     rows = []
-    for status, history in zip(statuses, histories, strict=True):
+    for status, history, (sent_before, _) in zip(statuses, histories, carried, strict=True):
         if status is None or not status.metrics:
             continue
         row = {
             "time": elapsed,
             "round": float(status.round),
-            "bytes_sent": float(status.bytes_out),
+            "bytes_sent": float(sent_before + status.bytes_out),
             **status.metrics,
         }
         history.append(row)
         rows.append(row)
     if rows:
         point = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "bytes_sent"}
-        point["bytes"] = float(sum(s.bytes_out for s in statuses if s is not None))
+        point["bytes"] = float(
+            sum(c[0] for c in carried) + sum(s.bytes_out for s in statuses if s is not None)
+        )
         curve.append(point)
 
 
@@ -527,21 +691,27 @@ def _node_result(
     status: NodeStatus | None,
     history: list[dict[str, float]],
     exit_code: int | None,
+    carried: tuple[int, int] = (0, 0),
+    last_row: dict[str, float] | None = None,
 ) -> NodeResult:
+    """``status`` is None for a node that was down at the end (churn): its figures are then
+    those of its last evaluation seen (``last_row``)."""
     final = (
         {k: v for k, v in history[-1].items() if k not in ("time", "round", "bytes_sent")}
         if history
         else {}
     )
+    rounds = status.round if status is not None else int(last_row["round"] if last_row else 0)
     return NodeResult(
         node=node.identity.node_id,
         final=final,
         history=history,
-        bytes_sent=status.bytes_out if status else 0,
-        bytes_received=status.bytes_in if status else 0,
-        rounds=status.round if status else 0,
+        bytes_sent=carried[0] + (status.bytes_out if status else 0),
+        bytes_received=carried[1] + (status.bytes_in if status else 0),
+        rounds=rounds,
         extra={
             "name": node.name,
+            "running_at_end": status is not None,
             "exit_code": exit_code,
             "rejected": dict(status.rejected) if status else {},
             "transport": dict(status.transport) if status else {},
