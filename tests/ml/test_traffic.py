@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,37 @@ def test_npz_readings_treat_zero_as_missing(tmp_path: Path) -> None:
     assert np.isnan(speeds[10, 2]) and np.isnan(speeds).sum() == 1
 
 
+def test_hdf5_readings_in_the_published_pandas_layout(tmp_path: Path) -> None:
+    # The published METR-LA / PeMS-BAY files are pandas HDFStore tables under key "df": integer
+    # sensor ids as column labels (axis0, block0_items), timestamps (axis1), values block0_values.
+    h5py = pytest.importorskip("h5py")
+    graph = _small_graph(tmp_path)
+    ids = np.array([int(sid) for sid in reversed(graph.sensor_ids)], dtype=np.int64)
+    table = np.array([[float(sid) + t for sid in ids] for t in range(300)])
+    table[7, 0] = 0.0
+    path = tmp_path / "metr-la.h5"
+    with h5py.File(path, "w") as f:
+        df = f.create_group("df")
+        df["axis0"] = ids
+        df["axis1"] = np.arange(300, dtype=np.int64) * 300_000_000_000
+        df["block0_items"] = ids
+        df["block0_values"] = table
+    speeds = load_speeds(path, graph)
+    assert speeds.shape == (300, 9)
+    assert speeds[0].tolist() == [float(sid) for sid in graph.sensor_ids]
+    assert np.isnan(speeds[7, graph.sensor_ids.index(str(ids[0]))])
+
+
+def test_hdf5_without_the_published_layout_is_refused_by_name(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["speed"] = np.zeros((300, 9))
+    with pytest.raises(ReadingsError, match="not the published layout") as info:
+        load_speeds(path, _small_graph(tmp_path))
+    assert "other.h5" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("table", "message"),
     [
@@ -192,13 +224,10 @@ def test_missing_sensors_and_empty_columns_are_named(tmp_path: Path) -> None:
         load_speeds(tmp_path / "bad.csv", graph)
 
 
-def test_hdf5_without_h5py_says_how_to_get_it(tmp_path: Path) -> None:
-    try:
-        import h5py  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("h5py is installed: the missing-h5py message cannot show")
+def test_hdf5_without_h5py_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` now raises ImportError
     (tmp_path / "metr-la.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     with pytest.raises(ReadingsError, match=r"metr-la.h5: reading HDF5 needs h5py"):
         load_speeds(tmp_path / "metr-la.h5", _small_graph(tmp_path))
