@@ -112,7 +112,7 @@ class TaskSection:
 class ExecutorSection:
     device: str = "cpu"
     threads: int = 1
-    mode: Literal["process", "thread"] = "process"
+    mode: Literal["process", "thread"] = "thread"
 
 
 @dataclass(frozen=True, slots=True)

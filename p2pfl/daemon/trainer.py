@@ -26,7 +26,7 @@ class NodeTrainer:
         *,
         device: str = "cpu",
         threads: int = 1,
-        mode: Any = "process",
+        mode: Any = "thread",
     ) -> None:
         self.task = task
         self.data = task.node_data(node_index, task.n_nodes)

@@ -25,14 +25,15 @@ digits MLP, 10 epochs      4,156 /s, 1.8 MB/s   5,501 /s, 2.0 MB/s   4.8 MB/s
 STGCN cloudlet, 1/4 epoch  2,065 /s, 3.7 MB/s   1,960 /s, 4.0 MB/s   7.4 MB/s
 =========================  ===================  ===================  ==============
 
-(samples/s of training, MB/s of the transfer.) Alone, the two modes trained alike (MLP 24,805
-vs 27,433; STGCN 3,438 vs 3,522 samples/s). During a transfer the process trained 1.32x faster
-on the small-op MLP and as fast (0.95x) on STGCN, and the transfer ran 1.09x faster in both;
-an earlier single run gave 1.34x / 1.55x. With two cores the transfer and training still share
-the CPU, but the process takes training off the GIL that the event loop, SCTP and heartbeats
-need. So ``"process"`` is the default; ``"thread"`` stays for tests, notebooks, tasks that
-cannot be pickled, and where the seconds of start-up (4-14 s here: spawn, import torch,
-warm-up) and the child's memory matter more.
+(samples/s of training, MB/s of the transfer.) Those runs were taken while four other jobs
+loaded the two cores. Run again on the quiet machine (load average below 1), the advantage was
+gone: during a transfer the process trained 0.98x as fast as the thread on the MLP and 1.00x on
+STGCN, the transfer ran 0.92x / 1.02x, and ``benchmarks/bench_ml.py`` measured the executor's
+overhead over a bare torch loop at +2.8 % for the thread and +7.4 % for the process (target
+5 %). So ``"thread"`` is the default: as fast where the node is not starved, cheaper per job,
+no seconds of start-up (4-14 s here: spawn, import torch, warm-up), no second torch in memory,
+and no child left running if the daemon is killed. ``"process"`` stays for nodes whose CPU is
+contended, where it kept training off the GIL that the event loop, SCTP and heartbeats need.
 
 Call :meth:`Executor.warm_up` once before the event loop gets busy: the first training step of
 a process pages in torch's kernels and, on a loaded machine, held the GIL for up to a second in
@@ -183,7 +184,7 @@ class Executor:
         device: str = "cpu",
         threads: int = 1,
         limiter: trio.CapacityLimiter | None = None,
-        mode: Mode = "process",
+        mode: Mode = "thread",
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
