@@ -24,12 +24,6 @@ def _load_engine(engine: str) -> Any:
         ) from None
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 @click.command("simulate")
 @click.argument("scenario", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
@@ -51,7 +45,7 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from p2pfl.sim.results import summary_rows, write_results
+    from p2pfl.sim.results import format_cell, summary_rows, write_results
     from p2pfl.sim.scenario import ScenarioError, load_scenario
 
     try:
@@ -97,6 +91,8 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     for col in ["setup", "protocol", *metric_cols]:
         table.add_column(col, justify="left" if col in ("setup", "protocol") else "right")
     for row in rows:
-        table.add_row(*(_fmt(row.get(col, "")) for col in ["setup", "protocol", *metric_cols]))
+        table.add_row(
+            *(format_cell(row.get(col, "")) for col in ["setup", "protocol", *metric_cols])
+        )
     console.print(table)
     console.print(f"wrote {', '.join(p.name for p in paths)} to {out_dir}")

@@ -93,6 +93,20 @@ def _metric_names(results: Results) -> list[str]:
     return sorted(names)
 
 
+MISSING = (
+    "\u2014"  # em dash: a figure the engine does not measure (e.g. virtual time of real processes)
+)
+
+
+def format_cell(value: Any, spec: str = ".4g") -> str:
+    """One table cell: floats with `spec`, a missing figure (None) as an em dash."""
+    if value is None:
+        return MISSING
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
 def summary_rows(results: Results) -> list[dict[str, Any]]:
     """One row per setup: what the CLI's table and summary.csv show."""
     rows = []
@@ -122,10 +136,10 @@ def markdown_table(results: Results, metrics: list[str] | None = None) -> str:
         cells = [
             row["setup"],
             row["protocol"],
-            f"{row['rounds']:.1f}",
-            f"{row['mb_sent']:.1f}",
-            f"{row['virtual_s']:.1f}",
-            *(f"{row.get(m, float('nan')):.4g}" for m in metrics),
+            format_cell(row["rounds"], ".1f"),
+            format_cell(row["mb_sent"], ".1f"),
+            format_cell(row["virtual_s"], ".1f"),
+            *(format_cell(row.get(m)) for m in metrics),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,12 @@ from p2pfl.sim.results import load_results
 
 def main(folder: Path) -> None:
     results = load_results(folder / "results.json")
-    epochs = float(results.scenario_source.get("training", {}).get("epochs", 1.0))
+    source = results.scenario_source
+    default_epochs = float(source.get("training", {}).get("epochs", 1.0))
+    # Local epochs per round / gossip tick: the setup's own `epochs` overrides the scenario's.
+    setup_epochs = {
+        t["name"]: float(t.get("epochs", default_epochs)) for t in source.get("setup", [])
+    }
     central = next(s for s in results.setups if s.protocol == "centralized")
     print(
         "| setup | MAE 15 | RMSE 15 | WMAPE 15 | MAE 30 | RMSE 30 | WMAPE 30 | MAE 60 | RMSE 60 "
@@ -31,10 +36,11 @@ def main(folder: Path) -> None:
         print(f"| {s.name} | " + " | ".join(cells) + f" | {delta:+.1f}% |")
     print()
     print(
-        "| setup | rounds | model MB sent per local epoch (all cloudlets) | per cloudlet (mean) "
+        "| setup | rounds | local epochs per cloudlet | model MB sent (all cloudlets) "
+        "| model MB sent per local epoch (all cloudlets) | per cloudlet (mean) "
         "| node-feature MB received per cloudlet (min-max) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for s in results.setups:
         if s.protocol == "centralized":
             continue
@@ -43,9 +49,11 @@ def main(folder: Path) -> None:
         # stay in the model figure.
         model_bytes = s.bytes_sent - sum(n.extra["feature_bytes_sent"] for n in s.nodes)
         rounds = sum(n.rounds for n in s.nodes) / len(s.nodes)
-        per_epoch = model_bytes / (rounds * epochs) / 1e6
+        epochs = rounds * setup_epochs.get(s.name, default_epochs)
+        per_epoch = model_bytes / epochs / 1e6
         print(
-            f"| {s.name} | {rounds:.0f} | {per_epoch:.2f} | {per_epoch / len(s.nodes):.2f} "
+            f"| {s.name} | {rounds:.0f} | {epochs:.2f} | {model_bytes / 1e6:.2f} "
+            f"| {per_epoch:.2f} | {per_epoch / len(s.nodes):.2f} "
             f"| {min(features) / 1e6:.3f}-{max(features) / 1e6:.3f} |"
         )
     model_mb = central.extra.get("model_bytes", 0) / 1e6
