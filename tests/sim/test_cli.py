@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -47,16 +46,3 @@ def test_scenario_mistake_is_one_clear_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "key 'task.nodez': unknown key" in result.output
     assert "Traceback" not in result.output
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("p2pfl.sim.processes") is not None,
-    reason="the processes engine is installed",
-)
-def test_missing_processes_engine_is_a_clear_error(tmp_path: Path) -> None:
-    scenario = tmp_path / "s.toml"
-    scenario.write_text(SCENARIO)
-    result = CliRunner().invoke(main, ["simulate", str(scenario), "--engine", "processes"])
-    assert result.exit_code == 1
-    assert "engine 'processes' is not part of this installation" in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
