@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import trio
 
@@ -59,6 +59,11 @@ MAX_SDP_CHARS = 32 * 1024
 REQUEST_KINDS = ("sdp-offer", "invite")
 _LENGTH = struct.Struct(">I")
 logger = logging.getLogger(__name__)
+
+
+def _is_usable_sdp(sdp: object) -> TypeGuard[str]:
+    """A bounded SDP string with a DTLS fingerprint: the part the signed envelope binds."""
+    return isinstance(sdp, str) and len(sdp) <= MAX_SDP_CHARS and "a=fingerprint:" in sdp
 
 
 def _valid_host(value: object) -> bool:
@@ -246,7 +251,7 @@ class SignalingGuard:
             if envelope.sender_id >= self.identity.node_id:
                 raise self._refuse("wrong_role", "the node with the smaller id offers")
             sdp = body.get("sdp")
-            if not isinstance(sdp, str) or len(sdp) > MAX_SDP_CHARS or "a=fingerprint:" not in sdp:
+            if not _is_usable_sdp(sdp):
                 raise self._refuse("bad_sdp")
         self.counters[f"accepted_{envelope.kind}"] += 1
         return SignalingRequest(
@@ -271,9 +276,7 @@ class SignalingGuard:
             raise self._refuse("unexpected_peer")
         sdp = body.get("sdp", "")
         port = body.get("port", 0)
-        if kind == "sdp-answer" and (
-            not isinstance(sdp, str) or len(sdp) > MAX_SDP_CHARS or "a=fingerprint:" not in sdp
-        ):
+        if kind == "sdp-answer" and not _is_usable_sdp(sdp):
             raise self._refuse("bad_sdp")
         if type(port) is not int:
             raise self._refuse("malformed_body")
