@@ -18,6 +18,18 @@ pytestmark = [
     pytest.mark.skipif(not can_create_namespaces(), reason="cannot create network namespaces"),
 ]
 
+
+def _simulate(scenario: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """`p2pfl simulate SCENARIO --engine processes` as a user runs it; it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "simulate", str(scenario), "--engine", "processes",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 SCENARIO = """
 name = "tiny"
 seed = 1
@@ -42,12 +54,7 @@ def test_processes_engine_runs_server_free_fl_with_real_daemons_and_writes_resul
     scenario = short_tmp / "tiny.toml"
     scenario.write_text(SCENARIO)
     out = short_tmp / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "simulate", str(scenario), "--engine", "processes",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _simulate(scenario, out)
     # The harness names every daemon's control socket while it runs.
     assert result.stdout.count("p2pfl status --socket /tmp/p2pfl-sim-") == 3
     results = load_results(out / "results.json")
@@ -97,12 +104,7 @@ def test_processes_engine_applies_churn_with_real_restarts_and_partitions_with_c
     scenario = short_tmp / "churn.toml"
     scenario.write_text(CHURN)
     out = short_tmp / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "simulate", str(scenario), "--engine", "processes",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    _simulate(scenario, out)
     (setup,) = load_results(out / "results.json").setups
     not_applied = setup.extra["not_applied"]
     assert not any("churn" in x or "partition" in x for x in not_applied)
@@ -139,12 +141,7 @@ def test_processes_engine_runs_fedavg_around_the_configured_aggregator(short_tmp
                          'protocol = "fedavg"\naggregator = "n002"')
     )  # fmt: skip
     out = short_tmp / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "p2pfl", "simulate", str(scenario), "--engine", "processes",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
+    _simulate(scenario, out)
     (setup,) = load_results(out / "results.json").setups
     assert setup.protocol == "fedavg"
     for node in setup.nodes:
