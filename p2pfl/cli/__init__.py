@@ -43,10 +43,8 @@ class _LazyGroup(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help text comes from the table, so listing commands imports nothing heavy.
-        rows = [(name, _COMMANDS[name][1]) for name in sorted(_COMMANDS)]
-        rows += [
-            (name, (self.commands[name].get_short_help_str())) for name in sorted(self.commands)
-        ]
+        rows = [(name, short_help) for name, (_, short_help) in _COMMANDS.items()]
+        rows += [(name, command.get_short_help_str()) for name, command in self.commands.items()]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(sorted(rows))

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
 
 import click
 
 ENGINES = ("virtual", "processes")
-
-
-def _load_engine(engine: str) -> Any:
-    return importlib.import_module(f"p2pfl.sim.{engine}")
 
 
 @click.command("simulate")
@@ -43,7 +38,7 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
         spec = load_scenario(scenario)
     except ScenarioError as exc:
         raise click.ClickException(str(exc)) from None
-    module = _load_engine(engine)
+    module = importlib.import_module(f"p2pfl.sim.{engine}")
     out_dir = out or Path("out") / spec.name
     console = Console()
     if not console.is_terminal:
