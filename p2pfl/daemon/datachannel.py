@@ -41,6 +41,8 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+from p2pfl.daemon.sctp import delay_acks
+
 __all__ = [
     "FRAME_LIMIT",
     "HEADER",
@@ -150,6 +152,7 @@ class LinkSettings:
     heartbeat_interval_s: float = 1.0
     peer_timeout_s: float = 6.0
     max_message_bytes: int = 80 * 1024 * 1024
+    delayed_acks: bool = True  # SCTP SACK every second packet (see sctp.py)
 
 
 class LinkDown(ConnectionError):
@@ -184,6 +187,7 @@ class RtcLink:
         self._on_drop = on_drop
         self._reassembler = Reassembler(settings.max_message_bytes, on_drop)
         self._down_reason: str | None = None
+        self.delayed_acks = False  # whether delay_acks applied to this connection
         self._monitor: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
         # Read from the trio thread without a bridge hop: plain attributes, written only here.
@@ -197,16 +201,22 @@ class RtcLink:
     # --- set-up -------------------------------------------------------------------------------
     async def create_offer(self) -> str:
         self._attach(self._pc.createDataChannel("p2pfl", ordered=True))
+        self._tune()
         await self._pc.setLocalDescription(await self._pc.createOffer())
         return self._pc.localDescription.sdp
 
     async def accept_offer(self, sdp: str) -> str:
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        self._tune()
         await self._pc.setLocalDescription(await self._pc.createAnswer())
         return self._pc.localDescription.sdp
 
     async def accept_answer(self, sdp: str) -> None:
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+
+    def _tune(self) -> None:
+        if self.settings.delayed_acks:
+            self.delayed_acks = delay_acks(self._pc)
 
     async def wait_open(self) -> None:
         """Wait until the data channel is open, then start heartbeats and the liveness check."""
