@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -244,6 +245,8 @@ class TrafficTask(Task):
         epochs: float,
         device: str = "cpu",
         should_stop: Callable[[], bool] | None = None,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> TrainReport:
         assert isinstance(data, CloudletData)
         laplacian = data.laplacian.to(device)
@@ -264,6 +267,8 @@ class TrafficTask(Task):
             device=device,
             generator=self._generator(),
             should_stop=should_stop,
+            lr_scale=lr_scale,
+            optimizer_state=optimizer_state,
         )
 
     def evaluate(

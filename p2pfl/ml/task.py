@@ -88,6 +88,8 @@ class Task(ABC):
         epochs: float,
         device: str = "cpu",
         should_stop: Callable[[], bool] | None = None,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> TrainReport: ...
 
     @abstractmethod
@@ -184,6 +186,8 @@ class DigitsTask(Task):
         epochs: float,
         device: str = "cpu",
         should_stop: Callable[[], bool] | None = None,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> TrainReport:
         assert isinstance(data, ClassificationData)
 
@@ -200,6 +204,8 @@ class DigitsTask(Task):
             device=device,
             generator=self._generator(),
             should_stop=should_stop,
+            lr_scale=lr_scale,
+            optimizer_state=optimizer_state,
         )
 
     def evaluate(

@@ -1,10 +1,14 @@
 """The training loop: one visible loop, the same code on CPU and CUDA.
 
 ``fit`` runs a number of optimizer steps (fractional epochs allowed: 0.5 is half the batches of
-one pass) from whatever weights the model holds, with a fresh optimizer, as each local round of
-decentralized learning does. Batches come from a :class:`BatchSource` and reach the device
-through :func:`prefetch`: on CUDA the next batch is copied from pinned host memory on a side
-stream while the current one computes; on CPU the same loop runs with the copies as no-ops.
+one pass) from whatever weights the model holds. By default each call starts a fresh Adam; a
+caller that passes the same ``optimizer_state`` dict to every call of a node keeps that node's
+moment estimates across its local rounds (the averaged weights replace the parameters, the
+moments carry on), and ``lr_scale`` lets the caller follow a learning-rate schedule over its
+whole run (the simulator's ``[training] lr_schedule``). Batches come from a
+:class:`BatchSource` and reach the device through :func:`prefetch`: on CUDA the next batch is
+copied from pinned host memory on a side stream while the current one computes; on CPU the same
+loop runs with the copies as no-ops.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -144,16 +148,24 @@ def fit(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
     should_stop: Callable[[], bool] | None = None,
+    lr_scale: float = 1.0,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> TrainReport:
     """Train ``model`` in place for ``epochs`` passes over ``source``; return what it did.
 
     ``loss_fn(model, batch)`` returns (mean loss of the batch, number of samples in it).
     ``should_stop`` is polled before every step; when it turns true the loop ends early and
-    the report covers the steps done.
+    the report covers the steps done. The learning rate is ``config.lr * lr_scale``. With
+    ``optimizer_state`` (a dict the caller keeps), Adam starts from the state saved in it by
+    the previous call, if any, and leaves its new state there.
     """
     device = torch.device(device)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * lr_scale
     steps = max(1, math.ceil(epochs * source.batches_per_epoch(config.batch_size)))
     generator = generator or torch.Generator().manual_seed(0)
     energy = EnergyMeter(str(device))
@@ -174,6 +186,9 @@ def fit(
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(optimizer.state_dict())
     wall = time.perf_counter() - started
     return TrainReport(
         samples=samples,

@@ -47,6 +47,19 @@ class TrainingSpec:
     """Evaluate this many nodes (a fixed sample by seed) at each point; 0 = all."""
     path: str = "task"
     """"task": the learning core's training loop; "vectorized": numpy, digits-logreg only."""
+    lr_schedule: str = "constant"
+    """"cosine": each node's learning rate falls from lr to lr * lr_final over its planned
+    trainings (stop.rounds of the setup, else stop.time); "constant": no schedule."""
+    lr_final: float = 0.1
+    keep_optimizer: bool = False
+    """Keep each node's Adam moments from one local training to the next (default: fresh)."""
+
+    def lr_scale(self, progress: float) -> float:
+        """The factor on the learning rate at ``progress`` (0..1) of a node's run."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        p = min(max(progress, 0.0), 1.0)
+        return self.lr_final + (1.0 - self.lr_final) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +252,9 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         eval_interval=tr.number("eval_interval", 10.0, low=1e-6),
         eval_nodes=tr.integer("eval_nodes", 0),
         path=tr.choice("path", TRAINING_PATHS, "task"),
+        lr_schedule=tr.choice("lr_schedule", ("constant", "cosine"), "constant"),
+        lr_final=tr.number("lr_final", 0.1, low=0.0, high=1.0),
+        keep_optimizer=tr.get("keep_optimizer", bool, False),
     )
     tr.done()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +106,13 @@ class VectorizedLogReg:
         return x @ weight.T + params[split:]  # type: ignore[no-any-return]
 
     def train(
-        self, node: int | None, weights: Vector, epochs: float
+        self,
+        node: int | None,
+        weights: Vector,
+        epochs: float,
+        *,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> tuple[Vector, VectorReport]:
         x, y = self._node_data(node)
         n = len(y)
@@ -113,11 +120,14 @@ class VectorizedLogReg:
         self._calls += 1
         rng = np.random.default_rng([self._seed, 0 if node is None else node + 1, self._calls])
         params = weights.astype(np.float32, copy=True)
-        m = np.zeros_like(params)
-        v = np.zeros_like(params)
+        lr = self._lr * lr_scale
+        if optimizer_state:  # Adam's moments and step count from this node's last training
+            m, v, done = optimizer_state["m"], optimizer_state["v"], optimizer_state["step"]
+        else:
+            m, v, done = np.zeros_like(params), np.zeros_like(params), 0
         order, position, samples, loss_sum = np.empty(0, dtype=np.int64), 0, 0, 0.0
         split = self._classes * self._inputs
-        for step in range(1, steps + 1):
+        for step in range(done + 1, done + steps + 1):
             if position >= len(order):
                 order, position = rng.permutation(n), 0
             idx = order[position : position + self._batch]
@@ -140,7 +150,9 @@ class VectorizedLogReg:
             m = _BETA1 * m + (1 - _BETA1) * grad
             v = _BETA2 * v + (1 - _BETA2) * grad * grad
             denom = np.sqrt(v) / math.sqrt(1 - _BETA2**step) + _EPS
-            params -= (self._lr / (1 - _BETA1**step)) * m / denom
+            params -= (lr / (1 - _BETA1**step)) * m / denom
+        if optimizer_state is not None:
+            optimizer_state.update(m=m, v=v, step=done + steps)
         return params, VectorReport(samples=samples, loss=loss_sum / max(samples, 1))
 
     def evaluate(self, weights: Vector) -> dict[str, float]:

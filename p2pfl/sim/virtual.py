@@ -91,6 +91,8 @@ class _Node:
     feature_bytes_sent: int = 0
     rounds_before: int = 0
     seen_finished: bool = False
+    trainings: int = 0
+    optimizer_state: dict[str, Any] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -182,6 +184,23 @@ class _SetupRun:
         )
         return FedAvgLearner(node.id, weights, ops, rng, fa, features=plan)
 
+    def lr_scale(self, trainings_done: int) -> float:
+        """The schedule's factor for a node's next training: by its share of the planned
+        trainings (stop.rounds: one training per round or gossip tick), else of stop.time."""
+        training = self.scenario.training
+        if self.stop.rounds is not None:
+            progress = (trainings_done + 0.5) / self.stop.rounds
+        else:
+            progress = self.now / self.stop.time
+        return training.lr_scale(progress)
+
+    def optimizer_state(self, node: _Node) -> dict[str, Any] | None:
+        if not self.scenario.training.keep_optimizer:
+            return None
+        if node.optimizer_state is None:
+            node.optimizer_state = {}
+        return node.optimizer_state
+
     def server_free_neighbours(self, node: _Node) -> list[str] | None:
         if self.setup.neighbours == "topology":
             return [self.ids[j] for j in node.neighbours]
@@ -204,7 +223,14 @@ class _SetupRun:
             if isinstance(action, Send):
                 self.send(node, action.peer, action.message)
             elif isinstance(action, Train):
-                new, report = self.workload.train(node.index, action.weights, action.budget)
+                new, report = self.workload.train(
+                    node.index,
+                    action.weights,
+                    action.budget,
+                    lr_scale=self.lr_scale(node.trainings),
+                    optimizer_state=self.optimizer_state(node),
+                )
+                node.trainings += 1
                 duration = report.samples / (self.scenario.training.samples_per_s * node.speed)
                 self.push(self.now + duration, _TRAINED, node.index, node.session, (new, report))
             elif isinstance(action, Evaluate):
@@ -329,6 +355,7 @@ class _SetupRun:
         self.absorb_counters(node)
         node.alive = False
         node.session += 1
+        node.optimizer_state = None  # a restarted node starts a fresh optimizer
         for j in node.neighbours:
             peer = self.nodes[j]
             if peer.alive:
@@ -477,12 +504,19 @@ class _SetupRun:
         speed = self.scenario.training.samples_per_s
         history = []
         rounds = 0
+        state: dict[str, Any] | None = {} if self.scenario.training.keep_optimizer else None
         while True:
             metrics = self.workload.evaluate(weights)
             history.append({"time": self.now, "round": float(rounds), "bytes_sent": 0.0, **metrics})
             if self.stop.rounds is not None and rounds >= self.stop.rounds:
                 break
-            weights, report = self.workload.train(None, weights, self.epochs)
+            weights, report = self.workload.train(
+                None,
+                weights,
+                self.epochs,
+                lr_scale=self.lr_scale(rounds),
+                optimizer_state=state,
+            )
             duration = report.samples / speed
             if self.now + duration > self.stop.time:
                 break

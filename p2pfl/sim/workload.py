@@ -40,8 +40,20 @@ class Workload(Protocol):
 
     def initial(self) -> Any: ...
 
-    def train(self, node: int | None, weights: Any, epochs: float) -> tuple[Any, Report]:
-        """Train a copy of ``weights`` on ``node``'s data (None: all data, centralized)."""
+    def train(
+        self,
+        node: int | None,
+        weights: Any,
+        epochs: float,
+        *,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
+    ) -> tuple[Any, Report]:
+        """Train a copy of ``weights`` on ``node``'s data (None: all data, centralized).
+
+        The learning rate is the task's times ``lr_scale``; ``optimizer_state``, a dict the
+        engine keeps per node, carries the optimizer's moments from one call to the next.
+        """
         ...
 
     def evaluate(self, weights: Any) -> dict[str, float]: ...
@@ -110,10 +122,22 @@ class TaskWorkload:
         return self._initial
 
     def train(
-        self, node: int | None, weights: StateDict, epochs: float
+        self,
+        node: int | None,
+        weights: StateDict,
+        epochs: float,
+        *,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> tuple[StateDict, Report]:
         self._model.load_state_dict(weights)
-        report = self.task.train(self._model, self._node_data(node), epochs=epochs)
+        report = self.task.train(
+            self._model,
+            self._node_data(node),
+            epochs=epochs,
+            lr_scale=lr_scale,
+            optimizer_state=optimizer_state,
+        )
         return _frozen_copy(self._model.state_dict()), report
 
     def evaluate(self, weights: StateDict) -> dict[str, float]:

@@ -1,0 +1,119 @@
+"""Local training across rounds: the optimizer state a node keeps, and the learning-rate schedule.
+
+Full-batch training makes the batches of every call the same, so training twice for k steps
+with the kept optimizer state must equal training once for 2k steps (the torch loop and the
+numpy path alike), and training twice with fresh optimizers must not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from p2pfl.sim import virtual
+from p2pfl.sim.scenario import Scenario, ScenarioError, TrainingSpec, parse_scenario
+from p2pfl.sim.vectorized import VectorizedLogReg
+from p2pfl.sim.workload import TaskWorkload
+
+Tiny = Callable[..., Scenario]
+FULL_BATCH = {"batch_size": 4096, "lr": 0.05}
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    return bool(np.allclose(a, b, atol=1e-6))
+
+
+@pytest.mark.parametrize("path", ["task", "vectorized"])
+def test_kept_optimizer_state_makes_two_trainings_one(tiny: Tiny, path: str) -> None:
+    scenario = tiny(task=FULL_BATCH, training={"path": path})
+    workload = TaskWorkload(scenario) if path == "task" else VectorizedLogReg(scenario)
+    start = workload.initial()
+    once, _ = workload.train(0, start, 6.0)  # one batch per epoch: 6 steps
+
+    state: dict[str, Any] = {}
+    half, _ = workload.train(0, start, 3.0, optimizer_state=state)
+    assert state  # the moments are kept ...
+    kept, _ = workload.train(0, half, 3.0, optimizer_state=state)
+    fresh, _ = workload.train(0, half, 3.0)  # ... and a fresh Adam restarts its bias correction
+    assert _close(kept, once)
+    assert not _close(fresh, once)
+
+
+@pytest.mark.parametrize("path", ["task", "vectorized"])
+def test_lr_scale_zero_leaves_the_weights_alone(tiny: Tiny, path: str) -> None:
+    scenario = tiny(task=FULL_BATCH, training={"path": path})
+    workload = TaskWorkload(scenario) if path == "task" else VectorizedLogReg(scenario)
+    start = workload.initial()
+    still, _ = workload.train(0, start, 2.0, lr_scale=0.0)
+    moved, _ = workload.train(0, start, 2.0, lr_scale=0.5)
+    assert _close(still, start)
+    assert not _close(moved, start)
+
+
+def test_cosine_schedule_runs_from_lr_to_lr_final() -> None:
+    spec = TrainingSpec(lr_schedule="cosine", lr_final=0.1)
+    assert spec.lr_scale(0.0) == 1.0
+    assert spec.lr_scale(1.0) == pytest.approx(0.1)
+    assert spec.lr_scale(0.5) == pytest.approx(0.55)
+    assert spec.lr_scale(2.0) == pytest.approx(0.1)  # past the plan: stays at the floor
+    assert TrainingSpec().lr_scale(0.7) == 1.0
+
+
+def test_schedule_keys_are_checked(tiny_dict: dict[str, Any]) -> None:
+    tiny_dict["training"]["lr_schedule"] = "linear"
+    with pytest.raises(ScenarioError, match=r"key 'training\.lr_schedule': must be one of"):
+        parse_scenario(tiny_dict, "exp.toml")
+    tiny_dict["training"].update(lr_schedule="cosine", lr_final=1.5)
+    with pytest.raises(ScenarioError, match=r"key 'training\.lr_final': must be in"):
+        parse_scenario(tiny_dict, "exp.toml")
+    tiny_dict["training"].update(lr_final=0.2, keep_optimizer="yes")
+    with pytest.raises(ScenarioError, match=r"key 'training\.keep_optimizer': must be bool"):
+        parse_scenario(tiny_dict, "exp.toml")
+
+
+def test_engine_passes_each_node_its_state_and_its_schedule_step(tiny: Tiny) -> None:
+    scenario = tiny(
+        training={"keep_optimizer": True, "lr_schedule": "cosine", "lr_final": 0.0},
+        stop={"time": 1000.0, "rounds": 4},
+    )
+    calls: list[tuple[int | None, float, int]] = []
+    inner = TaskWorkload(scenario)
+    states: dict[int | None, list[dict[str, Any]]] = {}
+
+    class Recording:
+        primary_metric, higher_is_better, ops = (
+            inner.primary_metric,
+            inner.higher_is_better,
+            inner.ops,
+        )
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(inner, name)
+
+        def train(self, node: int | None, weights: Any, epochs: float, **kw: Any) -> Any:
+            state = kw["optimizer_state"]
+            held = states.setdefault(node, [])
+            if not any(state is other for other in held):
+                held.append(state)
+            calls.append((node, kw["lr_scale"], len(state)))
+            return inner.train(node, weights, epochs, **kw)
+
+    results = virtual.run(scenario, workload=Recording())  # type: ignore[arg-type]
+    assert all(s.final["accuracy"] > 0.5 for s in results.setups)
+    per_node: dict[int | None, list[float]] = {}
+    for node, scale, _ in calls:
+        per_node.setdefault(node, []).append(scale)
+    cosine = [0.5 * (1 + math.cos(math.pi * (k + 0.5) / 4)) for k in range(4)]
+    for node, scales in per_node.items():
+        # gossip, server-free and FedAvg each give a node 4 trainings, in schedule order
+        assert scales == pytest.approx(cosine * (len(scales) // 4)), node
+    # one kept state per node and setup, reused from its second training on
+    assert all(len(held) == len(scenario.setups) for held in states.values())
+    assert any(n_keys > 0 for _, _, n_keys in calls)
