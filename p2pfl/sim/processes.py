@@ -539,6 +539,11 @@ def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) 
     not_applied = [] if net.bandwidth_mbps >= 1000 else ["network.bandwidth_mbps"]
     if setup.neighbours != "all":
         not_applied.append(f"setup.neighbours = {setup.neighbours!r} (all live peers are used)")
+    training = scenario.training
+    if training.keep_optimizer or training.lr_schedule != "constant":
+        not_applied.append(
+            "training.keep_optimizer/lr_schedule (daemons train with a fresh Adam at the task's lr)"
+        )
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="p2pfl-sim-", dir="/tmp"))
     report = progress or (lambda _setup, _fraction, _status: None)
