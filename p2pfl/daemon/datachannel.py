@@ -187,7 +187,6 @@ class RtcLink:
         self._on_drop = on_drop
         self._reassembler = Reassembler(settings.max_message_bytes, on_drop)
         self._down_reason: str | None = None
-        self.delayed_acks = False  # whether delay_acks applied to this connection
         self._monitor: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
         # Read from the trio thread without a bridge hop: plain attributes, written only here.
@@ -216,7 +215,7 @@ class RtcLink:
 
     def _tune(self) -> None:
         if self.settings.delayed_acks:
-            self.delayed_acks = delay_acks(self._pc)
+            delay_acks(self._pc)  # False (left as aiortc made it) if aiortc changed
 
     async def wait_open(self) -> None:
         """Wait until the data channel is open, then start heartbeats and the liveness check."""

@@ -13,10 +13,8 @@ supervised targets: training windows x own sensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +27,7 @@ from p2pfl.ml.readings import load_speeds
 from p2pfl.ml.synthetic import STEPS_PER_DAY, SpeedModel, generate_speeds
 from p2pfl.ml.task import NodeData, Task
 from p2pfl.ml.traffic import SensorGraph, load_graph, scaled_laplacian
-from p2pfl.ml.train import Batch, TrainConfig, TrainReport, fit
+from p2pfl.ml.train import Batch, BatchSource, LossFn, TrainConfig
 
 __all__ = [
     "SPLITS",
@@ -237,17 +235,7 @@ class TrafficTask(Task):
     def _predict(self, model: nn.Module, x: torch.Tensor, laplacian: torch.Tensor) -> torch.Tensor:
         return model(x, laplacian) * self.windows.std + self.windows.mean  # type: ignore[no-any-return]
 
-    def train(
-        self,
-        model: nn.Module,
-        data: NodeData,
-        *,
-        epochs: float,
-        device: str = "cpu",
-        should_stop: Callable[[], bool] | None = None,
-        lr_scale: float = 1.0,
-        optimizer_state: dict[str, Any] | None = None,
-    ) -> TrainReport:
+    def _training(self, data: NodeData, device: str) -> tuple[BatchSource, LossFn]:
         assert isinstance(data, CloudletData)
         laplacian = data.laplacian.to(device)
         n_own = data.n_own
@@ -258,18 +246,7 @@ class TrafficTask(Task):
             # Loss on own sensors only: the halo is input, another cloudlet's job to predict.
             return _masked_mae(prediction[..., :n_own], y[..., :n_own]), len(x) * n_own
 
-        return fit(
-            model,
-            data.train_set,
-            loss_fn,
-            epochs=epochs,
-            config=self.config,
-            device=device,
-            generator=self._generator(),
-            should_stop=should_stop,
-            lr_scale=lr_scale,
-            optimizer_state=optimizer_state,
-        )
+        return data.train_set, loss_fn
 
     def evaluate(
         self,

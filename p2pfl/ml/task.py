@@ -30,7 +30,15 @@ from torch import nn
 from p2pfl.ml.metrics import ClassificationMeter
 from p2pfl.ml.models import MLP, LogisticRegression
 from p2pfl.ml.partition import partition_samples
-from p2pfl.ml.train import Batch, TensorSamples, TrainConfig, TrainReport, fit
+from p2pfl.ml.train import (
+    Batch,
+    BatchSource,
+    LossFn,
+    TensorSamples,
+    TrainConfig,
+    TrainReport,
+    fit,
+)
 
 __all__ = ["TASKS", "ClassificationData", "DigitsTask", "NodeData", "Task", "load_task"]
 
@@ -48,8 +56,9 @@ class NodeData(ABC):
 class Task(ABC):
     """The contract between learning and the protocols/simulator/daemon.
 
-    Subclasses set ``name``, ``kind`` ("classification" or "forecast"), ``primary_metric`` and
-    ``higher_is_better``. ``train`` changes the model in place; ``evaluate`` does not change it.
+    Subclasses set ``name``, ``kind`` ("classification" or "forecast"), ``primary_metric``,
+    ``higher_is_better`` and ``config``, and say in ``_training`` what to train on and what to
+    minimise. ``train`` changes the model in place; ``evaluate`` does not change it.
     """
 
     name: str
@@ -79,7 +88,12 @@ class Task(ABC):
     @abstractmethod
     def central_data(self) -> NodeData: ...
 
+    config: TrainConfig
+
     @abstractmethod
+    def _training(self, data: NodeData, device: str) -> tuple[BatchSource, LossFn]:
+        """The samples ``train`` draws from ``data`` and the loss it minimises on ``device``."""
+
     def train(
         self,
         model: nn.Module,
@@ -90,7 +104,21 @@ class Task(ABC):
         should_stop: Callable[[], bool] | None = None,
         lr_scale: float = 1.0,
         optimizer_state: dict[str, Any] | None = None,
-    ) -> TrainReport: ...
+    ) -> TrainReport:
+        """Train ``model`` in place on ``data`` (see :func:`~p2pfl.ml.train.fit`)."""
+        samples, loss_fn = self._training(data, device)
+        return fit(
+            model,
+            samples,
+            loss_fn,
+            epochs=epochs,
+            config=self.config,
+            device=device,
+            generator=self._generator(),
+            should_stop=should_stop,
+            lr_scale=lr_scale,
+            optimizer_state=optimizer_state,
+        )
 
     @abstractmethod
     def evaluate(
@@ -178,35 +206,14 @@ class DigitsTask(Task):
     def central_data(self) -> ClassificationData:
         return ClassificationData(TensorSamples(*self._train), self._test)
 
-    def train(
-        self,
-        model: nn.Module,
-        data: NodeData,
-        *,
-        epochs: float,
-        device: str = "cpu",
-        should_stop: Callable[[], bool] | None = None,
-        lr_scale: float = 1.0,
-        optimizer_state: dict[str, Any] | None = None,
-    ) -> TrainReport:
+    def _training(self, data: NodeData, device: str) -> tuple[BatchSource, LossFn]:
         assert isinstance(data, ClassificationData)
 
         def loss_fn(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
             x, y = batch
             return nn.functional.cross_entropy(model(x), y), len(y)
 
-        return fit(
-            model,
-            data.train_set,
-            loss_fn,
-            epochs=epochs,
-            config=self.config,
-            device=device,
-            generator=self._generator(),
-            should_stop=should_stop,
-            lr_scale=lr_scale,
-            optimizer_state=optimizer_state,
-        )
+        return data.train_set, loss_fn
 
     def evaluate(
         self, model: nn.Module, data: NodeData | None = None, *, device: str = "cpu"
