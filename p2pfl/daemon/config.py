@@ -75,6 +75,7 @@ class DiscoverySection:
     listen_host: str = "0.0.0.0"
     signaling_port: int = 0
     ice_servers: tuple[str, ...] = ()
+    path_mtu: int = 1500
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,7 @@ CONTROL_SOCKET_NAME = "control.sock"
 # Constraints beyond the type, checked per key: (predicate, what is expected).
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "discovery.signaling_port": (lambda v: 0 <= v <= 65535, "a port number 0..65535 (0: any)"),
+    "discovery.path_mtu": (lambda v: v >= 1280, "a packet size in bytes >= 1280 (IPv6's minimum)"),
     "metrics.port": (lambda v: 1 <= v <= 65535, "a port number 1..65535"),
     "task.alpha": (lambda v: v > 0, "a number > 0"),
     "task.n_nodes": (lambda v: v >= 1, "an integer >= 1"),

@@ -429,6 +429,7 @@ class Node:
             mdns=config.discovery.mdns,
             static_peers=config.discovery.static_peers,
             ice_servers=config.discovery.ice_servers,
+            path_mtu=config.discovery.path_mtu,
             peer_timeout_s=config.limits.peer_timeout_s,
             max_message_bytes=max_bytes + _MIB,
         )

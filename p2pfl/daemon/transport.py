@@ -35,6 +35,7 @@ import trio
 from p2pfl.daemon.bridge import AsyncioBridge, BridgeClosed, open_bridge
 from p2pfl.daemon.datachannel import FRAME_LIMIT, LinkDown, LinkSettings, RtcLink
 from p2pfl.daemon.discovery import Advert, PeerCandidate, open_mdns_discovery, parse_static_peer
+from p2pfl.daemon.sctp import SACK_EVERY
 from p2pfl.daemon.signaling import (
     SignalingGuard,
     SignalingRefused,
@@ -108,6 +109,8 @@ class TransportConfig:
     static_peers: tuple[str, ...] = ()  # "host:port" of peers' signaling listeners
     ice_servers: tuple[str, ...] = ()  # our own STUN/TURN URLs only; empty: none
     frame_bytes: int = FRAME_LIMIT
+    path_mtu: int = 1500  # largest IP packet between the nodes (sizes SCTP's DATA chunks)
+    sack_every: int = SACK_EVERY  # data packets per SCTP SACK
     buffered_high: int = 4 * 1024 * 1024
     buffered_low: int = 1024 * 1024
     send_queue: int = 64
@@ -123,6 +126,8 @@ class TransportConfig:
         return LinkSettings(
             ice_servers=self.ice_servers,
             frame_bytes=self.frame_bytes,
+            path_mtu=self.path_mtu,
+            sack_every=self.sack_every,
             buffered_high=self.buffered_high,
             buffered_low=self.buffered_low,
             heartbeat_interval_s=self.heartbeat_interval_s,

@@ -140,3 +140,12 @@ def test_locate_handles_quoted_keys_and_array_tables() -> None:
     assert locate(text, ["e", "f", "g"]) == 6
     assert locate(text, ["e", "f", "missing"]) == 5
     assert locate(text, ["nowhere"]) is None
+
+
+def test_path_mtu_is_read_and_below_ipv6_minimum_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "p2pfl.toml").write_text('trust.mode = "open"\n[discovery]\npath_mtu = 1420\n')
+    assert load_config(tmp_path / "p2pfl.toml").discovery.path_mtu == 1420
+    with pytest.raises(ConfigError) as info:
+        _parse('trust.mode = "open"\n[discovery]\npath_mtu = 576\n', tmp_path)
+    assert (info.value.line, info.value.key) == (3, "discovery.path_mtu")
+    assert ">= 1280" in str(info.value)

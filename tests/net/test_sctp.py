@@ -1,9 +1,10 @@
-"""Delayed SACKs and linear reassembly on top of aiortc's SCTP (p2pfl.daemon.sctp).
+"""Fewer SACKs, larger chunks and linear reassembly on top of aiortc's SCTP (p2pfl.daemon.sctp).
 
 Reassembly is checked against aiortc's own InboundStream on random fragment streams, lost and
-reordered chunks included; the acknowledgement rule on a real, unconnected aiortc transport whose
-SACK sender is counted. The end-to-end transfers in test_transport.py and test_failures.py (loss
-and delay included) run with both in place, as every link does by default.
+reordered chunks included; fragmentation against aiortc's own ``_send`` at its chunk size; the
+acknowledgement rule on a real, unconnected aiortc transport whose SACK sender is counted. The
+end-to-end transfers in test_transport.py and test_failures.py (loss and delay included) run with
+all of it in place, as every link does by default.
 """
 
 from __future__ import annotations
@@ -107,11 +108,11 @@ def test_in_order_fragments_skip_the_search() -> None:
     assert walks == 2  # one search per message, not one per chunk
 
 
-async def _ack_rule() -> tuple[list[str], bool]:
+async def _ack_rule(sack_every: int) -> tuple[list[str], bool]:
     pc = RTCPeerConnection()
     try:
         pc.createDataChannel("x")
-        applied = sctp.delay_acks(pc)
+        applied = sctp.tune(pc, sack_every=sack_every)
         transport = pc.sctp
         assert transport is not None
         sent: list[str] = []
@@ -130,8 +131,8 @@ async def _ack_rule() -> tuple[list[str], bool]:
                 await transport._send_sack()
                 log.append(f"{mark}{len(sent)}")
 
-            await packet()  # first packet: held back
-            await packet()  # second: acknowledged with the first
+            for _ in range(sack_every):  # held back until the sack_every-th packet
+                await packet()
             await packet()  # held back again ...
             await asyncio.sleep(sctp.ACK_DELAY_S * 4)
             log.append(f"timer{len(sent)}")  # ... until the delay runs out
@@ -151,26 +152,104 @@ async def _ack_rule() -> tuple[list[str], bool]:
         await pc.close()
 
 
-def test_acknowledges_every_second_packet_at_once_on_gaps_and_after_a_delay() -> None:
-    log, applied = asyncio.run(_ack_rule())
+@pytest.mark.parametrize("sack_every", [1, 2, 4])
+def test_acknowledges_every_nth_packet_at_once_on_gaps_and_after_a_delay(sack_every: int) -> None:
+    log, applied = asyncio.run(_ack_rule(sack_every))
     assert applied
-    assert log == ["0", "1", "1", "timer2", "gap3", "dup4", "4", "closed4"]
+    held = ["0"] * (sack_every - 1)
+    if sack_every == 1:  # every packet at once, as aiortc does: nothing waits for the timer
+        assert log == ["1", "2", "timer2", "gap3", "dup4", "5", "closed5"]
+    else:
+        assert log == [*held, "1", "1", "timer2", "gap3", "dup4", "4", "closed4"]
 
 
-def test_delay_acks_is_per_connection_and_only_on_aiortc_transports() -> None:
+def test_tune_is_per_connection_and_only_on_aiortc_transports() -> None:
     async def check() -> None:
         tuned, plain = RTCPeerConnection(), RTCPeerConnection()
         try:
-            assert not sctp.delay_acks(tuned)  # no SCTP transport yet
+            assert not sctp.tune(tuned)  # no SCTP transport yet
             tuned.createDataChannel("x")
             plain.createDataChannel("x")
-            assert sctp.delay_acks(tuned)
-            assert type(tuned.sctp) is sctp.DelayedAckSctp
+            assert sctp.tune(tuned)
+            assert type(tuned.sctp) is sctp.TunedSctp
             assert type(plain.sctp) is RTCSctpTransport  # aiortc's class is left alone
-            assert not sctp.delay_acks(tuned)  # already applied
+            assert not sctp.tune(tuned)  # already applied
         finally:
             await tuned.close()
             await plain.close()
 
     asyncio.run(check())
-    assert LinkSettings().delayed_acks
+    settings = LinkSettings()
+    assert (settings.sack_every, settings.path_mtu) == (sctp.SACK_EVERY, 1500)
+
+
+def test_chunk_size_follows_the_path_mtu_and_fits_aiortcs_reads() -> None:
+    assert sctp.chunk_bytes(1500) == 1356
+    assert sctp.chunk_bytes(1280) <= aiortc_sctp.USERDATA_MAX_LENGTH
+    for mtu in (1280, 1400, 1500, 9000):
+        size = sctp.chunk_bytes(mtu)
+        assert size % 4 == 0
+        packet = size + 28 + 65  # SCTP headers + the costliest DTLS record expansion
+        assert packet <= min(mtu - 48, 1500)  # fits the path and aiortc's 1,500-byte reads
+    with pytest.raises(ValueError, match="below IPv6's minimum"):
+        sctp.chunk_bytes(1200)
+    with pytest.raises(ValueError, match="sack_every"):
+        sctp.tune(RTCPeerConnection(), sack_every=5)
+
+
+async def _fragment(
+    size: int | None, messages: list[tuple[int, bool, float | None, int | None]]
+) -> tuple[list[dict[str, object]], object]:
+    """Queue ``messages`` on an unconnected transport; with ``size`` None through aiortc's own
+    ``_send``, else through TunedSctp's at that chunk size. Returns the chunks and the state."""
+    pc = RTCPeerConnection()
+    try:
+        pc.createDataChannel("x")
+        if size is not None:
+            assert sctp.tune(pc)
+        transport = pc.sctp
+        assert transport is not None
+        if size is not None:
+            transport._p2pfl_chunk = size
+        transport._local_tsn = 2**32 - 3  # across the TSN wrap-around
+
+        async def hold(self: RTCSctpTransport) -> None:
+            pass
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(RTCSctpTransport, "_transmit", hold)
+            for n, (length, ordered, expiry, retransmits) in enumerate(messages):
+                data = bytes([n % 256]) * length
+                await transport._send(1, 53, data, expiry, retransmits, ordered)
+        chunks = [dict(vars(chunk)) for chunk in transport._outbound_queue]
+        return chunks, (transport._local_tsn, dict(transport._outbound_stream_seq))
+    finally:
+        await pc.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.integers(1, 5000),
+            st.booleans(),
+            st.none() | st.floats(1.0, 2.0),
+            st.none() | st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_fragmentation_makes_aiortcs_chunks(
+    messages: list[tuple[int, bool, float | None, int | None]],
+) -> None:
+    expected = asyncio.run(_fragment(None, messages))
+    got = asyncio.run(_fragment(aiortc_sctp.USERDATA_MAX_LENGTH, messages))
+    assert got == expected
+
+
+def test_chunks_are_sized_for_the_path() -> None:
+    chunks, _ = asyncio.run(_fragment(sctp.chunk_bytes(1500), [(5000, True, None, None)]))
+    assert [len(c["user_data"]) for c in chunks] == [1356, 1356, 1356, 932]  # type: ignore[arg-type]
+    flags = [c["flags"] for c in chunks]
+    assert flags == [FIRST, 0, 0, LAST]
