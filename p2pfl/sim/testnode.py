@@ -58,8 +58,12 @@ from p2pfl.wire import EnvelopeVerifier, WireError, seal
 
 
 def payload(size: int, seed: int) -> bytes:
-    """Deterministic test payload (fast: random.randbytes)."""
-    return random.Random(seed).randbytes(size)
+    """Deterministic test payload (random.randbytes), made 1 MiB at a time: one randbytes call
+    holds the GIL throughout (a quarter of a second for 64 MiB), which would stall the node's
+    trio loop from the worker thread and show up in the loop-lag figures as the transport's."""
+    rng = random.Random(seed)
+    piece = 1 << 20
+    return b"".join(rng.randbytes(min(piece, size - at)) for at in range(0, size, piece))
 
 
 def _emit(**fields: Any) -> None:
