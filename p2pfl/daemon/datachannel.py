@@ -41,7 +41,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from p2pfl.daemon.sctp import SACK_EVERY, tune
+from p2pfl.daemon.sctp import SACK_EVERY, last_packet_at, tune
 
 __all__ = [
     "FRAME_LIMIT",
@@ -300,7 +300,9 @@ class RtcLink:
         interval = self.settings.heartbeat_interval_s
         while not self._closed.is_set():
             self._send(PING.pack(KIND_HEARTBEAT, time.monotonic_ns()))
-            silent = time.monotonic() - self.last_heard
+            # Frames or, below them, any SCTP packet: a large frame can take seconds to complete
+            # on a lossy path while the peer is plainly alive.
+            silent = time.monotonic() - max(self.last_heard, last_packet_at(self._pc))
             if silent > self.settings.peer_timeout_s:
                 self._down("heartbeat_timeout")
                 return

@@ -13,7 +13,13 @@ up); the socket API (RFC 6458 section 8.1.19, ``sack_freq``) lets the packet cou
 :class:`TunedSctp` acknowledges every ``sack_every``-th packet, or after :data:`ACK_DELAY_S`.
 Four is the most that keeps a bulk sender busy: aiortc's sender sends at most four packets per
 SACK it handles (RFC 9260's Max.Burst), so a receiver that waited for more would drain the
-flight and fall back on its timer (measured: 0.8 MB/s at eight).
+flight and fall back on its timer (measured: 0.8 MB/s at eight). Once a packet has revealed a
+loss, the next :data:`RECOVERY_PACKETS` get a SACK per two, as the RFC has it: a recovering
+sender's congestion window grows per SACK in slow start, and with a SACK per four packets a
+1 MB message took 22-23 s instead of 15 s over a path losing 5 % each way with 50 ms delay.
+
+**Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
+link whose 256 KiB frame takes seconds to complete on a lossy path is not declared silent.
 
 **Larger DATA chunks.** aiortc cuts messages into 1,160-byte chunks, sized for the 1,280-byte
 IPv6 minimum MTU. On an Ethernet LAN (1,500 bytes) a packet carries more: :func:`chunk_bytes`
@@ -40,6 +46,7 @@ receiver choices the protocol leaves open.
 from __future__ import annotations
 
 import asyncio
+import time
 import typing
 from typing import Any
 
@@ -54,12 +61,14 @@ __all__ = [
     "LinearInboundStream",
     "TunedSctp",
     "chunk_bytes",
+    "last_packet_at",
     "tune",
 ]
 
 SACK_EVERY = 4  # data packets per SACK, at most (aiortc: 1; RFC 9260 6.2 asks for >= every 2nd)
 ACK_DELAY_S = 0.005  # a lone packet is acknowledged this late at most (the RFC allows 500 ms)
 MIN_PATH_MTU = 1280  # IPv6's minimum: aiortc's own chunk size assumes it
+RECOVERY_PACKETS = 256  # after a gap or a duplicate, this many packets get a SACK per two
 
 _IP_UDP_HEADERS = 40 + 8  # IPv6 (the larger of the two IP headers) + UDP
 # DTLS 1.2 record expansion with ECDHE-ECDSA-AES128-SHA, the costliest suite aiortc offers:
@@ -69,6 +78,7 @@ _DTLS_READ_LIMIT = 1500  # aiortc reads each DTLS record and its plaintext into 
 _SCTP_HEADERS = 12 + 16  # common header + DATA chunk header
 
 _REQUIRED = (
+    "_handle_data",
     "_send",
     "_send_sack",
     "_transmit",
@@ -122,11 +132,26 @@ class TunedSctp(RTCSctpTransport):
     _p2pfl_unacked = 0
     _p2pfl_timer: asyncio.TimerHandle | None = None
     _p2pfl_ack_task: asyncio.Future[None] | None = None
+    _p2pfl_heard = 0.0
+    _p2pfl_recovery = 0  # packets left to acknowledge every second one
+
+    # --- liveness ------------------------------------------------------------------------------
+    async def _handle_data(self, data: bytes) -> None:
+        # Every packet from the peer (DTLS has authenticated it) shows it is alive, also while
+        # a large data-channel message is still incomplete on a slow, lossy path.
+        self._p2pfl_heard = time.monotonic()
+        await super()._handle_data(data)
 
     # --- receiving: fewer SACKs, one reassembly search per message -----------------------------
     async def _send_sack(self) -> None:
         urgent = bool(self._sack_misordered or self._sack_duplicates)
-        if not urgent and self._p2pfl_unacked + 1 < self._p2pfl_sack_every:
+        every = self._p2pfl_sack_every
+        if urgent:
+            self._p2pfl_recovery = RECOVERY_PACKETS
+        elif self._p2pfl_recovery > 0:
+            self._p2pfl_recovery -= 1
+            every = min(every, 2)
+        if not urgent and self._p2pfl_unacked + 1 < every:
             self._p2pfl_unacked += 1
             if self._p2pfl_timer is None:
                 loop = asyncio.get_running_loop()
@@ -201,6 +226,11 @@ class TunedSctp(RTCSctpTransport):
         if ordered:
             self._outbound_stream_seq[stream_id] = uint16_add(sequence, 1)
         await self._transmit()
+
+
+def last_packet_at(pc: RTCPeerConnection) -> float:
+    """``time.monotonic()`` when ``pc``'s SCTP last received a packet; 0.0 if never or untuned."""
+    return float(getattr(pc.sctp, "_p2pfl_heard", 0.0))
 
 
 def tune(pc: RTCPeerConnection, *, sack_every: int = SACK_EVERY, path_mtu: int = 1500) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSctpTransport
@@ -161,6 +162,70 @@ def test_acknowledges_every_nth_packet_at_once_on_gaps_and_after_a_delay(sack_ev
         assert log == ["1", "2", "timer2", "gap3", "dup4", "5", "closed5"]
     else:
         assert log == [*held, "1", "1", "timer2", "gap3", "dup4", "4", "closed4"]
+
+
+async def _recovery_rule() -> list[int]:
+    """SACKs sent after each of 2 * RECOVERY_PACKETS clean packets that follow one gap."""
+    pc = RTCPeerConnection()
+    try:
+        pc.createDataChannel("x")
+        assert sctp.tune(pc, sack_every=4)
+        transport = pc.sctp
+        assert transport is not None
+        sent = 0
+
+        async def count(self: RTCSctpTransport) -> None:
+            nonlocal sent
+            sent += 1
+            self._sack_needed = False
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(RTCSctpTransport, "_send_sack", count)
+            transport._association_state = RTCSctpTransport.State.ESTABLISHED
+            transport._sack_misordered.add(7)
+            transport._sack_needed = True
+            await transport._send_sack()  # the gap: at once
+            transport._sack_misordered.clear()
+            marks = []
+            for _ in range(2 * sctp.RECOVERY_PACKETS):
+                transport._sack_needed = True
+                await transport._send_sack()
+                marks.append(sent)
+        return marks
+    finally:
+        transport._association_state = RTCSctpTransport.State.CLOSED
+        await pc.close()
+
+
+def test_after_a_loss_every_second_packet_is_acknowledged_for_a_while() -> None:
+    marks = asyncio.run(_recovery_rule())
+    n = sctp.RECOVERY_PACKETS
+    recovering = [b - a for a, b in zip([1, *marks[: n - 1]], marks[:n], strict=True)]
+    assert sum(recovering) == n // 2  # one SACK per two packets
+    clean = marks[-1] - marks[n - 1]
+    assert clean == n // 4  # then one per four again
+
+
+async def _heard() -> tuple[float, float, float]:
+    pc = RTCPeerConnection()
+    try:
+        pc.createDataChannel("x")
+        before = sctp.last_packet_at(pc)
+        assert sctp.tune(pc)
+        transport = pc.sctp
+        assert transport is not None
+        untouched = sctp.last_packet_at(pc)
+        await transport._handle_data(b"not an SCTP packet")  # dropped by aiortc, still heard
+        return before, untouched, sctp.last_packet_at(pc)
+    finally:
+        await pc.close()
+
+
+def test_every_packet_counts_as_hearing_from_the_peer() -> None:
+    started = time.monotonic()
+    before, untouched, heard = asyncio.run(_heard())
+    assert (before, untouched) == (0.0, 0.0)
+    assert started <= heard <= time.monotonic()
 
 
 def test_tune_is_per_connection_and_only_on_aiortc_transports() -> None:
