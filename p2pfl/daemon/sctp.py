@@ -2,7 +2,8 @@
 
 A data channel's throughput is bounded by aiortc's per-packet work in Python: every packet is
 serialized, encrypted, sent, received, decrypted and parsed one at a time, on both ends. The
-tuning here cuts the number of packets, per connection, in three ways.
+tuning here, per connection, cuts the number of packets and the work per packet; and it judges
+a peer's liveness by its packets.
 
 **Fewer SACKs.** aiortc answers every packet carrying DATA with its own SACK: one SACK per data
 packet, which the receiver encrypts and sends and the sender decrypts and processes. Profiled on
@@ -18,9 +19,6 @@ loss, the next :data:`RECOVERY_PACKETS` get a SACK per two, as the RFC has it: a
 sender's congestion window grows per SACK in slow start, and with a SACK per four packets a
 1 MB message took 22-23 s instead of 15 s over a path losing 5 % each way with 50 ms delay.
 
-**Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
-link whose 256 KiB frame takes seconds to complete on a lossy path is not declared silent.
-
 **Larger DATA chunks.** aiortc cuts messages into 1,160-byte chunks, sized for the 1,280-byte
 IPv6 minimum MTU. On an Ethernet LAN (1,500 bytes) a packet carries more: :func:`chunk_bytes`
 derives the chunk from the path MTU, taking the largest IPv6 + UDP headers and the largest DTLS
@@ -34,13 +32,17 @@ last-fragment flag cannot complete any message (every message it belongs to stil
 last fragment, and any other complete one was delivered when it completed), so
 :class:`LinearInboundStream` skips the walk for it.
 
+**Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
+link whose 256 KiB frame takes seconds to complete on a lossy path is not declared silent.
+
 Applied per connection (:func:`tune`), by changing the class of the connection's own SCTP
 transport before its association starts: no module of aiortc is altered, other users of aiortc
-in the process are unaffected. The overrides replace private methods of aiortc (``_send_sack``,
-``_send``, ``_get_inbound_stream``, ``InboundStream.add_chunk``/``pop_messages``) and use private
-attributes; :func:`tune` checks they exist and leaves the transport as it is where an aiortc
-release has changed them. Both ends interoperate with any SCTP peer: these are sender and
-receiver choices the protocol leaves open.
+in the process are unaffected. The overrides replace private methods of aiortc
+(``_handle_data``, ``_send_sack``, ``_send``, ``_get_inbound_stream``,
+``InboundStream.add_chunk``/``pop_messages``) and use private attributes; :func:`tune` checks
+they exist and leaves the transport as it is where an aiortc release has changed them. Each
+end still interoperates with any SCTP peer: these are sender and receiver choices the protocol
+leaves open.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from aiortc.utils import uint16_add, uint32_gt
 __all__ = [
     "ACK_DELAY_S",
     "MIN_PATH_MTU",
+    "RECOVERY_PACKETS",
     "SACK_EVERY",
     "LinearInboundStream",
     "TunedSctp",
