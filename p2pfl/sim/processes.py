@@ -594,10 +594,9 @@ def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) 
             time.sleep(max(0.05, wake))
         wall = time.perf_counter() - started
         codes = cluster.stop_all(timeout=_STOP_TIMEOUT_S)
-        seen = [h[-1] if h else None for h in histories]
         nodes = [
-            _node_result(node, status, history, codes.get(node.index), carried[node.index], row)
-            for node, status, history, row in zip(cluster.nodes, last, histories, seen, strict=True)
+            _node_result(node, status, history, codes.get(node.index), carried[node.index])
+            for node, status, history in zip(cluster.nodes, last, histories, strict=True)
         ]
     if not curve:
         raise ProcessesEngineError(
@@ -697,16 +696,15 @@ def _node_result(
     history: list[dict[str, float]],
     exit_code: int | None,
     carried: tuple[int, int] = (0, 0),
-    last_row: dict[str, float] | None = None,
 ) -> NodeResult:
     """``status`` is None for a node that was down at the end (churn): its figures are then
-    those of its last evaluation seen (``last_row``)."""
+    those of its last evaluation seen (the last row of ``history``)."""
     final = (
         {k: v for k, v in history[-1].items() if k not in ("time", "round", "bytes_sent")}
         if history
         else {}
     )
-    rounds = status.round if status is not None else int(last_row["round"] if last_row else 0)
+    rounds = status.round if status is not None else int(history[-1]["round"] if history else 0)
     return NodeResult(
         node=node.identity.node_id,
         final=final,
