@@ -35,6 +35,7 @@ import trio
 from p2pfl.daemon.bridge import AsyncioBridge, BridgeClosed, open_bridge
 from p2pfl.daemon.datachannel import FRAME_LIMIT, LinkDown, LinkSettings, RtcLink
 from p2pfl.daemon.discovery import Advert, PeerCandidate, open_mdns_discovery, parse_static_peer
+from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.sctp import SACK_EVERY
 from p2pfl.daemon.signaling import (
     SignalingGuard,
@@ -181,8 +182,10 @@ class PeerTransport:
         config: TransportConfig | None = None,
         *,
         certificate: bytes | None = None,
+        drops: DropLog | None = None,
     ) -> None:
         self.identity = identity
+        self.drops = drops if drops is not None else DropLog()
         self.node_id = identity.node_id
         self.config = config or TransportConfig()
         self.counters: Counter[str] = Counter()
