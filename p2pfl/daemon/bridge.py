@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 import trio
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 __all__ = ["AsyncioBridge", "BridgeClosed", "new_event_loop", "open_bridge"]
 
@@ -114,8 +116,15 @@ class AsyncioBridge:
         """From the asyncio thread: run ``fn(*args)`` soon on the trio loop, without waiting."""
         if self._trio_token is None:
             return
+
+        def run() -> None:  # an exception here would end the whole trio run: contain it
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("callback from the asyncio side failed: %r", fn)
+
         with contextlib.suppress(trio.RunFinishedError):
-            self._trio_token.run_sync_soon(lambda: fn(*args))
+            self._trio_token.run_sync_soon(run)
 
     def submit(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """From any thread: start ``fn(*args)`` on the asyncio loop, fire and forget.

@@ -21,25 +21,37 @@ be 127.0.0.1 or another interface the sender does not listen on.
 One request and one response per TCP connection, each a u32 big-endian length plus the frame.
 ``SignalingGuard.check_request`` refuses, *before any WebRTC resources exist*: rate-limited
 sources, oversized frames, bad signatures, replays, stale or far-future expiries, SDP or invites
-addressed to another node, untrusted keys, the wrong offering role, and SDP without a DTLS
-fingerprint. Each refusal increments ``counters[reason]`` and closes the connection unanswered.
+addressed to another node, untrusted keys, the wrong offering role, SDP without a DTLS
+fingerprint, and members over their own rate (keyed by the verified sender id, so rotating source
+addresses gains nothing). Each refusal is counted once in the node's ``DropLog`` (stage
+``signaling``) and closes the connection unanswered.
+
+The listener is built for hostile input (``serve_signaling``): every connection is its own
+contained scope (a reset, a half-close or any error ends that connection alone and is counted);
+concurrent connections are capped globally and per source address; a request must arrive whole
+within ``read_timeout_s`` (so a held-open connection costs a few seconds and one slot); and near
+the descriptor limit new connections are refused (stage ``resource``) instead of failing later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
+import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import trio
 
+from p2pfl.daemon.drops import DropLog, contained
+from p2pfl.daemon.limits import DescriptorBudget
 from p2pfl.identity import NodeIdentity
 from p2pfl.trust import TrustError, TrustPolicy
 from p2pfl.wire import Domain, EnvelopeVerifier, SequenceCounter, WireError, seal
@@ -48,6 +60,7 @@ __all__ = [
     "MAX_SIGNALING_FRAME",
     "RateLimiter",
     "SignalingGuard",
+    "SignalingLimits",
     "SignalingRefused",
     "SignalingRequest",
     "exchange",
@@ -98,22 +111,35 @@ class SignalingRequest:
 
 
 class RateLimiter:
-    """Token bucket per source address: ``burst`` requests at once, ``rate`` per second after."""
+    """Token bucket per key (a source address, or a verified member id).
 
-    def __init__(self, rate: float = 5.0, burst: float = 20.0, max_sources: int = 4096) -> None:
-        self.rate, self.burst, self.max_sources = rate, burst, max_sources
-        self._buckets: dict[str, tuple[float, float]] = {}
+    ``burst`` requests at once, ``rate`` per second after. Memory is bounded by ``max_keys``: the
+    least recently seen key is forgotten first, so a flood of new keys costs only their own
+    buckets and never resets anyone else's.
+    """
 
-    def allow(self, source: str, now: float) -> bool:
-        tokens, last = self._buckets.get(source, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if len(self._buckets) >= self.max_sources and source not in self._buckets:
-            self._buckets.clear()  # bounded memory; a flood of sources resets everyone's bucket
-        if tokens < 1.0:
-            self._buckets[source] = (tokens, now)
-            return False
-        self._buckets[source] = (tokens - 1.0, now)
-        return True
+    def __init__(self, rate: float = 5.0, burst: float = 20.0, max_keys: int = 4096) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        if len(self._buckets) >= self.max_keys:
+            self._buckets.popitem(last=False)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+
+@dataclass(frozen=True, slots=True)
+class SignalingLimits:
+    """What a stranger can make the signaling listener spend (all tunable in ``[limits]``)."""
+
+    max_connections: int = 64  # concurrent signaling connections, all sources together
+    max_per_source: int = 8  # concurrent connections from one source address
+    read_timeout_s: float = 5.0  # the request frame must arrive whole within this
+    handler_timeout_s: float = 15.0  # answering an accepted offer (WebRTC set-up) at most
 
 
 class SignalingGuard:
@@ -128,7 +154,9 @@ class SignalingGuard:
         host: str | None = None,
         ttl_s: float = 30.0,
         rate: RateLimiter | None = None,
+        member_rate: RateLimiter | None = None,
         counters: Counter[str] | None = None,
+        drops: DropLog | None = None,
     ) -> None:
         self.identity = identity
         self.trust = trust
@@ -136,7 +164,10 @@ class SignalingGuard:
         self.host = None if host in (None, "", "0.0.0.0") else host
         self.ttl_s = ttl_s
         self.rate = rate or RateLimiter()
+        # A member re-dials with backoff (>= 0.5 s): 2 requests a second, 10 at once is plenty.
+        self.member_rate = member_rate or RateLimiter(rate=2.0, burst=10.0)
         self.counters: Counter[str] = counters if counters is not None else Counter()
+        self.drops = drops if drops is not None else DropLog()
         self._seq = SequenceCounter(time.time())
         self._verifier = EnvelopeVerifier(
             is_trusted=lambda _key: True,  # trust needs the certificate: checked below
@@ -190,8 +221,8 @@ class SignalingGuard:
         return self._seal("invite-ack", body, invite.sender, now)
 
     # --- checking ---------------------------------------------------------------------------
-    def _refuse(self, reason: str, message: str = "") -> SignalingRefused:
-        self.counters[f"refused_{reason}"] += 1
+    def _refuse(self, reason: str, message: str = "", peer: str | None = None) -> SignalingRefused:
+        self.drops.count("signaling", reason, peer)
         return SignalingRefused(reason, message)
 
     def _open(
@@ -234,7 +265,7 @@ class SignalingGuard:
         try:
             name = self.trust.check(envelope.sender, body["cert"], now=now)
         except TrustError as exc:
-            raise self._refuse(f"untrusted_{exc.reason}", str(exc)) from None
+            raise self._refuse(f"untrusted_{exc.reason}", str(exc), envelope.sender_id) from None
         self._nonces[body["nonce"]] = body["expires_ms"] / 1000
         return envelope, body, name
 
@@ -243,6 +274,8 @@ class SignalingGuard:
         if not self.rate.allow(source, now):
             raise self._refuse("rate_limited")
         envelope, body, name = self._open(frame, now, REQUEST_KINDS)
+        if not self.member_rate.allow(envelope.sender_id, now):
+            raise self._refuse("member_rate_limited", "", envelope.sender_id)
         port = body.get("port")
         if type(port) is not int or not 0 < port < 65536:
             raise self._refuse("malformed_body", "bad port")
@@ -294,12 +327,17 @@ class SignalingGuard:
 
 # --- I/O ------------------------------------------------------------------------------------
 async def _read_frame(stream: trio.SocketStream) -> bytes:
+    """One length-prefixed frame; a reset, a close or a half-close mid-frame is SignalingRefused
+    (``reset`` / ``truncated``), an over-long length ``oversized``: never a transport error."""
     buffer = bytearray()
     need = _LENGTH.size
     length: int | None = None
     while True:
         while len(buffer) < need:
-            chunk = await stream.receive_some(65536)
+            try:
+                chunk = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise SignalingRefused("reset", f"connection reset mid-frame: {exc}") from None
             if not chunk:
                 raise SignalingRefused("truncated", "connection closed mid-frame")
             buffer += chunk
@@ -313,7 +351,10 @@ async def _read_frame(stream: trio.SocketStream) -> bytes:
 
 
 async def _write_frame(stream: trio.SocketStream, frame: bytes) -> None:
-    await stream.send_all(_LENGTH.pack(len(frame)) + frame)
+    try:
+        await stream.send_all(_LENGTH.pack(len(frame)) + frame)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise SignalingRefused("reset", f"connection reset while writing: {exc}") from None
 
 
 async def exchange(
@@ -327,7 +368,8 @@ async def exchange(
     """Send one request frame to a signaling listener and return its response frame.
 
     Raises OSError when unreachable, SignalingRefused("no_reply") when the peer refused
-    (it closes the connection without answering) and trio.TooSlowError after ``timeout_s``.
+    (it closes the connection without answering), SignalingRefused("reset") when it resets the
+    connection, and trio.TooSlowError after ``timeout_s``.
     """
     with trio.fail_after(timeout_s):
         stream = await trio.open_tcp_stream(host, port, local_address=local_address)
@@ -335,8 +377,17 @@ async def exchange(
             await _write_frame(stream, frame)
             try:
                 return await _read_frame(stream)
-            except SignalingRefused:
+            except SignalingRefused as exc:
+                if exc.reason == "reset":
+                    raise
                 raise SignalingRefused("no_reply", f"{host}:{port} refused or closed") from None
+
+
+def _abort(stream: trio.SocketStream) -> None:
+    """Close at once with a reset (SO_LINGER 0): a refused connection holds no TIME_WAIT state."""
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
 
 
 Handler = Callable[[SignalingRequest], Awaitable[bytes | None]]
@@ -348,39 +399,94 @@ async def serve_signaling(
     host: str,
     port: int = 0,
     *,
-    timeout_s: float = 15.0,
+    limits: SignalingLimits | None = None,
+    budget: DescriptorBudget | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port``; started with ``nursery.start`` it reports the bound port.
 
-    Each connection: read one frame (``timeout_s``), check it with the guard, await
-    ``handler(request)`` and write its response frame (None: close without answering).
+    Each connection is a contained scope: read one frame (``read_timeout_s``), check it with
+    the guard, await ``handler(request)`` (``handler_timeout_s``) and write its response frame
+    (None: close without answering). Nothing a connection does reaches the caller's nursery.
     """
+    limits = limits or SignalingLimits()
+    budget = budget or DescriptorBudget()
+    drops = guard.drops
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
+    per_source: Counter[str] = Counter()
+    active = 0
 
-    async def one(stream: trio.SocketStream) -> None:
-        source = str(stream.socket.getpeername()[0])
+    async def one(stream: trio.SocketStream, source: str) -> None:
         async with stream:
-            with trio.move_on_after(timeout_s) as scope:
+            with trio.move_on_after(limits.read_timeout_s) as scope:
                 try:
                     frame = await _read_frame(stream)
-                    request = guard.check_request(frame, source, time.time())
                 except SignalingRefused as exc:
-                    if exc.reason in ("truncated", "oversized"):
-                        guard.counters[f"refused_{exc.reason}"] += 1
+                    drops.count("signaling", exc.reason)
                     return
-                try:
-                    response = await handler(request)
-                except Exception:  # a failing set-up must not take the listener down
-                    logger.exception("signaling handler failed for %s", request.sender_id[:8])
-                    guard.counters["handler_error"] += 1
-                    return
-                if response is not None:
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await _write_frame(stream, response)
             if scope.cancelled_caught:
-                guard.counters["signaling_timeout"] += 1
+                drops.count("signaling", "read_timeout")
+                return
+            try:
+                request = guard.check_request(frame, source, time.time())
+            except SignalingRefused:
+                return  # counted by the guard
+            with trio.move_on_after(limits.handler_timeout_s) as scope:
+                response = await handler(request)
+                if response is not None:
+                    try:
+                        await _write_frame(stream, response)
+                    except SignalingRefused as exc:  # reset before our answer went out
+                        drops.count("signaling", exc.reason, request.sender_id)
+            if scope.cancelled_caught:
+                drops.count("signaling", "handler_timeout", request.sender_id)
 
-    task_status.started(bound)
-    await trio.serve_listeners(one, listeners)
+    async def run_one(stream: trio.SocketStream, source: str) -> None:
+        nonlocal active
+        try:
+            await contained(drops, "signaling", None, one, stream, source)
+        finally:
+            active -= 1
+            per_source[source] -= 1
+            if per_source[source] <= 0:
+                del per_source[source]
+
+    async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        nonlocal active
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: shed, wait, go on (never end the node)
+                name = errno.errorcode.get(exc.errno or 0, "oserror").lower()
+                drops.count("resource", f"accept_{name}")
+                await trio.sleep(0.1)  # let descriptors free up; never a busy loop
+                continue
+            try:
+                source = str(stream.socket.getpeername()[0])
+            except OSError:  # already reset before we looked
+                drops.count("signaling", "reset")
+                _abort(stream)
+                continue
+            if budget.near_limit(stream.socket.fileno()):
+                reason = "descriptor_budget"
+            elif active >= limits.max_connections:
+                reason = "signaling_connections_full"
+            elif per_source[source] >= limits.max_per_source:
+                reason = "signaling_source_full"
+            else:
+                active += 1
+                per_source[source] += 1
+                nursery.start_soon(run_one, stream, source)
+                continue
+            drops.count("resource", reason)
+            _abort(stream)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(accept_loop, listener, nursery)
+            task_status.started(bound)
+    finally:
+        for listener in listeners:
+            listener.socket.close()

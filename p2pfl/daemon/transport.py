@@ -23,22 +23,27 @@ peer is still a candidate. On exit every connection is closed and the mDNS goodb
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import trio
 
 from p2pfl.daemon.bridge import AsyncioBridge, BridgeClosed, open_bridge
 from p2pfl.daemon.datachannel import FRAME_LIMIT, LinkDown, LinkSettings, RtcLink
 from p2pfl.daemon.discovery import Advert, PeerCandidate, open_mdns_discovery, parse_static_peer
-from p2pfl.daemon.drops import DropLog
+from p2pfl.daemon.drops import DropLog, contained
+from p2pfl.daemon.limits import DescriptorBudget
 from p2pfl.daemon.sctp import SACK_EVERY
 from p2pfl.daemon.signaling import (
     SignalingGuard,
+    SignalingLimits,
     SignalingRefused,
     SignalingRequest,
     exchange,
@@ -122,6 +127,9 @@ class TransportConfig:
     reconnect_max_s: float = 8.0
     max_message_bytes: int = 80 * 1024 * 1024
     event_buffer: int = 4096
+    signaling: SignalingLimits = field(default_factory=SignalingLimits)
+    max_pending_links: int = 32  # half-open WebRTC links (dials and accepted offers) at once
+    shed_fraction: float = 0.9  # refuse new remote work above this share of RLIMIT_NOFILE
 
     def link_settings(self) -> LinkSettings:
         return LinkSettings(
@@ -195,7 +203,10 @@ class PeerTransport:
             certificate=certificate,
             host=self.config.host,
             counters=self.counters,
+            drops=self.drops,
         )
+        self.budget = DescriptorBudget(self.config.shed_fraction)
+        self._accepting: dict[str, _Peer] = {}  # accepted offers whose link is not open yet
         self._trust = trust
         self._event_send, self.events = trio.open_memory_channel[TransportEvent](
             self.config.event_buffer
@@ -227,7 +238,15 @@ class PeerTransport:
             stack.callback(self._nursery.cancel_scope.cancel)
             cfg = self.config
             self.signaling_port = await self._nursery.start(
-                serve_signaling, self.guard, self._on_request, cfg.host, cfg.signaling_port
+                functools.partial(
+                    serve_signaling,
+                    self.guard,
+                    self._on_request,
+                    cfg.host,
+                    cfg.signaling_port,
+                    limits=cfg.signaling,
+                    budget=self.budget,
+                )
             )
             if cfg.mdns:
                 send, receive = trio.open_memory_channel[PeerCandidate](256)
@@ -405,12 +424,14 @@ class PeerTransport:
             for peer_id, candidate in list(self._candidates.items()):
                 if peer_id in self._peers or peer_id in self._pending or not self._due(peer_id):
                     continue
+                if not self._may_open_link():
+                    break
                 self._pending.add(peer_id)
                 self._plan_retry(peer_id)
                 if self.node_id < peer_id:
-                    self._nursery.start_soon(self._dial, candidate)
+                    self._start_scope(peer_id, self._dial, candidate)
                 else:
-                    self._nursery.start_soon(self._invite, candidate, peer_id)
+                    self._start_scope(peer_id, self._invite, candidate, peer_id)
             for candidate in self._static:
                 key = f"{candidate.host}:{candidate.port}"
                 if key in self._pending or not self._due(key):
@@ -422,12 +443,31 @@ class PeerTransport:
                 ]
                 if known and known[0].node_id in self._peers:
                     continue
+                if not self._may_open_link():
+                    break
                 self._pending.add(key)
                 self._plan_retry(key)
-                self._nursery.start_soon(self._invite, candidate, key)
+                self._start_scope(None, self._invite, candidate, key)
             self._wake = trio.Event()
             with trio.move_on_after(0.25):
                 await self._wake.wait()
+
+    def _start_scope(
+        self, peer: str | None, fn: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        """Start the work for one remote party as its own contained scope (see drops.py)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(contained, self.drops, "signaling", peer, fn, *args)
+
+    def _may_open_link(self) -> bool:
+        """Room for one more half-open link and its descriptors? (Counted when there is not.)"""
+        if self.budget.near_limit():
+            self.drops.count("resource", "descriptor_budget")
+            return False
+        if len(self._pending) >= self.config.max_pending_links:
+            self.drops.count("resource", "pending_links_full")
+            return False
+        return True
 
     async def _invite(self, candidate: PeerCandidate, key: str) -> None:
         try:
@@ -443,7 +483,7 @@ class PeerTransport:
             )
             ack = self.guard.check_reply(reply, "invite-ack", nonce, candidate.node_id, time.time())
             self._remember_name(ack)
-        except (OSError, trio.TooSlowError, SignalingRefused) as exc:
+        except (OSError, trio.TooSlowError, SignalingRefused) as exc:  # expected: named reasons
             self.counters[f"invite_failed_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
             return
         finally:
@@ -460,6 +500,7 @@ class PeerTransport:
         peer_id = candidate.node_id
         assert peer_id is not None and candidate.public_key is not None and self._bridge
         peer = _Peer(peer_id, self)
+        opened = False
         try:
             with trio.fail_after(self.config.connect_timeout_s):
                 self.counters["peer_connections_created"] += 1
@@ -475,12 +516,14 @@ class PeerTransport:
                 self._remember_name(answer)
                 await self._bridge.call(peer.link.accept_answer, answer.sdp)
                 await self._bridge.call(peer.link.wait_open)
+            opened = True
         except (OSError, trio.TooSlowError, SignalingRefused, LinkDown, ValueError) as exc:
             self.counters[f"dial_failed_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
-            await self._close_link(peer)
-            return
+            return  # anything else is counted by the contained scope around us
         finally:
             self._pending.discard(peer_id)
+            if not opened:
+                await self._close_link(peer)
         await self._run_peer(peer)
 
     async def _on_request(self, request: SignalingRequest) -> bytes | None:
@@ -496,29 +539,59 @@ class PeerTransport:
                 self._retry.pop(request.sender_id, None)
                 self._wake.set()
             return self.guard.seal_invite_ack(request, self.signaling_port, now)[0]
+        # One half-open link per member: a newer offer replaces an older one still opening.
+        older = self._accepting.pop(request.sender_id, None)
+        if older is not None:
+            older.on_down("replaced")
+            self.drops.count("signaling", "offer_replaced", request.sender_id)
+        if not self._may_open_link():
+            return None
         peer = _Peer(request.sender_id, self)
+        self._pending.add(request.sender_id)
+        self._accepting[request.sender_id] = peer
+        answered = False
         try:
             with trio.fail_after(self.config.connect_timeout_s):
                 self.counters["peer_connections_created"] += 1
                 peer.link = await self._bridge.call(self._new_link, peer)
                 sdp = await self._bridge.call(peer.link.accept_offer, request.sdp)
+            answer = self.guard.seal_answer(request, sdp, time.time())[0]
+            self._start_scope(request.sender_id, self._finish_accept, peer)
+            answered = True
+            return answer
         except (trio.TooSlowError, LinkDown, ValueError) as exc:
             self.counters[f"accept_failed_{type(exc).__name__}"] += 1
-            await self._close_link(peer)
             return None
-        self._pending.add(request.sender_id)
-        self._nursery.start_soon(self._finish_accept, peer)
-        return self.guard.seal_answer(request, sdp, time.time())[0]
+        finally:
+            if not answered:
+                self._release_accept(peer)
+                await self._close_link(peer)
+
+    def _release_accept(self, peer: _Peer) -> None:
+        if self._accepting.get(peer.node_id) is peer:
+            del self._accepting[peer.node_id]
+            self._pending.discard(peer.node_id)
 
     async def _finish_accept(self, peer: _Peer) -> None:
         assert self._bridge is not None and peer.link is not None
+        opened = False
         try:
             with trio.fail_after(self.config.connect_timeout_s):
-                await self._bridge.call(peer.link.wait_open)
+                async with trio.open_nursery() as race:  # open, or replaced by a newer offer
+                    race.start_soon(self._stop_when_down, peer, race.cancel_scope)
+                    await self._bridge.call(peer.link.wait_open)
+                    race.cancel_scope.cancel()
+            opened = not peer.down.is_set()
         except (trio.TooSlowError, LinkDown) as exc:
             self.counters[f"accept_failed_{type(exc).__name__}"] += 1
-            await self._close_link(peer)
             return
         finally:
-            self._pending.discard(peer.node_id)
+            self._release_accept(peer)
+            if not opened:
+                await self._close_link(peer)
         await self._run_peer(peer)
+
+    @staticmethod
+    async def _stop_when_down(peer: _Peer, scope: trio.CancelScope) -> None:
+        await peer.down.wait()
+        scope.cancel()

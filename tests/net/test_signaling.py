@@ -64,7 +64,7 @@ def test_offer_signed_for_another_node_is_refused() -> None:
     frame, _ = _guard(small).seal_offer(large.public_key, large.node_id, SDP, 7000, now)
     guard = _guard(other)
     assert _refusal(guard, frame, now) == "wrong_recipient"
-    assert guard.counters["refused_wrong_recipient"] == 1
+    assert guard.drops.get("signaling", "wrong_recipient") == 1
 
 
 def test_stale_offer_is_refused() -> None:
@@ -146,9 +146,9 @@ async def test_forged_offers_reach_no_webrtc_and_make_no_connection(
             with pytest.raises(SignalingRefused) as caught:
                 await exchange(net.addresses[1], port, frame, local_address=net.addresses[0])
             assert caught.value.reason == "no_reply"
-        assert target.counters["refused_bad_signature"] == 1
-        assert target.counters["refused_expired"] == 1
-        assert target.counters["refused_wrong_recipient"] == 1
+        assert target.drops.get("signaling", "bad_signature") == 1
+        assert target.drops.get("signaling", "expired") == 1
+        assert target.drops.get("signaling", "wrong_recipient") == 1
         assert target.counters["peer_connections_created"] == 0
         assert target.connected_peers() == []
 
@@ -202,8 +202,8 @@ async def test_node_outside_the_federation_is_refused_and_never_connects(
         # Invites and the offer were refused by both members; c built a WebRTC peer connection
         # only for a's offer, none for the outsider's.
         assert outsider.connected_peers() == []
-        assert members[0].counters["refused_untrusted_foreign_certificate"] >= 1
-        assert members[1].counters["refused_untrusted_foreign_certificate"] >= 2
+        assert members[0].drops.get("signaling", "untrusted_foreign_certificate") >= 1
+        assert members[1].drops.get("signaling", "untrusted_foreign_certificate") >= 2
         assert members[1].counters["accepted_sdp-offer"] == 1
         assert members[1].counters["peer_connections_created"] == 1
         assert members[0].connected_peers() == [c.node_id]

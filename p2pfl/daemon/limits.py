@@ -1,0 +1,64 @@
+"""Descriptor budget: the daemon raises its own limit at start and sheds work before it runs out.
+
+Every socket a stranger can make the daemon open (a signaling connection, a WebRTC link with its
+UDP sockets, an outgoing dial) costs a file descriptor. When they run out, ``accept`` fails with
+EMFILE and so does everything else that opens a file (a checkpoint, the metrics endpoint), so the
+daemon refuses new remote work at ``shed_fraction`` of ``RLIMIT_NOFILE`` instead.
+
+Counting open descriptors means listing ``/proc/self/fd``; that is done only when it can matter:
+descriptors are numbered lowest-free first, so a freshly opened one numbered below half the limit
+proves there is room without looking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+
+__all__ = ["DescriptorBudget", "raise_nofile_limit"]
+
+log = logging.getLogger(__name__)
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return the (soft, hard) in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the descriptor limit", extra={"error": str(exc)})
+    return soft, hard
+
+
+def _open_descriptors() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc, or no descriptor left to list it with
+        return None
+
+
+class DescriptorBudget:
+    """``near_limit()`` is True when new remote work should be refused to keep descriptors free."""
+
+    def __init__(self, shed_fraction: float = 0.9, *, limit: int | None = None) -> None:
+        if limit is None:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+        self.limit = limit
+        self.shed_at = max(1, int(limit * shed_fraction))
+        self._checked_at = -1.0
+        self._near = False
+
+    def near_limit(self, newest_fd: int | None = None) -> bool:
+        if newest_fd is not None and 0 <= newest_fd < self.limit // 2:
+            return False
+        now = time.monotonic()
+        if now - self._checked_at >= 0.05:  # at most 20 listings a second
+            count = _open_descriptors()
+            self._near = count is None or count >= self.shed_at
+            self._checked_at = now
+        return self._near
