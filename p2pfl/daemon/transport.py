@@ -589,7 +589,8 @@ class PeerTransport:
             self._release_accept(peer)
             if not opened:
                 await self._close_link(peer)
-        await self._run_peer(peer)
+        if opened:
+            await self._run_peer(peer)
 
     @staticmethod
     async def _stop_when_down(peer: _Peer, scope: trio.CancelScope) -> None:

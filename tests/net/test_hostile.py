@@ -1,0 +1,259 @@
+"""Hostile input at every signaling step: resets, half-closes, held connections, floods.
+
+Two honest transports are connected first; then an attacker (in the same private namespace, from
+its own loopback addresses) goes after one of them. Every test asserts the same three things: the
+attacked node is still up, its honest link still carries messages, and the drop counters name
+what was refused. A reset is sent for real: SO_LINGER 0, then close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import trio
+
+from p2pfl.daemon.discovery import PeerCandidate
+from p2pfl.daemon.signaling import SignalingGuard, SignalingLimits
+from p2pfl.daemon.transport import MessageReceived, PeerTransport, PeerUp, TransportConfig
+from p2pfl.identity import NodeIdentity
+from p2pfl.sim.netns import SharedNetwork
+from p2pfl.sim.testnode import identity_for
+from p2pfl.trust import TrustPolicy
+
+pytestmark = pytest.mark.netns
+
+
+def _reset(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def _connect(host: str, port: int, source: str) -> trio.socket.SocketType:
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect((host, port))
+    return sock
+
+
+async def _wait_until(condition: Callable[[], bool], what: str, within_s: float = 20) -> None:
+    with trio.move_on_after(within_s):
+        while not condition():  # noqa: ASYNC110 (counters, not events)
+            await trio.sleep(0.05)
+        return
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def _honest_pair(
+    net: SharedNetwork, **target_config: object
+) -> AsyncIterator[tuple[PeerTransport, PeerTransport]]:
+    """``target`` (attacked, address 0) and ``friend`` (address 1), connected."""
+    async with contextlib.AsyncExitStack() as stack:
+        config = TransportConfig(host=net.addresses[0], mdns=False, **target_config)  # type: ignore[arg-type]
+        target = await stack.enter_async_context(
+            PeerTransport(identity_for(0), TrustPolicy.open(), config)
+        )
+        friend_config = TransportConfig(
+            host=net.addresses[1],
+            mdns=False,
+            static_peers=(f"{net.addresses[0]}:{target.signaling_port}",),
+        )
+        friend = await stack.enter_async_context(
+            PeerTransport(identity_for(1), TrustPolicy.open(), friend_config)
+        )
+        with trio.fail_after(20):
+            for transport in (target, friend):
+                assert isinstance(await transport.events.receive(), PeerUp)
+        yield target, friend
+
+
+async def _still_talking(target: PeerTransport, friend: PeerTransport) -> None:
+    """The honest link survived: both ways, a message arrives."""
+    assert target.connected_peers() == [friend.node_id]
+    assert friend.connected_peers() == [target.node_id]
+    with trio.fail_after(15):
+        await friend.send(target.node_id, b"still there?")
+        event = await target.events.receive()
+        assert isinstance(event, MessageReceived) and event.data == b"still there?"
+        await target.send(friend.node_id, b"yes")
+        event = await friend.events.receive()
+        assert isinstance(event, MessageReceived) and event.data == b"yes"
+
+
+async def test_resets_and_half_closes_at_every_signaling_step_leave_the_node_and_its_link_up(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(3)
+    attacker = net.addresses[2]
+    async with _honest_pair(net) as (target, friend):
+        host, port = net.addresses[0], target.signaling_port
+        stranger = NodeIdentity.generate()
+        invite, _ = SignalingGuard(stranger, TrustPolicy.open()).seal_invite(
+            target.identity.public_key, target.node_id, 7000, time.time()
+        )
+        request = struct.pack(">I", len(invite)) + invite
+
+        async def reset_on_accept() -> None:
+            _reset(await _connect(host, port, attacker))
+
+        async def reset_mid_length() -> None:
+            sock = await _connect(host, port, attacker)
+            await sock.send(request[:2])
+            _reset(sock)
+
+        async def reset_mid_frame() -> None:
+            sock = await _connect(host, port, attacker)
+            await sock.send(request[: len(request) // 2])
+            await trio.sleep(0.05)
+            _reset(sock)
+
+        async def half_close_mid_frame() -> None:
+            sock = await _connect(host, port, attacker)
+            await sock.send(request[: len(request) // 2])
+            sock.shutdown(socket.SHUT_WR)
+            await sock.recv(1)  # the node closes its side
+            sock.close()
+
+        async def reset_before_the_answer() -> None:
+            sock = await _connect(host, port, attacker)
+            await sock.send(request)
+            _reset(sock)
+
+        steps: list[Callable[[], Awaitable[None]]] = [
+            reset_on_accept,
+            reset_mid_length,
+            reset_mid_frame,
+            half_close_mid_frame,
+            reset_before_the_answer,
+        ]
+        for _ in range(3):
+            for step in steps:
+                await step()
+        drops = target.drops
+        await _wait_until(
+            lambda: (
+                drops.get("signaling", "truncated") >= 3
+                and drops.stage_totals().get("signaling", 0) >= 9
+            ),
+            "the refusals to be counted",
+        )
+        await _still_talking(target, friend)
+        # A reset is counted as such, and nothing escaped as an unexpected error.
+        assert drops.get("signaling", "reset") + drops.get("signaling", "truncated") >= 9
+        assert not [r for (_, r) in drops.totals if r.startswith("error_")], drops.snapshot()
+
+
+async def test_a_dial_or_invite_to_a_resetting_listener_is_a_counted_failure_not_a_crash(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(3)
+    trap = trio.socket.socket()
+    await trap.bind((net.addresses[2], 0))
+    trap.listen(64)
+    trap_port = trap.getsockname()[1]
+    served = 0
+
+    async def resetting_listener() -> None:
+        nonlocal served
+        while True:
+            conn, _ = await trap.accept()
+            served += 1
+            if served % 2:
+                with trio.move_on_after(0.5):
+                    await conn.recv(65536)  # read the request, then reset instead of answering
+            _reset(conn)
+
+    async with _honest_pair(net) as (target, friend), trio.open_nursery() as nursery:
+        nursery.start_soon(resetting_listener)
+        ids = sorted((NodeIdentity.generate() for _ in range(8)), key=lambda i: i.node_id)
+        larger = [i for i in ids if i.node_id > target.node_id][:1]
+        smaller = [i for i in ids if i.node_id < target.node_id][:1]
+        for identity in larger + smaller:  # the target dials a larger id, invites a smaller one
+            target.add_candidate(
+                PeerCandidate(
+                    net.addresses[2], trap_port, identity.node_id, identity.public_key, "mdns"
+                )
+            )
+        target.add_candidate(PeerCandidate(net.addresses[2], trap_port, source="static"))
+        counters = target.counters
+        await _wait_until(
+            lambda: (
+                served >= 6
+                and sum(n for k, n in counters.items() if k.endswith("_failed_reset")) >= 3
+            ),
+            "several dials and invites to be reset",
+        )
+        await _still_talking(target, friend)
+        nursery.cancel_scope.cancel()
+    trap.close()
+
+
+async def test_held_connections_are_capped_per_source_and_overall_and_time_out(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    limits = SignalingLimits(max_connections=24, max_per_source=4, read_timeout_s=1.0)
+    async with _honest_pair(net, signaling=limits) as (target, friend):
+        host, port = net.addresses[0], target.signaling_port
+        held: list[trio.socket.SocketType] = []
+        # 10 sources x 6 connections, each sending one byte and then nothing (slowloris).
+        for source in range(10):
+            for _ in range(6):
+                sock = trio.socket.socket()
+                held.append(sock)
+                with contextlib.suppress(OSError):  # refused: reset while or after connecting
+                    await sock.bind((f"127.0.9.{source + 1}", 0))
+                    await sock.connect((host, port))
+                    await sock.send(b"\x00")
+        drops = target.drops
+        await _wait_until(
+            lambda: (
+                drops.get("resource", "signaling_source_full") >= 10
+                and drops.get("resource", "signaling_connections_full") >= 1
+            ),
+            "the caps to refuse connections",
+        )
+        # The held ones cost at most the read deadline: all of them time out.
+        await _wait_until(
+            lambda: drops.get("signaling", "read_timeout") >= 20, "held connections to time out"
+        )
+        for sock in held:
+            sock.close()
+        await _still_talking(target, friend)
+        # With the slots free again, an honest newcomer still gets in.
+        config = TransportConfig(host="127.0.9.200", mdns=False, static_peers=(f"{host}:{port}",))
+        async with PeerTransport(identity_for(2), TrustPolicy.open(), config) as newcomer:
+            with trio.fail_after(20):
+                assert isinstance(await newcomer.events.receive(), PeerUp)
+
+
+async def test_offers_from_one_member_on_rotating_sources_are_limited_by_its_id(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    async with _honest_pair(net) as (target, friend):
+        host, port = net.addresses[0], target.signaling_port
+        ids = sorted((NodeIdentity.generate() for _ in range(8)), key=lambda i: i.node_id)
+        member = next(i for i in ids if i.node_id < target.node_id)  # offers go small -> large
+        guard = SignalingGuard(member, TrustPolicy.open())
+        sdp = "v=0\r\na=fingerprint:sha-256 AA:BB\r\n"
+        for n in range(60):
+            frame, _ = guard.seal_offer(
+                target.identity.public_key, target.node_id, sdp, 7000, time.time()
+            )
+            sock = await _connect(host, port, f"127.0.10.{n + 1}")  # a new source every time
+            await sock.send(struct.pack(">I", len(frame)) + frame)
+            with trio.move_on_after(2), contextlib.suppress(OSError):
+                await sock.recv(65536)
+            sock.close()
+        drops = target.drops
+        assert drops.get("signaling", "member_rate_limited") >= 40, drops.snapshot()
+        assert target.counters["peer_connections_created"] <= 1 + 20, target.counters
+        # A half-open link is never announced: a fake SDP opens no data channel.
+        assert target.connected_peers() == [friend.node_id]
+        await _still_talking(target, friend)
