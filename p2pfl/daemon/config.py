@@ -123,6 +123,12 @@ class LimitsSection:
     peer_timeout_s: float = 8.0
     stop_timeout_s: float = 20.0
     max_clock_skew_s: float = 60.0
+    # What a stranger can make the daemon spend (see daemon/README.md, "Threat model").
+    signaling_connections: int = 64
+    signaling_per_source: int = 8
+    signaling_read_timeout_s: float = 5.0
+    pending_links: int = 32
+    shed_fraction: float = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +217,11 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "limits.peer_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "limits.stop_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "limits.max_clock_skew_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "limits.signaling_connections": (lambda v: v >= 1, "an integer >= 1"),
+    "limits.signaling_per_source": (lambda v: v >= 1, "an integer >= 1"),
+    "limits.signaling_read_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "limits.pending_links": (lambda v: v >= 1, "an integer >= 1"),
+    "limits.shed_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "checkpoints.keep": (lambda v: v >= 1, "an integer >= 1"),
     "checkpoints.interval_s": (lambda v: v > 0, "a number of seconds > 0"),
 }

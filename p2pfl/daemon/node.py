@@ -408,12 +408,19 @@ class Node:
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(self.config.checkpoints.interval_s)
-            await self.checkpoint()
+            try:
+                await self.checkpoint()
+            except OSError as exc:  # e.g. no descriptor or disk left: retry next interval
+                log.error(
+                    "checkpoint failed; retrying at the next interval", extra={"error": str(exc)}
+                )
 
     # ---- the nursery -------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit status."""
+        from p2pfl.daemon.limits import raise_nofile_limit
+        from p2pfl.daemon.signaling import SignalingLimits
         from p2pfl.daemon.transport import PeerTransport, TransportConfig
         from p2pfl.wire import DEFAULT_LIMITS, EnvelopeVerifier, decode_state_dict
         from p2pfl.wire import encode_state_dict as encode
@@ -432,7 +439,16 @@ class Node:
             path_mtu=config.discovery.path_mtu,
             peer_timeout_s=config.limits.peer_timeout_s,
             max_message_bytes=max_bytes + _MIB,
+            signaling=SignalingLimits(
+                max_connections=config.limits.signaling_connections,
+                max_per_source=config.limits.signaling_per_source,
+                read_timeout_s=config.limits.signaling_read_timeout_s,
+            ),
+            max_pending_links=config.limits.pending_links,
+            shed_fraction=config.limits.shed_fraction,
         )
+        soft, hard = raise_nofile_limit()
+        log.info("descriptor limit", extra={"soft": soft, "hard": hard})
         limits = dataclasses.replace(
             DEFAULT_LIMITS, max_frame_bytes=max_bytes + _MIB, max_bin_bytes=max_bytes
         )
