@@ -42,14 +42,16 @@ def _open_descriptors() -> int | None:
 
 
 class DescriptorBudget:
-    """``near_limit()`` is True when new remote work should be refused to keep descriptors free."""
+    """``near_limit()`` is True when new remote work should be refused to keep descriptors free.
+
+    The limit is read again with every count (``prlimit`` can change it from outside), unless a
+    fixed ``limit`` is given.
+    """
 
     def __init__(self, shed_fraction: float = 0.9, *, limit: int | None = None) -> None:
-        if limit is None:
-            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-            limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
-        self.limit = limit
-        self.shed_at = max(1, int(limit * shed_fraction))
+        self.shed_fraction = shed_fraction
+        self._fixed = limit
+        self.limit = limit if limit is not None else _soft_limit()
         self._checked_at = -1.0
         self._near = False
 
@@ -58,7 +60,14 @@ class DescriptorBudget:
             return False
         now = time.monotonic()
         if now - self._checked_at >= 0.05:  # at most 20 listings a second
+            if self._fixed is None:
+                self.limit = _soft_limit()
             count = _open_descriptors()
-            self._near = count is None or count >= self.shed_at
+            self._near = count is None or count >= int(self.limit * self.shed_fraction)
             self._checked_at = now
         return self._near
+
+
+def _soft_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
