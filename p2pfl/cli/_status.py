@@ -15,6 +15,7 @@ import click
 
 from p2pfl.daemon.config import default_control_socket
 from p2pfl.daemon.control import ControlError, NodeStatus, PeerStatus, fetch_status
+from p2pfl.daemon.drops import STAGES
 from p2pfl.identity import SHORT_ID_CHARS
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def status(socket_path: Path | None, as_json: bool) -> None:
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), help=_SOCKET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def peers(socket_path: Path | None, as_json: bool) -> None:
-    """List the daemon's peers: state, round-trip time, traffic, rejected messages."""
+    """List the daemon's peers: state, round-trip time, traffic, drops by stage."""
     node = _fetch(socket_path)
     if as_json:
         click.echo(json.dumps(node.to_json()["peers"], indent=2, sort_keys=True))
@@ -105,12 +106,13 @@ def _summary(node: NodeStatus) -> str:
         + ", ".join(figures)
     )
     lines.append(f"[bold]training[/]    {node.training_state}")
-    traffic = f"in {_bytes(node.bytes_in)}, out {_bytes(node.bytes_out)}"
-    rejected = sum(node.rejected.values())
-    if rejected:
-        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(node.rejected.items()))
-        traffic += f"; [yellow]rejected {rejected}[/] ({reasons})"
-    lines.append(f"[bold]traffic[/]     {traffic}")
+    lines.append(f"[bold]traffic[/]     in {_bytes(node.bytes_in)}, out {_bytes(node.bytes_out)}")
+    dropped = sum(node.drops_by_stage.values())
+    if dropped:
+        # Per stage here; `--json` has every stage/reason.
+        lines.append(f"[bold]dropped[/]     [yellow]{dropped}[/] ({_stages(node.drops_by_stage)})")
+    else:
+        lines.append("[bold]dropped[/]     0")
     if node.checkpoint is not None:
         ckpt = node.checkpoint
         lines.append(
@@ -124,7 +126,7 @@ def _peer_table(node: NodeStatus) -> object:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("PEER", "NAME", "STATE", "RTT", "IN", "OUT", "LAST SEEN", "REJECTED"):
+    for column in ("PEER", "NAME", "STATE", "RTT", "IN", "OUT", "LAST SEEN", "DROPPED"):
         table.add_column(column, justify="right" if column in {"RTT", "IN", "OUT"} else "left")
     for peer in sorted(node.peers, key=lambda p: p.node_id):
         table.add_row(
@@ -137,9 +139,16 @@ def _peer_table(node: NodeStatus) -> object:
             f"{_duration(node.now - peer.last_seen)} ago"
             if peer.last_seen is not None
             else "never",
-            f"[yellow]{peer.rejected}[/]" if peer.rejected else "0",
+            f"[yellow]{_stages(peer.drops)}[/]" if any(peer.drops.values()) else "0",
         )
     return table
+
+
+def _stages(by_stage: dict[str, int]) -> str:
+    """``envelope 2, link 1``: in the order of the stages, from the outside in."""
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    items = sorted(by_stage.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
+    return ", ".join(f"{stage} {n}" for stage, n in items if n)
 
 
 def _state(peer: PeerStatus) -> str:

@@ -20,7 +20,7 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,8 @@ class PeerStatus:
     """Unix time of the last frame from this peer."""
     rejected: int = 0
     """Messages from this peer dropped by verification, decoding or validation."""
+    drops: dict[str, int] = field(default_factory=dict)
+    """Everything dropped from this peer, by stage (signaling, link, envelope, update, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,12 @@ class NodeStatus:
     protocol_seconds: float = 0.0
     """Encoding, signing, verifying and decoding messages: the protocol's overhead."""
     rejected: dict[str, int] = field(default_factory=dict)
-    """Rejected messages by reason (all peers, and senders that never became peers)."""
+    """Rejected messages by reason (all peers, and senders that never became peers): the
+    ``envelope`` and ``update`` stages of ``drops``."""
+    drops_by_stage: dict[str, int] = field(default_factory=dict)
+    """Everything this node refused or dropped, by stage (see ``p2pfl.daemon.drops``)."""
+    drops: dict[str, int] = field(default_factory=dict)
+    """The same, by ``"stage/reason"``."""
     checkpoint: CheckpointStatus | None = None
     peers: tuple[PeerStatus, ...] = ()
     feature_bytes_sent: int = 0
@@ -110,12 +117,20 @@ class NodeStatus:
         return data
 
 
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The items of ``data`` that are fields of ``cls``: a newer daemon may send more."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
 def _node_status_from_json(data: Mapping[str, Any]) -> NodeStatus:
-    fields = {k: v for k, v in data.items() if k != "warnings"}
-    fields["peers"] = tuple(PeerStatus(**peer) for peer in data.get("peers", ()))
+    values = _known(NodeStatus, data)
+    values["peers"] = tuple(
+        PeerStatus(**_known(PeerStatus, peer)) for peer in data.get("peers", ())
+    )
     if data.get("checkpoint") is not None:
-        fields["checkpoint"] = CheckpointStatus(**data["checkpoint"])
-    return NodeStatus(**fields)
+        values["checkpoint"] = CheckpointStatus(**data["checkpoint"])
+    return NodeStatus(**values)
 
 
 # ---- client -----------------------------------------------------------------------------------

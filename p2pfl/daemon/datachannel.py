@@ -20,6 +20,11 @@ The channel is reliable and ordered, so frames of one transfer arrive in order; 
 checks index/count/total on every frame and the digest on reassembly, and drops a bad transfer
 with a counted reason. The sender waits on ``bufferedAmount`` (high/low water marks) so a large
 model is never queued whole inside aiortc.
+
+A transfer holds at most ``max_message_bytes`` while it is incomplete, and not for ever: one that
+has had no new frame for ``transfer_timeout_s`` (a sender that stopped half-way, e.g. because its
+send was cancelled) is freed and dropped as ``incomplete_timeout`` by the link's watch loop,
+rather than held until the next transfer arrives.
 """
 
 from __future__ import annotations
@@ -86,11 +91,25 @@ def split_frames(data: bytes, frame_bytes: int, transfer_id: int) -> Iterator[by
 
 
 class Reassembler:
-    """Turns frames back into messages; bad input is dropped with a reason, never raised."""
+    """Turns frames back into messages; bad input is dropped with a reason, never raised.
 
-    def __init__(self, max_message_bytes: int, on_drop: Callable[[str], None]) -> None:
+    ``timeout_s``: :meth:`expire` drops a transfer that has had no frame for this long;
+    ``clock``: seconds, monotonic (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        max_message_bytes: int,
+        on_drop: Callable[[str], None],
+        *,
+        timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._max = max_message_bytes
         self._on_drop = on_drop
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._last_frame = 0.0
         self._id = -1
         self._count = 0
         self._total = 0
@@ -104,6 +123,23 @@ class Reassembler:
             self._on_drop(reason)
             self._dropped = self._id  # the rest of a dropped transfer is skipped uncounted
         self._id, self._parts, self._size = -1, [], 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the incomplete transfer held now (0 when none)."""
+        return self._size
+
+    def abandon(self) -> None:
+        """The link is closing: free the incomplete transfer, if any (dropped, counted)."""
+        if self._id != -1:
+            self._reset("incomplete_at_close")
+
+    def expire(self) -> bool:
+        """Free and drop the incomplete transfer if it had no frame for ``timeout_s``."""
+        if self._id != -1 and self._clock() - self._last_frame > self._timeout_s:
+            self._reset("incomplete_timeout")
+            return True
+        return False
 
     def feed(self, frame: bytes) -> bytes | None:
         """Take one DATA frame; return the message when it is complete and intact."""
@@ -137,6 +173,7 @@ class Reassembler:
             self._reset("frame_overrun")
             return None
         self._parts.append(chunk)
+        self._last_frame = self._clock()
         if len(self._parts) < self._count:
             return None
         message = b"".join(self._parts)
@@ -156,6 +193,7 @@ class LinkSettings:
     max_message_bytes: int = 80 * 1024 * 1024
     sack_every: int = SACK_EVERY  # data packets per SCTP SACK (see sctp.py; 1: every one)
     path_mtu: int = 1500  # largest IP packet between the nodes: sizes SCTP's DATA chunks
+    transfer_timeout_s: float = 30.0  # an incomplete transfer with no new frame this long is freed
 
 
 class LinkDown(ConnectionError):
@@ -188,7 +226,9 @@ class RtcLink:
         self._on_message = on_message
         self._on_down = on_down
         self._on_drop = on_drop
-        self._reassembler = Reassembler(settings.max_message_bytes, on_drop)
+        self._reassembler = Reassembler(
+            settings.max_message_bytes, on_drop, timeout_s=settings.transfer_timeout_s
+        )
         self._down_reason: str | None = None
         self._monitor: asyncio.Task[None] | None = None
         self.last_heard = time.monotonic()
@@ -306,6 +346,7 @@ class RtcLink:
             if silent > self.settings.peer_timeout_s:
                 self._down("heartbeat_timeout")
                 return
+            self._reassembler.expire()
             await asyncio.sleep(interval)
 
     def _down(self, reason: str) -> None:
@@ -313,6 +354,7 @@ class RtcLink:
             self._down_reason = reason
             self._closed.set()
             self._drained.set()
+            self._reassembler.abandon()
             self._on_down(reason)
 
     async def send_message(self, data: bytes) -> None:

@@ -8,7 +8,10 @@ The machine is sans-IO (``p2pfl.protocols``); this module is everything it leave
 - Receiving: a frame from the transport is verified (signature, replay, skew, size: wire's
   ``EnvelopeVerifier``), checked to come from the peer whose connection carried it, and decoded
   (message fields, then tensors with wire's codec: never pickle) before the machine sees a
-  ``MessageReceived``. Anything wrong is dropped with a counted reason.
+  ``MessageReceived``. Anything wrong is dropped and counted once in the node's
+  :class:`~p2pfl.daemon.drops.DropLog`: stage ``envelope`` for the signed frame (signature, replay,
+  skew, size, sender), stage ``update`` for its content (malformed message, bad weights) and for
+  what the machine itself drops or penalizes.
 - Sending: a ``Send`` is encoded with the wire tensor codec and sealed into a signed envelope,
   then handed to the transport; sends to one peer keep their order (a fair lock).
 - Both run in a worker thread for messages over ``inline_bytes`` (1 MiB), in the loop below it.
@@ -32,6 +35,7 @@ from typing import Any, Protocol
 
 import trio
 
+from p2pfl.daemon.drops import DropLog
 from p2pfl.identity import NodeIdentity
 from p2pfl.protocols import (
     Adopt,
@@ -61,6 +65,8 @@ log = logging.getLogger(__name__)
 
 _LOCAL_DROPS = frozenset({"no_peer_to_send", "stale_model", "inbox_overflow"})
 """Machine drop reasons that are bookkeeping, not a peer's message being rejected."""
+MESSAGE_STAGES = ("envelope", "update")
+"""The DropLog stages of messages that arrived on a link and were rejected."""
 
 StateDict = dict[str, Any]  # name -> torch.Tensor (torch is imported by the trainer, not here)
 
@@ -89,7 +95,6 @@ class PeerState:
     bytes_in: int = 0
     bytes_out: int = 0
     last_seen: float | None = None
-    rejected: int = 0
 
 
 @dataclass
@@ -108,7 +113,6 @@ class NodeState:
     """Every figure of the last evaluation (the primary one is also ``metric_value``)."""
     training_state: str = "starting"
     peers: dict[str, PeerState] = field(default_factory=dict)
-    rejected: Counter[str] = field(default_factory=Counter)
     bytes_in: int = 0
     bytes_out: int = 0
     training_seconds: float = 0.0
@@ -124,25 +128,31 @@ class NodeState:
         self.changed.set()
         self.changed = trio.Event()
 
-    def reject(self, reason: str, peer: str | None = None) -> None:
-        self.rejected[reason] += 1
-        if peer is not None and peer in self.peers:
-            self.peers[peer].rejected += 1
+
+def rejected_messages(drops: DropLog) -> dict[str, int]:
+    """Messages rejected (stages ``envelope`` and ``update``), by reason, from ``drops``."""
+    out: Counter[str] = Counter()
+    for (stage, reason), n in drops.totals.items():
+        if stage in MESSAGE_STAGES:
+            out[reason] += n
+    return dict(out)
+
+
+def rejected_from(drops: DropLog, peer: str) -> int:
+    """Messages from ``peer`` rejected (stages ``envelope`` and ``update``), from ``drops``."""
+    totals = drops.peer_totals(peer)
+    return sum(totals.get(stage, 0) for stage in MESSAGE_STAGES)
 
 
 class DriverObserver(Protocol):
     """Hooks for metrics (all optional in effect: the default implementation does nothing)."""
 
-    def on_rejected(self, reason: str) -> None: ...
     def on_bytes(self, received: int, sent: int) -> None: ...
     def on_trained(self, report: Any, wall_s: float) -> None: ...
     def on_round(self, state: NodeState) -> None: ...
 
 
 class _NoObserver:
-    def on_rejected(self, reason: str) -> None:
-        pass
-
     def on_bytes(self, received: int, sent: int) -> None:
         pass
 
@@ -180,6 +190,7 @@ class ProtocolDriver:
         state: NodeState,
         verifier: EnvelopeVerifier,
         observer: DriverObserver | None = None,
+        drops: DropLog | None = None,
         primary_metric: str = "accuracy",
         inline_bytes: int = 1 << 20,
         start_peers: int = 0,
@@ -194,6 +205,8 @@ class ProtocolDriver:
         self.state = state
         self.verifier = verifier
         self.observer: DriverObserver = observer or _NoObserver()
+        self.drops = drops if drops is not None else DropLog()
+        """Where every rejection is counted, once (the node's, shared with the transport)."""
         self.primary_metric = primary_metric
         self.inline_bytes = inline_bytes
         """Messages up to this size are encoded/verified in the event loop: a worker-thread hop
@@ -274,12 +287,12 @@ class ProtocolDriver:
         actions = self.machine.handle(event, trio.current_time())
         for action in actions:
             self._perform(action)
+        # What the machine dropped while handling a message came from that message's sender.
+        peer = event.peer if isinstance(event, MessageReceived) else None
         for reason, count in self.machine.dropped.items():
             new = count - self._machine_drops.get(reason, 0)
             if new > 0 and reason not in _LOCAL_DROPS:
-                self.state.rejected[reason] += new
-                for _ in range(new):
-                    self.observer.on_rejected(reason)
+                self.drops.count("update", reason, peer, n=new)
         self._machine_drops = Counter(self.machine.dropped)
 
     def _perform(self, action: Any) -> None:
@@ -301,8 +314,7 @@ class ProtocolDriver:
         elif isinstance(action, Evaluate):
             self._schedule_evaluation()
         elif isinstance(action, Penalize):
-            state.reject(f"penalized_{action.reason}", action.peer)
-            self.observer.on_rejected(f"penalized_{action.reason}")
+            self.drops.count("update", f"penalized_{action.reason}", action.peer)
             log.warning(
                 "peer penalized: its updates keep failing validation",
                 extra={"peer": action.peer, "reason": action.reason},
@@ -360,17 +372,17 @@ class ProtocolDriver:
             info.bytes_in += len(frame)
             info.last_seen = time.time()
 
-        def verify_and_decode() -> Message[StateDict] | str:
+        def verify_and_decode() -> Message[StateDict] | tuple[str, str]:
             try:
                 envelope = self.verifier.open(frame, now=time.time())
             except WireError as exc:
-                return exc.reason
+                return "envelope", exc.reason
             if envelope.sender_id != peer:
-                return "sender_mismatch"
+                return "envelope", "sender_mismatch"
             try:
                 return decode_message(envelope.kind, envelope.body, self.decode_weights)
             except MessageError as exc:
-                return exc.reason
+                return "update", exc.reason
 
         started = time.perf_counter()
         if len(frame) <= self.inline_bytes:
@@ -378,10 +390,10 @@ class ProtocolDriver:
         else:
             result = await trio.to_thread.run_sync(verify_and_decode)
         state.protocol_seconds += time.perf_counter() - started
-        if isinstance(result, str):
-            state.reject(result, peer)
-            self.observer.on_rejected(result)
-            log.info("message rejected", extra={"peer": peer, "reason": result})
+        if isinstance(result, tuple):
+            stage, reason = result
+            self.drops.count(stage, reason, peer)
+            log.info("message rejected", extra={"peer": peer, "stage": stage, "reason": reason})
             return None
         return result
 
@@ -415,7 +427,8 @@ class ProtocolDriver:
             try:
                 await self.sink.send(peer, frame)
             except (ConnectionError, ValueError) as exc:
-                self.state.reject("send_failed")
+                # Our own message, dropped because the link is down, full or refuses its size.
+                self.drops.count("link", "send_failed", peer)
                 log.info("send failed", extra={"peer": peer, "error": str(exc)})
                 return
         self.state.bytes_out += len(frame)

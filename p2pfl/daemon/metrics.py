@@ -49,8 +49,12 @@ class NodeMetrics:
             "p2pfl_received_bytes", "Bytes received from peers", registry=r
         )
         self.bytes_sent = Counter("p2pfl_sent_bytes", "Bytes sent to peers", registry=r)
-        self.rejected = Counter(
-            "p2pfl_rejected_messages", "Messages dropped, by reason", ["reason"], registry=r
+        self.dropped = Counter(
+            "p2pfl_dropped",
+            "Everything refused or dropped (connections, frames, messages, updates), by the "
+            "stage that dropped it and why",
+            ["stage", "reason"],
+            registry=r,
         )
         self.training_seconds = Counter(
             "p2pfl_training_seconds", "Wall time spent training", registry=r
@@ -59,6 +63,10 @@ class NodeMetrics:
         self.energy = Counter(
             "p2pfl_energy_joules", "Energy of training where the device reports it", registry=r
         )
+
+    def count_drop(self, stage: str, reason: str, n: int) -> None:
+        """A :class:`p2pfl.daemon.drops.DropLog` hook: ``drops.add_hook(metrics.count_drop)``."""
+        self.dropped.labels(stage, reason).inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -37,7 +37,8 @@ from p2pfl import __version__
 from p2pfl.daemon.checkpoint import Checkpoint, CheckpointStore
 from p2pfl.daemon.config import EXIT_CONFIG, Config, ConfigError, load_config
 from p2pfl.daemon.control import CheckpointStatus, ControlServer, NodeStatus, PeerStatus
-from p2pfl.daemon.driver import NodeState, ProtocolDriver
+from p2pfl.daemon.driver import NodeState, ProtocolDriver, rejected_from, rejected_messages
+from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics, set_log_level
 from p2pfl.daemon.notify import SystemdNotifier
 from p2pfl.identity import IdentityError, NodeIdentity
@@ -316,6 +317,9 @@ class Node:
             self.state.round_offset = int(prepared.resumed.state.get("round", 0))
             self.state.round = self.state.round_offset
         self.metrics = NodeMetrics()
+        self.drops = DropLog()
+        """Every drop of this node, counted once: transport, signaling, driver (see drops.py)."""
+        self.drops.add_hook(self.metrics.count_drop)
         self.notifier = SystemdNotifier.from_environment()
         self.last_checkpoint: Checkpoint | None = prepared.resumed
         self.transport: Any = None
@@ -344,7 +348,8 @@ class Node:
                     bytes_in=p.bytes_in,
                     bytes_out=p.bytes_out,
                     last_seen=p.last_seen,
-                    rejected=p.rejected,
+                    rejected=rejected_from(self.drops, p.node_id),
+                    drops=self.drops.peer_totals(p.node_id),
                 )
             )
         return NodeStatus(
@@ -370,7 +375,9 @@ class Node:
             bytes_out=state.bytes_out,
             training_seconds=state.training_seconds,
             protocol_seconds=state.protocol_seconds,
-            rejected=dict(state.rejected),
+            rejected=rejected_messages(self.drops),
+            drops_by_stage=self.drops.stage_totals(),
+            drops=self.drops.snapshot(),
             checkpoint=checkpoint,
             peers=tuple(peers),
             transport=dict(self.transport.counters) if self.transport is not None else {},
@@ -483,6 +490,7 @@ class Node:
                 self.prepared.trust,
                 transport_config,
                 certificate=self.prepared.certificate,
+                drops=self.drops,
             ) as transport:
                 self.transport = transport
                 connected = lambda key: True  # noqa: E731 (trust was proven in signaling)
@@ -502,6 +510,7 @@ class Node:
                     state=self.state,
                     verifier=verifier,
                     observer=_MetricsObserver(self.metrics),
+                    drops=self.drops,
                     primary_metric=self.prepared.trainer.task.primary_metric,
                     start_peers=config.protocol.start_peers,
                     start_timeout_s=config.protocol.start_timeout_s,
@@ -584,9 +593,6 @@ class Node:
 class _MetricsObserver:
     def __init__(self, metrics: NodeMetrics) -> None:
         self.metrics = metrics
-
-    def on_rejected(self, reason: str) -> None:
-        self.metrics.rejected.labels(reason).inc()
 
     def on_bytes(self, received: int, sent: int) -> None:
         if received:

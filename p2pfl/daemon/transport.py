@@ -126,6 +126,7 @@ class TransportConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 8.0
     max_message_bytes: int = 80 * 1024 * 1024
+    transfer_timeout_s: float = 30.0  # an incomplete transfer with no new frame this long is freed
     event_buffer: int = 4096
     signaling: SignalingLimits = field(default_factory=SignalingLimits)
     max_pending_links: int = 32  # half-open WebRTC links (dials and accepted offers) at once
@@ -142,6 +143,7 @@ class TransportConfig:
             heartbeat_interval_s=self.heartbeat_interval_s,
             peer_timeout_s=self.peer_timeout_s,
             max_message_bytes=self.max_message_bytes,
+            transfer_timeout_s=self.transfer_timeout_s,
         )
 
 
@@ -358,7 +360,7 @@ class PeerTransport:
             self.config.link_settings(),
             on_message=lambda data: bridge.to_trio(peer.on_message, data),
             on_down=lambda reason: bridge.to_trio(peer.on_down, reason),
-            on_drop=lambda reason: bridge.to_trio(self._count, f"dropped_{reason}"),
+            on_drop=lambda reason: bridge.to_trio(self.drops.count, "link", reason, peer.node_id),
         )
 
     async def _close_link(self, peer: _Peer) -> None:

@@ -51,10 +51,16 @@ def _status(trust_mode: str = "federation") -> NodeStatus:
         bytes_in=3 << 20,
         bytes_out=5 << 20,
         rejected={"bad_signature": 2},
+        drops_by_stage={"envelope": 2, "signaling": 3, "link": 1},
+        drops={
+            "envelope/bad_signature": 2,
+            "link/incomplete_timeout": 1,
+            "signaling/bad_signature": 3,
+        },
         checkpoint=CheckpointStatus(seq=12, digest="9f" * 32, created=NOW - 125),
         peers=(
             PeerStatus("b7" * 26, "cloudlet-2", "connected", 0.8, 1 << 20, 2 << 20, NOW - 1, 0),
-            PeerStatus("c1" * 26, "", "down", None, 0, 0, None, 2),
+            PeerStatus("c1" * 26, "", "down", None, 0, 0, None, 2, {"envelope": 2, "link": 1}),
         ),
     )
 
@@ -105,6 +111,9 @@ async def test_status_json_against_a_live_server_is_the_whole_status(short_tmp: 
     assert data["metric_name"] == "accuracy" and data["metric_value"] == pytest.approx(0.9123)
     assert [p["name"] for p in data["peers"]] == ["cloudlet-2", ""]
     assert data["rejected"] == {"bad_signature": 2} and data["warnings"] == []
+    assert data["drops_by_stage"] == {"envelope": 2, "signaling": 3, "link": 1}
+    assert data["drops"]["link/incomplete_timeout"] == 1
+    assert [p["drops"] for p in data["peers"]] == [{}, {"envelope": 2, "link": 1}]
 
 
 async def test_status_table_shows_node_model_and_peers(short_tmp: Path) -> None:
@@ -122,7 +131,7 @@ async def test_status_table_shows_node_model_and_peers(short_tmp: Path) -> None:
         "trust: federation",
         "round 42, updated 3s ago; loss 0.2311, accuracy 0.9123",
         "training    training",
-        "rejected 2 (bad_signature 2)",
+        "dropped     6 (signaling 3, link 1, envelope 2)",
         "checkpoint  #12, 2m05s ago, sha256 9f9f9f9f9f9f",
         "PEER",
         "cloudlet-2",
@@ -132,6 +141,7 @@ async def test_status_table_shows_node_model_and_peers(short_tmp: Path) -> None:
     ):
         assert expected in out, f"{expected!r} not in:\n{out}"
     assert "WARNING" not in out
+    assert "DROPPED" in out and "link 1, envelope 2" in out  # the peer that is down
     assert peers.returncode == 0 and "cloudlet-2" in peers.stdout.decode()
     assert "round 42" not in peers.stdout.decode()
 

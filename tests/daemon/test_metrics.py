@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics, configure_logging, set_log_level
 
 
@@ -41,7 +42,10 @@ async def test_metrics_endpoint_serves_node_figures_on_localhost() -> None:
     metrics.peers.set(2)
     metrics.bytes_received.inc(1000)
     metrics.bytes_sent.inc(2000)
-    metrics.rejected.labels("bad_signature").inc(3)
+    drops = DropLog()
+    drops.add_hook(metrics.count_drop)
+    drops.count("envelope", "bad_signature", "peer-a", n=3)
+    drops.count("link", "incomplete_timeout", "peer-b")
     metrics.training_seconds.inc(1.5)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(metrics.serve, "127.0.0.1", 0)
@@ -56,7 +60,8 @@ async def test_metrics_endpoint_serves_node_figures_on_localhost() -> None:
         "p2pfl_peers 2.0",
         "p2pfl_received_bytes_total 1000.0",
         "p2pfl_sent_bytes_total 2000.0",
-        'p2pfl_rejected_messages_total{reason="bad_signature"} 3.0',
+        'p2pfl_dropped_total{reason="bad_signature",stage="envelope"} 3.0',
+        'p2pfl_dropped_total{reason="incomplete_timeout",stage="link"} 1.0',
         "p2pfl_training_seconds_total 1.5",
     ):
         assert line in body.splitlines(), line

@@ -70,3 +70,74 @@ def test_truncated_frame_is_dropped_not_raised() -> None:
 def test_frame_size_above_aiortc_limit_is_rejected() -> None:
     with pytest.raises(ValueError, match="frame_bytes"):
         list(split_frames(b"x", FRAME_LIMIT + 1, transfer_id=1))
+
+
+def test_stalled_transfer_is_freed_after_the_timeout_and_counted_once() -> None:
+    now = [100.0]
+    drops: list[str] = []
+    reassembler = Reassembler(10_000_000, drops.append, timeout_s=30.0, clock=lambda: now[0])
+    frames = list(split_frames(os.urandom(8 * FRAME_LIMIT), FRAME_LIMIT, transfer_id=4))
+    for frame in frames[:5]:
+        reassembler.feed(frame)
+        now[0] += 10.0  # a slow transfer: each frame well within the timeout of the last
+    assert reassembler.pending_bytes > 4 * FRAME_LIMIT
+    assert not reassembler.expire() and drops == []
+    now[0] += 21.0
+    assert reassembler.expire()
+    assert drops == ["incomplete_timeout"] and reassembler.pending_bytes == 0
+    assert not reassembler.expire()
+    # The rest of the stalled transfer, should it come, is skipped without a second count...
+    assert [reassembler.feed(frame) for frame in frames[5:]] == [None] * (len(frames) - 5)
+    assert drops == ["incomplete_timeout"]
+    # ...and the next transfer arrives whole.
+    data = os.urandom(3 * FRAME_LIMIT)
+    assert [reassembler.feed(f) for f in split_frames(data, FRAME_LIMIT, transfer_id=5)][-1] == data
+
+
+def test_expired_transfer_releases_its_memory() -> None:
+    import gc
+    import tracemalloc
+
+    now = [0.0]
+    drops: list[str] = []
+    reassembler = Reassembler(64 << 20, drops.append, timeout_s=1.0, clock=lambda: now[0])
+    tracemalloc.start()
+    try:
+        frames = split_frames(bytes(16 << 20), FRAME_LIMIT, transfer_id=1)
+        for _ in range(60):  # about 15 MiB of the 16 held, in frames nobody else references
+            reassembler.feed(next(frames))
+        del frames
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        now[0] = 2.0
+        assert reassembler.expire()
+        gc.collect()
+        freed = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert freed > 14 << 20, f"only {freed} bytes freed"
+
+
+def test_a_links_watch_loop_frees_a_stalled_transfer() -> None:
+    import asyncio
+
+    from p2pfl.daemon.datachannel import LinkSettings, RtcLink
+
+    drops: list[str] = []
+    settings = LinkSettings(heartbeat_interval_s=0.02, transfer_timeout_s=0.05)
+
+    async def scenario() -> None:
+        link = RtcLink(
+            settings, on_message=lambda _: None, on_down=lambda _: None, on_drop=drops.append
+        )
+        frames = list(split_frames(os.urandom(3 * FRAME_LIMIT), FRAME_LIMIT, transfer_id=7))
+        link._on_frame(frames[0])
+        watch = asyncio.ensure_future(link._watch())
+        await asyncio.sleep(0.2)
+        assert drops == ["incomplete_timeout"]
+        link._on_frame(frames[0])  # a new transfer, held when the link closes: freed too
+        await link.close()
+        await watch
+        assert drops == ["incomplete_timeout", "incomplete_at_close"]
+
+    asyncio.run(scenario())
