@@ -44,7 +44,7 @@ def _open_descriptors() -> int | None:
 class DescriptorBudget:
     """``near_limit()`` is True when new remote work should be refused to keep descriptors free.
 
-    The limit is read again with every count (``prlimit`` can change it from outside), unless a
+    The limit is read again with every call (``prlimit`` can change it from outside), unless a
     fixed ``limit`` is given.
     """
 
@@ -56,12 +56,12 @@ class DescriptorBudget:
         self._near = False
 
     def near_limit(self, newest_fd: int | None = None) -> bool:
+        if self._fixed is None:
+            self.limit = _soft_limit()  # one cheap system call
         if newest_fd is not None and 0 <= newest_fd < self.limit // 2:
             return False
         now = time.monotonic()
         if now - self._checked_at >= 0.05:  # at most 20 listings a second
-            if self._fixed is None:
-                self.limit = _soft_limit()
             count = _open_descriptors()
             self._near = count is None or count >= int(self.limit * self.shed_fraction)
             self._checked_at = now
