@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import inspect
 import json
 import logging
@@ -23,6 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from p2pfl.daemon.drops import DropLog, contained
 
 if TYPE_CHECKING:
     import trio
@@ -250,9 +253,18 @@ class ControlServer:
         self.socket_path = socket_path
         self.handlers = dict(handlers)
 
-    async def serve(self, *, task_status: trio.TaskStatus[Path] | None = None) -> None:
-        """Listen until cancelled; ``task_status.started(path)`` once connections are accepted."""
+    async def serve(
+        self, *, drops: DropLog | None = None, task_status: trio.TaskStatus[Path] | None = None
+    ) -> None:
+        """Listen until cancelled; ``task_status.started(path)`` once connections are accepted.
+
+        Each connection is a contained scope (stage ``endpoint``).
+        """
         import trio
+
+        handler = functools.partial(
+            contained, drops or DropLog(), "endpoint", None, self._serve_connection
+        )
 
         prepare_runtime_dir(self.socket_path.parent)
         _remove_stale_socket(self.socket_path)
@@ -268,7 +280,7 @@ class ControlServer:
         try:
             async with trio.open_nursery() as nursery:
                 listener = trio.SocketListener(sock)
-                await nursery.start(trio.serve_listeners, self._serve_connection, [listener])
+                await nursery.start(trio.serve_listeners, handler, [listener])
                 if task_status is not None:
                     task_status.started(self.socket_path)
         finally:

@@ -9,6 +9,7 @@ is one). Count each drop where it is decided, exactly once.
 Stages, from the outside in:
 
 ``resource``   work shed before any check: descriptor or connection caps, full queues
+``endpoint``   the operator's endpoints: control socket and metrics HTTP connections
 ``discovery``  mDNS adverts (unsigned, malformed, another federation, ...)
 ``signaling``  signaling connections and requests (resets, timeouts, bad signatures, caps, ...)
 ``link``       WebRTC links and data-channel frames/transfers (bad frames, incomplete transfers)
@@ -31,7 +32,16 @@ from typing import Any
 
 __all__ = ["STAGES", "DropLog", "contained"]
 
-STAGES = ("resource", "discovery", "signaling", "link", "trust", "envelope", "update")
+STAGES = (
+    "resource",
+    "endpoint",
+    "discovery",
+    "signaling",
+    "link",
+    "trust",
+    "envelope",
+    "update",
+)
 _MAX_PEERS = 1024
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ fields come from ``extra={...}``: ``log.info("peer up", extra={"peer": peer_id})
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from p2pfl.daemon.drops import DropLog, contained
 
 if TYPE_CHECKING:
     import trio
@@ -72,15 +75,25 @@ class NodeMetrics:
         return generate_latest(self.registry)
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] | None = None
+        self,
+        host: str,
+        port: int,
+        *,
+        drops: DropLog | None = None,
+        task_status: trio.TaskStatus[int] | None = None,
     ) -> None:
-        """Serve ``GET /metrics`` until cancelled; ``task_status.started(port)`` when bound."""
+        """Serve ``GET /metrics`` until cancelled; ``task_status.started(port)`` when bound.
+
+        Each connection is a contained scope (stage ``endpoint``): nothing a client does ends
+        the endpoint or the node.
+        """
         import trio
 
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
+        handler = functools.partial(contained, drops or DropLog(), "endpoint", None, self._respond)
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._respond, listeners)
+            await nursery.start(trio.serve_listeners, handler, listeners)
             if task_status is not None:
                 task_status.started(bound)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -476,10 +477,12 @@ class Node:
                 config.control_socket,
                 {"status": lambda _: self.status().to_json(), "peers": self._peers_reply},
             )
-            await nursery.start(control.serve)
+            await nursery.start(functools.partial(control.serve, drops=self.drops))
             if config.metrics.prometheus:
                 port = await nursery.start(
-                    self.metrics.serve, config.metrics.host, config.metrics.port
+                    functools.partial(self.metrics.serve, drops=self.drops),
+                    config.metrics.host,
+                    config.metrics.port,
                 )
                 log.info(
                     "metrics endpoint",

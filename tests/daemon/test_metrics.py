@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
+import socket
+import struct
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -101,3 +104,23 @@ def test_json_lines_have_timestamps_outside_journald(monkeypatch: pytest.MonkeyP
 def test_unknown_log_level_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown log level 'loud'"):
         set_log_level("loud")
+
+
+async def test_a_reset_metrics_connection_is_contained_and_the_endpoint_keeps_serving() -> None:
+    metrics, drops = NodeMetrics(), DropLog()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(functools.partial(metrics.serve, drops=drops), "127.0.0.1", 0)
+        for _ in range(5):  # reset mid-request
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port))
+            await sock.send(b"GET /met")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := await stream.receive_some(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.0 200 OK")
+        nursery.cancel_scope.cancel()
