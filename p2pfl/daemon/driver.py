@@ -284,7 +284,15 @@ class ProtocolDriver:
         return deferred
 
     async def _handle(self, event: ProtocolEvent[StateDict]) -> None:
-        actions = self.machine.handle(event, trio.current_time())
+        if isinstance(event, MessageReceived):
+            try:
+                actions = self.machine.handle(event, trio.current_time())
+            except Exception as exc:  # a peer's message must not end the node: contain it
+                self.drops.count("update", f"error_{type(exc).__name__}", event.peer)
+                log.exception("handling a message failed", extra={"peer": event.peer})
+                return
+        else:
+            actions = self.machine.handle(event, trio.current_time())
         for action in actions:
             self._perform(action)
         # What the machine dropped while handling a message came from that message's sender.
@@ -383,6 +391,8 @@ class ProtocolDriver:
                 return decode_message(envelope.kind, envelope.body, self.decode_weights)
             except MessageError as exc:
                 return "update", exc.reason
+            except Exception as exc:  # whatever a peer's bytes provoke: a counted drop
+                return "update", f"error_{type(exc).__name__}"
 
         started = time.perf_counter()
         if len(frame) <= self.inline_bytes:

@@ -6,6 +6,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
+
 from p2pfl.daemon.driver import NodeState, PeerState, ProtocolDriver, rejected_from
 from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics
@@ -88,3 +90,26 @@ async def test_machine_drops_and_penalties_count_once_against_the_sender() -> No
         "update/unexpected_round": 2,
     }
     assert drops.peer_totals(sender.node_id) == {"update": 3}
+
+
+async def test_a_message_that_makes_the_machine_or_the_decoder_raise_is_a_counted_drop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    drops = DropLog()
+    me, sender = NodeIdentity.generate(), NodeIdentity.generate()
+    driver, machine, _ = _driver(drops, me)
+
+    def explode(event: Any, now: float) -> list[Any]:
+        raise OverflowError("an age of 2**1000")
+
+    machine.handle = explode  # type: ignore[method-assign]
+    await driver._handle(MessageReceived(sender.node_id, object()))  # type: ignore[arg-type]
+    assert drops.snapshot() == {"update/error_OverflowError": 1}
+
+    def broken_decoder(*args: Any) -> Any:
+        raise RecursionError("a bug deep inside message decoding")
+
+    monkeypatch.setattr("p2pfl.daemon.driver.decode_message", broken_decoder)
+    frame = seal(sender, kind="gossip.model", body={}, seq=1, now=time.time())
+    assert await driver._open(sender.node_id, frame) is None
+    assert drops.get("update", "error_RecursionError") == 1
