@@ -8,11 +8,13 @@ what was refused. A reset is sent for real: SO_LINGER 0, then close.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -26,6 +28,18 @@ from p2pfl.sim.testnode import identity_for
 from p2pfl.trust import TrustPolicy
 
 pytestmark = pytest.mark.netns
+
+
+def _identity_below(node_id: str) -> NodeIdentity:
+    while (identity := NodeIdentity.generate()).node_id >= node_id:
+        pass
+    return identity
+
+
+def _identity_above(node_id: str) -> NodeIdentity:
+    while (identity := NodeIdentity.generate()).node_id <= node_id:
+        pass
+    return identity
 
 
 def _reset(sock: trio.socket.SocketType) -> None:
@@ -170,10 +184,8 @@ async def test_a_dial_or_invite_to_a_resetting_listener_is_a_counted_failure_not
 
     async with _honest_pair(net) as (target, friend), trio.open_nursery() as nursery:
         nursery.start_soon(resetting_listener)
-        ids = sorted((NodeIdentity.generate() for _ in range(8)), key=lambda i: i.node_id)
-        larger = [i for i in ids if i.node_id > target.node_id][:1]
-        smaller = [i for i in ids if i.node_id < target.node_id][:1]
-        for identity in larger + smaller:  # the target dials a larger id, invites a smaller one
+        larger, smaller = _identity_above(target.node_id), _identity_below(target.node_id)
+        for identity in (larger, smaller):  # the target dials a larger id, invites a smaller one
             target.add_candidate(
                 PeerCandidate(
                     net.addresses[2], trap_port, identity.node_id, identity.public_key, "mdns"
@@ -238,8 +250,7 @@ async def test_offers_from_one_member_on_rotating_sources_are_limited_by_its_id(
     net = shared_net(2)
     async with _honest_pair(net) as (target, friend):
         host, port = net.addresses[0], target.signaling_port
-        ids = sorted((NodeIdentity.generate() for _ in range(8)), key=lambda i: i.node_id)
-        member = next(i for i in ids if i.node_id < target.node_id)  # offers go small -> large
+        member = _identity_below(target.node_id)  # offers go small -> large
         guard = SignalingGuard(member, TrustPolicy.open())
         sdp = "v=0\r\na=fingerprint:sha-256 AA:BB\r\n"
         for n in range(60):
@@ -257,3 +268,66 @@ async def test_offers_from_one_member_on_rotating_sources_are_limited_by_its_id(
         # A half-open link is never announced: a fake SDP opens no data channel.
         assert target.connected_peers() == [friend.node_id]
         await _still_talking(target, friend)
+
+
+class _FaultyMember(PeerTransport):
+    """A member whose WebRTC link is torn down ``after_s`` after signaling, whatever stage the
+    connection has reached by then (ICE checks, DTLS handshake, SCTP association, data channel,
+    or the middle of a transfer): the fault-injection point is the link's peer connection."""
+
+    after_s = 0.0
+
+    async def _new_link(self, peer: Any) -> Any:
+        link = await super()._new_link(peer)
+        original = link.create_offer
+
+        async def create_offer_then_fail() -> str:
+            sdp = await original()
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.after_s, lambda: loop.create_task(link._pc.close()))
+            return str(sdp)
+
+        link.create_offer = create_offer_then_fail
+        return link
+
+
+@pytest.mark.parametrize("after_s", [0.0, 0.005, 0.02, 0.05, 0.1, 0.3, 1.0])
+async def test_a_member_whose_link_dies_at_any_stage_of_ice_dtls_or_the_channel_is_contained(
+    shared_net: Callable[[int], SharedNetwork], after_s: float
+) -> None:
+    net = shared_net(3)
+    async with _honest_pair(net) as (target, friend):
+        member = _identity_below(target.node_id)  # the smaller id offers: it fails
+        config = TransportConfig(
+            host=net.addresses[2],
+            mdns=False,
+            static_peers=(f"{net.addresses[0]}:{target.signaling_port}",),
+            reconnect_min_s=5.0,
+        )
+        rogue = _FaultyMember(member, TrustPolicy.open(), config)
+        rogue.after_s = after_s
+        async with rogue:
+            await _wait_until(
+                lambda: target.counters["accepted_sdp-offer"] >= 1, "the rogue's offer"
+            )
+            if after_s >= 1.0:  # open by then: fail in the middle of a 4 MB transfer
+                with contextlib.suppress(Exception):
+                    await rogue.send(target.node_id, bytes(4_000_000))
+            await trio.sleep(after_s + 0.5)
+        # The rogue is gone; whatever stage it died in, the target is whole.
+        await _wait_until(lambda: member.node_id not in target.connected_peers(), "rogue down")
+        await _still_talking_after_events(target, friend)
+        assert not [r for (_, r) in target.drops.totals if r.startswith("error_")], (
+            target.drops.snapshot()
+        )
+
+
+async def _still_talking_after_events(target: PeerTransport, friend: PeerTransport) -> None:
+    """Like ``_still_talking``, skipping the rogue's PeerUp/PeerDown/messages on the way."""
+    assert friend.node_id in target.connected_peers()
+    with trio.fail_after(15):
+        await friend.send(target.node_id, b"still there?")
+        async for event in target.events:
+            if isinstance(event, MessageReceived) and event.peer == friend.node_id:
+                assert event.data == b"still there?"
+                break
