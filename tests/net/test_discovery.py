@@ -8,9 +8,8 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from p2pfl.daemon.discovery import DiscoveryError, parse_advert, parse_static_peer
+from p2pfl.daemon.discovery import DiscoveryError, parse_static_peer
 from p2pfl.daemon.transport import PeerTransport, PeerUp, TransportConfig
-from p2pfl.identity import NodeIdentity
 from p2pfl.sim.netns import BridgedNetwork, SharedNetwork
 from p2pfl.sim.testnode import NodeProcess, identity_for, node_argv
 from p2pfl.trust import TrustPolicy
@@ -105,30 +104,6 @@ async def test_five_node_processes_discover_each_other_via_mdns_across_a_bridge(
             for node in nodes:
                 await node.wait_for(lambda e: e["event"] == "exited")
     assert [node.events[-1]["code"] for node in nodes] == [0] * 5
-
-
-def test_advert_whose_id_does_not_match_its_key_is_dropped() -> None:
-    key = NodeIdentity.generate().public_key
-    other = NodeIdentity.generate().node_id
-    properties = {b"id": other.encode(), b"pk": key.hex().encode(), b"port": b"7000", b"v": b"1"}
-    with pytest.raises(DiscoveryError) as caught:
-        parse_advert(properties, "10.0.0.1", None)
-    assert caught.value.reason == "id_key_mismatch"
-
-
-def test_advert_of_another_federation_is_dropped() -> None:
-    me = NodeIdentity.generate()
-    properties = {
-        b"id": me.node_id.encode(),
-        b"pk": me.public_key.hex().encode(),
-        b"port": b"7000",
-        b"v": b"1",
-        b"fed": b"otherfederation",
-    }
-    with pytest.raises(DiscoveryError) as caught:
-        parse_advert(properties, "10.0.0.1", "ourfederation")
-    assert caught.value.reason == "other_federation"
-    assert parse_advert(properties, "10.0.0.1", None).node_id == me.node_id
 
 
 @pytest.mark.parametrize("entry", ["10.0.0.1", "10.0.0.1:0", ":7000", "host:port", "h:70000"])
