@@ -17,14 +17,15 @@ layout and the checks). What is guaranteed for each ``PeerCandidate`` delivered 
 Everything else is dropped and counted in the ``DropLog`` under stage ``discovery`` with its
 reason (``unsigned``, ``bad_signature``, ``expired``, ``from_future``, ``address_mismatch``,
 ``other_federation``, ``id_key_mismatch``, ``replayed``, ``malformed``, a trust reason such as
-``missing_certificate``, ...). A valid advert is still only a hint where to knock: identity is
-proven again in signaling, which binds the data channel to the key. mDNS records of a dead node
-live on in caches for a long time, so liveness comes from the transport's heartbeats, never from
-here.
+``missing_certificate``, ...; ``unresolved`` when the record could not be fetched in 3 s). A
+valid advert is still only a hint where to knock: identity is proven again in signaling, which
+binds the data channel to the key. mDNS records of a dead node live on in caches for a long
+time, so liveness comes from the transport's heartbeats, never from here.
 
 AsyncZeroconf runs on the node's asyncio bridge loop; its callbacks only resolve the service and
 hand the raw record to trio (``AsyncioBridge.to_trio``), where it is verified, counted and, if
-good, sent into a trio memory channel (a full channel drops with a counted reason).
+good, sent into a trio memory channel (a full channel counts
+``resource/candidate_channel_full``).
 """
 
 from __future__ import annotations

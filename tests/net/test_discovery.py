@@ -296,3 +296,16 @@ async def test_advert_is_re_signed_and_peers_see_the_newer_one(
                 "the re-signed advert",
             )
         assert drops.snapshot() == {}
+
+
+def test_a_candidate_never_rebinds_a_known_node_id_to_another_key() -> None:
+    me, peer, other = identity_for(0), identity_for(1), identity_for(2)
+    transport = PeerTransport(me, TrustPolicy.open(), TransportConfig(mdns=False))
+    transport.add_candidate(PeerCandidate("10.0.0.2", 7000, peer.node_id, peer.public_key))
+    transport.add_candidate(PeerCandidate("10.0.0.66", 7000, peer.node_id, other.public_key))
+    assert transport.peer_public_key(peer.node_id) == peer.public_key
+    assert transport.drops.snapshot() == {"discovery/id_key_mismatch": 1}
+    assert transport.drops.peer_totals(peer.node_id) == {"discovery": 1}
+    # The member's own key may move it (a newer verified advert, or signaling).
+    transport.add_candidate(PeerCandidate("10.0.0.9", 7001, peer.node_id, peer.public_key))
+    assert transport._candidates[peer.node_id].host == "10.0.0.9"
