@@ -229,7 +229,8 @@ class AdvertVerifier:
     """Checks resolved adverts for one node (see the module docstring for what it guarantees).
 
     Remembers, per node id (the most recent ``max_known`` ids), the issue time of the newest
-    advert it accepted; only an accepted advert changes that state.
+    advert it accepted; only an accepted advert changes that state. ``trust`` may be replaced
+    at any time (a reloaded allowlist).
     """
 
     def __init__(
@@ -242,7 +243,7 @@ class AdvertVerifier:
         max_known: int = _MAX_KNOWN_NODES,
     ) -> None:
         self._own = own_node_id
-        self._trust = trust
+        self.trust = trust
         self._skew_ms = int(skew_s * 1000)
         self._max_validity_ms = int(max_validity_s * 1000)
         self._max_known = max_known
@@ -275,11 +276,11 @@ class AdvertVerifier:
             raise DiscoveryError("expired", f"advert of {short} has expired")
         if fields.issued_ms > now_ms + self._skew_ms:
             raise DiscoveryError("from_future", f"advert of {short} is issued in the future")
-        own_fed = self._trust.federation_id
+        own_fed = self.trust.federation_id
         if own_fed is not None and fields.federation_id != own_fed:
             raise DiscoveryError("other_federation", f"advert of {short} is another federation")
         try:
-            self._trust.check(fields.public_key, fields.certificate, now=now)
+            self.trust.check(fields.public_key, fields.certificate, now=now)
         except TrustError as exc:
             raise DiscoveryError(exc.reason, f"advert of {short}: {exc}") from None
         port = fields.port

@@ -36,7 +36,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -111,7 +111,7 @@ class MdnsDiscovery:
         advert: Advert,
         send: trio.MemorySendChannel[PeerCandidate],
         *,
-        trust: TrustPolicy,
+        current_trust: Callable[[], TrustPolicy],
         drops: DropLog,
     ) -> None:
         self._bridge = bridge
@@ -119,7 +119,8 @@ class MdnsDiscovery:
         self._advert = advert
         self._send = send
         self.drops = drops
-        self.verifier = AdvertVerifier(identity.node_id, trust)
+        self._current_trust = current_trust  # followed, so a reloaded allowlist applies at once
+        self.verifier = AdvertVerifier(identity.node_id, current_trust())
         self._name = f"{identity.node_id}.{SERVICE_TYPE}"
         self._zc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
@@ -202,6 +203,7 @@ class MdnsDiscovery:
     def _receive(self, resolved: ResolvedAdvert) -> None:
         """On the trio thread: verify, count a refusal, or deliver the candidate."""
         try:
+            self.verifier.trust = self._current_trust()
             candidate = self.verifier.check(resolved, time.time())
         except DiscoveryError as exc:
             self.drops.count("discovery", exc.reason, exc.peer)
@@ -239,15 +241,18 @@ async def open_mdns_discovery(
     advert: Advert,
     send: trio.MemorySendChannel[PeerCandidate],
     *,
-    trust: TrustPolicy,
+    current_trust: Callable[[], TrustPolicy],
     drops: DropLog,
     refresh_s: float = ADVERT_REFRESH_S,
 ) -> AsyncIterator[MdnsDiscovery]:
     """Advertise ``advert`` signed by ``identity`` and browse for peers until the block exits.
 
-    The advert is re-signed every ``refresh_s`` seconds; the goodbye is sent on exit.
+    Adverts are checked against the policy ``current_trust()`` returns at that moment. The
+    advert is re-signed every ``refresh_s`` seconds; the goodbye is sent on exit.
     """
-    discovery = MdnsDiscovery(bridge, identity, advert, send, trust=trust, drops=drops)
+    discovery = MdnsDiscovery(
+        bridge, identity, advert, send, current_trust=current_trust, drops=drops
+    )
     await bridge.call(discovery._start)
     try:
         async with trio.open_nursery() as nursery:

@@ -243,7 +243,7 @@ class PeerTransport:
                         self.identity,
                         advert,
                         send,
-                        trust=self._trust,
+                        current_trust=lambda: self.guard.trust,  # SIGHUP replaces it
                         drops=self.drops,
                     )
                 )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
+import trio
 
 from p2pfl.daemon.adverts import (
     ADVERT_SKEW_S,
@@ -14,6 +16,9 @@ from p2pfl.daemon.adverts import (
     DiscoveryError,
     ResolvedAdvert,
 )
+from p2pfl.daemon.bridge import AsyncioBridge
+from p2pfl.daemon.discovery import MdnsDiscovery, PeerCandidate
+from p2pfl.daemon.drops import DropLog
 from p2pfl.identity import NodeIdentity
 from p2pfl.trust import FederationAuthority, TrustPolicy
 
@@ -220,3 +225,25 @@ def test_advert_refuses_to_build_txt_strings_over_255_bytes() -> None:
         long_fed.properties(ALICE, ["10.0.0.2"], NOW)
     with pytest.raises(ValueError, match="addresses"):
         dataclasses.replace(long_fed, federation_id=None).properties(ALICE, [], NOW)
+
+
+async def test_discovery_counts_refusals_and_follows_a_reloaded_trust_policy() -> None:
+    policy = TrustPolicy.allowlist([BOB.public_key])
+    send, receive = trio.open_memory_channel[PeerCandidate](4)
+    drops = DropLog()
+    discovery = MdnsDiscovery(
+        AsyncioBridge(),
+        BOB,
+        Advert("10.0.0.3", 7470),
+        send,
+        current_trust=lambda: policy,
+        drops=drops,
+    )
+    alice = _resolved(_txt(now=time.time(), federation_id=None))
+    discovery._receive(alice)
+    assert drops.snapshot() == {"discovery/not_allowlisted": 1}
+    assert drops.peer_totals(ALICE.node_id) == {"discovery": 1}
+    policy = TrustPolicy.allowlist([BOB.public_key, ALICE.public_key])  # SIGHUP reload
+    discovery._receive(alice)
+    assert receive.receive_nowait().node_id == ALICE.node_id
+    assert drops.snapshot() == {"discovery/not_allowlisted": 1}

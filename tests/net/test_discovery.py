@@ -271,7 +271,7 @@ async def test_advert_is_re_signed_and_peers_see_the_newer_one(
                 a_id,
                 Advert(net.addresses[0], 7001),
                 trio.open_memory_channel[PeerCandidate](64)[0],
-                trust=TrustPolicy.open(),
+                current_trust=TrustPolicy.open,
                 drops=DropLog(),
                 refresh_s=0.5,
             )
@@ -282,7 +282,7 @@ async def test_advert_is_re_signed_and_peers_see_the_newer_one(
                 b_id,
                 Advert(net.addresses[1], 7002),
                 send,
-                trust=TrustPolicy.open(),
+                current_trust=TrustPolicy.open,
                 drops=drops,
             )
         )
