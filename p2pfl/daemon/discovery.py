@@ -169,9 +169,11 @@ class MdnsDiscovery:
         )
 
     async def _refresh(self) -> None:
-        """Re-sign the advert (new issue and expiry times) and announce the update."""
+        """Re-sign the advert (new issue and expiry times, the host's addresses now) and
+        announce the update."""
         if self._zc is None or self._stopped:
             return
+        self._addresses = self._local_addresses() or self._addresses
         self._info = self._service_info()
         await (await self._zc.async_update_service(self._info))
 
