@@ -10,8 +10,8 @@ node key over ``signing_input(Domain.DISCOVERY, S)`` with
 ``cert`` is the node's federation membership certificate when it has one, so that in federation
 mode a receiver can refuse to dial non-members before any connection is made. The TXT record
 carries each field as text (see ``Advert.properties``); the receiver re-encodes ``S`` from the
-parsed fields, which it checks to be in canonical form, so a changed character is a bad
-signature.
+parsed fields, which it checks to be in canonical form, so changing any character of the
+record refuses the advert.
 
 ``AdvertVerifier.check`` guarantees, for every candidate it returns: the key hashes to the id;
 the signature by that key covers the addresses, port, federation id, version and times; the
