@@ -1,15 +1,31 @@
-"""Finding peers: a zeroconf advert ``_p2pfl._udp.local.``, a browser, and static peers.
+"""Finding peers: a signed zeroconf advert ``_p2pfl._udp.local.``, a browser, and static peers.
 
-The advert's TXT record carries the node id, public key (hex), signaling port, protocol version
-and federation id. It is *not* trusted: anyone on the LAN can publish anything, so a candidate is
-only a hint where to knock; identity is proven in signaling. Adverts that are malformed, name a
-key that does not match the id, speak another protocol version or another federation are dropped
-with a counted reason. mDNS records of a dead node live on in caches for a long time, so
-liveness comes from the transport's heartbeats, never from here.
+Anyone on the LAN can publish anything over mDNS, so every advert is signed by the node key and
+checked before its candidate reaches the transport (``p2pfl.daemon.adverts`` defines the TXT
+layout and the checks). What is guaranteed for each ``PeerCandidate`` delivered here:
 
-AsyncZeroconf runs on the node's asyncio bridge loop; its callbacks reach trio only as
-``PeerCandidate`` values sent into a trio memory channel (``AsyncioBridge.to_trio`` schedules the
-non-blocking ``send_nowait`` on the trio loop; a full channel drops with a counted reason).
+- its node id is the hash of its public key, and that key signed the address, port, federation
+  id, protocol version and lifetime (``Domain.DISCOVERY``); the candidate's address is one of
+  the signed ones, and mDNS served the advert at a signed address and the signed port;
+- the advert is unexpired (an hour of validity; this node re-signs its own every 15 minutes, so
+  long-running daemons stay discoverable) and not issued more than 5 minutes in the future;
+- it is of our federation and, in federation or allowlist mode, of a member: adverts carry the
+  node's membership certificate, so non-members are never dialled;
+- no newer advert of the same node was accepted before: a replayed older advert (an old address
+  of a member) never overrides a newer one.
+
+Everything else is dropped and counted in the ``DropLog`` under stage ``discovery`` with its
+reason (``unsigned``, ``bad_signature``, ``expired``, ``from_future``, ``address_mismatch``,
+``other_federation``, ``id_key_mismatch``, ``replayed``, ``malformed``, a trust reason such as
+``missing_certificate``, ...; ``unresolved`` when the record could not be fetched in 3 s). A
+valid advert is still only a hint where to knock: identity is proven again in signaling, which
+binds the data channel to the key. mDNS records of a dead node live on in caches for a long
+time, so liveness comes from the transport's heartbeats, never from here.
+
+AsyncZeroconf runs on the node's asyncio bridge loop; its callbacks only resolve the service and
+hand the raw record to trio (``AsyncioBridge.to_trio``), where it is verified, counted and, if
+good, sent into a trio memory channel (a full channel counts
+``resource/candidate_channel_full``).
 """
 
 from __future__ import annotations
@@ -17,17 +33,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import socket
-from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable
 
 import trio
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from p2pfl.daemon.adverts import (
+    ADVERT_REFRESH_S,
+    MAX_ADVERT_ADDRESSES,
+    PROTOCOL_VERSION,
+    Advert,
+    AdvertVerifier,
+    DiscoveryError,
+    PeerCandidate,
+    ResolvedAdvert,
+)
 from p2pfl.daemon.bridge import AsyncioBridge
-from p2pfl.identity import node_id_for
+from p2pfl.daemon.drops import DropLog
+from p2pfl.identity import NodeIdentity
+from p2pfl.trust import TrustPolicy
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -37,88 +65,12 @@ __all__ = [
     "MdnsDiscovery",
     "PeerCandidate",
     "open_mdns_discovery",
-    "parse_advert",
     "parse_static_peer",
 ]
 
 SERVICE_TYPE = "_p2pfl._udp.local."
-PROTOCOL_VERSION = 1
 _RESOLVE_TIMEOUT_MS = 3000
-
-
-class DiscoveryError(ValueError):
-    """A malformed advert or static peer entry; ``reason`` is a short slug."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class Advert:
-    """What this node announces."""
-
-    node_id: str
-    public_key: bytes
-    host: str  # the address peers should use; "0.0.0.0" means every local IPv4 address
-    signaling_port: int
-    federation_id: str | None = None
-    protocol_version: int = PROTOCOL_VERSION
-
-    def properties(self) -> dict[str, str]:
-        return {
-            "id": self.node_id,
-            "pk": self.public_key.hex(),
-            "port": str(self.signaling_port),
-            "v": str(self.protocol_version),
-            "fed": self.federation_id or "",
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCandidate:
-    """Where a peer might be reached. ``node_id``/``public_key`` are None for a static peer
-    until signaling has proven who answers there."""
-
-    host: str
-    port: int
-    node_id: str | None = None
-    public_key: bytes | None = None
-    source: str = "mdns"  # "mdns" | "static" | "invite"
-
-
-def parse_advert(
-    properties: dict[bytes, bytes | None], host: str, federation_id: str | None
-) -> PeerCandidate:
-    """Check an advert's TXT record; raise DiscoveryError(reason) when it is unusable."""
-
-    def text(key: bytes) -> str:
-        value = properties.get(key)
-        if value is None:
-            raise DiscoveryError("missing_field", f"advert has no {key.decode()!r} field")
-        try:
-            return value.decode("ascii")
-        except UnicodeDecodeError as exc:
-            raise DiscoveryError("malformed", f"advert field {key.decode()!r} not ASCII") from exc
-
-    node_id, key_hex, port_text, version = text(b"id"), text(b"pk"), text(b"port"), text(b"v")
-    fed = properties.get(b"fed") or b""
-    try:
-        public_key = bytes.fromhex(key_hex)
-        port = int(port_text)
-    except ValueError as exc:
-        raise DiscoveryError("malformed", f"advert key or port unreadable: {exc}") from exc
-    if len(public_key) != 32:
-        raise DiscoveryError("malformed", "advert public key is not 32 bytes")
-    if node_id_for(public_key) != node_id:
-        raise DiscoveryError("id_key_mismatch", f"advert id {node_id[:8]} does not match its key")
-    if not 0 < port < 65536:
-        raise DiscoveryError("malformed", f"advert port {port} out of range")
-    if version != str(PROTOCOL_VERSION):
-        raise DiscoveryError("version_mismatch", f"advert speaks protocol {version!r}")
-    if federation_id is not None and fed.decode("ascii", "replace") != federation_id:
-        raise DiscoveryError("other_federation", f"advert of {node_id[:8]} is another federation")
-    return PeerCandidate(host, port, node_id, public_key, "mdns")
+log = logging.getLogger(__name__)
 
 
 def parse_static_peer(entry: str) -> PeerCandidate:
@@ -149,52 +101,81 @@ def _local_ipv4_addresses() -> list[str]:
 
 
 class MdnsDiscovery:
-    """An advert plus a browser on the asyncio bridge loop; candidates arrive on ``candidates``."""
+    """A signed advert plus a browser on the asyncio bridge loop; verified candidates go to
+    ``send``, everything refused is counted in ``drops`` (stage ``discovery``)."""
 
     def __init__(
         self,
         bridge: AsyncioBridge,
+        identity: NodeIdentity,
         advert: Advert,
         send: trio.MemorySendChannel[PeerCandidate],
-        counters: Counter[str],
+        *,
+        current_trust: Callable[[], TrustPolicy],
+        drops: DropLog,
     ) -> None:
         self._bridge = bridge
+        self._identity = identity
         self._advert = advert
         self._send = send
-        self.counters = counters
+        self.drops = drops
+        self._current_trust = current_trust  # followed, so a reloaded allowlist applies at once
+        self.verifier = AdvertVerifier(identity.node_id, current_trust())
+        self._name = f"{identity.node_id}.{SERVICE_TYPE}"
         self._zc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
+        self._addresses: list[str] = []
         self._browser: AsyncServiceBrowser | None = None
         self._resolving: set[asyncio.Task[None]] = set()
+        self._stopped = False
 
-    def _addresses(self) -> list[str]:
-        if self._advert.host in ("0.0.0.0", ""):
-            return _local_ipv4_addresses()
-        return [self._advert.host]
+    def _local_addresses(self) -> list[str]:
+        if self._advert.host not in ("0.0.0.0", ""):
+            return [self._advert.host]
+        found = _local_ipv4_addresses()
+        if len(found) > MAX_ADVERT_ADDRESSES:
+            log.warning(
+                "advertising only the first %d of %d local IPv4 addresses; set "
+                "[discovery] listen_host or interface to choose one",
+                MAX_ADVERT_ADDRESSES,
+                len(found),
+            )
+        return found[:MAX_ADVERT_ADDRESSES]
+
+    def _service_info(self) -> AsyncServiceInfo:
+        """Our service record with a freshly signed TXT (the A records are the signed set)."""
+        return AsyncServiceInfo(
+            SERVICE_TYPE,
+            self._name,
+            port=self._advert.signaling_port,
+            properties=self._advert.properties(self._identity, self._addresses, time.time()),
+            server=f"p2pfl-{self._identity.node_id}.local.",
+            addresses=[socket.inet_aton(a) for a in self._addresses],
+        )
 
     async def _start(self) -> None:
-        addresses = self._addresses()
+        self._addresses = addresses = self._local_addresses()
         if not addresses:
             raise DiscoveryError("no_address", "no IPv4 address to advertise on; check the host")
-        interfaces: list[str] | None = None if self._advert.host in ("0.0.0.0", "") else addresses
-        if interfaces is None:
+        if self._advert.host in ("0.0.0.0", ""):
             self._zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
         else:
-            self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
-        advert = self._advert
-        self._info = AsyncServiceInfo(
-            SERVICE_TYPE,
-            f"{advert.node_id}.{SERVICE_TYPE}",
-            port=advert.signaling_port,
-            properties=advert.properties(),
-            server=f"p2pfl-{advert.node_id}.local.",
-            addresses=[socket.inet_aton(a) for a in addresses],
-        )
+            self._zc = AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
+        self._info = self._service_info()
         # Registration returns an awaitable that must itself be awaited (else no announcement).
         await (await self._zc.async_register_service(self._info))
         self._browser = AsyncServiceBrowser(
             self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
         )
+
+    async def _refresh(self) -> None:
+        """Re-sign the advert (new issue and expiry times, the host's addresses now) and
+        announce the update."""
+        if self._zc is None or self._stopped:
+            return
+        self._addresses = self._local_addresses() or self._addresses
+        self._info = self._service_info()
+        await (await self._zc.async_update_service(self._info))
 
     def _on_change(
         self,
@@ -203,43 +184,46 @@ class MdnsDiscovery:
         name: str,
         state_change: ServiceStateChange,
     ) -> None:
-        if state_change is ServiceStateChange.Removed:
-            return  # liveness is the transport's business
+        if state_change is ServiceStateChange.Removed or name == self._name:
+            return  # liveness is the transport's business; our own advert is no candidate
         task = asyncio.ensure_future(self._resolve(service_type, name))
         self._resolving.add(task)
         task.add_done_callback(self._resolving.discard)
 
     async def _resolve(self, service_type: str, name: str) -> None:
-        if self._zc is None or name == f"{self._advert.node_id}.{SERVICE_TYPE}":
+        if self._zc is None:
             return
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self._zc.zeroconf, _RESOLVE_TIMEOUT_MS):
-            self._bridge.to_trio(self._count, "unresolved_advert")
+            self._bridge.to_trio(self.drops.count, "discovery", "unresolved", None)
             return
-        hosts = info.parsed_addresses(IPVersion.V4Only)
-        if not hosts or not info.port:
-            self._bridge.to_trio(self._count, "advert_without_address")
-            return
+        resolved = ResolvedAdvert(
+            dict(info.properties), tuple(info.parsed_addresses(IPVersion.V4Only)), info.port or 0
+        )
+        self._bridge.to_trio(self._receive, resolved)
+
+    def _receive(self, resolved: ResolvedAdvert) -> None:
+        """On the trio thread: verify, count a refusal, or deliver the candidate."""
         try:
-            candidate = parse_advert(info.properties, hosts[0], self._advert.federation_id)
+            self.verifier.trust = self._current_trust()
+            candidate = self.verifier.check(resolved, time.time())
         except DiscoveryError as exc:
-            self._bridge.to_trio(self._count, f"advert_{exc.reason}")
+            self.drops.count("discovery", exc.reason, exc.peer)
+            log.debug("advert dropped (%s): %s", exc.reason, exc)
             return
-        if candidate.node_id != self._advert.node_id:
-            self._bridge.to_trio(self._deliver, candidate)
-
-    def _count(self, reason: str) -> None:
-        self.counters[reason] += 1
-
-    def _deliver(self, candidate: PeerCandidate) -> None:
+        except Exception as exc:  # runs as a trio callback: nothing may escape
+            self.drops.count("discovery", f"error_{type(exc).__name__}")
+            log.warning("advert check failed: %r", exc)
+            return
         try:
             self._send.send_nowait(candidate)
         except trio.WouldBlock:
-            self.counters["candidate_channel_full"] += 1
+            self.drops.count("resource", "candidate_channel_full", candidate.node_id)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
     async def _stop(self) -> None:
+        self._stopped = True
         for task in list(self._resolving):
             task.cancel()
         if self._browser is not None:
@@ -255,15 +239,37 @@ class MdnsDiscovery:
 @contextlib.asynccontextmanager
 async def open_mdns_discovery(
     bridge: AsyncioBridge,
+    identity: NodeIdentity,
     advert: Advert,
     send: trio.MemorySendChannel[PeerCandidate],
-    counters: Counter[str] | None = None,
+    *,
+    current_trust: Callable[[], TrustPolicy],
+    drops: DropLog,
+    refresh_s: float = ADVERT_REFRESH_S,
 ) -> AsyncIterator[MdnsDiscovery]:
-    """Advertise ``advert`` and browse for peers until the block exits (goodbye sent on exit)."""
-    discovery = MdnsDiscovery(bridge, advert, send, counters if counters is not None else Counter())
+    """Advertise ``advert`` signed by ``identity`` and browse for peers until the block exits.
+
+    Adverts are checked against the policy ``current_trust()`` returns at that moment. The
+    advert is re-signed every ``refresh_s`` seconds; the goodbye is sent on exit.
+    """
+    discovery = MdnsDiscovery(
+        bridge, identity, advert, send, current_trust=current_trust, drops=drops
+    )
     await bridge.call(discovery._start)
     try:
-        yield discovery
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_keep_fresh, bridge, discovery, refresh_s)
+            yield discovery
+            nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await bridge.call(discovery._stop)
+
+
+async def _keep_fresh(bridge: AsyncioBridge, discovery: MdnsDiscovery, refresh_s: float) -> None:
+    while True:
+        await trio.sleep(refresh_s)
+        try:
+            await bridge.call(discovery._refresh)
+        except Exception as exc:  # a failed refresh must not end discovery; the next one retries
+            log.warning("could not refresh the mDNS advert: %s", exc)

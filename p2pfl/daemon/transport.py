@@ -253,14 +253,20 @@ class PeerTransport:
             if cfg.mdns:
                 send, receive = trio.open_memory_channel[PeerCandidate](256)
                 advert = Advert(
-                    node_id=self.node_id,
-                    public_key=self.identity.public_key,
                     host=cfg.host,
                     signaling_port=self.signaling_port,
                     federation_id=self._trust.federation_id,
+                    certificate=self.guard.certificate,
                 )
                 await stack.enter_async_context(
-                    open_mdns_discovery(self._bridge, advert, send, self.counters)
+                    open_mdns_discovery(
+                        self._bridge,
+                        self.identity,
+                        advert,
+                        send,
+                        current_trust=lambda: self.guard.trust,  # SIGHUP replaces it
+                        drops=self.drops,
+                    )
                 )
                 self._nursery.start_soon(self._consume_candidates, receive)
             self._nursery.start_soon(self._dial_loop)
@@ -307,10 +313,18 @@ class PeerTransport:
         return None
 
     def add_candidate(self, candidate: PeerCandidate) -> None:
-        """Tell the transport where a peer may be (static peers with no id are invited)."""
+        """Tell the transport where a peer may be (static peers with no id are invited).
+
+        A candidate with an id must come from a check that its key signed the address (a
+        verified mDNS advert, signaling). It never replaces the key recorded for that id.
+        """
         if candidate.node_id is None:
             self._static.append(candidate)
         elif candidate.node_id != self.node_id:
+            known = self._candidates.get(candidate.node_id)
+            if known is not None and known.public_key not in (None, candidate.public_key):
+                self.drops.count("discovery", "id_key_mismatch", candidate.node_id)
+                return
             self._candidates[candidate.node_id] = candidate
         self._wake.set()
 

@@ -11,7 +11,7 @@ class Domain(enum.Enum):
 
     MESSAGE = b"p2pfl/message/v1"  # envelopes carrying protocol messages between peers
     SIGNALING = b"p2pfl/signaling/v1"  # envelopes carrying WebRTC offers/answers (SDP)
-    DISCOVERY = b"p2pfl/discovery/v1"  # signed announcements (e.g. mDNS TXT records)
+    DISCOVERY = b"p2pfl/discovery/v1"  # mDNS adverts (p2pfl.daemon.adverts)
     CERTIFICATE = b"p2pfl/certificate/v1"  # federation membership certificates
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from p2pfl.daemon.adverts import Advert, advert_signed_bytes
 from p2pfl.identity import NodeIdentity
 from p2pfl.trust import FederationAuthority
 from p2pfl.wire import Domain, decode_state_dict, encode_state_dict, pack, seal, signing_input
@@ -40,6 +41,36 @@ def tiny_state() -> dict[str, torch.Tensor]:
         "fc.weight": torch.tensor([[0.5, -1.25, 2.0], [0.0, 0.1, -0.3]]),
         "fc.bias": torch.tensor([1.0, -0.5]),
         "bn.num_batches_tracked": torch.tensor(42),
+    }
+
+
+def advert_vector(node: NodeIdentity, federation_id: str, certificate: bytes) -> dict[str, Any]:
+    """A federation member's signed mDNS advert (SPEC.md section 8)."""
+    addresses, port = ["192.0.2.10", "198.51.100.7"], 7470
+    txt = Advert("0.0.0.0", port, federation_id, certificate).properties(node, addresses, NOW)
+    signed = advert_signed_bytes(
+        node.node_id,
+        node.public_key,
+        addresses,
+        port,
+        federation_id,
+        1,
+        int(NOW * 1000),
+        int(NOW * 1000) + 3_600_000,
+        certificate,
+    )
+    return {
+        "name": "alice-federation-member",
+        "node": "alice",
+        "federation_seed": FEDERATION_SEED.hex(),
+        "issued_at": NOW,
+        "check_at": NOW + 600,
+        "resolved_addresses": ["198.51.100.7"],
+        "resolved_port": port,
+        "txt": txt,
+        "signed_bytes": signed.hex(),
+        "signing_input": signing_input(Domain.DISCOVERY, signed).hex(),
+        "candidate_host": "198.51.100.7",
     }
 
 
@@ -200,6 +231,7 @@ def main() -> None:
             }
         ],
         "state_dicts": state_dicts,
+        "adverts": [advert_vector(alice, authority.federation_id, certificate)],
     }
     out = Path(__file__).resolve().parents[2] / "protocols" / "vectors.json"
     out.write_text(json.dumps(vectors, indent=1) + "\n")

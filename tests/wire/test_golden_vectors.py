@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from p2pfl.identity import NodeIdentity
+from p2pfl.identity import NodeIdentity, verify_signature
 from p2pfl.trust import FederationAuthority, TrustError, TrustPolicy
 from p2pfl.wire import (
     Domain,
@@ -18,6 +19,7 @@ from p2pfl.wire import (
     decode_state_dict,
     encode_state_dict,
     seal,
+    signing_input,
 )
 
 VECTORS = json.loads(
@@ -131,3 +133,37 @@ def test_state_dict_vector_decodes_and_reencodes(vector: dict[str, Any]) -> None
         assert decoded[name].dtype == source[name].dtype
     if vector["codec"] == "fp32":
         assert all(torch.equal(decoded[k], v) for k, v in source.items())
+
+
+@pytest.mark.parametrize("vector", VECTORS["adverts"], ids=lambda v: v["name"])
+def test_advert_vector_verifies_reproduces_and_resists_every_changed_character(
+    vector: dict[str, Any],
+) -> None:
+    from p2pfl.daemon.adverts import Advert, AdvertVerifier, DiscoveryError, ResolvedAdvert
+
+    node = KEYS[vector["node"]]
+    authority = FederationAuthority.from_seed(bytes.fromhex(vector["federation_seed"]))
+    policy = TrustPolicy.federation(authority.public_key)
+    txt: dict[str, str] = vector["txt"]
+    addresses = tuple(vector["resolved_addresses"])
+
+    def check(properties: dict[str, str]) -> str:
+        props = {k.encode(): v.encode() for k, v in properties.items()}
+        resolved = ResolvedAdvert(props, addresses, vector["resolved_port"])
+        candidate = AdvertVerifier("", policy).check(resolved, vector["check_at"])
+        assert candidate.public_key == node.public_key
+        return candidate.host
+
+    assert check(txt) == vector["candidate_host"]
+    certificate = base64.b64decode(txt["c0"] + txt.get("c1", ""))
+    advert = Advert("0.0.0.0", int(txt["port"]), txt["fed"], certificate)
+    assert advert.properties(node, txt["a"].split(","), vector["issued_at"]) == txt
+    signed = bytes.fromhex(vector["signed_bytes"])
+    assert signing_input(Domain.DISCOVERY, signed).hex() == vector["signing_input"]
+    to_verify = bytes.fromhex(vector["signing_input"])
+    assert verify_signature(node.public_key, bytes.fromhex(txt["sig"]), to_verify)
+    for key, value in txt.items():
+        for i in range(len(value)):
+            changed = dict(txt, **{key: value[:i] + "~" + value[i + 1 :]})
+            with pytest.raises(DiscoveryError):
+                check(changed)
