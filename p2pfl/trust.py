@@ -181,8 +181,11 @@ class RevocationList:
         return (self.serial, self.data) > (other.serial, other.data)
 
 
-def parse_revocations(data: bytes, federation_public_key: bytes) -> RevocationList:
+def parse_revocations(data: bytes, federation_public_key: bytes | None) -> RevocationList:
     """Decode and verify a revocation list signed by ``federation_public_key``.
+
+    With None, the list is checked against the federation key it names itself: good for showing
+    a list, never for trusting one.
 
     Raises `TrustError` with reason ``malformed_revocations`` (size, layout, field types),
     ``foreign_revocations`` (another federation's list) or ``forged_revocations`` (signature).
@@ -228,6 +231,8 @@ def parse_revocations(data: bytes, federation_public_key: bytes) -> RevocationLi
                 "each revoked entry must be [32-byte key, reason or nil], keys listed once",
             )
         revoked[entry[0]] = entry[1]
+    if federation_public_key is None:
+        federation_public_key = federation
     if federation != bytes(federation_public_key):
         raise TrustError(
             "foreign_revocations",
