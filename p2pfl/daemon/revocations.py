@@ -61,13 +61,14 @@ def load_revocations(config: Config, policy: TrustPolicy) -> None:
     skipped (the peers or the configured file bring the list again).
     """
     stored = config.state_dir / REVOCATIONS_FILE
-    with contextlib.suppress(FileNotFoundError):
-        try:
-            policy.adopt_revocations(stored.read_bytes())
-        except (OSError, TrustError) as exc:
-            log.warning(
-                "stored revocation list skipped", extra={"path": str(stored), "error": str(exc)}
-            )
+    try:
+        policy.adopt_revocations(stored.read_bytes())
+    except FileNotFoundError:
+        pass  # none learnt yet
+    except (OSError, TrustError) as exc:
+        log.warning(
+            "stored revocation list skipped", extra={"path": str(stored), "error": str(exc)}
+        )
     path = config.trust.revocations
     if path is None:
         return
