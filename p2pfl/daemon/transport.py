@@ -382,9 +382,9 @@ class PeerTransport:
             self._trust_changed = trio.Event()
             trust, now = self.guard.trust, time.time()
             soonest = math.inf
-            for peer_id in list(self._peers):
+            for peer_id, peer in list(self._peers.items()):
                 key, certificate = self._proofs.get(peer_id, (None, None))
-                if key is None:
+                if key is None or peer.down.is_set():  # closing already: counted once
                     continue
                 try:
                     trust.check(key, certificate, now=now)
