@@ -499,7 +499,7 @@ class Node:
                 drops=self.drops,
             ) as transport:
                 self.transport = transport
-                self.revocations = RevocationKeeper(transport, config.state_dir, transport.drops)
+                self.revocations = RevocationKeeper(transport, config.state_dir, self.drops)
                 connected = lambda key: True  # noqa: E731 (trust was proven in signaling)
                 verifier = EnvelopeVerifier(
                     is_trusted=connected,
