@@ -43,17 +43,8 @@ def _connected(status: NodeStatus | None) -> set[str]:
     return {p.node_id for p in status.peers if p.state == "connected"}
 
 
-def _refused_dials(status: NodeStatus | None) -> int:
-    """Dials and invites the other side closed unanswered (refused at its signaling)."""
-    if status is None:
-        return 0
-    counters = status.transport
-    return counters.get("dial_failed_no_reply", 0) + counters.get("invite_failed_no_reply", 0)
-
-
-def _refused_answers(status: NodeStatus | None) -> int:
-    """Dials this node dropped because the answering peer is revoked."""
-    return 0 if status is None else status.transport.get("dial_failed_untrusted_revoked", 0)
+def _drops(status: NodeStatus | None, key: str) -> int:
+    return 0 if status is None else status.drops.get(key, 0)
 
 
 def test_revoked_member_is_dropped_everywhere_after_sighup_and_stays_out_after_restart(
@@ -99,6 +90,8 @@ def test_revoked_member_is_dropped_everywhere_after_sighup_and_stays_out_after_r
             cluster, lambda s: _connected(s[0]) == {ids[1]}, 30, "nodes 0 and 1 still connected"
         )
         assert _connected(statuses[1]) == {ids[0]}
+        for status in statuses[:2]:  # each closed its own link to node 2, counted once
+            assert _drops(status, "trust/revoked") == 1
         for node in (first, second):
             log = node.log_path.read_text()
             assert "closing the link to" in log and "revoked" in log
@@ -110,11 +103,10 @@ def test_revoked_member_is_dropped_everywhere_after_sighup_and_stays_out_after_r
             assert cluster.wait(index, 40) == 0
         cluster.start(1)
         statuses = _wait_for(cluster, lambda s: s[1] is not None, 120, "node 1 to restart")
-        refused_before = _refused_dials(statuses[2])
-        # The smaller id dials: node 1 refuses node 2's answer, or node 2's offers and invites.
+        # Whichever of the two dials, node 1 refuses node 2 at signaling.
         statuses = _wait_for(
             cluster,
-            lambda s: _refused_answers(s[1]) > 0 or _refused_dials(s[2]) > refused_before,
+            lambda s: _drops(s[1], "signaling/untrusted_revoked") > 0,
             60,
             "the restarted node 1 to refuse node 2",
         )
