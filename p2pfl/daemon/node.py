@@ -338,6 +338,7 @@ class Node:
             c = self.last_checkpoint
             checkpoint = CheckpointStatus(seq=c.seq, digest=c.digest, created=c.created)
         transport = self.transport
+        revocations = self.prepared.trust.revocations
         peers = []
         for p in state.peers.values():
             # The transport knows the member name (proven in signaling) and the heartbeat RTT.
@@ -385,6 +386,8 @@ class Node:
             checkpoint=checkpoint,
             peers=tuple(peers),
             transport=dict(self.transport.counters) if self.transport is not None else {},
+            revocation_serial=None if revocations is None else revocations.serial,
+            revoked=0 if revocations is None else len(revocations.revoked),
             feature_bytes_sent=int(getattr(self.prepared.machine, "bytes_features_sent", 0)),
             feature_bytes_received=int(
                 getattr(self.prepared.machine, "bytes_features_received", 0)

@@ -92,6 +92,7 @@ def test_revoked_member_is_dropped_everywhere_after_sighup_and_stays_out_after_r
         assert _connected(statuses[1]) == {ids[0]}
         for status in statuses[:2]:  # each closed its own link to node 2, counted once
             assert _drops(status, "trust/revoked") == 1
+            assert status is not None and (status.revocation_serial, status.revoked) == (1, 1)
         for node in (first, second):
             log = node.log_path.read_text()
             assert "closing the link to" in log and "revoked" in log
@@ -111,4 +112,5 @@ def test_revoked_member_is_dropped_everywhere_after_sighup_and_stays_out_after_r
             "the restarted node 1 to refuse node 2",
         )
         assert not _connected(statuses[1]) and not _connected(statuses[2])
+        assert statuses[1] is not None and statuses[1].revocation_serial == 1
         assert second.log_path.read_text().count('msg="revocation list adopted"') >= 2
