@@ -15,6 +15,9 @@ The machine is sans-IO (``p2pfl.protocols``); this module is everything it leave
 - Sending: a ``Send`` is encoded with the wire tensor codec and sealed into a signed envelope,
   then handed to the transport; sends to one peer keep their order (a fair lock).
 - Both run in a worker thread for messages over ``inline_bytes`` (1 MiB), in the loop below it.
+- Side channel: frames of the daemon's own kinds (``trust.revocations``) are verified the same
+  way and then handed to the ``side_channel`` (see ``p2pfl.daemon.revocations``), never to the
+  machine; ``send_side`` sends its messages through the same sealing and per-peer order.
 - Training and evaluation run on the trainer (torch in a worker thread); their results come back
   as ``TrainingDone`` / evaluation figures. At most one training is outstanding (the machine's
   invariant); evaluation of the adopted model runs whenever the model changed and none is running.

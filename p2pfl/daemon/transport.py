@@ -76,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 # TrustError reasons -> the reason a live link closed for trust is counted under.
 _TRUST_DROP_REASONS = {"expired_certificate": "certificate_expired"}
+_TRUST_RECHECK_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,8 +403,11 @@ class PeerTransport:
                 expires = trust.expires_at(certificate)
                 if expires is not None:
                     soonest = min(soonest, expires)
-            # Wake just after the soonest expiry (wall clock), or when the policy changes.
-            with trio.move_on_after(max(0.0, soonest - time.time()) + 0.01):
+            # Wake just after the soonest expiry, or when the policy changes. Expiry is wall-clock
+            # time and trio sleeps on the monotonic clock: waking at least hourly bounds how late
+            # a step of the wall clock (NTP) can make the close.
+            delay = min(max(0.0, soonest - time.time()) + 0.01, _TRUST_RECHECK_S)
+            with trio.move_on_after(delay):
                 await self._trust_changed.wait()
 
     # --- events ---------------------------------------------------------------------------------
