@@ -13,6 +13,13 @@ A certificate is a frame of two msgpack values, like an envelope: a map
 followed by the 64-byte Ed25519 signature (bin 8) over
 ``signing_input(Domain.CERTIFICATE, map bytes)``.
 
+A revocation list withdraws members before their certificates expire. It is signed by the
+federation key like a certificate: a map ``{"v": 1, "federation": key, "serial": int,
+"issued_ms": int, "revoked": [[node key, reason or nil], ...]}`` followed by the signature over
+``signing_input(Domain.REVOCATION, map bytes)``. Of two valid lists the one with the larger
+serial is newer (`RevocationList.newer_than`); `TrustPolicy.revocations` is the newest one a
+node knows, and `TrustPolicy.check` refuses every key it lists (reason ``revoked``).
+
 Allowlist file: UTF-8 text, one trusted node per line: the 64-hex-digit public key (as printed by
 `p2pfl keys show`), optionally followed by whitespace and a name; ``#`` starts a comment.
 """
@@ -22,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import msgpack
@@ -56,6 +63,22 @@ _CERT_LIMITS = DecodeLimits(
     max_frame_bytes=MAX_CERTIFICATE_BYTES, max_str_bytes=256, max_bin_bytes=64, max_depth=1
 )
 _CERT_FIELDS = ("v", "federation", "node", "name", "issued_ms", "expires_ms")
+
+REVOCATIONS_FILE = "revocations.list"
+REVOCATION_VERSION = 1
+MAX_REVOKED_KEYS = 4096
+MAX_REASON_CHARS = 64
+MAX_REVOCATION_BYTES = 256 * 1024
+_REVOCATION_LIMITS = DecodeLimits(
+    max_frame_bytes=MAX_REVOCATION_BYTES,
+    max_str_bytes=4 * MAX_REASON_CHARS,
+    max_bin_bytes=32,
+    max_array_len=MAX_REVOKED_KEYS,
+    max_map_len=8,
+    max_depth=3,
+    max_values=3 * MAX_REVOKED_KEYS + 16,
+)
+_REVOCATION_FIELDS = ("v", "federation", "serial", "issued_ms", "revoked")
 
 
 class TrustMode(enum.StrEnum):
@@ -130,6 +153,104 @@ def _valid_name(name: object) -> bool:
     return isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and name.isprintable()
 
 
+def _valid_reason(reason: object) -> bool:
+    return reason is None or (
+        isinstance(reason, str) and len(reason) <= MAX_REASON_CHARS and reason.isprintable()
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RevocationList:
+    """A federation's list of withdrawn members (see `parse_revocations`)."""
+
+    federation_public_key: bytes
+    serial: int
+    issued_at: float  # seconds since the epoch
+    revoked: Mapping[bytes, str | None]  # node public key -> reason
+    data: bytes  # the whole list as signed and sent
+
+    @property
+    def federation_id(self) -> str:
+        return node_id_for(self.federation_public_key)
+
+    def newer_than(self, other: RevocationList | None) -> bool:
+        """True when this list replaces ``other``: a larger serial (ties: the larger bytes, so
+        that every node settles on the same list)."""
+        if other is None:
+            return True
+        return (self.serial, self.data) > (other.serial, other.data)
+
+
+def parse_revocations(data: bytes, federation_public_key: bytes | None) -> RevocationList:
+    """Decode and verify a revocation list signed by ``federation_public_key``.
+
+    With None, the list is checked against the federation key it names itself: good for showing
+    a list, never for trusting one.
+
+    Raises `TrustError` with reason ``malformed_revocations`` (size, layout, field types),
+    ``foreign_revocations`` (another federation's list) or ``forged_revocations`` (signature).
+    """
+    trailer = 2 + 64
+    if not MAX_REVOCATION_BYTES >= len(data) > trailer or data[-trailer:-64] != b"\xc4\x40":
+        raise TrustError(
+            "malformed_revocations",
+            f"revocation list has the wrong size or layout (at most {MAX_REVOCATION_BYTES} bytes)",
+        )
+    signed = bytes(data[:-trailer])
+    try:
+        fields = unpack(signed, _REVOCATION_LIMITS)
+    except WireError as exc:
+        raise TrustError("malformed_revocations", f"revocation list is not valid: {exc}") from None
+    if not isinstance(fields, dict) or sorted(fields) != sorted(_REVOCATION_FIELDS):
+        raise TrustError(
+            "malformed_revocations", f"revocation list fields must be {_REVOCATION_FIELDS}"
+        )
+    if fields["v"] != REVOCATION_VERSION:
+        raise TrustError("malformed_revocations", f"revocation list version {fields['v']!r}")
+    ints_ok = all(
+        type(fields[k]) is int and 0 <= fields[k] < 2**63 for k in ("serial", "issued_ms")
+    )
+    federation = fields["federation"]
+    entries = fields["revoked"]
+    if not ints_ok or not isinstance(federation, bytes) or len(federation) != 32:
+        raise TrustError("malformed_revocations", "revocation list has a field of the wrong type")
+    if not isinstance(entries, list):
+        raise TrustError("malformed_revocations", "revoked must be a list of [key, reason]")
+    revoked: dict[bytes, str | None] = {}
+    for entry in entries:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], bytes)
+            and len(entry[0]) == 32
+            and _valid_reason(entry[1])
+            and entry[0] not in revoked
+        ):
+            raise TrustError(
+                "malformed_revocations",
+                "each revoked entry must be [32-byte key, reason or nil], keys listed once",
+            )
+        revoked[entry[0]] = entry[1]
+    if federation_public_key is None:
+        federation_public_key = federation
+    if federation != bytes(federation_public_key):
+        raise TrustError(
+            "foreign_revocations",
+            f"revocation list of federation {node_id_for(federation)[:8]}, "
+            f"not {node_id_for(federation_public_key)[:8]}",
+        )
+    to_verify = signing_input(Domain.REVOCATION, signed)
+    if not verify_signature(federation, bytes(data[-64:]), to_verify):
+        raise TrustError("forged_revocations", "revocation list has an invalid signature")
+    return RevocationList(
+        federation_public_key=federation,
+        serial=fields["serial"],
+        issued_at=fields["issued_ms"] / 1000.0,
+        revoked=revoked,
+        data=bytes(data),
+    )
+
+
 class FederationAuthority:
     """The operator's federation key, which admits nodes by signing their certificates."""
 
@@ -202,11 +323,49 @@ class FederationAuthority:
         signature = self._key.sign(signing_input(Domain.CERTIFICATE, signed))
         return signed + b"\xc4\x40" + signature
 
+    def revoke(
+        self,
+        revoked: Mapping[bytes, str | None],
+        *,
+        serial: int,
+        issued_at: float | None = None,
+    ) -> bytes:
+        """Sign a revocation list withdrawing ``revoked`` (node key -> reason); its bytes.
+
+        The list replaces every earlier one: include everything still revoked, and give it a
+        serial above the last list's (`p2pfl federation revoke` does both).
+        """
+        if type(serial) is not int or not 0 <= serial < 2**63:
+            raise ValueError("serial must be an int in [0, 2**63)")
+        if len(revoked) > MAX_REVOKED_KEYS:
+            raise ValueError(f"a revocation list holds at most {MAX_REVOKED_KEYS} keys")
+        entries = []
+        for key, reason in revoked.items():
+            if len(key) != 32:
+                raise ValueError("revoked keys must be 32-byte Ed25519 public keys")
+            if not _valid_reason(reason):
+                raise ValueError(f"reason must be at most {MAX_REASON_CHARS} printable characters")
+            entries.append([bytes(key), reason])
+        issued = time.time() if issued_at is None else issued_at
+        fields = {
+            "v": REVOCATION_VERSION,
+            "federation": self.public_key,
+            "serial": serial,
+            "issued_ms": round(issued * 1000),
+            "revoked": entries,
+        }
+        signed = msgpack.packb(fields, use_bin_type=True)
+        signature = self._key.sign(signing_input(Domain.REVOCATION, signed))
+        data: bytes = signed + b"\xc4\x40" + signature
+        if len(data) > MAX_REVOCATION_BYTES:
+            raise ValueError(f"revocation list of {len(data)} bytes > {MAX_REVOCATION_BYTES}")
+        return data
+
 
 class TrustPolicy:
     """Decides whether a peer's public key (and certificate) may take part."""
 
-    __slots__ = ("_allowed", "federation_id", "federation_public_key", "mode")
+    __slots__ = ("_allowed", "federation_id", "federation_public_key", "mode", "revocations")
 
     def __init__(
         self,
@@ -221,6 +380,8 @@ class TrustPolicy:
         self.federation_id = (
             None if federation_public_key is None else node_id_for(federation_public_key)
         )
+        self.revocations: RevocationList | None = None
+        """The newest verified revocation list (federation mode); `check` refuses its keys."""
 
     @classmethod
     def open(cls) -> TrustPolicy:
@@ -274,10 +435,33 @@ class TrustPolicy:
             raise ValueError("federation_public_key must be a 32-byte Ed25519 public key")
         return cls(TrustMode.FEDERATION, federation_public_key=bytes(federation_public_key))
 
+    def adopt_revocations(self, data: bytes) -> RevocationList | None:
+        """Verify a revocation list and keep it if it is newer than the current one.
+
+        Returns the list when adopted, None when it is not newer (older or the same); raises
+        `TrustError` when it is invalid, or when this policy has no federation key.
+        """
+        if self.federation_public_key is None:
+            raise TrustError(
+                "no_federation", f"revocation lists need trust mode federation, not {self.mode}"
+            )
+        revocations = parse_revocations(data, self.federation_public_key)
+        if not revocations.newer_than(self.revocations):
+            return None
+        self.revocations = revocations
+        return revocations
+
     def check(self, public_key: bytes, certificate: bytes | None, *, now: float) -> str | None:
         """Accept ``public_key`` or raise `TrustError`; returns the member's name if known."""
         if self.mode is TrustMode.OPEN:
             return None
+        if self.revocations is not None and bytes(public_key) in self.revocations.revoked:
+            reason = self.revocations.revoked[bytes(public_key)]
+            raise TrustError(
+                "revoked",
+                f"{node_id_for(public_key)[:8]} was revoked by the federation"
+                + (f" ({reason})" if reason else ""),
+            )
         if self.mode is TrustMode.ALLOWLIST:
             if bytes(public_key) not in self._allowed:
                 raise TrustError(
@@ -285,6 +469,18 @@ class TrustPolicy:
                 )
             return self._allowed[bytes(public_key)]
         return self._check_certificate(public_key, certificate, now=now)
+
+    def expires_at(self, certificate: bytes | None) -> float | None:
+        """When a member admitted with ``certificate`` stops being trusted (None: never).
+
+        Only federation trust expires; call it for certificates `check` accepted.
+        """
+        if self.mode is not TrustMode.FEDERATION or certificate is None:
+            return None
+        try:
+            return parse_certificate(certificate).expires_at
+        except TrustError:
+            return None
 
     def _check_certificate(
         self, public_key: bytes, certificate: bytes | None, *, now: float

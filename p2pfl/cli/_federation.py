@@ -1,4 +1,9 @@
-"""`p2pfl federation`: the operator's federation key and membership certificates."""
+"""`p2pfl federation`: the operator's federation key, membership certificates, revocations.
+
+The federation directory holds ``federation.key`` (secret), ``members.txt`` (one line per
+admitted node: public key hex and name, for ``revoke --name``) and ``revocations.list`` (the
+newest revocation list, which ``revoke`` extends).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,16 @@ import click
 
 from p2pfl.files import atomic_write
 from p2pfl.identity import IdentityError, node_id_for
-from p2pfl.trust import FederationAuthority, TrustError, parse_certificate
+from p2pfl.trust import (
+    REVOCATIONS_FILE,
+    FederationAuthority,
+    RevocationList,
+    TrustError,
+    parse_certificate,
+    parse_revocations,
+)
+
+MEMBERS_FILE = "members.txt"
 
 dir_option = click.option(
     "--dir",
@@ -79,8 +93,124 @@ def admit(directory: Path, node_key: str, name: str, days: float, out: Path) -> 
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--name") from None
     atomic_write(out, certificate, mode=0o644)
+    with (directory / MEMBERS_FILE).open("a", encoding="utf-8") as members:
+        members.write(f"{key.hex()} {name}\n")
     click.echo(f"admitted {node_id_for(key)} as {name!r} until {_utc(now + days * 86400)}")
     click.echo(f"certificate written to {out}", err=True)
+
+
+def _parse_node_key(node_key: str) -> bytes:
+    try:
+        key = bytes.fromhex(node_key)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise click.BadParameter(
+            "expected 64 hex digits (from `p2pfl keys show`)", param_hint="--node-key"
+        )
+    return key
+
+
+def _member_keys(directory: Path, name: str) -> list[bytes]:
+    path = directory / MEMBERS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot look up member {name!r}: {path}: {exc.strerror}; revoke with --node-key"
+        ) from None
+    keys = [bytes.fromhex(k) for k, _, n in (line.partition(" ") for line in lines) if n == name]
+    if not keys:
+        raise click.BadParameter(f"no member named {name!r} in {path}", param_hint="--name")
+    return keys
+
+
+@federation.command("revoke")
+@dir_option
+@click.option("--node-key", help="The member's public key, hex (`p2pfl keys show`).")
+@click.option("--name", help="The member's name, as admitted (looked up in members.txt).")
+@click.option(
+    "--certificate",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The member's certificate file.",
+)
+@click.option("--reason", default=None, help="Why (shown to operators; at most 64 characters).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the list here (give it to the nodes as [trust] revocations).",
+)
+def revoke(
+    directory: Path,
+    node_key: str | None,
+    name: str | None,
+    certificate: Path | None,
+    reason: str | None,
+    out: Path | None,
+) -> None:
+    """Withdraw a member: sign a new revocation list that also lists it.
+
+    The list (in the federation directory, revocations.list) keeps every earlier revocation and
+    gets a larger serial, so nodes replace their older list with it. Give it to any node (its
+    [trust] revocations file, then SIGHUP): nodes pass the newest list on to each other.
+    """
+    if sum(x is not None for x in (node_key, name, certificate)) != 1:
+        raise click.UsageError("give exactly one of --node-key, --name or --certificate")
+    if node_key is not None:
+        keys = [_parse_node_key(node_key)]
+    elif certificate is not None:
+        try:
+            keys = [parse_certificate(certificate.read_bytes()).node_public_key]
+        except TrustError as exc:
+            raise click.ClickException(f"{certificate}: {exc}") from None
+    else:
+        assert name is not None
+        keys = _member_keys(directory, name)
+    try:
+        authority = FederationAuthority.load(directory)
+    except IdentityError as exc:
+        raise click.ClickException(str(exc)) from None
+    master = directory / REVOCATIONS_FILE
+    revoked: dict[bytes, str | None] = {}
+    serial = 0
+    if master.exists():
+        try:
+            current = parse_revocations(master.read_bytes(), authority.public_key)
+        except TrustError as exc:
+            raise click.ClickException(f"{master}: {exc}; move it away to start anew") from None
+        revoked, serial = dict(current.revoked), current.serial
+    for key in keys:
+        revoked[key] = reason
+    now = time.time()
+    # Above the last serial, and above every serial issued before now (should the directory
+    # have lost its list, a new one still replaces what the nodes hold).
+    serial = max(serial + 1, round(now * 1000))
+    try:
+        data = authority.revoke(revoked, serial=serial, issued_at=now)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--reason") from None
+    atomic_write(master, data, mode=0o644)
+    if out is not None:
+        atomic_write(out, data, mode=0o644)
+    for key in keys:
+        click.echo(f"revoked {node_id_for(key)}" + (f" ({reason})" if reason else ""))
+    click.echo(
+        f"revocation list serial {serial}, {len(revoked)} revoked, written to "
+        f"{out or master}; give it to a node ([trust] revocations, then SIGHUP)",
+        err=True,
+    )
+
+
+def _revocations_info(revocations: RevocationList) -> dict[str, object]:
+    return {
+        "federation_id": revocations.federation_id,
+        "serial": revocations.serial,
+        "issued_at": _utc(revocations.issued_at),
+        "revoked": [
+            {"node_id": node_id_for(key), "node_public_key": key.hex(), "reason": reason}
+            for key, reason in revocations.revoked.items()
+        ],
+    }
 
 
 @federation.command("show")
@@ -96,10 +226,31 @@ def admit(directory: Path, node_key: str, name: str, days: float, out: Path) -> 
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Show the content of a certificate file instead.",
 )
+@click.option(
+    "--revocations",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Show a revocation list (checked against --dir's key when given).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def show(directory: Path | None, certificate: Path | None, as_json: bool) -> None:
-    """Print the federation id and public key, or the fields of a certificate."""
-    if certificate is not None:
+def show(
+    directory: Path | None, certificate: Path | None, revocations: Path | None, as_json: bool
+) -> None:
+    """Print the federation id and public key, the fields of a certificate, or a revocation list."""
+    info: dict[str, object]
+    if revocations is not None:
+        try:
+            expected = None if directory is None else FederationAuthority.load(directory).public_key
+            listed = parse_revocations(revocations.read_bytes(), expected)
+        except (TrustError, IdentityError) as exc:
+            raise click.ClickException(f"{revocations}: {exc}") from None
+        info = _revocations_info(listed)
+        if not as_json:
+            for field in ("federation_id", "serial", "issued_at"):
+                click.echo(f"{field:<22} {info[field]}")
+            for entry in listed.revoked.items():
+                click.echo(f"revoked                {node_id_for(entry[0])}  {entry[1] or ''}")
+            return
+    elif certificate is not None:
         try:
             cert = parse_certificate(certificate.read_bytes())
         except TrustError as exc:
@@ -122,7 +273,9 @@ def show(directory: Path | None, certificate: Path | None, as_json: bool) -> Non
             "federation_public_key": authority.public_key.hex(),
         }
     else:
-        raise click.UsageError("give --dir (the federation key) or --certificate FILE")
+        raise click.UsageError(
+            "give --dir (the federation key), --certificate FILE or --revocations FILE"
+        )
     if as_json:
         click.echo(json.dumps(info))
     else:

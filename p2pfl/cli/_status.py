@@ -88,7 +88,10 @@ def _summary(node: NodeStatus) -> str:
     ]
     trust = node.trust_mode if node.trust_mode != "open" else "[bold red]OPEN[/]"
     federation = node.federation_id or "-"
-    lines.append(f"[bold]federation[/]  {federation}   trust: {trust}")
+    revoked = ""
+    if node.revocation_serial is not None:
+        revoked = f"   revoked: {node.revoked} (list {node.revocation_serial})"
+    lines.append(f"[bold]federation[/]  {federation}   trust: {trust}{revoked}")
     lines.append(f"[bold]protocol[/]    {node.protocol}   task: {node.task}")
     age = (
         f"updated {_duration(node.now - node.model_updated_at)} ago"

@@ -65,6 +65,7 @@ class TrustSection:
     federation_public_key: str = ""
     certificate: Path | None = None
     allowlist: Path | None = None
+    revocations: Path | None = None  # a revocation list from `p2pfl federation revoke`
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +400,12 @@ def _check_cross_fields(config: Config) -> None:
         raise config.error(
             "trust.allowlist",
             'trust mode "allowlist" needs allowlist = "PATH" (one public key per line)',
+        )
+    if trust.revocations is not None and trust.mode != "federation":
+        raise config.error(
+            "trust.revocations",
+            'revocation lists are signed by the federation key: set mode = "federation" '
+            "or remove revocations",
         )
     for peer in config.discovery.static_peers:
         host, sep, port = peer.rpartition(":")

@@ -105,6 +105,10 @@ class NodeStatus:
     """Graph tasks: node features (halo sensor readings) exchanged with peers."""
     transport: dict[str, int] = field(default_factory=dict)
     """Transport counters (dial failures, refused signaling, dropped frames...) by name."""
+    revocation_serial: int | None = None
+    """Serial of the federation revocation list this node holds (None: none)."""
+    revoked: int = 0
+    """Members that list revokes."""
 
     def warnings(self) -> list[str]:
         if self.trust_mode == "open":

@@ -15,6 +15,9 @@ The machine is sans-IO (``p2pfl.protocols``); this module is everything it leave
 - Sending: a ``Send`` is encoded with the wire tensor codec and sealed into a signed envelope,
   then handed to the transport; sends to one peer keep their order (a fair lock).
 - Both run in a worker thread for messages over ``inline_bytes`` (1 MiB), in the loop below it.
+- Side channel: frames of the daemon's own kinds (``trust.revocations``) are verified the same
+  way and then handed to the ``side_channel`` (see ``p2pfl.daemon.revocations``), never to the
+  machine; ``send_side`` sends its messages through the same sealing and per-peer order.
 - Training and evaluation run on the trainer (torch in a worker thread); their results come back
   as ``TrainingDone`` / evaluation figures. At most one training is outstanding (the machine's
   invariant); evaluation of the adopted model runs whenever the model changed and none is running.
@@ -59,7 +62,7 @@ from p2pfl.protocols import (
     decode_message,
 )
 from p2pfl.protocols import Event as ProtocolEvent
-from p2pfl.wire import EnvelopeVerifier, SequenceCounter, WireError, seal
+from p2pfl.wire import Envelope, EnvelopeVerifier, SequenceCounter, WireError, seal
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,19 @@ def rejected_from(drops: DropLog, peer: str) -> int:
     return sum(totals.get(stage, 0) for stage in MESSAGE_STAGES)
 
 
+class SideChannel(Protocol):
+    """Daemon messages that are not the learning protocol's (e.g. revocation lists).
+
+    Frames of ``kinds`` are verified like every other, then handed to ``received`` instead of
+    the machine; ``peer_up`` hears of every link up. Send with ``ProtocolDriver.send_side``.
+    """
+
+    kinds: frozenset[str]
+
+    def peer_up(self, peer: str) -> None: ...
+    def received(self, peer: str, body: Any) -> None: ...
+
+
 class DriverObserver(Protocol):
     """Hooks for metrics (all optional in effect: the default implementation does nothing)."""
 
@@ -195,6 +211,7 @@ class ProtocolDriver:
         inline_bytes: int = 1 << 20,
         start_peers: int = 0,
         start_timeout_s: float = 30.0,
+        side_channel: SideChannel | None = None,
     ) -> None:
         self.machine = machine
         self.identity = identity
@@ -216,6 +233,7 @@ class ProtocolDriver:
         """Hand the machine ``Start`` only once this many peers are up (or after
         ``start_timeout_s``): FedAvg's election then sees everyone who came up together."""
         self.start_timeout_s = start_timeout_s
+        self.side_channel = side_channel
         self._seq = SequenceCounter(time.time())
         self._send_locks: dict[str, trio.Lock] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
@@ -358,6 +376,8 @@ class ProtocolDriver:
             if kind == "PeerUp":
                 self.state.peers[event.peer] = PeerState(event.peer, since=now, last_seen=now)
                 log.info("peer up", extra={"peer": event.peer})
+                if self.side_channel is not None:
+                    self.side_channel.peer_up(event.peer)
                 await self._inbox_send.send(PeerUp(event.peer))
             elif kind == "PeerDown":
                 peer = self.state.peers.get(event.peer)
@@ -380,13 +400,15 @@ class ProtocolDriver:
             info.bytes_in += len(frame)
             info.last_seen = time.time()
 
-        def verify_and_decode() -> Message[StateDict] | tuple[str, str]:
+        def verify_and_decode() -> Message[StateDict] | Envelope | tuple[str, str]:
             try:
                 envelope = self.verifier.open(frame, now=time.time())
             except WireError as exc:
                 return "envelope", exc.reason
             if envelope.sender_id != peer:
                 return "envelope", "sender_mismatch"
+            if self.side_channel is not None and envelope.kind in self.side_channel.kinds:
+                return envelope
             try:
                 return decode_message(envelope.kind, envelope.body, self.decode_weights)
             except MessageError as exc:
@@ -400,6 +422,10 @@ class ProtocolDriver:
         else:
             result = await trio.to_thread.run_sync(verify_and_decode)
         state.protocol_seconds += time.perf_counter() - started
+        if isinstance(result, Envelope):
+            assert self.side_channel is not None
+            self.side_channel.received(peer, result.body)
+            return None
         if isinstance(result, tuple):
             stage, reason = result
             self.drops.count(stage, reason, peer)
@@ -408,6 +434,10 @@ class ProtocolDriver:
         return result
 
     # ---- sending ----------------------------------------------------------------------------
+
+    async def send_side(self, peer: str, message: Any) -> None:
+        """Seal and send a side-channel message (``KIND``, ``to_body``) in the peer's order."""
+        await self._send(peer, message)
 
     async def _send(self, peer: str, message: Message[StateDict]) -> None:
         lock = self._send_locks.setdefault(peer, trio.Lock())

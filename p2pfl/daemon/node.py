@@ -42,6 +42,7 @@ from p2pfl.daemon.driver import NodeState, ProtocolDriver, rejected_from, reject
 from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics, set_log_level
 from p2pfl.daemon.notify import SystemdNotifier
+from p2pfl.daemon.revocations import RevocationKeeper, load_revocations
 from p2pfl.identity import IdentityError, NodeIdentity
 from p2pfl.trust import CERTIFICATE_FILE, TrustError, TrustPolicy
 
@@ -89,6 +90,7 @@ def load_trust(config: Config, identity: NodeIdentity) -> tuple[TrustPolicy, byt
                 f"[trust] allowlist {trust.allowlist}: {exc}", EXIT_IDENTITY
             ) from None
     policy = TrustPolicy.federation(bytes.fromhex(trust.federation_public_key))
+    load_revocations(config, policy)  # before our own check: a revoked node does not start
     cert_path = trust.certificate or config.state_dir / CERTIFICATE_FILE
     try:
         certificate = cert_path.read_bytes()
@@ -324,6 +326,7 @@ class Node:
         self.notifier = SystemdNotifier.from_environment()
         self.last_checkpoint: Checkpoint | None = prepared.resumed
         self.transport: Any = None
+        self.revocations: RevocationKeeper | None = None
         self._checkpointed_model: Any = None
 
     # ---- status ------------------------------------------------------------------------------
@@ -335,6 +338,7 @@ class Node:
             c = self.last_checkpoint
             checkpoint = CheckpointStatus(seq=c.seq, digest=c.digest, created=c.created)
         transport = self.transport
+        revocations = self.prepared.trust.revocations
         peers = []
         for p in state.peers.values():
             # The transport knows the member name (proven in signaling) and the heartbeat RTT.
@@ -382,6 +386,8 @@ class Node:
             checkpoint=checkpoint,
             peers=tuple(peers),
             transport=dict(self.transport.counters) if self.transport is not None else {},
+            revocation_serial=None if revocations is None else revocations.serial,
+            revoked=0 if revocations is None else len(revocations.revoked),
             feature_bytes_sent=int(getattr(self.prepared.machine, "bytes_features_sent", 0)),
             feature_bytes_received=int(
                 getattr(self.prepared.machine, "bytes_features_received", 0)
@@ -496,6 +502,7 @@ class Node:
                 drops=self.drops,
             ) as transport:
                 self.transport = transport
+                self.revocations = RevocationKeeper(transport, config.state_dir, self.drops)
                 connected = lambda key: True  # noqa: E731 (trust was proven in signaling)
                 verifier = EnvelopeVerifier(
                     is_trusted=connected,
@@ -517,6 +524,7 @@ class Node:
                     primary_metric=self.prepared.trainer.task.primary_metric,
                     start_peers=config.protocol.start_peers,
                     start_timeout_s=config.protocol.start_timeout_s,
+                    side_channel=self.revocations,
                 )
                 log.info(
                     "node started",
@@ -529,6 +537,7 @@ class Node:
                 )
                 async with trio.open_nursery() as work:
                     work.start_soon(driver.run, transport.events)
+                    work.start_soon(self.revocations.run, driver.send_side)
                     work.start_soon(self._checkpoint_loop)
                     work.start_soon(self._status_loop)
                     work.start_soon(self.notifier.run_watchdog)
@@ -577,8 +586,8 @@ class Node:
             self.notifier.ready(self._status_line())
             return
         set_log_level(new.logging.level)
-        if self.transport is not None:
-            self.transport.guard.trust = trust
+        if self.transport is not None and self.revocations is not None:
+            self.revocations.use_policy(trust)  # keeps the newest list; re-checks live links
             from p2pfl.daemon.discovery import parse_static_peer
 
             for entry in set(new.discovery.static_peers) - set(self.config.discovery.static_peers):

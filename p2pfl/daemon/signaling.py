@@ -108,6 +108,7 @@ class SignalingRequest:
     sdp: str  # "" for an invite
     host: str  # where to reach the sender: its signed ``host``, else the TCP source address
     name: str | None = None  # the sender's federation member name (from trust), if any
+    cert: bytes | None = None  # the certificate trust accepted (re-checked on live links)
 
 
 class RateLimiter:
@@ -296,6 +297,7 @@ class SignalingGuard:
             sdp,
             body.get("host") or source,
             name,
+            body["cert"],
         )
 
     def check_reply(
@@ -322,6 +324,7 @@ class SignalingGuard:
             sdp,
             body.get("host") or "",
             name,
+            body["cert"],
         )
 
 

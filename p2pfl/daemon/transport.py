@@ -18,6 +18,13 @@ also makes one-sided static peers work). Every connect has a deadline (``connect
 Heartbeats run on the data channel; a peer silent for ``peer_timeout_s`` (default 6 s) or whose
 connection fails is PeerDown, and the dial loop reconnects with exponential backoff while the
 peer is still a candidate. On exit every connection is closed and the mDNS goodbye is sent.
+
+Trust holds for the life of a link, not only at signaling: the transport keeps the certificate
+each peer proved there and closes the link (``PeerDown(peer, "trust_<reason>")``, counted in
+``drops`` as stage ``trust``) the moment the policy stops accepting it: at the certificate's
+expiry (a timer at the soonest expiry of all links), and whenever the policy changes
+(``set_trust``, ``recheck_trust``: a reload, a newer revocation list). Reconnects are then
+refused at signaling like any other untrusted peer.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -50,7 +58,7 @@ from p2pfl.daemon.signaling import (
     serve_signaling,
 )
 from p2pfl.identity import NodeIdentity
-from p2pfl.trust import TrustPolicy
+from p2pfl.trust import TrustError, TrustPolicy
 
 __all__ = [
     "MessageReceived",
@@ -65,6 +73,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# TrustError reasons -> the reason a live link closed for trust is counted under.
+_TRUST_DROP_REASONS = {"expired_certificate": "certificate_expired"}
+_TRUST_RECHECK_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +229,8 @@ class PeerTransport:
         self._pending: set[str] = set()  # peers with a dial or accept in progress
         self._candidates: dict[str, PeerCandidate] = {}
         self._names: dict[str, str] = {}  # member names proven in signaling
+        self._proofs: dict[str, tuple[bytes, bytes | None]] = {}  # peer -> (key, certificate)
+        self._trust_changed = trio.Event()
         self._static = [parse_static_peer(entry) for entry in self.config.static_peers]
         self._retry: dict[str, _Retry] = {}
         self._wake = trio.Event()
@@ -270,6 +284,7 @@ class PeerTransport:
                 )
                 self._nursery.start_soon(self._consume_candidates, receive)
             self._nursery.start_soon(self._dial_loop)
+            self._nursery.start_soon(self._watch_trust)
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise
@@ -350,6 +365,65 @@ class PeerTransport:
         finally:
             target.waiting -= 1
 
+    # --- trust on live links -------------------------------------------------------------------
+    @property
+    def trust(self) -> TrustPolicy:
+        """The policy signaling and live links are checked against."""
+        return self.guard.trust
+
+    def set_trust(self, trust: TrustPolicy) -> None:
+        """Check signaling and every live link against ``trust`` from now on (SIGHUP)."""
+        self.guard.trust = trust
+        self.recheck_trust()
+
+    def recheck_trust(self) -> None:
+        """The policy changed in place (a newer revocation list): re-check every live link."""
+        self._trust_changed.set()
+
+    def close_peer(self, peer: str, reason: str) -> bool:
+        """Close the link to ``peer`` (PeerDown with ``reason``); False if it is not up.
+
+        The dial loop reconnects later as usual, through signaling and its checks.
+        """
+        target = self._peers.get(peer)
+        if target is None:
+            return False
+        target.on_down(reason)
+        return True
+
+    async def _watch_trust(self) -> None:
+        """Close each live link whose peer the policy no longer accepts, when that happens."""
+        while True:
+            self._trust_changed = trio.Event()
+            trust, now = self.guard.trust, time.time()
+            soonest = math.inf
+            for peer_id, peer in list(self._peers.items()):
+                key, certificate = self._proofs.get(peer_id, (None, None))
+                if key is None or peer.down.is_set():  # closing already: counted once
+                    continue
+                try:
+                    trust.check(key, certificate, now=now)
+                except TrustError as exc:
+                    reason = _TRUST_DROP_REASONS.get(exc.reason, exc.reason)
+                    self.drops.count("trust", reason, peer_id)
+                    logger.warning(
+                        "closing the link to %s: %s",
+                        peer_id[:8],
+                        exc,
+                        extra={"peer": peer_id, "reason": reason},
+                    )
+                    self.close_peer(peer_id, f"trust_{reason}")
+                    continue
+                expires = trust.expires_at(certificate)
+                if expires is not None:
+                    soonest = min(soonest, expires)
+            # Wake just after the soonest expiry, or when the policy changes. Expiry is wall-clock
+            # time and trio sleeps on the monotonic clock: waking at least hourly bounds how late
+            # a step of the wall clock (NTP) can make the close.
+            delay = min(max(0.0, soonest - time.time()) + 0.01, _TRUST_RECHECK_S)
+            with trio.move_on_after(delay):
+                await self._trust_changed.wait()
+
     # --- events ---------------------------------------------------------------------------------
     def _emit(self, event: TransportEvent) -> None:
         try:
@@ -365,6 +439,7 @@ class PeerTransport:
     def _remember_name(self, message: SignalingRequest) -> None:
         if message.name:
             self._names[message.sender_id] = message.name
+        self._proofs[message.sender_id] = (message.sender, message.cert)
 
     # --- connections ----------------------------------------------------------------------------
     async def _new_link(self, peer: _Peer) -> RtcLink:
@@ -396,6 +471,7 @@ class PeerTransport:
         self._retry.pop(peer.node_id, None)
         peer.announced = True
         self._emit(PeerUp(peer.node_id))
+        self._trust_changed.set()  # check the new link now and time its expiry
         for data in peer.early:
             self._emit(MessageReceived(peer.node_id, data))
         peer.early.clear()

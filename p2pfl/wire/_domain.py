@@ -13,6 +13,7 @@ class Domain(enum.Enum):
     SIGNALING = b"p2pfl/signaling/v1"  # envelopes carrying WebRTC offers/answers (SDP)
     DISCOVERY = b"p2pfl/discovery/v1"  # mDNS adverts (p2pfl.daemon.adverts)
     CERTIFICATE = b"p2pfl/certificate/v1"  # federation membership certificates
+    REVOCATION = b"p2pfl/revocation/v1"  # federation revocation lists
 
 
 def signing_input(domain: Domain, *signed_bytes: bytes | memoryview) -> bytes:

@@ -149,3 +149,43 @@ def test_path_mtu_is_read_and_below_ipv6_minimum_is_refused(tmp_path: Path) -> N
         _parse('trust.mode = "open"\n[discovery]\npath_mtu = 576\n', tmp_path)
     assert (info.value.line, info.value.key) == (3, "discovery.path_mtu")
     assert ">= 1280" in str(info.value)
+
+
+def test_revocations_need_federation_trust(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\nrevocations = "revoked.list"\n'
+    with pytest.raises(ConfigError) as info:
+        _parse(text, tmp_path)
+    assert (info.value.key, info.value.line) == ("trust.revocations", 3)
+    assert "federation" in str(info.value)
+
+
+def test_unreadable_or_invalid_revocation_list_names_file_line_and_key(tmp_path: Path) -> None:
+    from p2pfl.daemon.revocations import load_revocations
+    from p2pfl.identity import NodeIdentity
+    from p2pfl.trust import FederationAuthority, TrustPolicy
+
+    authority = FederationAuthority.generate()
+    text = (
+        f'[node]\nstate_dir = "state"\n[trust]\nfederation_public_key = '
+        f'"{authority.public_key.hex()}"\nrevocations = "revoked.list"\n'
+    )
+    path = tmp_path / "p2pfl.toml"
+    path.write_text(text)
+    config = load_config(path)
+    policy = TrustPolicy.federation(authority.public_key)
+    with pytest.raises(ConfigError, match=r"p2pfl.toml:5: trust.revocations: .*No such file"):
+        load_revocations(config, policy)
+    other = FederationAuthority.generate()
+    (tmp_path / "revoked.list").write_bytes(
+        other.revoke({NodeIdentity.generate().public_key: None}, serial=1)
+    )
+    with pytest.raises(ConfigError, match="foreign_revocations") as info:
+        load_revocations(config, policy)
+    assert info.value.line == 5
+    # A valid list is adopted; the stored copy in the state directory, if newer, wins.
+    revoked = NodeIdentity.generate().public_key
+    (tmp_path / "revoked.list").write_bytes(authority.revoke({revoked: None}, serial=1))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "revocations.list").write_bytes(authority.revoke({}, serial=2))
+    load_revocations(config, policy)
+    assert policy.revocations is not None and policy.revocations.serial == 2

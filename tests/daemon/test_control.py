@@ -58,6 +58,8 @@ def _status(trust_mode: str = "federation") -> NodeStatus:
             "signaling/bad_signature": 3,
         },
         checkpoint=CheckpointStatus(seq=12, digest="9f" * 32, created=NOW - 125),
+        revocation_serial=1_800_000_000_000,
+        revoked=2,
         peers=(
             PeerStatus("b7" * 26, "cloudlet-2", "connected", 0.8, 1 << 20, 2 << 20, NOW - 1, 0),
             PeerStatus("c1" * 26, "", "down", None, 0, 0, None, 2, {"envelope": 2, "link": 1}),
@@ -128,7 +130,7 @@ async def test_status_table_shows_node_model_and_peers(short_tmp: Path) -> None:
     for expected in (
         "a3f9c2e1  cloudlet-1",
         "up 1h02m",
-        "trust: federation",
+        "trust: federation   revoked: 2 (list 1800000000000)",
         "round 42, updated 3s ago; loss 0.2311, accuracy 0.9123",
         "training    training",
         "dropped     6 (signaling 3, link 1, envelope 2)",

@@ -95,3 +95,54 @@ def test_federation_admit_rejects_bad_node_key(tmp_path: Path) -> None:
         str(tmp_path / "c"),
     )
     assert code == 2 and "64 hex digits" in out
+
+
+def test_federation_revoke_extends_the_list_that_show_displays(tmp_path: Path) -> None:
+    fed_dir = tmp_path / "fed"
+    run("federation", "init", "--dir", str(fed_dir))
+    authority = FederationAuthority.load(fed_dir)
+    alice, bob = NodeIdentity.generate(), NodeIdentity.generate()
+    bob_cert = tmp_path / "bob.cert"
+    for identity, name, out_path in ((alice, "alice", tmp_path / "a"), (bob, "bob", bob_cert)):
+        code, out = run(
+            "federation", "admit", "--dir", str(fed_dir), "--node-key",
+            identity.public_key.hex(), "--name", name, "--out", str(out_path),
+        )  # fmt: skip
+        assert code == 0, out
+    out_file = tmp_path / "revocations.list"
+    code, out = run(
+        "federation", "revoke", "--dir", str(fed_dir), "--name", "alice",
+        "--reason", "stolen", "--out", str(out_file),
+    )  # fmt: skip
+    assert code == 0, out
+    assert alice.node_id in out
+    first = TrustPolicy.federation(authority.public_key)
+    listed = first.adopt_revocations(out_file.read_bytes())
+    assert listed is not None and dict(listed.revoked) == {alice.public_key: "stolen"}
+    # A second revocation keeps the first and replaces the list (larger serial).
+    code, out = run("federation", "revoke", "--dir", str(fed_dir), "--certificate", str(bob_cert))
+    assert code == 0, out
+    newer = first.adopt_revocations((fed_dir / "revocations.list").read_bytes())
+    assert newer is not None and newer.serial > listed.serial
+    assert set(newer.revoked) == {alice.public_key, bob.public_key}
+    code, out = run(
+        "federation", "show", "--dir", str(fed_dir), "--revocations",
+        str(fed_dir / "revocations.list"), "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    shown = json.loads(out)
+    assert shown["serial"] == newer.serial
+    assert {e["node_id"]: e["reason"] for e in shown["revoked"]} == {
+        alice.node_id: "stolen",
+        bob.node_id: None,
+    }
+    code, out = run("federation", "show", "--revocations", str(out_file))
+    assert code == 0 and alice.node_id in out and "stolen" in out
+
+
+def test_federation_revoke_needs_exactly_one_member(tmp_path: Path) -> None:
+    run("federation", "init", "--dir", str(tmp_path))
+    code, out = run("federation", "revoke", "--dir", str(tmp_path))
+    assert code == 2 and "exactly one" in out
+    code, out = run("federation", "revoke", "--dir", str(tmp_path), "--name", "nobody")
+    assert code != 0 and "nobody" in out

@@ -10,12 +10,15 @@ import pytest
 
 from p2pfl.identity import IdentityError, NodeIdentity
 from p2pfl.trust import (
+    MAX_REVOCATION_BYTES,
+    MAX_REVOKED_KEYS,
     OPEN_MODE_WARNING,
     FederationAuthority,
     TrustError,
     TrustMode,
     TrustPolicy,
     parse_certificate,
+    parse_revocations,
 )
 
 NOW = 1_800_000_000.0
@@ -140,3 +143,92 @@ def test_open_mode_accepts_anyone_and_has_loud_warning() -> None:
     assert policy.mode is TrustMode.OPEN
     assert policy.check(NodeIdentity.generate().public_key, None, now=NOW) is None
     assert "OPEN" in OPEN_MODE_WARNING and "experiments" in OPEN_MODE_WARNING
+
+
+# --- revocation lists ---------------------------------------------------------------------------
+
+
+def test_revocation_list_round_trips_and_refuses_revoked_member(
+    authority: FederationAuthority, node: NodeIdentity
+) -> None:
+    other = NodeIdentity.from_seed(b"O" * 32)
+    data = authority.revoke({node.public_key: "stolen laptop"}, serial=7, issued_at=NOW)
+    parsed = parse_revocations(data, authority.public_key)
+    assert (parsed.serial, parsed.issued_at, parsed.data) == (7, NOW, data)
+    assert dict(parsed.revoked) == {node.public_key: "stolen laptop"}
+    policy = TrustPolicy.federation(authority.public_key)
+    cert = authority.admit(node.public_key, name="n", expires_at=NOW + DAY, issued_at=NOW)
+    assert policy.check(node.public_key, cert, now=NOW) == "n"
+    assert policy.adopt_revocations(data) == parsed
+    with pytest.raises(TrustError, match="stolen laptop") as info:
+        policy.check(node.public_key, cert, now=NOW)
+    assert info.value.reason == "revoked"
+    other_cert = authority.admit(other.public_key, name="o", expires_at=NOW + DAY, issued_at=NOW)
+    assert policy.check(other.public_key, other_cert, now=NOW) == "o"
+
+
+def test_revocation_list_with_bad_signature_or_foreign_key_is_refused(
+    authority: FederationAuthority, node: NodeIdentity
+) -> None:
+    data = authority.revoke({node.public_key: "aaaa"}, serial=1, issued_at=NOW)
+    policy = TrustPolicy.federation(authority.public_key)
+    with pytest.raises(TrustError) as info:
+        policy.adopt_revocations(data.replace(b"aaaa", b"bbbb"))
+    assert info.value.reason == "forged_revocations"
+    # Another federation's list, and one re-labelled as ours, are both refused.
+    mallory = FederationAuthority.from_seed(b"M" * 32)
+    foreign = mallory.revoke({node.public_key: None}, serial=2, issued_at=NOW)
+    with pytest.raises(TrustError) as info:
+        policy.adopt_revocations(foreign)
+    assert info.value.reason == "foreign_revocations"
+    with pytest.raises(TrustError) as info:
+        policy.adopt_revocations(foreign.replace(mallory.public_key, authority.public_key))
+    assert info.value.reason == "forged_revocations"
+    assert policy.revocations is None
+    # Signed for another purpose (a certificate's domain): refused.
+    with pytest.raises(TrustError):
+        parse_revocations(
+            authority.admit(node.public_key, name="n", expires_at=NOW + 1, issued_at=NOW),
+            authority.public_key,
+        )
+
+
+def test_oversized_or_malformed_revocation_list_is_refused(
+    authority: FederationAuthority,
+) -> None:
+    policy = TrustPolicy.federation(authority.public_key)
+    for garbage in (b"", b"\xc1" * 100, b"\x80" + b"\xc4\x40" + bytes(64)):
+        with pytest.raises(TrustError) as info:
+            policy.adopt_revocations(garbage)
+        assert info.value.reason == "malformed_revocations"
+    huge = b"\x80" * MAX_REVOCATION_BYTES + b"\xc4\x40" + bytes(64)
+    with pytest.raises(TrustError, match="wrong size") as info:
+        policy.adopt_revocations(huge)
+    assert info.value.reason == "malformed_revocations"
+    with pytest.raises(ValueError, match="at most"):
+        authority.revoke(
+            {NodeIdentity.generate().public_key: None for _ in range(MAX_REVOKED_KEYS + 1)},
+            serial=1,
+        )
+
+
+def test_older_revocation_list_does_not_replace_a_newer_one(
+    authority: FederationAuthority, node: NodeIdentity
+) -> None:
+    other = NodeIdentity.from_seed(b"O" * 32)
+    old = authority.revoke({node.public_key: None}, serial=5, issued_at=NOW)
+    new = authority.revoke({node.public_key: None, other.public_key: None}, serial=6)
+    policy = TrustPolicy.federation(authority.public_key)
+    assert policy.adopt_revocations(new) is not None
+    assert policy.adopt_revocations(old) is None
+    assert policy.adopt_revocations(new) is None  # the same list again: nothing new
+    assert policy.revocations is not None and policy.revocations.serial == 6
+
+
+def test_revocation_lists_need_federation_trust(
+    authority: FederationAuthority, node: NodeIdentity
+) -> None:
+    data = authority.revoke({node.public_key: None}, serial=1)
+    with pytest.raises(TrustError) as info:
+        TrustPolicy.open().adopt_revocations(data)
+    assert info.value.reason == "no_federation"

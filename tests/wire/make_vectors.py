@@ -179,6 +179,12 @@ def main() -> None:
         alice.public_key, name="cloudlet-1", expires_at=NOW + 365 * 86400, issued_at=NOW
     )
 
+    revocations = authority.revoke(
+        {bob.public_key: "key compromised", alice.public_key: None},
+        serial=1_800_000_000_000,
+        issued_at=NOW,
+    )
+
     state_dicts = []
     for codec in ("fp32", "fp16", "bf16", "int8", "topk"):
         data = encode_state_dict(state, codec, topk_ratio=0.5)
@@ -228,6 +234,16 @@ def main() -> None:
                 "expires_at": NOW + 365 * 86400,
                 "check_at": NOW + 86400,
                 "certificate": certificate.hex(),
+            }
+        ],
+        "revocations": [
+            {
+                "name": "bob-and-alice",
+                "federation_seed": FEDERATION_SEED.hex(),
+                "serial": 1_800_000_000_000,
+                "issued_at": NOW,
+                "revoked": [["bob", "key compromised"], ["alice", None]],
+                "list": revocations.hex(),
             }
         ],
         "state_dicts": state_dicts,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from p2pfl.identity import NodeIdentity, verify_signature
-from p2pfl.trust import FederationAuthority, TrustError, TrustPolicy
+from p2pfl.trust import FederationAuthority, TrustError, TrustPolicy, parse_revocations
 from p2pfl.wire import (
     Domain,
     EnvelopeVerifier,
@@ -116,6 +116,22 @@ def test_certificate_vector_verifies_reencodes_and_resists_flips(vector: dict[st
         flipped = certificate[:i] + bytes([certificate[i] ^ 0xFF]) + certificate[i + 1 :]
         with pytest.raises(TrustError):
             policy.check(node, flipped, now=vector["check_at"])
+
+
+@pytest.mark.parametrize("vector", VECTORS["revocations"], ids=lambda v: v["name"])
+def test_revocation_vector_verifies_reencodes_and_resists_flips(vector: dict[str, Any]) -> None:
+    authority = FederationAuthority.from_seed(bytes.fromhex(vector["federation_seed"]))
+    data = bytes.fromhex(vector["list"])
+    revoked = {KEYS[name].public_key: reason for name, reason in vector["revoked"]}
+    listed = parse_revocations(data, authority.public_key)
+    assert (listed.serial, listed.issued_at) == (vector["serial"], vector["issued_at"])
+    assert dict(listed.revoked) == revoked
+    again = authority.revoke(revoked, serial=vector["serial"], issued_at=vector["issued_at"])
+    assert again == data
+    for i in range(len(data)):
+        flipped = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+        with pytest.raises(TrustError):
+            parse_revocations(flipped, authority.public_key)
 
 
 @pytest.mark.parametrize("vector", VECTORS["state_dicts"], ids=lambda v: v["codec"])
