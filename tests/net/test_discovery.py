@@ -169,21 +169,7 @@ async def _publish(bridge: AsyncioBridge, host: str, adverts: dict[str, dict[str
 
 @pytest.mark.netns
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "federation",
-        pytest.param(
-            "open",
-            marks=pytest.mark.xfail(
-                run=False,
-                reason="a reset during signaling (BrokenResourceError) still ends the transport's "
-                "nursery: _dial/_invite containment is issue 11's other part; drop this mark "
-                "once it is merged",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("mode", ["federation", "open"])
 async def test_rogue_adverts_next_to_real_nodes_are_counted_and_members_stay_connected(
     shared_net: Callable[[int], SharedNetwork], mode: str
 ) -> None:
