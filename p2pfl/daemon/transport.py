@@ -142,6 +142,7 @@ class TransportConfig:
     event_buffer: int = 4096
     signaling: SignalingLimits = field(default_factory=SignalingLimits)
     max_pending_links: int = 32  # half-open WebRTC links (dials and accepted offers) at once
+    max_candidates: int = 1024  # peers whose whereabouts are remembered (and dialled)
     shed_fraction: float = 0.9  # refuse new remote work above this share of RLIMIT_NOFILE
 
     def link_settings(self) -> LinkSettings:
@@ -340,7 +341,7 @@ class PeerTransport:
             if known is not None and known.public_key not in (None, candidate.public_key):
                 self.drops.count("discovery", "id_key_mismatch", candidate.node_id)
                 return
-            self._candidates[candidate.node_id] = candidate
+            self._remember_candidate(candidate)
         self._wake.set()
 
     async def send(self, peer: str, data: bytes) -> None:
@@ -440,6 +441,25 @@ class PeerTransport:
         if message.name:
             self._names[message.sender_id] = message.name
         self._proofs[message.sender_id] = (message.sender, message.cert)
+
+    def _remember_candidate(self, candidate: PeerCandidate) -> None:
+        """Record where a peer is; at most ``max_candidates`` are kept (bounded memory and dial
+        work, whoever signs requests): the least recently seen idle one is forgotten first."""
+        peer_id = candidate.node_id
+        assert peer_id is not None
+        self._candidates.pop(peer_id, None)  # re-inserted last: most recently seen
+        if len(self._candidates) >= self.config.max_candidates:
+            busy = self._peers.keys() | self._pending
+            idle = next((c for c in self._candidates if c not in busy), None)
+            if idle is None:
+                self.drops.count("resource", "candidates_full", peer_id)
+                return
+            del self._candidates[idle]
+            self._retry.pop(idle, None)
+            self._names.pop(idle, None)
+            self._proofs.pop(idle, None)
+            self.drops.count("resource", "candidate_forgotten", idle)
+        self._candidates[peer_id] = candidate
 
     # --- connections ----------------------------------------------------------------------------
     async def _new_link(self, peer: _Peer) -> RtcLink:
@@ -581,8 +601,9 @@ class PeerTransport:
         finally:
             self._pending.discard(key)
         if ack.sender_id != self.node_id:
-            self._candidates[ack.sender_id] = PeerCandidate(
-                ack.host or candidate.host, ack.port, ack.sender_id, ack.sender, candidate.source
+            host = ack.host or candidate.host
+            self._remember_candidate(
+                PeerCandidate(host, ack.port, ack.sender_id, ack.sender, candidate.source)
             )
             if self.node_id < ack.sender_id:
                 self._retry.pop(ack.sender_id, None)
@@ -623,8 +644,8 @@ class PeerTransport:
         assert self._bridge is not None and self._nursery is not None
         now = time.time()
         self._remember_name(request)
-        self._candidates[request.sender_id] = PeerCandidate(
-            request.host, request.port, request.sender_id, request.sender, "invite"
+        self._remember_candidate(
+            PeerCandidate(request.host, request.port, request.sender_id, request.sender, "invite")
         )
         if request.kind == "invite":
             if self.node_id < request.sender_id and request.sender_id not in self._peers:

@@ -331,3 +331,29 @@ async def _still_talking_after_events(target: PeerTransport, friend: PeerTranspo
             if isinstance(event, MessageReceived) and event.peer == friend.node_id:
                 assert event.data == b"still there?"
                 break
+
+
+async def test_invites_from_many_fresh_keys_are_remembered_within_a_bound(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    net = shared_net(2)
+    async with _honest_pair(net, max_candidates=4) as (target, friend):
+        host, port = net.addresses[0], target.signaling_port
+        for n in range(12):  # open trust: any key may invite; each one asks to be dialled back
+            stranger = NodeIdentity.generate()
+            frame, _ = SignalingGuard(stranger, TrustPolicy.open()).seal_invite(
+                target.identity.public_key, target.node_id, 7000, time.time()
+            )
+            sock = await _connect(host, port, f"127.0.11.{n + 1}")
+            await sock.send(struct.pack(">I", len(frame)) + frame)
+            with trio.move_on_after(2), contextlib.suppress(OSError):
+                await sock.recv(65536)
+            sock.close()
+        assert len(target._candidates) <= 4
+        assert friend.node_id in target._candidates  # connected peers are never forgotten
+        drops = target.drops  # forgotten, or refused while every one is being dialled
+        assert (
+            drops.get("resource", "candidate_forgotten") + drops.get("resource", "candidates_full")
+            >= 8
+        ), drops.snapshot()
+        await _still_talking(target, friend)
