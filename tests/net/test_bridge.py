@@ -8,7 +8,7 @@ import threading
 import pytest
 import trio
 
-from p2pfl.daemon.bridge import BridgeClosed, open_bridge
+from p2pfl.daemon.bridge import BridgeClosed, closes_with_bridge, open_bridge
 
 
 async def test_call_returns_the_result_computed_on_the_asyncio_thread() -> None:
@@ -77,3 +77,48 @@ async def test_to_trio_runs_callbacks_on_the_trio_thread_in_order() -> None:
             await done.wait()
     assert [i for i, _ in seen] == list(range(50))
     assert {name for _, name in seen} == {threading.current_thread().name}
+
+
+async def test_closing_the_bridge_awaits_registered_closes_before_cancelling_tasks() -> None:
+    log: list[str] = []
+    started: list[asyncio.Future[None]] = []
+    async with open_bridge() as bridge:
+
+        async def open_thing() -> None:
+            async def close() -> None:
+                await asyncio.sleep(0.05)  # still running when the bridge starts to close
+                log.append("closed")
+
+            closes_with_bridge(close)
+
+            async def forever() -> None:
+                try:
+                    await asyncio.sleep(30)
+                finally:
+                    log.append("cancelled")
+
+                    def late() -> None:  # cleanup that starts another task
+                        log.append("late")
+
+                    asyncio.get_running_loop().call_soon(late)
+                    started.append(asyncio.ensure_future(asyncio.sleep(30)))
+
+            bridge.submit(forever)
+
+        await bridge.call(open_thing)
+    assert log[:2] == ["closed", "cancelled"]
+
+
+async def test_a_close_taken_off_is_not_awaited() -> None:
+    log: list[str] = []
+    async with open_bridge() as bridge:
+
+        async def open_and_close() -> None:
+            async def close() -> None:
+                log.append("closed")
+
+            unregister = closes_with_bridge(close)
+            unregister()
+
+        await bridge.call(open_and_close)
+    assert log == []
