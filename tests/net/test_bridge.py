@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+from collections.abc import Callable
 
 import pytest
 import trio
 
 from p2pfl.daemon.bridge import BridgeClosed, closes_with_bridge, open_bridge
+from p2pfl.daemon.datachannel import LinkSettings, RtcLink
+from p2pfl.sim.netns import SharedNetwork
 
 
 async def test_call_returns_the_result_computed_on_the_asyncio_thread() -> None:
@@ -122,3 +126,28 @@ async def test_a_close_taken_off_is_not_awaited() -> None:
 
         await bridge.call(open_and_close)
     assert log == []
+
+
+@pytest.mark.netns
+async def test_a_link_left_open_is_closed_with_its_sockets_before_the_loop_goes(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    """As when a dial is cancelled mid-offer: nobody closes the link, the bridge must."""
+    shared_net(1)
+    links: list[RtcLink] = []
+    async with open_bridge() as bridge:
+
+        async def offer() -> str:
+            link = RtcLink(
+                LinkSettings(), on_message=lambda _: None, on_down=lambda _: None, on_drop=print
+            )
+            links.append(link)
+            return await link.create_offer()
+
+        sdp = await bridge.call(offer)
+        assert "candidate" in sdp  # ICE gathered: the link holds UDP sockets now
+    (link,) = links
+    assert link._closing is not None and link._closing.done()
+    links.clear()
+    del link
+    gc.collect()  # an unclosed UDP transport would warn here (an error under filterwarnings)
