@@ -163,6 +163,7 @@ class AsyncioBridge:
             task = asyncio.ensure_future(fn(*args))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            task.add_done_callback(_retrieve)
 
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(start)
@@ -217,8 +218,9 @@ def closes_with_bridge(close: Callable[[], Awaitable[object]]) -> Callable[[], N
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done-callback for tasks nobody awaits: their exception is logged, never lost."""
     if not task.cancelled() and task.exception() is not None:
-        _log.warning("closing on bridge shutdown failed", exc_info=task.exception())
+        _log.warning("asyncio task failed", exc_info=task.exception())
 
 
 @contextlib.asynccontextmanager

@@ -285,6 +285,7 @@ class RtcLink:
             raise LinkDown(self._down_reason or "closed before the data channel opened")
         self.last_heard = time.monotonic()
         self._monitor = asyncio.ensure_future(self._watch())
+        self._monitor.add_done_callback(self._watch_ended)
 
     def _attach(self, channel: RTCDataChannel) -> None:
         if self._channel is not None:
@@ -360,6 +361,12 @@ class RtcLink:
                 return
             self._reassembler.expire()
             await asyncio.sleep(interval)
+
+    def _watch_ended(self, task: asyncio.Task[None]) -> None:
+        # A bug in the watch loop must not leave a link without liveness checks, nor go unseen.
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("link watch loop failed", exc_info=task.exception())
+            self._down("watch_failed")
 
     def _down(self, reason: str) -> None:
         if self._down_reason is None:

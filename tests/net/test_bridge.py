@@ -151,3 +151,17 @@ async def test_a_link_left_open_is_closed_with_its_sockets_before_the_loop_goes(
     links.clear()
     del link
     gc.collect()  # an unclosed UDP transport would warn here (an error under filterwarnings)
+
+
+async def test_a_submitted_task_that_fails_is_logged_not_orphaned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with open_bridge() as bridge:
+
+        async def fail() -> None:
+            raise KeyError("in the background")
+
+        bridge.submit(fail)
+        await bridge.call(asyncio.sleep, 0.05)  # the loop is FIFO: the task ran before this
+    (record,) = [r for r in caplog.records if r.name == "p2pfl.daemon.bridge"]
+    assert record.exc_info is not None and "in the background" in str(record.exc_info[1])
