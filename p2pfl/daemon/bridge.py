@@ -12,7 +12,10 @@ loop in its own thread and talks to it only through this module:
   loop without blocking the asyncio thread; calls keep their order. Used to hand events to trio
   memory channels. Dropped silently once the trio run has finished.
 * ``open_bridge()`` is the trio async context manager that starts the thread and, on exit,
-  cancels every remaining asyncio task, waits for them, closes the loop and joins the thread.
+  first awaits every close registered with ``closes_with_bridge`` (peer links: their sockets
+  must be closed while the loop still runs), then cancels every remaining asyncio task (again,
+  for tasks that cancellation itself started), waits for them, closes the loop and joins the
+  thread.
 
 The loop is uvloop's where uvloop is installed (it is a dependency on every platform it
 supports), asyncio's own elsewhere. aiortc does its per-packet work in Python, one event-loop
@@ -37,9 +40,13 @@ from typing import Any, TypeVar
 import trio
 
 T = TypeVar("T")
-logger = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
-__all__ = ["AsyncioBridge", "BridgeClosed", "new_event_loop", "open_bridge"]
+__all__ = ["AsyncioBridge", "BridgeClosed", "closes_with_bridge", "new_event_loop", "open_bridge"]
+
+_CLOSE_TIMEOUT_S = 10.0
+_DRAIN_ROUNDS = 5
+_this_thread = threading.local()  # .bridge: the AsyncioBridge whose loop runs in this thread
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -65,6 +72,7 @@ class AsyncioBridge:
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._closing = False
         self._background: set[asyncio.Future[Any]] = set()
+        self._closers: set[Callable[[], Awaitable[object]]] = set()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -80,6 +88,7 @@ class AsyncioBridge:
         def run() -> None:
             loop = new_event_loop()
             asyncio.set_event_loop(loop)
+            _this_thread.bridge = self
             loop.call_soon(ready.set_result, loop)
             try:
                 loop.run_forever()
@@ -98,19 +107,41 @@ class AsyncioBridge:
         self._closing = True
 
         async def drain() -> None:
+            # Registered closes first (and those already under way, which they join): a link's
+            # UDP sockets must be closed on the running loop, not abandoned with it.
+            closers, self._closers = list(self._closers), set()
+            if closers:
+                closing = [asyncio.ensure_future(close()) for close in closers]
+                _, late = await asyncio.wait(closing, timeout=_CLOSE_TIMEOUT_S)
+                for task in closing:
+                    task.add_done_callback(_retrieve)
+                for task in late:
+                    task.cancel()
             current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Cancelling a task can start others (cleanup work): drain until none is left.
+            for _ in range(_DRAIN_ROUNDS):
+                tasks = [t for t in asyncio.all_tasks() if t is not current]
+                if not tasks:
+                    break
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             await loop.shutdown_asyncgens()
 
         with contextlib.suppress(RuntimeError, TimeoutError):
-            asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=2 * _CLOSE_TIMEOUT_S)
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         self._loop = None
+
+    def closes_with_bridge(self, close: Callable[[], Awaitable[object]]) -> Callable[[], None]:
+        """Have ``close()`` awaited when the bridge closes, before its tasks are cancelled.
+
+        Returns the function that takes it off again (call it once the thing is closed).
+        """
+        self._closers.add(close)
+        return lambda: self._closers.discard(close)
 
     def to_trio(self, fn: Callable[..., object], *args: Any) -> None:
         """From the asyncio thread: run ``fn(*args)`` soon on the trio loop, without waiting."""
@@ -121,7 +152,7 @@ class AsyncioBridge:
             try:
                 fn(*args)
             except Exception:
-                logger.exception("callback from the asyncio side failed: %r", fn)
+                _log.exception("callback from the asyncio side failed: %r", fn)
 
         with contextlib.suppress(trio.RunFinishedError):
             self._trio_token.run_sync_soon(run)
@@ -139,6 +170,7 @@ class AsyncioBridge:
             task = asyncio.ensure_future(fn(*args))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            task.add_done_callback(_retrieve)
 
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(start)
@@ -178,6 +210,24 @@ class AsyncioBridge:
         if task.cancelled():
             raise BridgeClosed("the asyncio task was cancelled by the bridge shutting down")
         return task.result()
+
+
+def closes_with_bridge(close: Callable[[], Awaitable[object]]) -> Callable[[], None]:
+    """From a bridge's asyncio thread: its close awaits ``close()`` before the loop goes.
+
+    Returns the function that takes ``close`` off again. Elsewhere (an asyncio loop that is
+    not a bridge's, as in unit tests) nothing is registered.
+    """
+    bridge: AsyncioBridge | None = getattr(_this_thread, "bridge", None)
+    if bridge is None or bridge._closing:
+        return lambda: None
+    return bridge.closes_with_bridge(close)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done-callback for tasks nobody awaits: their exception is logged, never lost."""
+    if not task.cancelled() and task.exception() is not None:
+        _log.warning("asyncio task failed", exc_info=task.exception())
 
 
 @contextlib.asynccontextmanager

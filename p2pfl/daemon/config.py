@@ -122,6 +122,7 @@ class LimitsSection:
     max_message_mb: float = 64.0
     max_peers: int = 32
     peer_timeout_s: float = 8.0
+    transfer_timeout_s: float = 30.0
     stop_timeout_s: float = 20.0
     max_clock_skew_s: float = 60.0
     # What a stranger can make the daemon spend (see daemon/README.md, "Threat model").
@@ -216,6 +217,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "limits.max_message_mb": (lambda v: v > 0, "a number > 0"),
     "limits.max_peers": (lambda v: v >= 1, "an integer >= 1"),
     "limits.peer_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "limits.transfer_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "limits.stop_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "limits.max_clock_skew_s": (lambda v: v > 0, "a number of seconds > 0"),
     "limits.signaling_connections": (lambda v: v >= 1, "an integer >= 1"),

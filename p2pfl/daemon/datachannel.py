@@ -30,13 +30,14 @@ rather than held until the next transfer arrives.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import itertools
+import logging
 import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiortc import (
     RTCConfiguration,
@@ -46,6 +47,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+from p2pfl.daemon.bridge import closes_with_bridge
 from p2pfl.daemon.sctp import SACK_EVERY, last_packet_at, tune
 
 __all__ = [
@@ -66,6 +68,7 @@ KIND_PONG = 3
 PING = struct.Struct(">BQ")
 RTT_ALPHA = 1 / 8
 _transfer_ids = itertools.count(1)
+log = logging.getLogger(__name__)
 
 
 def _digest(data: bytes | memoryview) -> bytes:
@@ -205,6 +208,13 @@ class RtcLink:
 
     ``on_message(data)``, ``on_down(reason)`` and ``on_drop(reason)`` are called on the asyncio
     thread; the transport passes functions that forward to trio. ``on_down`` is called once.
+
+    ``close()`` closes everything the link opened (the peer connection, and with it the DTLS and
+    ICE transports and their UDP sockets); calls share one close, which goes on when a caller is
+    cancelled, and a bridge that closes awaits the close of every link still open. aiortc starts
+    tasks of its own that nobody awaits (a flush, a transmit, the connect); those still pending
+    when the link closes are adopted: their outcome is retrieved (a ConnectionError once the link
+    is gone is expected), so none is reported as an exception never retrieved.
     """
 
     def __init__(
@@ -231,6 +241,8 @@ class RtcLink:
         )
         self._down_reason: str | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._unregister = closes_with_bridge(self.close)
         self.last_heard = time.monotonic()
         # Read from the trio thread without a bridge hop: plain attributes, written only here.
         self.rtt_s: float | None = None
@@ -273,6 +285,7 @@ class RtcLink:
             raise LinkDown(self._down_reason or "closed before the data channel opened")
         self.last_heard = time.monotonic()
         self._monitor = asyncio.ensure_future(self._watch())
+        self._monitor.add_done_callback(self._watch_ended)
 
     def _attach(self, channel: RTCDataChannel) -> None:
         if self._channel is not None:
@@ -349,6 +362,12 @@ class RtcLink:
             self._reassembler.expire()
             await asyncio.sleep(interval)
 
+    def _watch_ended(self, task: asyncio.Task[None]) -> None:
+        # A bug in the watch loop must not leave a link without liveness checks, nor go unseen.
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("link watch loop failed", exc_info=task.exception())
+            self._down("watch_failed")
+
     def _down(self, reason: str) -> None:
         if self._down_reason is None:
             self._down_reason = reason
@@ -375,9 +394,49 @@ class RtcLink:
             self.bytes_out += len(frame)
 
     async def close(self) -> None:
+        """Close the link and everything it opened; safe to call again or concurrently."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self._down("closed_locally")
         if self._monitor is not None:
             self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
-        await self._pc.close()
+            await asyncio.wait([self._monitor])
+        self._adopt_tasks()
+        try:
+            await self._pc.close()
+        finally:
+            self._adopt_tasks()  # any that closing started
+            self._unregister()
+
+    def _owners(self) -> list[object]:
+        """The objects behind this link whose methods aiortc and aioice run as tasks."""
+        pc: Any = self._pc
+        owners: list[object] = [pc]
+        sctp = pc.sctp
+        if sctp is not None:
+            owners += [sctp, sctp.transport]
+        for ice in getattr(pc, "_RTCPeerConnection__iceTransports", ()):
+            connection = getattr(ice, "_connection", None)
+            owners += [ice, ice.iceGatherer, connection]
+            owners += getattr(connection, "_protocols", ())
+        return owners
+
+    def _adopt_tasks(self) -> None:
+        owners = {id(owner) for owner in self._owners() if owner is not None}
+        for task in asyncio.all_tasks():
+            frame = getattr(task.get_coro(), "cr_frame", None)
+            if frame is not None and id(frame.f_locals.get("self")) in owners:
+                task.add_done_callback(_retrieve_after_close)
+
+
+def _retrieve_after_close(task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, ConnectionError):
+        log.debug("aiortc task ended by the link closing", extra={"error": str(exc)})
+    elif exc is not None:
+        log.warning("aiortc task failed as the link closed", exc_info=exc)

@@ -188,7 +188,14 @@ class MdnsDiscovery:
             return  # liveness is the transport's business; our own advert is no candidate
         task = asyncio.ensure_future(self._resolve(service_type, name))
         self._resolving.add(task)
-        task.add_done_callback(self._resolving.discard)
+        task.add_done_callback(self._resolved)
+
+    def _resolved(self, task: asyncio.Task[None]) -> None:
+        """Done-callback: a resolution that failed (whatever an advert provoked) is counted."""
+        self._resolving.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            reason = f"error_{type(exc).__name__}"
+            self._bridge.to_trio(self.drops.count, "discovery", reason, None)
 
     async def _resolve(self, service_type: str, name: str) -> None:
         if self._zc is None:

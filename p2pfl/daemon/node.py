@@ -452,6 +452,7 @@ class Node:
             ice_servers=config.discovery.ice_servers,
             path_mtu=config.discovery.path_mtu,
             peer_timeout_s=config.limits.peer_timeout_s,
+            transfer_timeout_s=config.limits.transfer_timeout_s,
             max_message_bytes=max_bytes + _MIB,
             signaling=SignalingLimits(
                 max_connections=config.limits.signaling_connections,

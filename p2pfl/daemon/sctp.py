@@ -39,7 +39,9 @@ Applied per connection (:func:`tune`), by changing the class of the connection's
 transport before its association starts: no module of aiortc is altered, other users of aiortc
 in the process are unaffected. The overrides replace private methods of aiortc
 (``_handle_data``, ``_send_sack``, ``_send``, ``_get_inbound_stream``,
-``InboundStream.add_chunk``/``pop_messages``) and use private attributes; :func:`tune` checks
+``InboundStream.add_chunk``/``pop_messages``), extend the public ``stop`` (which ends the
+delayed-SACK timer and task with the association, so none outlives the link or fails unseen
+after it) and use private attributes; :func:`tune` checks
 they exist and leaves the transport as it is where an aiortc release has changed them. Each
 end still interoperates with any SCTP peer: these are sender and receiver choices the protocol
 leaves open.
@@ -48,6 +50,7 @@ leaves open.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import typing
 from typing import Any
@@ -79,6 +82,8 @@ _IP_UDP_HEADERS = 40 + 8  # IPv6 (the larger of the two IP headers) + UDP
 _DTLS_EXPANSION = 13 + 16 + 20 + 16
 _DTLS_READ_LIMIT = 1500  # aiortc reads each DTLS record and its plaintext into 1,500 bytes
 _SCTP_HEADERS = 12 + 16  # common header + DATA chunk header
+
+log = logging.getLogger(__name__)
 
 _REQUIRED = (
     "_handle_data",
@@ -178,10 +183,22 @@ class TunedSctp(RTCSctpTransport):
     def _p2pfl_deadline(self) -> None:
         self._p2pfl_timer = None
         if self._sack_needed and self._association_state == self.State.ESTABLISHED:
-            # Held so the task is not collected before it runs.
-            self._p2pfl_ack_task = asyncio.ensure_future(self._p2pfl_ack_now())
+            # Held so the task is not collected before it runs; cancelled by stop().
+            task = asyncio.ensure_future(self._p2pfl_ack_now())
+            task.add_done_callback(_ack_done)
+            self._p2pfl_ack_task = task
         else:
             self._p2pfl_unacked = 0
+
+    async def stop(self) -> None:
+        if self._p2pfl_timer is not None:
+            self._p2pfl_timer.cancel()
+            self._p2pfl_timer = None
+        task, self._p2pfl_ack_task = self._p2pfl_ack_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        await super().stop()
 
     # --- sending: chunks sized for the path ----------------------------------------------------
     async def _send(
@@ -229,6 +246,17 @@ class TunedSctp(RTCSctpTransport):
         if ordered:
             self._outbound_stream_seq[stream_id] = uint16_add(sequence, 1)
         await self._transmit()
+
+
+def _ack_done(task: asyncio.Future[None]) -> None:
+    """Retrieve a delayed SACK's outcome: the link closing under it is no error."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, ConnectionError):  # DTLS closed first: "Cannot send encrypted data"
+        log.debug("delayed SACK after the link closed", extra={"error": str(exc)})
+    elif exc is not None:
+        log.warning("delayed SACK failed", exc_info=exc)
 
 
 def last_packet_at(pc: RTCPeerConnection) -> float:

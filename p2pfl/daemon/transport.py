@@ -434,9 +434,6 @@ class PeerTransport:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
-    def _count(self, reason: str) -> None:
-        self.counters[reason] += 1
-
     def _remember_name(self, message: SignalingRequest) -> None:
         if message.name:
             self._names[message.sender_id] = message.name

@@ -72,6 +72,13 @@ def test_boolean_is_not_accepted_as_a_number(tmp_path: Path) -> None:
         _parse('[trust]\nmode = "open"\n[limits]\nmax_peers = true\n', tmp_path)
 
 
+def test_transfer_timeout_is_a_positive_number_of_seconds(tmp_path: Path) -> None:
+    config = _parse('[trust]\nmode = "open"\n[limits]\ntransfer_timeout_s = 12.5\n', tmp_path)
+    assert config.limits.transfer_timeout_s == 12.5
+    with pytest.raises(ConfigError, match=r"limits.transfer_timeout_s: .*> 0"):
+        _parse('[trust]\nmode = "open"\n[limits]\ntransfer_timeout_s = 0\n', tmp_path)
+
+
 def test_wrong_choice_lists_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         _parse('[protocol]\nname = "gosip"\n', tmp_path)

@@ -113,6 +113,9 @@ async def _ack_rule(sack_every: int) -> tuple[list[str], bool]:
     pc = RTCPeerConnection()
     try:
         pc.createDataChannel("x")
+        # aiortc's flush of the channel-open request runs (and finds no association) before
+        # the test declares the association established; it would otherwise try to send.
+        await asyncio.sleep(0)
         applied = sctp.tune(pc, sack_every=sack_every)
         transport = pc.sctp
         assert transport is not None
@@ -169,6 +172,7 @@ async def _recovery_rule() -> list[int]:
     pc = RTCPeerConnection()
     try:
         pc.createDataChannel("x")
+        await asyncio.sleep(0)  # as in _ack_rule
         assert sctp.tune(pc, sack_every=4)
         transport = pc.sctp
         assert transport is not None
