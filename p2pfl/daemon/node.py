@@ -28,7 +28,6 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import trio
@@ -157,27 +156,21 @@ def prepare(config: Config) -> Prepared:
             EXIT_DATA,
         )
     from p2pfl.daemon.trainer import NodeTrainer  # torch: only the daemon pays for it
-    from p2pfl.ml import TrainConfig, load_task
+    from p2pfl.learning.ops import build_task
 
-    options: dict[str, Any] = dict(task_cfg.options)
-    if task_cfg.lr is not None or task_cfg.batch_size is not None:
-        default = TrainConfig()
-        options["config"] = TrainConfig(
-            lr=task_cfg.lr if task_cfg.lr is not None else default.lr,
-            batch_size=task_cfg.batch_size or default.batch_size,
-        )
-    if task_cfg.data is not None:
-        if task_cfg.name.startswith("digits"):
-            raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
-        options["readings"] = task_cfg.data
+    if task_cfg.data is not None and task_cfg.name.startswith("digits"):
+        raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
     try:
-        task = load_task(
+        task = build_task(
             task_cfg.name,
             n_nodes=task_cfg.n_nodes,
             partition=task_cfg.partition,
             alpha=task_cfg.alpha,
             seed=task_cfg.seed,
-            **options,
+            lr=task_cfg.lr,
+            batch_size=task_cfg.batch_size,
+            readings=task_cfg.data,
+            options=task_cfg.options,
         )
     except ValueError as exc:
         raise config.error("task.name", str(exc)) from None
@@ -247,14 +240,13 @@ def _feature_plan(config: Config, task: Any) -> Any:
     """Graph tasks with [task] node_ids: which halo readings to ask of whom, what to serve."""
     if not config.task.node_ids:
         return None
-    from p2pfl.sim.workload import TaskWorkload
+    from p2pfl.learning.ops import feature_plan
 
-    # The engines' feature plan reads only ``.task``: the daemon reuses it as is.
-    shim: Any = SimpleNamespace(task=task)
-    return TaskWorkload.feature_plan(shim, config.task.node_index, list(config.task.node_ids))
+    return feature_plan(task, config.task.node_index, list(config.task.node_ids))
 
 
 def build_machine(config: Config, node_id: str, weights: Any, features: Any = None) -> Any:
+    from p2pfl.learning.ops import StateDictOps
     from p2pfl.protocols import (
         FedAvgConfig,
         FedAvgLearner,
@@ -263,7 +255,6 @@ def build_machine(config: Config, node_id: str, weights: Any, features: Any = No
         ServerFreeConfig,
         ServerFreeLearner,
     )
-    from p2pfl.sim.workload import StateDictOps
 
     proto = config.protocol
     kinds: dict[str, tuple[Any, Any]] = {

@@ -370,7 +370,7 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
 
 
 def _load_task(scenario: Scenario) -> Any:
-    from p2pfl.sim.workload import load_scenario_task
+    from p2pfl.learning.ops import load_scenario_task
 
     return load_scenario_task(scenario)
 
@@ -729,7 +729,7 @@ def _run_centralized(
     scenario: Scenario, setup: SetupSpec, progress: Progress | None
 ) -> SetupResult:
     """The baseline: one trainer on all the data in this process, for the same wall time."""
-    from p2pfl.sim.workload import TaskWorkload
+    from p2pfl.learning.ops import TaskWorkload
 
     stop = setup.stop or scenario.stop
     workload = TaskWorkload(scenario)

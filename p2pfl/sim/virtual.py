@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pfl.learning.ops import Workload
 from p2pfl.protocols import (
     Action,
     Evaluate,
@@ -57,7 +58,7 @@ from p2pfl.protocols import (
 from p2pfl.sim.network import NetworkModel, build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
 from p2pfl.sim.scenario import Scenario, SetupSpec
-from p2pfl.sim.workload import Workload, make_workload
+from p2pfl.sim.workload import make_workload
 
 ENVELOPE_OVERHEAD = 160
 """Bytes a signed envelope adds to a body: Ed25519 signature and key, kind, seq, time, framing."""
