@@ -194,7 +194,13 @@ def prepare(config: Config) -> Prepared:
     try:
         checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
         resumed, weights = _resume(checkpoints, trainer)
-        machine = build_machine(config, identity.node_id, weights, _feature_plan(config, task))
+        machine = build_machine(
+            config,
+            identity.node_id,
+            weights,
+            _feature_plan(config, task),
+            rounds_done=int(resumed.state.get("round", 0)) if resumed is not None else 0,
+        )
         if resumed is not None:
             _restore_machine(machine, resumed.state)
         trainer.warm_up()
@@ -245,39 +251,60 @@ def _feature_plan(config: Config, task: Any) -> Any:
     return feature_plan(task, config.task.node_index, list(config.task.node_ids))
 
 
-def build_machine(config: Config, node_id: str, weights: Any, features: Any = None) -> Any:
-    from p2pfl.learning.ops import StateDictOps
-    from p2pfl.protocols import (
-        FedAvgConfig,
-        FedAvgLearner,
-        GossipConfig,
-        GossipLearner,
-        ServerFreeConfig,
-        ServerFreeLearner,
-    )
+def neighbour_set(config: Config, node_id: str) -> frozenset[str] | None:
+    """Server-free's peers by [protocol] neighbours (None: all live peers).
+
+    "range": the members listed in [protocol.positions] within range_km of [node] position.
+    Positions are configuration, like the allowlist, keyed by node id (bound to the member's
+    key): no peer can claim a position over the network, and an unlisted peer is never in range.
+    """
+    from p2pfl.learning.neighbours import resolve
 
     proto = config.protocol
-    kinds: dict[str, tuple[Any, Any]] = {
-        "gossip": (GossipLearner, GossipConfig),
-        "server-free": (ServerFreeLearner, ServerFreeConfig),
-        "fedavg": (FedAvgLearner, FedAvgConfig),
-    }
-    learner_cls, config_cls = kinds[proto.name]
-    allowed = {f.name for f in dataclasses.fields(config_cls)} - {"budget", "aggregation"}
-    for name in proto.params:
-        if name not in allowed:
-            raise config.error(
-                f"protocol.params.{name}",
-                f"not a parameter of {proto.name}; known: {', '.join(sorted(allowed))}",
-            )
+    positions = {k: (v[0], v[1]) for k, v in proto.positions.items()}
+    if config.node.position:
+        positions[node_id] = (config.node.position[0], config.node.position[1])
     try:
-        machine_config = config_cls(
-            **proto.params, budget=config.task.epochs, aggregation=proto.aggregation
+        return resolve(
+            proto.neighbours,
+            node_id,
+            links=proto.neighbour_ids,
+            positions=positions,
+            range_km=proto.range_km,
         )
-        rng = random.Random(f"{proto.seed}:{node_id}")
-        return learner_cls(node_id, weights, StateDictOps(), rng, machine_config, features=features)
-    except (TypeError, ValueError) as exc:
-        raise config.error("protocol.params", str(exc)) from None
+    except ValueError as exc:
+        raise config.error("protocol.neighbours", str(exc)) from None
+
+
+def build_machine(
+    config: Config, node_id: str, weights: Any, features: Any = None, *, rounds_done: int = 0
+) -> Any:
+    """The learner the [protocol] table describes, by the factory the engines use too."""
+    from p2pfl.learning.factory import LearnerSetup, SetupError, make_learner
+    from p2pfl.learning.ops import StateDictOps
+
+    proto = config.protocol
+    setup = LearnerSetup(
+        protocol=proto.name,
+        aggregation=proto.aggregation,
+        budget=config.task.epochs,
+        params=proto.params,
+        neighbours=proto.neighbours,
+    )
+    neighbours = neighbour_set(config, node_id)
+    try:
+        return make_learner(
+            setup,
+            node_id,
+            weights,
+            StateDictOps(),
+            random.Random(f"{proto.seed}:{node_id}"),
+            neighbours=neighbours,
+            features=features,
+            rounds_done=rounds_done,
+        )
+    except SetupError as exc:
+        raise config.error(f"protocol.{exc.key}", exc.problem) from None
 
 
 def machine_state(machine: Any, round_offset: int) -> dict[str, Any]:

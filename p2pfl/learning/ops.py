@@ -249,12 +249,5 @@ class TaskWorkload:
     def nbytes(self, weights: StateDict) -> int:
         return sum(t.numel() * t.element_size() for t in weights.values())
 
-    def neighbours(self, node: int) -> list[int] | None:
-        """The task's own neighbour graph (cloudlets within communication range), if any."""
-        partition = getattr(self.task, "partition", None)
-        if partition is None or not hasattr(partition, "neighbours"):
-            return None
-        return list(partition.neighbours[node])
-
     def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
         return feature_plan(self.task, node, node_ids)

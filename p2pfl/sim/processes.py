@@ -35,9 +35,11 @@ import click
 from p2pfl.daemon.control import ControlError, NodeStatus, fetch_status
 from p2pfl.files import atomic_write
 from p2pfl.identity import NodeIdentity
+from p2pfl.learning.neighbours import task_positions, task_range_km
 from p2pfl.sim.netns import BridgedNetwork
+from p2pfl.sim.network import build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec
+from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec, protocol_params
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
 __all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
@@ -77,6 +79,14 @@ class ClusterSpec:
     aggregator_index: int | None = None
     """FedAvg: the node (by index) every daemon is configured to follow; None: the smallest live
     node id, chosen by the protocol itself."""
+    neighbours: str = "all"
+    """Server-free: "all", "topology" (each daemon gets its ``links`` as neighbour_ids) or
+    "range" (each daemon gets its position, every other member's and ``range_km``)."""
+    range_km: float | None = None
+    positions: tuple[tuple[float, float], ...] = ()
+    """(lat, lon) of each node by index, for neighbours = "range"."""
+    links: tuple[tuple[int, ...], ...] = ()
+    """Each node's links by index, for neighbours = "topology"."""
 
 
 def _toml_value(value: object) -> str:
@@ -227,7 +237,24 @@ class DaemonCluster:
             "logging": {"level": spec.log_level},
             "checkpoints": {"interval_s": spec.checkpoint_interval_s},
         }
+        self._add_neighbours(node, tables)
         return _toml(tables)
+
+    def _add_neighbours(self, node: DaemonNode, tables: dict[str, dict[str, object]]) -> None:
+        """The setup's neighbours as this daemon's [node]/[protocol] keys (see ClusterSpec)."""
+        spec = self.spec
+        if spec.neighbours == "all":
+            return
+        ids = [n.identity.node_id for n in self.nodes]
+        tables["protocol"]["neighbours"] = spec.neighbours
+        if spec.neighbours == "topology":
+            tables["protocol"]["neighbour_ids"] = [ids[j] for j in spec.links[node.index]]
+            return
+        tables["node"]["position"] = list(spec.positions[node.index])
+        tables["protocol"]["range_km"] = spec.range_km
+        tables["protocol.positions"] = {
+            ids[i]: list(p) for i, p in enumerate(spec.positions) if i != node.index
+        }
 
     def _params(self) -> dict[str, object]:
         params: dict[str, object] = dict(self.spec.params)
@@ -355,8 +382,8 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
             "`python -m p2pfl.sim.netns -- p2pfl simulate SCENARIO --engine processes`"
         )
     sweep_stale_namespaces()
-    setups = [_run_setup(scenario, setup, progress) for setup in scenario.setups]
     task = _load_task(scenario)
+    setups = [_run_setup(scenario, setup, progress, task) for setup in scenario.setups]
     return Results(
         scenario=scenario.name,
         engine="processes",
@@ -375,19 +402,34 @@ def _load_task(scenario: Scenario) -> Any:
     return load_scenario_task(scenario)
 
 
-def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
+def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> ClusterSpec:
+    """The daemons' configuration for ``setup``: the same protocol parameters and neighbours
+    the virtual engine hands the factory (``scenario.protocol_params``, ``learning.neighbours``);
+    ``task`` (the scenario's) gives node positions for neighbours = "range"."""
     stop = setup.stop or scenario.stop
-    params: dict[str, str | int | float | bool] = {}
-    if setup.protocol == "gossip":
-        params.update(
-            period=setup.period, jitter=setup.jitter, staleness_window=setup.staleness_window
+    params = protocol_params(setup, stop)
+    params.pop("aggregator", None)  # a virtual node name: written as the daemon's id below
+    n = scenario.task.nodes
+    positions: tuple[tuple[float, float], ...] = ()
+    range_km = setup.range_km
+    links: tuple[tuple[int, ...], ...] = ()
+    if setup.neighbours == "range":
+        places = task_positions(task)
+        if places is None or len(places) != n:
+            raise ProcessesEngineError(
+                f'setup {setup.name!r}: neighbours = "range" needs node positions; the task '
+                f"{scenario.task.name!r} has none (graph tasks: one per cloudlet)"
+            )
+        positions = places
+        range_km = range_km if range_km is not None else task_range_km(task)
+    elif setup.neighbours == "topology":
+        topology = build_topology(
+            n,
+            scenario.network.topology,
+            scenario.network.degree,
+            random.Random(f"{scenario.seed}:topology"),
         )
-    elif setup.protocol == "server-free":
-        params.update(round_timeout=setup.round_timeout, max_ahead=setup.max_ahead)
-    elif setup.protocol == "fedavg":
-        params.update(round_timeout=setup.round_timeout)
-    if stop.rounds is not None:
-        params["max_rounds"] = stop.rounds
+        links = tuple(tuple(t) for t in topology)
     return ClusterSpec(
         n_nodes=scenario.task.nodes,
         task=scenario.task.name,
@@ -407,6 +449,10 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
         aggregator_index=_aggregator_index(setup, scenario.task.nodes),
         # FedAvg elects among the peers it sees at start: let every daemon see all the others.
         start_peers=scenario.task.nodes - 1 if setup.protocol == "fedavg" else 0,
+        neighbours=setup.neighbours,
+        range_km=range_km,
+        positions=positions,
+        links=links,
     )
 
 
@@ -528,17 +574,17 @@ class _Churner:
         return len(pairs)
 
 
-def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) -> SetupResult:
+def _run_setup(
+    scenario: Scenario, setup: SetupSpec, progress: Progress | None, task: Any = None
+) -> SetupResult:
     if setup.protocol == "centralized":
         return _run_centralized(scenario, setup, progress)
     from p2pfl.sim.netns import netem_available
 
-    spec = _cluster_spec(scenario, setup)
+    spec = _cluster_spec(scenario, setup, task)
     stop = setup.stop or scenario.stop
     net = scenario.network
     not_applied = [] if net.bandwidth_mbps >= 1000 else ["network.bandwidth_mbps"]
-    if setup.neighbours != "all":
-        not_applied.append(f"setup.neighbours = {setup.neighbours!r} (all live peers are used)")
     training = scenario.training
     if training.keep_optimizer or training.lr_schedule != "constant":
         not_applied.append(

@@ -176,4 +176,3 @@ def test_traffic_feature_plan_asks_halo_owners_for_real_readings(tiny: Tiny) -> 
         own = tuple(int(s) for s in partition.members[node][:3])
         assert len(plan.source(own) or b"") == 4 * steps * len(own)
         assert plan.source(tuple(int(s) for s in partition.halos[node][:1])) is None
-    assert workload.neighbours(0) == list(partition.neighbours[0])
