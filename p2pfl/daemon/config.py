@@ -88,8 +88,9 @@ class ProtocolSection:
     codec: Literal["fp32", "fp16", "bf16", "int8", "topk"] = "fp32"
     seed: int = 0
     start_peers: int = 0
-    """Start learning once this many peers are connected (or ``start_timeout_s`` passed): FedAvg
-    then elects the smallest id among all of them rather than among the first to connect."""
+    """Start learning once this many peers are connected (or ``start_timeout_s`` passed), for
+    every protocol: FedAvg then elects the smallest id among all of them rather than among the
+    first to connect, and server-free does not close its first rounds alone."""
     start_timeout_s: float = 30.0
     neighbours: NeighboursName = "all"
     """Server-free: exchange with "all" live peers, the node ids in ``neighbour_ids``

@@ -74,7 +74,8 @@ class ClusterSpec:
     executor_mode: str = "thread"
     """Thread mode by default here: many daemons share this machine's memory and cores."""
     start_peers: int = 0
-    """Daemons start learning once this many peers are up (or after ``start_timeout_s``)."""
+    """Daemons start learning once this many peers are up (or after ``start_timeout_s``); the
+    scenario runner sets n - 1 for every protocol."""
     start_timeout_s: float = 20.0
     aggregator_index: int | None = None
     """FedAvg: the node (by index) every daemon is configured to follow; None: the smallest live
@@ -447,8 +448,10 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
         # Churn restarts daemons from their checkpoints: keep those recent.
         checkpoint_interval_s=5.0 if scenario.churn.fraction > 0 else 30.0,
         aggregator_index=_aggregator_index(setup, scenario.task.nodes),
-        # FedAvg elects among the peers it sees at start: let every daemon see all the others.
-        start_peers=scenario.task.nodes - 1 if setup.protocol == "fedavg" else 0,
+        # Every protocol starts once all its peers are up, as in the virtual engine (which hands
+        # each node every link's PeerUp before Start): FedAvg elects among all of them, and a
+        # server-free daemon that started alone would close rounds alone and run ahead.
+        start_peers=scenario.task.nodes - 1,
         neighbours=setup.neighbours,
         range_km=range_km,
         positions=positions,
