@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
+from p2pfl.daemon.config import ConfigError, load_config
+from p2pfl.daemon.node import build_machine
 from p2pfl.learning.factory import LearnerSetup, SetupError, check_setup, make_learner, parameters
 from p2pfl.learning.ops import StateDictOps
 from p2pfl.protocols import FedAvgLearner, GossipLearner, ServerFreeLearner, Start, Train
@@ -65,3 +68,17 @@ def test_check_setup_needs_no_model() -> None:
 def test_the_learner_it_makes_runs() -> None:
     machine = _make(LearnerSetup("server-free"))
     assert any(isinstance(a, Train) for a in machine.handle(Start(), 0.0))  # type: ignore[attr-defined]
+
+
+def test_the_daemon_builds_its_learner_by_the_factory(tmp_path: Path) -> None:
+    path = tmp_path / "p2pfl.toml"
+    text = '[trust]\nmode = "open"\n[task]\nepochs = 0.5\n[protocol.params]\nmax_rounds = 10\n'
+    path.write_text(text)
+    machine = build_machine(load_config(path), "a", WEIGHTS, rounds_done=4)
+    assert isinstance(machine, GossipLearner)
+    # A daemon resuming from a checkpoint at training 4 does what is left, like a virtual node.
+    assert (machine.config.max_rounds, machine.config.budget) == (6, 0.5)
+    path.write_text(text + "round_timeout = 3.0\n")
+    with pytest.raises(ConfigError) as info:
+        build_machine(load_config(path), "a", WEIGHTS)
+    assert str(info.value).startswith(f"{path}:7: protocol.params.round_timeout: not a param")
