@@ -770,6 +770,8 @@ def _node_result(
             "peers_connected": sum(p.state == "connected" for p in status.peers) if status else 0,
             "feature_bytes_sent": status.feature_bytes_sent if status else 0,
             "feature_bytes_received": status.feature_bytes_received if status else 0,
+            # Whom it exchanged with (server-free neighbours): bytes sent to each peer.
+            "bytes_out_by_peer": {p.node_id: p.bytes_out for p in status.peers} if status else {},
         },
     )
 
