@@ -28,7 +28,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -41,6 +41,9 @@ from p2pfl.daemon.metrics import NodeMetrics, set_log_level
 from p2pfl.daemon.notify import SystemdNotifier
 from p2pfl.identity import IdentityError, NodeIdentity
 from p2pfl.trust import CERTIFICATE_FILE, TrustError, TrustPolicy
+
+if TYPE_CHECKING:
+    from p2pfl.learning.factory import LearnerSetup
 
 log = logging.getLogger(__name__)
 
@@ -276,21 +279,29 @@ def neighbour_set(config: Config, node_id: str) -> frozenset[str] | None:
         raise config.error("protocol.neighbours", str(exc)) from None
 
 
+def learner_setup(config: Config) -> LearnerSetup:
+    """The setup description the configuration gives the factory (a scenario's [[setup]] gives
+    the same one: ``p2pfl.sim.scenario.learner_setup``)."""
+    from p2pfl.learning.factory import LearnerSetup
+
+    return LearnerSetup(
+        protocol=config.protocol.name,
+        aggregation=config.protocol.aggregation,
+        budget=config.task.epochs,
+        params=config.protocol.params,
+        neighbours=config.protocol.neighbours,
+    )
+
+
 def build_machine(
     config: Config, node_id: str, weights: Any, features: Any = None, *, rounds_done: int = 0
 ) -> Any:
     """The learner the [protocol] table describes, by the factory the engines use too."""
-    from p2pfl.learning.factory import LearnerSetup, SetupError, make_learner
+    from p2pfl.learning.factory import SetupError, make_learner
     from p2pfl.learning.ops import StateDictOps
 
     proto = config.protocol
-    setup = LearnerSetup(
-        protocol=proto.name,
-        aggregation=proto.aggregation,
-        budget=config.task.epochs,
-        params=proto.params,
-        neighbours=proto.neighbours,
-    )
+    setup = learner_setup(config)
     neighbours = neighbour_set(config, node_id)
     try:
         return make_learner(

@@ -39,7 +39,7 @@ from p2pfl.learning.neighbours import task_positions, task_range_km
 from p2pfl.sim.netns import BridgedNetwork
 from p2pfl.sim.network import build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec, protocol_params
+from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec, learner_setup
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
 __all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
@@ -404,11 +404,12 @@ def _load_task(scenario: Scenario) -> Any:
 
 
 def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> ClusterSpec:
-    """The daemons' configuration for ``setup``: the same protocol parameters and neighbours
-    the virtual engine hands the factory (``scenario.protocol_params``, ``learning.neighbours``);
-    ``task`` (the scenario's) gives node positions for neighbours = "range"."""
-    stop = setup.stop or scenario.stop
-    params = protocol_params(setup, stop)
+    """The daemons' configuration for ``setup``: the same setup description the virtual engine
+    hands the factory (``scenario.learner_setup``), which each daemon reads back from its
+    configuration (``daemon.node.learner_setup``), and the same neighbour sets
+    (``learning.neighbours``); ``task`` gives node positions for neighbours = "range"."""
+    learner = learner_setup(setup, setup.stop or scenario.stop, scenario.training.epochs)
+    params = dict(learner.params)
     params.pop("aggregator", None)  # a virtual node name: written as the daemon's id below
     n = scenario.task.nodes
     positions: tuple[tuple[float, float], ...] = ()
@@ -437,13 +438,13 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
         partition=scenario.task.partition,
         alpha=scenario.task.alpha,
         seed=scenario.seed,
-        epochs=setup.epochs if setup.epochs is not None else scenario.training.epochs,
+        epochs=learner.budget,
         lr=scenario.task.lr,
         batch_size=scenario.task.batch_size,
         task_options=dict(scenario.task.options),
         exchange_features=scenario.task.name.startswith("traffic-"),
-        protocol=setup.protocol,
-        aggregation=setup.aggregation,
+        protocol=learner.protocol,
+        aggregation=learner.aggregation,
         params=params,
         # Churn restarts daemons from their checkpoints: keep those recent.
         checkpoint_interval_s=5.0 if scenario.churn.fraction > 0 else 30.0,
@@ -452,7 +453,7 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
         # each node every link's PeerUp before Start): FedAvg elects among all of them, and a
         # server-free daemon that started alone would close rounds alone and run ahead.
         start_peers=scenario.task.nodes - 1,
-        neighbours=setup.neighbours,
+        neighbours=learner.neighbours,
         range_km=range_km,
         positions=positions,
         links=links,
