@@ -58,7 +58,10 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
         def report(setup: str, fraction: float, status: str) -> None:
             progress.update(tasks[setup], completed=min(fraction, 1.0), status=status)
 
-        results = module.run(spec, progress=report)
+        try:
+            results = module.run(spec, progress=report)
+        except ScenarioError as exc:  # a setup the engine refuses (the factory names the key)
+            raise click.ClickException(str(exc)) from None
         for task_id in tasks.values():
             progress.update(task_id, completed=1.0)
 

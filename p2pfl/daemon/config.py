@@ -29,6 +29,7 @@ EXIT_CONFIG = 2
 TrustModeName = Literal["federation", "allowlist", "open"]
 ProtocolName = Literal["gossip", "server-free", "fedavg"]
 AggregationName = Literal["mean", "median", "trimmed_mean", "clip"]
+NeighboursName = Literal["all", "topology", "range"]
 PartitionName = Literal["iid", "dirichlet"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["logfmt", "json"]
@@ -57,6 +58,8 @@ class NodeSection:
     name: str = ""
     state_dir: Path | None = None
     runtime_dir: Path | None = None
+    position: tuple[float, ...] = ()
+    """[lat, lon] in degrees: where this node is, for [protocol] neighbours = "range"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +89,19 @@ class ProtocolSection:
     codec: Literal["fp32", "fp16", "bf16", "int8", "topk"] = "fp32"
     seed: int = 0
     start_peers: int = 0
-    """Start learning once this many peers are connected (or ``start_timeout_s`` passed): FedAvg
-    then elects the smallest id among all of them rather than among the first to connect."""
+    """Start learning once this many peers are connected (or ``start_timeout_s`` passed), for
+    every protocol: FedAvg then elects the smallest id among all of them rather than among the
+    first to connect, and server-free does not close its first rounds alone."""
     start_timeout_s: float = 30.0
+    neighbours: NeighboursName = "all"
+    """Server-free: exchange with "all" live peers, the node ids in ``neighbour_ids``
+    ("topology"), or the peers within ``range_km`` of [node] position ("range")."""
+    range_km: float | None = None
+    neighbour_ids: tuple[str, ...] = ()
+    positions: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Node id -> [lat, lon] of the other members, for neighbours = "range". Configuration, not
+    claims from the network: a peer cannot move itself into range, and a peer not listed here is
+    never in range."""
     params: dict[str, ParamValue] = field(default_factory=dict)
 
 
@@ -213,6 +226,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "task.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "protocol.start_peers": (lambda v: v >= 0, "an integer >= 0"),
     "protocol.start_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
+    "protocol.range_km": (lambda v: v > 0, "a distance in km > 0"),
     "executor.threads": (lambda v: v >= 1, "an integer >= 1"),
     "limits.max_message_mb": (lambda v: v > 0, "a number > 0"),
     "limits.max_peers": (lambda v: v >= 1, "an integer >= 1"),
@@ -416,6 +430,7 @@ def _check_cross_fields(config: Config) -> None:
                 "discovery.static_peers",
                 f'"{peer}" is not host:port (for example "192.0.2.10:7070" or "[2001:db8::1]:70")',
             )
+    _check_neighbours(config)
     if config.task.node_ids and len(config.task.node_ids) != config.task.n_nodes:
         raise config.error(
             "task.node_ids",
@@ -425,6 +440,53 @@ def _check_cross_fields(config: Config) -> None:
         raise config.error(
             "task.node_index",
             f"node_index {config.task.node_index} must be below n_nodes {config.task.n_nodes}",
+        )
+
+
+def _position_problem(value: tuple[float, ...]) -> str | None:
+    if len(value) != 2:
+        return f"expected [latitude, longitude], got a list of {len(value)} numbers"
+    lat, lon = value
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        return f"[{lat}, {lon}] is not a position: latitude is -90..90, longitude -180..180"
+    return None
+
+
+def _check_neighbours(config: Config) -> None:
+    proto = config.protocol
+    if config.node.position and (problem := _position_problem(config.node.position)):
+        raise config.error("node.position", problem)
+    for node_id, position in proto.positions.items():
+        if problem := _position_problem(position):
+            raise config.error(f"protocol.positions.{node_id}", problem)
+    if proto.neighbours != "all" and proto.name != "server-free":
+        raise config.error(
+            "protocol.neighbours",
+            f'only server-free exchanges with a chosen set of peers; {proto.name} needs "all" '
+            "(remove the key)",
+        )
+    if proto.neighbours == "range":
+        if not config.node.position:
+            raise config.error(
+                "protocol.neighbours",
+                'neighbours = "range" needs this node\'s position: [node] position = [lat, lon]',
+            )
+        if proto.range_km is None:
+            raise config.error(
+                "protocol.neighbours",
+                'neighbours = "range" needs range_km = KM (the distance two nodes can talk over)',
+            )
+        if not proto.positions:
+            raise config.error(
+                "protocol.neighbours",
+                'neighbours = "range" needs the other members\' positions: [protocol.positions] '
+                '"<node id>" = [lat, lon]',
+            )
+    if proto.neighbours == "topology" and not proto.neighbour_ids:
+        raise config.error(
+            "protocol.neighbours",
+            'neighbours = "topology" needs neighbour_ids = ["<node id>", ...] (the peers this '
+            "node exchanges with)",
         )
 
 

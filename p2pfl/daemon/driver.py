@@ -231,7 +231,8 @@ class ProtocolDriver:
         self.state.metric_name = primary_metric
         self.start_peers = start_peers
         """Hand the machine ``Start`` only once this many peers are up (or after
-        ``start_timeout_s``): FedAvg's election then sees everyone who came up together."""
+        ``start_timeout_s``), whatever the protocol: FedAvg's election then sees everyone who
+        came up together, and server-free's first round expects every peer's model."""
         self.start_timeout_s = start_timeout_s
         self.side_channel = side_channel
         self._seq = SequenceCounter(time.time())

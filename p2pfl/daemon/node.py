@@ -29,8 +29,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -45,6 +44,9 @@ from p2pfl.daemon.notify import SystemdNotifier
 from p2pfl.daemon.revocations import RevocationKeeper, load_revocations
 from p2pfl.identity import IdentityError, NodeIdentity
 from p2pfl.trust import CERTIFICATE_FILE, TrustError, TrustPolicy
+
+if TYPE_CHECKING:
+    from p2pfl.learning.factory import LearnerSetup
 
 log = logging.getLogger(__name__)
 
@@ -161,27 +163,21 @@ def prepare(config: Config) -> Prepared:
             EXIT_DATA,
         )
     from p2pfl.daemon.trainer import NodeTrainer  # torch: only the daemon pays for it
-    from p2pfl.ml import TrainConfig, load_task
+    from p2pfl.learning.ops import build_task
 
-    options: dict[str, Any] = dict(task_cfg.options)
-    if task_cfg.lr is not None or task_cfg.batch_size is not None:
-        default = TrainConfig()
-        options["config"] = TrainConfig(
-            lr=task_cfg.lr if task_cfg.lr is not None else default.lr,
-            batch_size=task_cfg.batch_size or default.batch_size,
-        )
-    if task_cfg.data is not None:
-        if task_cfg.name.startswith("digits"):
-            raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
-        options["readings"] = task_cfg.data
+    if task_cfg.data is not None and task_cfg.name.startswith("digits"):
+        raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
     try:
-        task = load_task(
+        task = build_task(
             task_cfg.name,
             n_nodes=task_cfg.n_nodes,
             partition=task_cfg.partition,
             alpha=task_cfg.alpha,
             seed=task_cfg.seed,
-            **options,
+            lr=task_cfg.lr,
+            batch_size=task_cfg.batch_size,
+            readings=task_cfg.data,
+            options=task_cfg.options,
         )
     except ValueError as exc:
         raise config.error("task.name", str(exc)) from None
@@ -205,7 +201,13 @@ def prepare(config: Config) -> Prepared:
     try:
         checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
         resumed, weights = _resume(checkpoints, trainer)
-        machine = build_machine(config, identity.node_id, weights, _feature_plan(config, task))
+        machine = build_machine(
+            config,
+            identity.node_id,
+            weights,
+            _feature_plan(config, task),
+            rounds_done=int(resumed.state.get("round", 0)) if resumed is not None else 0,
+        )
         if resumed is not None:
             _restore_machine(machine, resumed.state)
         trainer.warm_up()
@@ -251,46 +253,73 @@ def _feature_plan(config: Config, task: Any) -> Any:
     """Graph tasks with [task] node_ids: which halo readings to ask of whom, what to serve."""
     if not config.task.node_ids:
         return None
-    from p2pfl.sim.workload import TaskWorkload
+    from p2pfl.learning.ops import feature_plan
 
-    # The engines' feature plan reads only ``.task``: the daemon reuses it as is.
-    shim: Any = SimpleNamespace(task=task)
-    return TaskWorkload.feature_plan(shim, config.task.node_index, list(config.task.node_ids))
+    return feature_plan(task, config.task.node_index, list(config.task.node_ids))
 
 
-def build_machine(config: Config, node_id: str, weights: Any, features: Any = None) -> Any:
-    from p2pfl.protocols import (
-        FedAvgConfig,
-        FedAvgLearner,
-        GossipConfig,
-        GossipLearner,
-        ServerFreeConfig,
-        ServerFreeLearner,
-    )
-    from p2pfl.sim.workload import StateDictOps
+def neighbour_set(config: Config, node_id: str) -> frozenset[str] | None:
+    """Server-free's peers by [protocol] neighbours (None: all live peers).
+
+    "range": the members listed in [protocol.positions] within range_km of [node] position.
+    Positions are configuration, like the allowlist, keyed by node id (bound to the member's
+    key): no peer can claim a position over the network, and an unlisted peer is never in range.
+    """
+    from p2pfl.learning.neighbours import resolve
 
     proto = config.protocol
-    kinds: dict[str, tuple[Any, Any]] = {
-        "gossip": (GossipLearner, GossipConfig),
-        "server-free": (ServerFreeLearner, ServerFreeConfig),
-        "fedavg": (FedAvgLearner, FedAvgConfig),
-    }
-    learner_cls, config_cls = kinds[proto.name]
-    allowed = {f.name for f in dataclasses.fields(config_cls)} - {"budget", "aggregation"}
-    for name in proto.params:
-        if name not in allowed:
-            raise config.error(
-                f"protocol.params.{name}",
-                f"not a parameter of {proto.name}; known: {', '.join(sorted(allowed))}",
-            )
+    positions = {k: (v[0], v[1]) for k, v in proto.positions.items()}
+    if config.node.position:
+        positions[node_id] = (config.node.position[0], config.node.position[1])
     try:
-        machine_config = config_cls(
-            **proto.params, budget=config.task.epochs, aggregation=proto.aggregation
+        return resolve(
+            proto.neighbours,
+            node_id,
+            links=proto.neighbour_ids,
+            positions=positions,
+            range_km=proto.range_km,
         )
-        rng = random.Random(f"{proto.seed}:{node_id}")
-        return learner_cls(node_id, weights, StateDictOps(), rng, machine_config, features=features)
-    except (TypeError, ValueError) as exc:
-        raise config.error("protocol.params", str(exc)) from None
+    except ValueError as exc:
+        raise config.error("protocol.neighbours", str(exc)) from None
+
+
+def learner_setup(config: Config) -> LearnerSetup:
+    """The setup description the configuration gives the factory (a scenario's [[setup]] gives
+    the same one: ``p2pfl.sim.scenario.learner_setup``)."""
+    from p2pfl.learning.factory import LearnerSetup
+
+    return LearnerSetup(
+        protocol=config.protocol.name,
+        aggregation=config.protocol.aggregation,
+        budget=config.task.epochs,
+        params=config.protocol.params,
+        neighbours=config.protocol.neighbours,
+    )
+
+
+def build_machine(
+    config: Config, node_id: str, weights: Any, features: Any = None, *, rounds_done: int = 0
+) -> Any:
+    """The learner the [protocol] table describes, by the factory the engines use too."""
+    from p2pfl.learning.factory import SetupError, make_learner
+    from p2pfl.learning.ops import StateDictOps
+
+    proto = config.protocol
+    setup = learner_setup(config)
+    neighbours = neighbour_set(config, node_id)
+    try:
+        return make_learner(
+            setup,
+            node_id,
+            weights,
+            StateDictOps(),
+            random.Random(f"{proto.seed}:{node_id}"),
+            neighbours=neighbours,
+            features=features,
+            rounds_done=rounds_done,
+        )
+    except SetupError as exc:
+        raise config.error(f"protocol.{exc.key}", exc.problem) from None
 
 
 def machine_state(machine: Any, round_offset: int) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from p2pfl.ml.aggregation import state_norm as state_norm
 from p2pfl.ml.aggregation import trimmed_mean as trimmed_mean
 from p2pfl.ml.aggregation import validate_update as validate_update
 from p2pfl.ml.aggregation import weighted_mean as weighted_mean
+from p2pfl.ml.catalog import TASKS as TASKS
+from p2pfl.ml.catalog import load_task as load_task
 from p2pfl.ml.executor import Executor as Executor
 from p2pfl.ml.forecast import CloudletData as CloudletData
 from p2pfl.ml.forecast import TrafficTask as TrafficTask
@@ -29,11 +31,9 @@ from p2pfl.ml.readings import ReadingsError as ReadingsError
 from p2pfl.ml.readings import load_speeds as load_speeds
 from p2pfl.ml.synthetic import SpeedModel as SpeedModel
 from p2pfl.ml.synthetic import generate_speeds as generate_speeds
-from p2pfl.ml.task import TASKS as TASKS
 from p2pfl.ml.task import ClassificationData as ClassificationData
 from p2pfl.ml.task import NodeData as NodeData
 from p2pfl.ml.task import Task as Task
-from p2pfl.ml.task import load_task as load_task
 from p2pfl.ml.traffic import GraphFileError as GraphFileError
 from p2pfl.ml.traffic import SensorGraph as SensorGraph
 from p2pfl.ml.traffic import load_graph as load_graph

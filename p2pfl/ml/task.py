@@ -1,7 +1,7 @@
 """Tasks: a model, its data split across nodes, and how to train and score it.
 
 A :class:`Task` is what the simulator and the daemon call; everything else in ``p2pfl.ml`` is
-behind it. Get one with :func:`load_task`:
+behind it. Get one with :func:`p2pfl.ml.catalog.load_task`:
 
 - ``"digits"``: scikit-learn's 8x8 digits (1,797 real images shipped inside scikit-learn),
   :class:`~p2pfl.ml.models.MLP`; split IID / Dirichlet label skew / quantity skew over nodes.
@@ -40,9 +40,7 @@ from p2pfl.ml.train import (
     fit,
 )
 
-__all__ = ["TASKS", "ClassificationData", "DigitsTask", "NodeData", "Task", "load_task"]
-
-TASKS = ("digits", "digits-logreg", "traffic-metr-la", "traffic-pems-bay")
+__all__ = ["ClassificationData", "DigitsTask", "NodeData", "Task"]
 
 
 class NodeData(ABC):
@@ -227,37 +225,3 @@ class DigitsTask(Task):
                 meter.update(model(x.to(device)), y.to(device))
         model.train(was_training)
         return meter.result()
-
-
-def load_task(
-    name: str,
-    *,
-    n_nodes: int,
-    partition: str = "iid",
-    alpha: float = 0.5,
-    seed: int = 0,
-    **options: Any,
-) -> Task:
-    """The task called ``name`` (one of :data:`TASKS`) for ``n_nodes`` nodes.
-
-    Options: digits take ``config`` (TrainConfig). Traffic tasks take those of
-    :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``,
-    ``speed_model``, ``model_config``, ``hops``, ``range_km``); their nodes are the cloudlets,
-    so ``partition`` and ``alpha`` do not apply to them.
-    """
-    if name in ("digits", "digits-logreg"):
-        model = "mlp" if name == "digits" else "logreg"
-        return DigitsTask(
-            n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, model=model, **options
-        )
-    if name in ("traffic-metr-la", "traffic-pems-bay"):
-        from p2pfl.ml.forecast import TrafficTask
-
-        return TrafficTask(
-            graph=options.pop("graph", name.removeprefix("traffic-")),
-            n_nodes=n_nodes,
-            seed=seed,
-            name=name,
-            **options,
-        )
-    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")

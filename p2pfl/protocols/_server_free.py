@@ -67,6 +67,11 @@ class ServerFreeLearner(Learner[W]):
     def rounds(self) -> int:
         return self.round
 
+    @property
+    def neighbours(self) -> frozenset[str] | None:
+        """The peers this node exchanges models with (None: every live peer)."""
+        return self._neighbours
+
     def _is_neighbour(self, peer: str) -> bool:
         return self._neighbours is None or peer in self._neighbours
 

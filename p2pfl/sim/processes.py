@@ -35,9 +35,11 @@ import click
 from p2pfl.daemon.control import ControlError, NodeStatus, fetch_status
 from p2pfl.files import atomic_write
 from p2pfl.identity import NodeIdentity
+from p2pfl.learning.neighbours import task_positions, task_range_km
 from p2pfl.sim.netns import BridgedNetwork
+from p2pfl.sim.network import build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec
+from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec, learner_setup
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
 __all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
@@ -72,11 +74,20 @@ class ClusterSpec:
     executor_mode: str = "thread"
     """Thread mode by default here: many daemons share this machine's memory and cores."""
     start_peers: int = 0
-    """Daemons start learning once this many peers are up (or after ``start_timeout_s``)."""
+    """Daemons start learning once this many peers are up (or after ``start_timeout_s``); the
+    scenario runner sets n - 1 for every protocol."""
     start_timeout_s: float = 20.0
     aggregator_index: int | None = None
     """FedAvg: the node (by index) every daemon is configured to follow; None: the smallest live
     node id, chosen by the protocol itself."""
+    neighbours: str = "all"
+    """Server-free: "all", "topology" (each daemon gets its ``links`` as neighbour_ids) or
+    "range" (each daemon gets its position, every other member's and ``range_km``)."""
+    range_km: float | None = None
+    positions: tuple[tuple[float, float], ...] = ()
+    """(lat, lon) of each node by index, for neighbours = "range"."""
+    links: tuple[tuple[int, ...], ...] = ()
+    """Each node's links by index, for neighbours = "topology"."""
 
 
 def _toml_value(value: object) -> str:
@@ -227,7 +238,24 @@ class DaemonCluster:
             "logging": {"level": spec.log_level},
             "checkpoints": {"interval_s": spec.checkpoint_interval_s},
         }
+        self._add_neighbours(node, tables)
         return _toml(tables)
+
+    def _add_neighbours(self, node: DaemonNode, tables: dict[str, dict[str, object]]) -> None:
+        """The setup's neighbours as this daemon's [node]/[protocol] keys (see ClusterSpec)."""
+        spec = self.spec
+        if spec.neighbours == "all":
+            return
+        ids = [n.identity.node_id for n in self.nodes]
+        tables["protocol"]["neighbours"] = spec.neighbours
+        if spec.neighbours == "topology":
+            tables["protocol"]["neighbour_ids"] = [ids[j] for j in spec.links[node.index]]
+            return
+        tables["node"]["position"] = list(spec.positions[node.index])
+        tables["protocol"]["range_km"] = spec.range_km
+        tables["protocol.positions"] = {
+            ids[i]: list(p) for i, p in enumerate(spec.positions) if i != node.index
+        }
 
     def _params(self) -> dict[str, object]:
         params: dict[str, object] = dict(self.spec.params)
@@ -355,8 +383,8 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
             "`python -m p2pfl.sim.netns -- p2pfl simulate SCENARIO --engine processes`"
         )
     sweep_stale_namespaces()
-    setups = [_run_setup(scenario, setup, progress) for setup in scenario.setups]
     task = _load_task(scenario)
+    setups = [_run_setup(scenario, setup, progress, task) for setup in scenario.setups]
     return Results(
         scenario=scenario.name,
         engine="processes",
@@ -370,43 +398,65 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
 
 
 def _load_task(scenario: Scenario) -> Any:
-    from p2pfl.sim.workload import load_scenario_task
+    from p2pfl.learning.ops import load_scenario_task
 
     return load_scenario_task(scenario)
 
 
-def _cluster_spec(scenario: Scenario, setup: SetupSpec) -> ClusterSpec:
-    stop = setup.stop or scenario.stop
-    params: dict[str, str | int | float | bool] = {}
-    if setup.protocol == "gossip":
-        params.update(
-            period=setup.period, jitter=setup.jitter, staleness_window=setup.staleness_window
+def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> ClusterSpec:
+    """The daemons' configuration for ``setup``: the same setup description the virtual engine
+    hands the factory (``scenario.learner_setup``), which each daemon reads back from its
+    configuration (``daemon.node.learner_setup``), and the same neighbour sets
+    (``learning.neighbours``); ``task`` gives node positions for neighbours = "range"."""
+    learner = learner_setup(setup, setup.stop or scenario.stop, scenario.training.epochs)
+    params = dict(learner.params)
+    params.pop("aggregator", None)  # a virtual node name: written as the daemon's id below
+    n = scenario.task.nodes
+    positions: tuple[tuple[float, float], ...] = ()
+    range_km = setup.range_km
+    links: tuple[tuple[int, ...], ...] = ()
+    if setup.neighbours == "range":
+        places = task_positions(task)
+        if places is None or len(places) != n:
+            raise ProcessesEngineError(
+                f'setup {setup.name!r}: neighbours = "range" needs node positions; the task '
+                f"{scenario.task.name!r} has none (graph tasks: one per cloudlet)"
+            )
+        positions = places
+        range_km = range_km if range_km is not None else task_range_km(task)
+    elif setup.neighbours == "topology":
+        topology = build_topology(
+            n,
+            scenario.network.topology,
+            scenario.network.degree,
+            random.Random(f"{scenario.seed}:topology"),
         )
-    elif setup.protocol == "server-free":
-        params.update(round_timeout=setup.round_timeout, max_ahead=setup.max_ahead)
-    elif setup.protocol == "fedavg":
-        params.update(round_timeout=setup.round_timeout)
-    if stop.rounds is not None:
-        params["max_rounds"] = stop.rounds
+        links = tuple(tuple(t) for t in topology)
     return ClusterSpec(
         n_nodes=scenario.task.nodes,
         task=scenario.task.name,
         partition=scenario.task.partition,
         alpha=scenario.task.alpha,
         seed=scenario.seed,
-        epochs=setup.epochs if setup.epochs is not None else scenario.training.epochs,
+        epochs=learner.budget,
         lr=scenario.task.lr,
         batch_size=scenario.task.batch_size,
         task_options=dict(scenario.task.options),
         exchange_features=scenario.task.name.startswith("traffic-"),
-        protocol=setup.protocol,
-        aggregation=setup.aggregation,
+        protocol=learner.protocol,
+        aggregation=learner.aggregation,
         params=params,
         # Churn restarts daemons from their checkpoints: keep those recent.
         checkpoint_interval_s=5.0 if scenario.churn.fraction > 0 else 30.0,
         aggregator_index=_aggregator_index(setup, scenario.task.nodes),
-        # FedAvg elects among the peers it sees at start: let every daemon see all the others.
-        start_peers=scenario.task.nodes - 1 if setup.protocol == "fedavg" else 0,
+        # Every protocol starts once all its peers are up, as in the virtual engine (which hands
+        # each node every link's PeerUp before Start): FedAvg elects among all of them, and a
+        # server-free daemon that started alone would close rounds alone and run ahead.
+        start_peers=scenario.task.nodes - 1,
+        neighbours=learner.neighbours,
+        range_km=range_km,
+        positions=positions,
+        links=links,
     )
 
 
@@ -528,17 +578,17 @@ class _Churner:
         return len(pairs)
 
 
-def _run_setup(scenario: Scenario, setup: SetupSpec, progress: Progress | None) -> SetupResult:
+def _run_setup(
+    scenario: Scenario, setup: SetupSpec, progress: Progress | None, task: Any = None
+) -> SetupResult:
     if setup.protocol == "centralized":
         return _run_centralized(scenario, setup, progress)
     from p2pfl.sim.netns import netem_available
 
-    spec = _cluster_spec(scenario, setup)
+    spec = _cluster_spec(scenario, setup, task)
     stop = setup.stop or scenario.stop
     net = scenario.network
     not_applied = [] if net.bandwidth_mbps >= 1000 else ["network.bandwidth_mbps"]
-    if setup.neighbours != "all":
-        not_applied.append(f"setup.neighbours = {setup.neighbours!r} (all live peers are used)")
     training = scenario.training
     if training.keep_optimizer or training.lr_schedule != "constant":
         not_applied.append(
@@ -721,6 +771,8 @@ def _node_result(
             "peers_connected": sum(p.state == "connected" for p in status.peers) if status else 0,
             "feature_bytes_sent": status.feature_bytes_sent if status else 0,
             "feature_bytes_received": status.feature_bytes_received if status else 0,
+            # Whom it exchanged with (server-free neighbours): bytes sent to each peer.
+            "bytes_out_by_peer": {p.node_id: p.bytes_out for p in status.peers} if status else {},
         },
     )
 
@@ -729,7 +781,7 @@ def _run_centralized(
     scenario: Scenario, setup: SetupSpec, progress: Progress | None
 ) -> SetupResult:
     """The baseline: one trainer on all the data in this process, for the same wall time."""
-    from p2pfl.sim.workload import TaskWorkload
+    from p2pfl.learning.ops import TaskWorkload
 
     stop = setup.stop or scenario.stop
     workload = TaskWorkload(scenario)

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfl.learning.factory import LearnerSetup, SetupError, check_setup
+from p2pfl.learning.neighbours import NEIGHBOURS
+
 PROTOCOLS = ("centralized", "fedavg", "server-free", "gossip")
 TRAINING_PATHS = ("task", "vectorized")
 
@@ -108,8 +111,10 @@ class SetupSpec:
     max_ahead: int = 2
     aggregator: str | None = None
     neighbours: str = "all"
-    """Server-free: "all" live peers, "topology" (the scenario topology's links) or "task" (the
-    task's neighbour graph, e.g. cloudlets within communication range)."""
+    """Server-free: "all" live peers, "topology" (the scenario topology's links) or "range"
+    (the nodes within ``range_km`` of each other; positions: a graph task's cloudlets)."""
+    range_km: float | None = None
+    """For neighbours = "range"; None: the task's own communication range (graph tasks)."""
     stop: StopSpec | None = None
 
 
@@ -218,11 +223,58 @@ def _setup(source: str, table: Any, index: int, default_timeout: float) -> Setup
         round_timeout=r.number("round_timeout", default_timeout, low=1e-6),
         max_ahead=r.integer("max_ahead", 2),
         aggregator=r.get("aggregator", str, None),
-        neighbours=r.choice("neighbours", ("all", "topology", "task"), "all"),
+        neighbours=_neighbours(r),
+        range_km=r.number("range_km", None, low=1e-9),
         stop=_stop(source, r.table_of("stop"), prefix + "stop.") if "stop" in table else None,
     )
     r.done()
+    if spec.range_km is not None and spec.neighbours != "range":
+        raise r.error("range_km", 'applies only with neighbours = "range"; remove it')
+    if spec.protocol != "centralized":
+        try:
+            check_setup(learner_setup(spec, StopSpec(time=math.inf)))
+        except SetupError as exc:
+            raise r.error(exc.key.removeprefix("params."), exc.problem) from None
     return spec
+
+
+def _neighbours(r: _Reader) -> str:
+    if r.table.get("neighbours") == "task":
+        raise r.error(
+            "neighbours",
+            '"task" is now called "range" (the nodes within range_km of each other; a graph '
+            'task\'s cloudlets by default within its own range); write neighbours = "range"',
+        )
+    return str(r.choice("neighbours", NEIGHBOURS, "all"))
+
+
+def protocol_params(setup: SetupSpec, stop: StopSpec) -> dict[str, str | int | float | bool]:
+    """The setup's keys that are parameters of its protocol (those of ``learning.factory``)."""
+    params: dict[str, str | int | float | bool] = {}
+    if setup.protocol == "gossip":
+        params.update(
+            period=setup.period, jitter=setup.jitter, staleness_window=setup.staleness_window
+        )
+    elif setup.protocol == "server-free":
+        params.update(round_timeout=setup.round_timeout, max_ahead=setup.max_ahead)
+    elif setup.protocol == "fedavg":
+        params.update(round_timeout=setup.round_timeout)
+        if setup.aggregator is not None:
+            params["aggregator"] = setup.aggregator
+    if stop.rounds is not None:
+        params["max_rounds"] = stop.rounds
+    return params
+
+
+def learner_setup(setup: SetupSpec, stop: StopSpec, default_epochs: float = 1.0) -> LearnerSetup:
+    """The learner this ``[[setup]]`` describes, for ``learning.factory.make_learner``."""
+    return LearnerSetup(
+        protocol=setup.protocol,
+        aggregation=setup.aggregation,
+        budget=setup.epochs or default_epochs,
+        params=protocol_params(setup, stop),
+        neighbours=setup.neighbours,
+    )
 
 
 def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenario:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from p2pfl.learning.ops import StateDictOps, load_scenario_task
 from p2pfl.protocols import FeaturePlan
 from p2pfl.sim.scenario import Scenario, ScenarioError
-from p2pfl.sim.workload import StateDictOps, load_scenario_task
 
 Vector = np.ndarray
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8

@@ -29,16 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pfl.learning.factory import SetupError, make_learner
+from p2pfl.learning.neighbours import Position, resolve, task_positions, task_range_km
+from p2pfl.learning.ops import Workload
 from p2pfl.protocols import (
     Action,
     Evaluate,
     EvaluationDone,
     FeatureReply,
     FeatureRequest,
-    FedAvgConfig,
-    FedAvgLearner,
-    GossipConfig,
-    GossipLearner,
     Learner,
     Message,
     MessageReceived,
@@ -46,8 +45,6 @@ from p2pfl.protocols import (
     PeerUp,
     Penalize,
     Send,
-    ServerFreeConfig,
-    ServerFreeLearner,
     Start,
     TimerFired,
     Train,
@@ -56,8 +53,8 @@ from p2pfl.protocols import (
 )
 from p2pfl.sim.network import NetworkModel, build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import Scenario, SetupSpec
-from p2pfl.sim.workload import Workload, make_workload
+from p2pfl.sim.scenario import Scenario, ScenarioError, SetupSpec, learner_setup
+from p2pfl.sim.workload import make_workload
 
 ENVELOPE_OVERHEAD = 160
 """Bytes a signed envelope adds to a body: Ed25519 signature and key, kind, seq, time, framing."""
@@ -89,6 +86,8 @@ class _Node:
     penalized: list[str] = field(default_factory=list)
     feature_bytes_received: int = 0
     feature_bytes_sent: int = 0
+    models_sent_to: set[str] = field(default_factory=set)
+    models_received_from: set[str] = field(default_factory=set)
     rounds_before: int = 0
     seen_finished: bool = False
     trainings: int = 0
@@ -139,6 +138,9 @@ class _SetupRun:
         k = scenario.training.eval_nodes
         self.eval_nodes = sorted(eval_rng.sample(range(n), k)) if 0 < k < n else list(range(n))
         self.curve: list[dict[str, float]] = []
+        if setup.protocol != "centralized":
+            self.learner = learner_setup(setup, self.stop, self.epochs)
+            self.peer_sets = self.resolve_neighbours()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -146,43 +148,56 @@ class _SetupRun:
         heapq.heappush(self.heap, (at, next(self.seq), kind, node, session, payload))
 
     def new_machine(self, node: _Node, weights: Any) -> Learner[Any]:
-        s = self.setup
-        rng = random.Random(f"{self.scenario.seed}:{s.name}:{node.id}:{node.session}")
-        ops = self.workload.ops
-        max_rounds = self.stop.rounds
-        plan = self.workload.feature_plan(node.index, self.ids)
-        if s.protocol == "gossip":
-            config = GossipConfig(
-                period=s.period,
-                jitter=s.jitter,
-                budget=self.epochs,
-                staleness_window=s.staleness_window,
-                aggregation=s.aggregation,
-                max_rounds=None if max_rounds is None else max(1, max_rounds - node.rounds_before),
+        """The node's learner, by the factory the daemon uses (a rejoining node: a new one)."""
+        rng = random.Random(f"{self.scenario.seed}:{self.setup.name}:{node.id}:{node.session}")
+        try:
+            return make_learner(
+                self.learner,
+                node.id,
+                weights,
+                self.workload.ops,
+                rng,
+                neighbours=self.peer_sets[node.index],
+                features=self.workload.feature_plan(node.index, self.ids),
+                rounds_done=node.rounds_before,
             )
-            return GossipLearner(node.id, weights, ops, rng, config, features=plan)
-        if s.protocol == "server-free":
-            sf = ServerFreeConfig(
-                round_timeout=s.round_timeout,
-                budget=self.epochs,
-                aggregation=s.aggregation,
-                max_rounds=max_rounds,
-                max_ahead=s.max_ahead,
-            )
-            neighbours = (
-                [self.ids[j] for j in node.neighbours] if s.neighbours == "topology" else None
-            )
-            return ServerFreeLearner(
-                node.id, weights, ops, rng, sf, neighbours=neighbours, features=plan
-            )
-        fa = FedAvgConfig(
-            round_timeout=s.round_timeout,
-            budget=self.epochs,
-            aggregation=s.aggregation,
-            aggregator=s.aggregator,
-            max_rounds=max_rounds,
+        except SetupError as exc:
+            raise self.error(exc.key.removeprefix("params."), exc.problem) from None
+
+    def error(self, key: str, problem: str) -> ScenarioError:
+        return ScenarioError(
+            f"{self.scenario.source}: setup {self.setup.name!r}: key '{key}': {problem}"
         )
-        return FedAvgLearner(node.id, weights, ops, rng, fa, features=plan)
+
+    def resolve_neighbours(self) -> list[frozenset[str] | None]:
+        """Each node's server-free peer set (None: all live peers); see learning.neighbours."""
+        kind = self.setup.neighbours
+        positions: dict[str, Position] | None = None
+        range_km = self.setup.range_km
+        if kind == "range":
+            task = getattr(self.workload, "task", None)
+            places = task_positions(task)
+            if places is None or len(places) != len(self.nodes):
+                raise self.error(
+                    "neighbours",
+                    f'"range" needs node positions; the task {self.scenario.task.name!r} has '
+                    'none (graph tasks: one per cloudlet); use "all" or "topology"',
+                )
+            positions = dict(zip(self.ids, places, strict=True))
+            range_km = range_km if range_km is not None else task_range_km(task)
+        try:
+            return [
+                resolve(
+                    kind,
+                    node.id,
+                    links=[self.ids[j] for j in node.neighbours],
+                    positions=positions,
+                    range_km=range_km,
+                )
+                for node in self.nodes
+            ]
+        except ValueError as exc:
+            raise self.error("neighbours", str(exc)) from None
 
     def lr_scale(self, trainings_done: int) -> float:
         """The schedule's factor for a node's next training: by its share of the planned
@@ -200,19 +215,6 @@ class _SetupRun:
         if node.optimizer_state is None:
             node.optimizer_state = {}
         return node.optimizer_state
-
-    def server_free_neighbours(self, node: _Node) -> list[str] | None:
-        if self.setup.neighbours == "topology":
-            return [self.ids[j] for j in node.neighbours]
-        if self.setup.neighbours == "task":
-            task_links = getattr(self.workload, "neighbours", lambda _: None)(node.index)
-            if task_links is None:
-                raise ValueError(
-                    f"{self.scenario.source}: key 'setup.neighbours': the task "
-                    f"{self.scenario.task.name!r} has no neighbour graph; use all or topology"
-                )
-            return [self.ids[j] for j in task_links]
-        return None
 
     def handle(self, node: _Node, event: Any) -> None:
         assert node.machine is not None
@@ -255,6 +257,8 @@ class _SetupRun:
         size = message_bytes(message, self.workload)
         if isinstance(message, FeatureReply):
             src.feature_bytes_sent += len(message.data)
+        elif not isinstance(message, FeatureRequest):
+            src.models_sent_to.add(peer)
         src.bytes_sent += size
         src.messages_sent += 1
         self.bytes_total += size
@@ -308,6 +312,8 @@ class _SetupRun:
                 self.by_id[src].messages_lost["receiver_down"] += 1
                 return
             node.bytes_received += size
+            if not isinstance(message, FeatureRequest | FeatureReply):
+                node.models_received_from.add(src)
             self.handle(node, MessageReceived(src, message))
         elif kind == _LEAVE:
             self.leave(node)
@@ -467,6 +473,9 @@ class _SetupRun:
                 "feature_bytes_sent": node.feature_bytes_sent,
                 "feature_bytes_received": node.feature_bytes_received,
             }
+            if self.setup.protocol == "server-free":  # whom it exchanged models with
+                extra["models_sent_to"] = sorted(node.models_sent_to)
+                extra["models_received_from"] = sorted(node.models_received_from)
             nodes.append(
                 NodeResult(
                     node.id,

@@ -196,3 +196,67 @@ def test_unreadable_or_invalid_revocation_list_names_file_line_and_key(tmp_path:
     (tmp_path / "state" / "revocations.list").write_bytes(authority.revoke({}, serial=2))
     load_revocations(config, policy)
     assert policy.revocations is not None and policy.revocations.serial == 2
+
+
+RANGE = """[trust]
+mode = "open"
+
+[node]
+position = [34.072, -118.3]
+
+[protocol]
+name = "server-free"
+neighbours = "range"
+range_km = 16.0
+
+[protocol.positions]
+aaaa = [34.155, -118.49]
+bbbb = [34.15, -118.415]
+"""
+
+
+def test_range_neighbours_read_position_range_and_member_positions(tmp_path: Path) -> None:
+    config = _parse(RANGE, tmp_path)
+    assert config.node.position == (34.072, -118.3)  # type: ignore[attr-defined]
+    assert config.protocol.positions == {  # type: ignore[attr-defined]
+        "aaaa": (34.155, -118.49),
+        "bbbb": (34.15, -118.415),
+    }
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "key", "says"),
+    [
+        ("position = [34.072, -118.3]\n", "", 8, "protocol.neighbours", "[node] position"),
+        ("range_km = 16.0\n", "", 9, "protocol.neighbours", "range_km"),
+        (
+            "aaaa = [34.155, -118.49]\nbbbb = [34.15, -118.415]\n",
+            "",
+            9,
+            "protocol.neighbours",
+            "[protocol.positions]",
+        ),
+        ("[34.072, -118.3]", "[134.0, -118.3]", 5, "node.position", "latitude is -90..90"),
+        ("[34.155, -118.49]", "[34.155]", 13, "protocol.positions.aaaa", "[latitude, longitude]"),
+        ('"server-free"', '"gossip"', 9, "protocol.neighbours", "only server-free"),
+        ("range_km = 16.0", "range_km = 0", 10, "protocol.range_km", "a distance in km > 0"),
+        ('neighbours = "range"', 'neighbours = "task"', 9, "protocol.neighbours", '"range"'),
+    ],
+)
+def test_range_neighbours_mistakes_name_file_line_and_key(
+    tmp_path: Path, old: str, new: str, line: int, key: str, says: str
+) -> None:
+    assert old in RANGE
+    with pytest.raises(ConfigError) as info:
+        _parse(RANGE.replace(old, new), tmp_path)
+    assert (info.value.line, info.value.key) == (line, key)
+    assert str(info.value).startswith(f"{tmp_path / 'p2pfl.toml'}:{line}: {key}: ")
+    assert says in str(info.value)
+
+
+def test_topology_neighbours_need_the_neighbour_ids(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\n[protocol]\nname = "server-free"\nneighbours = "topology"\n'
+    with pytest.raises(ConfigError, match=r":5: protocol\.neighbours: .*neighbour_ids"):
+        _parse(text, tmp_path)
+    config = _parse(text + 'neighbour_ids = ["aaaa"]\n', tmp_path)
+    assert config.protocol.neighbour_ids == ("aaaa",)  # type: ignore[attr-defined]

@@ -66,6 +66,8 @@ def test_processes_engine_runs_server_free_fl_with_real_daemons_and_writes_resul
     for node in setup.nodes:
         assert node.extra["exit_code"] == 0  # stopped cleanly with SIGTERM
         assert node.extra["peers_connected"] == 2
+        assert len(node.extra["bytes_out_by_peer"]) == 2  # all: it sent models to both peers
+        assert all(b > 0 for b in node.extra["bytes_out_by_peer"].values())
         assert node.rounds >= 3 and node.history
         assert node.final["accuracy"] > 0.7  # each one learned (untrained: about 0.1)
     for name in ("results.csv", "summary.csv", "metric_vs_time.png", "bytes_per_node.png"):

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from p2pfl.learning.ops import TaskWorkload
 from p2pfl.sim import virtual
 from p2pfl.sim.scenario import Scenario, ScenarioError, TrainingSpec, parse_scenario
 from p2pfl.sim.vectorized import VectorizedLogReg
-from p2pfl.sim.workload import TaskWorkload
 
 Tiny = Callable[..., Scenario]
 FULL_BATCH = {"batch_size": 4096, "lr": 0.05}

@@ -132,8 +132,8 @@ def test_results_round_trip_and_plots(tiny: Tiny, tmp_path: Path) -> None:
 def test_vectorized_logreg_scores_like_the_task_and_learns(tiny: Tiny) -> None:
     import torch
 
+    from p2pfl.learning.ops import TaskWorkload
     from p2pfl.sim.vectorized import VectorizedLogReg
-    from p2pfl.sim.workload import TaskWorkload
 
     scenario = tiny(training={"path": "vectorized"})
     vector, task = VectorizedLogReg(scenario), TaskWorkload(scenario)
@@ -159,7 +159,7 @@ def test_vectorized_path_refuses_other_tasks(tiny: Tiny) -> None:
 
 
 def test_traffic_feature_plan_asks_halo_owners_for_real_readings(tiny: Tiny) -> None:
-    from p2pfl.sim.workload import TaskWorkload
+    from p2pfl.learning.ops import TaskWorkload
 
     scenario = tiny(task={"name": "traffic-metr-la", "nodes": 7, "options": {"days": 2}})
     workload = TaskWorkload(scenario)
@@ -176,4 +176,3 @@ def test_traffic_feature_plan_asks_halo_owners_for_real_readings(tiny: Tiny) -> 
         own = tuple(int(s) for s in partition.members[node][:3])
         assert len(plan.source(own) or b"") == 4 * steps * len(own)
         assert plan.source(tuple(int(s) for s in partition.halos[node][:1])) is None
-    assert workload.neighbours(0) == list(partition.neighbours[0])

@@ -1,0 +1,253 @@
+"""Model operations a learner needs, over the learning core's tasks: shared by daemon and engines.
+
+A ``Workload`` owns the task, the data of every node and the models as handles: it trains a
+handle for a node (real training, synchronous), evaluates a handle, and sizes it for the network
+model. ``StateDictOps`` is the ``ModelOps`` the protocol machines get: validation and aggregation
+by the learning core's primitives (``validate_update``, ``AGGREGATORS``) over state_dicts; the
+daemon uses it as is. :func:`feature_plan` tells a graph task's node which halo readings to ask
+of whom and what it serves; the daemon and the virtual engine build their plans with it.
+
+Handles are never changed after creation: training copies, aggregators allocate their output.
+That lets many nodes share one handle (FedAvg participants adopting the same global model) and
+keeps per-node memory to the models a node actually holds.
+
+This module imports neither ``p2pfl.daemon`` nor ``p2pfl.sim``: a scenario's task table reaches
+it as any object with the fields of :class:`TaskSpecLike`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from p2pfl.ml import AGGREGATORS, TrainConfig, load_task, validate_update
+from p2pfl.protocols import FeaturePlan
+
+StateDict = dict[str, torch.Tensor]
+
+
+class Report(Protocol):
+    @property
+    def samples(self) -> int: ...
+
+    @property
+    def loss(self) -> float: ...
+
+
+class Workload(Protocol):
+    primary_metric: str
+    higher_is_better: bool
+    ops: Any
+
+    def initial(self) -> Any: ...
+
+    def train(
+        self,
+        node: int | None,
+        weights: Any,
+        epochs: float,
+        *,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
+    ) -> tuple[Any, Report]:
+        """Train a copy of ``weights`` on ``node``'s data (None: all data, centralized).
+
+        The learning rate is the task's times ``lr_scale``; ``optimizer_state``, a dict the
+        engine keeps per node, carries the optimizer's moments from one call to the next.
+        """
+        ...
+
+    def evaluate(self, weights: Any) -> dict[str, float]: ...
+
+    def nbytes(self, weights: Any) -> int: ...
+
+    def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None: ...
+
+
+class TaskSpecLike(Protocol):
+    """A scenario's ``[task]`` table as this module reads it (``p2pfl.sim.scenario.TaskSpec``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def nodes(self) -> int: ...
+    @property
+    def partition(self) -> str: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def lr(self) -> float | None: ...
+    @property
+    def batch_size(self) -> int | None: ...
+    @property
+    def options(self) -> Mapping[str, Any]: ...
+
+
+class ScenarioLike(Protocol):
+    @property
+    def task(self) -> TaskSpecLike: ...
+    @property
+    def seed(self) -> int: ...
+
+
+class StateDictOps:
+    """``ModelOps`` over torch state_dicts, by the learning core's aggregation primitives."""
+
+    def __init__(self, *, max_norm: float | None = None) -> None:
+        self._aggregators = AGGREGATORS
+        self._validate = validate_update
+        self.max_norm = max_norm
+
+    @property
+    def rules(self) -> Collection[str]:
+        return tuple(self._aggregators)
+
+    def validate(self, reference: StateDict, update: StateDict) -> str | None:
+        reason: str | None = self._validate(reference, update, max_norm=self.max_norm)
+        return reason
+
+    def aggregate(
+        self, rule: str, reference: StateDict, models: Sequence[StateDict], weights: Sequence[float]
+    ) -> StateDict:
+        merged: StateDict = self._aggregators[rule](models, weights, reference)
+        return merged
+
+
+def build_task(
+    name: str,
+    *,
+    n_nodes: int,
+    partition: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    readings: Path | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Any:
+    """The learning core's task from the keys a daemon's [task] and a scenario's [task] share.
+
+    ``lr``/``batch_size`` become the task's ``TrainConfig`` (unset: the task's default);
+    ``readings`` is a graph task's file of real speed readings. Raises what ``load_task``
+    raises: ValueError for a bad name or value, TypeError for an option the task does not take.
+    """
+    kwargs: dict[str, Any] = dict(options or {})
+    if lr is not None or batch_size is not None:
+        default = TrainConfig()
+        kwargs["config"] = TrainConfig(
+            lr=lr if lr is not None else default.lr,
+            batch_size=batch_size if batch_size is not None else default.batch_size,
+        )
+    if readings is not None:
+        kwargs["readings"] = readings
+    return load_task(name, n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, **kwargs)
+
+
+def load_scenario_task(scenario: ScenarioLike) -> Any:
+    """The learning core's task for a scenario's [task] table (lr/batch_size -> TrainConfig)."""
+    spec = scenario.task
+    return build_task(
+        spec.name,
+        n_nodes=spec.nodes,
+        partition=spec.partition,
+        alpha=spec.alpha,
+        seed=scenario.seed,
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        options=spec.options,
+    )
+
+
+def feature_plan(task: Any, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
+    """Graph tasks: the halo readings cloudlet ``node`` needs, by owner, and what it serves.
+
+    ``node_ids[i]`` is the node id of partition ``i``. The replies carry the real readings
+    (float32, the whole table of those sensors) from the task's speed table; the task's own data
+    already holds the halo, so the exchange is there to move and count exactly the bytes a
+    deployment would move. None for tasks without a graph partition.
+    """
+    partition = getattr(task, "partition", None)
+    windows = getattr(task, "windows", None)
+    if partition is None or windows is None or not hasattr(partition, "halos"):
+        return None
+    owner = partition.owner
+    needs: dict[str, tuple[int, ...]] = {}
+    for sensor in partition.halos[node]:
+        needs.setdefault(node_ids[int(owner[sensor])], ())
+        needs[node_ids[int(owner[sensor])]] += (int(sensor),)
+    table = windows.truth
+
+    def source(sensors: tuple[int, ...]) -> bytes | None:
+        if not sensors or any(int(owner[s]) != node for s in sensors):
+            return None
+        columns = table[:, list(sensors)]
+        data = columns.numpy() if hasattr(columns, "numpy") else columns
+        return bytes(np.ascontiguousarray(data, dtype=np.float32).tobytes())
+
+    return FeaturePlan(needs=needs, source=source, timeout=30.0)
+
+
+def _frozen_copy(state: dict[str, torch.Tensor]) -> StateDict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+class TaskWorkload:
+    """A learning-core ``Task``: one shared module is loaded with a handle, trained, copied out."""
+
+    def __init__(self, scenario: ScenarioLike, *, threads: int = 1) -> None:
+        # Tiny models, one process: one intra-op thread is fastest, and on a shared machine
+        # torch's spinning worker threads made a 4-batch MLP epoch 20x slower (measured).
+        torch.set_num_threads(threads)
+        self.task = load_scenario_task(scenario)
+        self.primary_metric = self.task.primary_metric
+        self.higher_is_better = self.task.higher_is_better
+        self.ops = StateDictOps()
+        self._n_nodes = scenario.task.nodes
+        self._model = self.task.make_model()
+        self._initial = _frozen_copy(self._model.state_dict())
+        self._data: dict[int | None, Any] = {}
+
+    def _node_data(self, node: int | None) -> Any:
+        if node not in self._data:
+            self._data[node] = (
+                self.task.central_data()
+                if node is None
+                else self.task.node_data(node, self._n_nodes)
+            )
+        return self._data[node]
+
+    def initial(self) -> StateDict:
+        return self._initial
+
+    def train(
+        self,
+        node: int | None,
+        weights: StateDict,
+        epochs: float,
+        *,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
+    ) -> tuple[StateDict, Report]:
+        self._model.load_state_dict(weights)
+        report = self.task.train(
+            self._model,
+            self._node_data(node),
+            epochs=epochs,
+            lr_scale=lr_scale,
+            optimizer_state=optimizer_state,
+        )
+        return _frozen_copy(self._model.state_dict()), report
+
+    def evaluate(self, weights: StateDict) -> dict[str, float]:
+        self._model.load_state_dict(weights)
+        return {k: float(v) for k, v in self.task.evaluate(self._model).items()}
+
+    def nbytes(self, weights: StateDict) -> int:
+        return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
+        return feature_plan(self.task, node, node_ids)
