@@ -409,7 +409,19 @@ class RtcLink:
             await self._pc.close()
         finally:
             self._adopt_tasks()  # any that closing started
+            self._close_sockets()
             self._unregister()
+
+    def _close_sockets(self) -> None:
+        """Close every UDP socket ICE opened for this link, also one whose creation finished
+        after aioice's own close ran (a close racing candidate gathering), so none outlives
+        the link or the loop."""
+        for ice in getattr(self._pc, "_RTCPeerConnection__iceTransports", ()):
+            connection = getattr(ice, "_connection", None)
+            for protocol in list(getattr(connection, "_protocols", ())):
+                transport = getattr(protocol, "transport", None)
+                if transport is not None and not transport.is_closing():
+                    transport.close()
 
     def _owners(self) -> list[object]:
         """The objects behind this link whose methods aiortc and aioice run as tasks."""
