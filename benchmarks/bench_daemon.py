@@ -98,7 +98,7 @@ def bench_overhead(seconds: float, epochs: float) -> None:
 
 def _baseline_process() -> subprocess.Popen[bytes]:
     code = (
-        "import torch, aiortc, zeroconf, trio, sklearn.datasets, time, sys;"
+        "import torch, aiortc, zeroconf, trio, time, sys;"
         "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(3600)"
     )
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)

@@ -27,6 +27,7 @@ def test_wheel_has_only_the_p2pfl_import_name(tmp_path: Path) -> None:
     }
     assert top_level == {"p2pfl"}
     assert "p2pfl/py.typed" in names
+    assert "p2pfl/ml/data/digits.npz" in names  # the digits task reads it: no scikit-learn
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "p2pfl = p2pfl.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

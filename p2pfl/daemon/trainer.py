@@ -3,8 +3,8 @@
 The driver trains and evaluates state_dicts that are never changed after creation (the protocol
 machines assume so); the :class:`p2pfl.ml.Executor` runs each job off the event loop, in a worker
 thread or a worker process (``[executor] mode``), one job at a time. The first step is paid in
-:meth:`NodeTrainer.warm_up`, before the daemon reports READY: it imports torch's lazy parts (the
-first optimizer pulls in torch._dynamo, seconds on a small CPU) or starts the worker process.
+:meth:`NodeTrainer.warm_up`, before the daemon reports READY: it pages in torch's kernels (on CPU
+without torch._dynamo: see p2pfl.ml.adam) or starts the worker process.
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 Kept apart from ``task`` (the ``Task`` contract and the digits tasks) and ``forecast`` (the
 traffic tasks) so that both can be imported without the other and the imports have no cycle.
+The traffic module is imported only when a traffic task is asked for, so a digits node never
+loads the graph and forecasting code.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from p2pfl.ml.forecast import TrafficTask
 from p2pfl.ml.task import DigitsTask, Task
 
 __all__ = ["TASKS", "load_task"]
@@ -38,6 +39,8 @@ def load_task(
             n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, model=model, **options
         )
     if name in ("traffic-metr-la", "traffic-pems-bay"):
+        from p2pfl.ml.forecast import TrafficTask  # only for traffic nodes: see the docstring
+
         return TrafficTask(
             graph=options.pop("graph", name.removeprefix("traffic-")),
             n_nodes=n_nodes,

@@ -16,10 +16,12 @@ receive from the cloudlets that own them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from p2pfl.ml.traffic import SensorGraph, haversine_km
+if TYPE_CHECKING:  # the sensor graph is for traffic tasks only: a digits node never loads it
+    from p2pfl.ml.traffic import SensorGraph
 
 __all__ = [
     "PARTITIONERS",
@@ -160,6 +162,8 @@ def partition_cloudlets(
     Two cloudlets are neighbours (may talk directly) when their centres are within ``range_km``,
     by default twice the radius, i.e. their coverage disks touch.
     """
+    from p2pfl.ml.traffic import haversine_km
+
     if not graph.cloudlets:
         raise ValueError(f"graph {graph.name!r} has no cloudlets (cloudlets.json)")
     c_lat = np.array([c.lat for c in graph.cloudlets])

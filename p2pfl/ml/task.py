@@ -3,8 +3,9 @@
 A :class:`Task` is what the simulator and the daemon call; everything else in ``p2pfl.ml`` is
 behind it. Get one with :func:`p2pfl.ml.catalog.load_task`:
 
-- ``"digits"``: scikit-learn's 8x8 digits (1,797 real images shipped inside scikit-learn),
-  :class:`~p2pfl.ml.models.MLP`; split IID / Dirichlet label skew / quantity skew over nodes.
+- ``"digits"``: scikit-learn's 8x8 digits (1,797 real images, shipped with p2pfl as package data:
+  see :mod:`p2pfl.ml.digits`), :class:`~p2pfl.ml.models.MLP`; split IID / Dirichlet label skew /
+  quantity skew over nodes.
 - ``"digits-logreg"``: the same data with a 650-parameter logistic regression, for runs with
   a thousand virtual nodes.
 - ``"traffic-metr-la"``, ``"traffic-pems-bay"``: STGCN on the sensor graph, one node per
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from p2pfl.ml.digits import load_split
 from p2pfl.ml.metrics import ClassificationMeter
 from p2pfl.ml.models import MLP, LogisticRegression
 from p2pfl.ml.partition import partition_samples
@@ -141,18 +143,12 @@ class ClassificationData(NodeData):
 
 @cache
 def _digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x / 16.0, y, test_size=0.2, stratify=y, random_state=0
-    )
+    split = load_split()  # shipped with p2pfl: no scikit-learn at run time
     return (
-        torch.tensor(x_train, dtype=torch.float32),
-        torch.tensor(y_train, dtype=torch.int64),
-        torch.tensor(x_test, dtype=torch.float32),
-        torch.tensor(y_test, dtype=torch.int64),
+        torch.tensor(split.x_train, dtype=torch.float32),
+        torch.tensor(split.y_train, dtype=torch.int64),
+        torch.tensor(split.x_test, dtype=torch.float32),
+        torch.tensor(split.y_test, dtype=torch.int64),
     )
 
 

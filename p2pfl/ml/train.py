@@ -1,7 +1,8 @@
 """The training loop: one visible loop, the same code on CPU and CUDA.
 
 ``fit`` runs a number of optimizer steps (fractional epochs allowed: 0.5 is half the batches of
-one pass) from whatever weights the model holds. By default each call starts a fresh Adam; a
+one pass) from whatever weights the model holds. By default each call starts a fresh Adam (on CPU
+:class:`p2pfl.ml.adam.Adam`, the same steps as torch's without importing ``torch._dynamo``); a
 caller that passes the same ``optimizer_state`` dict to every call of a node keeps that node's
 moment estimates across its local rounds (the averaged weights replace the parameters, the
 moments carry on), and ``lr_scale`` lets the caller follow a learning-rate schedule over its
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from p2pfl.ml.adam import Adam
 from p2pfl.ml.energy import EnergyMeter
 
 __all__ = [
@@ -138,6 +140,17 @@ def prefetch(batches: Iterable[Batch], device: torch.device | str) -> Iterator[B
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 
 
+def _adam(model: nn.Module, config: TrainConfig, device: torch.device) -> Any:
+    """Adam over the model's parameters: ours on CPU (no torch._dynamo), torch's elsewhere.
+
+    Both compute the same steps on CPU (see :mod:`p2pfl.ml.adam`); on CUDA torch's multi-tensor
+    kernels run, as they always did here.
+    """
+    if device.type == "cpu":
+        return Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
 def fit(
     model: nn.Module,
     source: BatchSource,
@@ -161,7 +174,7 @@ def fit(
     """
     device = torch.device(device)
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _adam(model, config, device)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     for group in optimizer.param_groups:
