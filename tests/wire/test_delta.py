@@ -1,0 +1,162 @@
+"""The per-link delta codec: top-k of the update with error feedback (issue 13, part 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from p2pfl.wire import DeltaDecoder, DeltaEncoder, WireError, decode_state_dict, pack, unpack
+from p2pfl.wire import encode_state_dict as encode
+
+
+def _model(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(40, 25, generator=g),
+        "b": torch.randn(25, generator=g),
+        "steps": torch.tensor(3),
+    }
+
+
+def _drift(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items() if k != "steps"
+    }
+    out["steps"] = state["steps"] + 1
+    return out
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_first_message_is_a_keyframe_decoded_exactly() -> None:
+    sender, receiver = DeltaEncoder(), DeltaDecoder()
+    model = _model()
+    data = sender.encode(model)
+    assert unpack(data)[:4] == ["p2pfl.state_delta", 1, 0, 1]
+    assert _equal(receiver.decode(data), model)
+
+
+def test_a_delta_sends_the_largest_changes_and_the_rest_follows_later() -> None:
+    sender, receiver = DeltaEncoder(topk_ratio=0.25), DeltaDecoder()
+    old, new = _model(), _drift(_model(), 1)
+    receiver.decode(sender.encode(old))
+    first = sender.encode(new)
+    assert unpack(first)[:4] == ["p2pfl.state_delta", 1, 1, 2]
+    got = receiver.decode(first)
+    changed = got["w"] != old["w"]
+    assert int(changed.sum()) == 250  # a quarter of 1000 values, taken from the new model
+    assert torch.equal(got["w"][changed], new["w"][changed])
+    largest = (new["w"] - old["w"]).abs()[changed].min()
+    assert bool(((new["w"] - old["w"]).abs()[~changed] <= largest).all())
+    assert torch.equal(got["steps"], new["steps"])  # integer tensors travel whole
+    # Error feedback: what was not sent goes out next; four deltas carry the whole update.
+    for _ in range(3):
+        got = receiver.decode(sender.encode(new))
+    assert _equal(got, new)
+
+
+def test_one_percent_deltas_are_about_a_fiftieth_of_a_keyframe() -> None:
+    sender = DeltaEncoder(topk_ratio=0.01)
+    model = _model()
+    keyframe = sender.encode(model)
+    delta = sender.encode(_drift(model, 1))
+    assert len(delta) * 20 < len(keyframe)
+
+
+def test_a_lost_delta_is_refused_until_the_next_keyframe_heals_the_link() -> None:
+    sender, receiver = DeltaEncoder(keyframe_every=4), DeltaDecoder()
+    model = _model()
+    receiver.decode(sender.encode(model))  # keyframe, seq 1
+    sender.encode(_drift(model, 1))  # seq 2: lost on the way
+    with pytest.raises(WireError, match="reference 2, this link holds 1") as info:
+        receiver.decode(sender.encode(_drift(model, 2)))
+    assert info.value.reason == "bad_tensor"
+    again = sender.encode(model)
+    assert unpack(again)[2] == 3  # still a delta: refused again
+    with pytest.raises(WireError):
+        receiver.decode(again)
+    # The fourth message after the keyframe is a keyframe again.
+    last = _drift(model, 3)
+    data = sender.encode(last)
+    assert unpack(data)[2] == 0 and _equal(receiver.decode(data), last)
+
+
+def test_a_new_session_starts_with_a_keyframe() -> None:
+    sender, receiver = DeltaEncoder(), DeltaDecoder()
+    model = _model()
+    receiver.decode(sender.encode(model))
+    receiver.reset()
+    with pytest.raises(WireError, match="holds none"):
+        receiver.decode(sender.encode(_drift(model, 1)))
+    sender.reset()
+    data = sender.encode(model)
+    assert unpack(data)[2] == 0 and _equal(receiver.decode(data), model)
+
+
+def test_decoded_models_are_never_changed_by_later_messages() -> None:
+    sender, receiver = DeltaEncoder(topk_ratio=0.5), DeltaDecoder()
+    first = receiver.decode(sender.encode(_model()))
+    kept = {k: v.clone() for k, v in first.items()}
+    second = receiver.decode(sender.encode(_drift(_model(), 1)))
+    assert _equal(first, kept)
+    receiver.decode(sender.encode(_drift(_model(), 2)))
+    assert not _equal(second, first)
+
+
+def test_a_keyframe_in_a_lossy_codec_keeps_both_references_equal() -> None:
+    sender, receiver = DeltaEncoder(keyframe_codec="int8", topk_ratio=1.0), DeltaDecoder()
+    model = _model()
+    got = receiver.decode(sender.encode(model))
+    assert _equal(got, decode_state_dict(encode(model, "int8")))
+    assert _equal(receiver.decode(sender.encode(model)), model)  # ratio 1: all values
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (["p2pfl.state_dict", 1, 0, 1, b""], "malformed"),
+        (["p2pfl.state_delta", 2, 0, 1, b""], "bad_version"),
+        (["p2pfl.state_delta", 1, 3, 3, b""], "malformed"),
+        (["p2pfl.state_delta", 1, 0, 1, "not bytes"], "malformed"),
+        (["p2pfl.state_delta", 1, True, 1, b""], "malformed"),
+        ({"base": 0}, "malformed"),
+    ],
+)
+def test_malformed_deltas_are_refused(message: object, reason: str) -> None:
+    with pytest.raises(WireError) as info:
+        DeltaDecoder().decode(pack(message))
+    assert info.value.reason == reason
+
+
+def test_a_delta_naming_other_tensors_than_the_reference_is_refused() -> None:
+    receiver = DeltaDecoder()
+    receiver.decode(DeltaEncoder().encode(_model()))
+    other = {"w": torch.zeros(40, 25)}
+    payload = encode(other, "topk", topk_indices={"w": torch.tensor([0, 5])})
+    with pytest.raises(WireError, match="other tensors"):
+        receiver.decode(pack(["p2pfl.state_delta", 1, 1, 2, payload]))
+
+
+def test_explicit_topk_indices_must_be_sorted_and_in_range() -> None:
+    with pytest.raises(ValueError, match="strictly increasing"):
+        encode({"w": torch.zeros(4)}, "topk", topk_indices={"w": torch.tensor([2, 1])})
+    with pytest.raises(ValueError, match="strictly increasing"):
+        encode({"w": torch.zeros(4)}, "topk", topk_indices={"w": torch.tensor([4])})
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"topk_ratio": 0.0}, "topk_ratio"),
+        ({"keyframe_every": 0}, "keyframe_every"),
+        ({"keyframe_codec": "topk"}, "keyframe_codec"),
+    ],
+)
+def test_encoder_settings_out_of_range_are_refused(setting: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DeltaEncoder(**setting)
