@@ -11,20 +11,24 @@ converges to the sender's model instead of to a sparse caricature of it.
 
 Layout (msgpack, see protocols/SPEC.md section 6)::
 
-    ["p2pfl.state_delta", 1, base, seq, payload]
+    ["p2pfl.state_delta", 1, base, seq, digest, payload]
 
-- ``base`` = 0: a keyframe; ``payload`` is a full ``p2pfl.state_dict`` (any codec) and becomes
-  the reference. ``base`` > 0: a delta on the reference numbered ``base``; ``payload`` is a
+- ``base`` = 0: a keyframe; ``digest`` is nil and ``payload`` is a full ``p2pfl.state_dict``
+  (any codec) that becomes the reference. ``base`` > 0: a delta on the reference numbered
+  ``base`` whose ``digest`` (bin 8) is :func:`state_digest` of that reference; ``payload`` is a
   ``p2pfl.state_dict`` with codec ``topk`` whose floating entries carry the model's *values* at
   the listed indices (they replace the reference's values; nothing is added, so both sides stay
   bit-identical), and whose other entries are sent whole.
-- ``seq`` numbers the reference this message produces on the link; ``seq > base``.
+- ``seq`` numbers the reference this message produces on the link; ``seq > base``. Reference 1
+  may be a model both sides hold without sending it (``initial``: every node builds the task's
+  initial model from the seed), so a link need not start with a keyframe.
 
 Guarantees:
 - Sender and receiver hold bit-identical references after every message the receiver decodes.
 - A delta whose ``base`` is not the receiver's current reference (a lost or refused message, a
-  restart on either side) cannot be reconstructed: ``WireError("bad_tensor")``, which the
-  driver counts as a dropped message. The sender sends a keyframe first on a link, every
+  restart on either side), or whose ``digest`` differs from the receiver's reference (different
+  initial models), cannot be reconstructed: ``WireError("bad_tensor")``, which the driver
+  counts as a dropped message. The sender sends a keyframe first on a link, every
   ``keyframe_every`` messages, and after ``reset()`` (the driver calls it on a new session), so
   a link heals by itself.
 - Decoding returns fresh tensors: a handle given to the learner is never changed afterwards.
@@ -33,6 +37,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -58,11 +63,28 @@ def _copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def state_digest(state: Mapping[str, torch.Tensor]) -> bytes:
+    """8 bytes of SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()[:8]
+
+
 class DeltaEncoder:
     """The sending end of one link: top-k of (model - reference), reference tracking."""
 
     def __init__(
-        self, *, topk_ratio: float = 0.01, keyframe_every: int = 64, keyframe_codec: str = "fp32"
+        self,
+        *,
+        topk_ratio: float = 0.01,
+        keyframe_every: int = 64,
+        keyframe_codec: str = "fp32",
+        initial: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if not 0.0 < topk_ratio <= 1.0:
             raise ValueError(f"topk_ratio must be in (0, 1], got {topk_ratio}")
@@ -73,13 +95,23 @@ class DeltaEncoder:
         self.topk_ratio = topk_ratio
         self.keyframe_every = keyframe_every
         self.keyframe_codec = keyframe_codec
+        self._initial = None if initial is None else _copy(initial)
         self._reference: dict[str, torch.Tensor] | None = None
         self._seq = 0
         self._deltas_since_keyframe = 0
+        self.reset()
+
+    @property
+    def reference(self) -> dict[str, torch.Tensor] | None:
+        """A copy of what the receiver holds of this sender's model (None before a keyframe)."""
+        return None if self._reference is None else _copy(self._reference)
 
     def reset(self) -> None:
-        """Forget the reference: the next message is a keyframe (new session on the link)."""
-        self._reference = None
+        """Back to the start of a link (new session): reference 1 is ``initial`` if given,
+        else the next message is a keyframe."""
+        self._reference = None if self._initial is None else _copy(self._initial)
+        self._seq = 0 if self._initial is None else 1
+        self._deltas_since_keyframe = 0
 
     def encode(self, state: Mapping[str, torch.Tensor]) -> bytes:
         reference = self._reference
@@ -103,6 +135,7 @@ class DeltaEncoder:
                 k = 0
             indices[name] = torch.topk(diff, k, sorted=False).indices.sort().values
         payload = encode_state_dict(state, "topk", topk_indices=indices)
+        digest = state_digest(reference)
         base, self._seq = self._seq, self._seq + 1
         with torch.no_grad():
             for name, value in state.items():
@@ -112,7 +145,7 @@ class DeltaEncoder:
                 else:
                     reference[name] = value.detach().clone()
         self._deltas_since_keyframe += 1
-        return pack([DELTA_FORMAT, DELTA_VERSION, base, self._seq, payload])
+        return pack([DELTA_FORMAT, DELTA_VERSION, base, self._seq, digest, payload])
 
     def _keyframe(self, state: Mapping[str, torch.Tensor]) -> bytes:
         payload = encode_state_dict(state, self.keyframe_codec)
@@ -120,21 +153,29 @@ class DeltaEncoder:
         self._reference = _copy(decode_state_dict(payload))
         self._seq += 1
         self._deltas_since_keyframe = 0
-        return pack([DELTA_FORMAT, DELTA_VERSION, 0, self._seq, payload])
+        return pack([DELTA_FORMAT, DELTA_VERSION, 0, self._seq, None, payload])
 
 
 class DeltaDecoder:
     """The receiving end of one link: rebuilds models from keyframes and deltas."""
 
-    def __init__(self, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        *,
+        initial: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self.limits = limits
+        self._initial = None if initial is None else _copy(initial)
         self._reference: dict[str, torch.Tensor] | None = None
         self._seq = 0
+        self.reset()
 
     def reset(self) -> None:
-        """Forget the reference: only a keyframe can be decoded next (new session)."""
-        self._reference = None
-        self._seq = 0
+        """Back to the start of a link (new session): reference 1 is ``initial`` if given,
+        else only a keyframe can be decoded next."""
+        self._reference = None if self._initial is None else _copy(self._initial)
+        self._seq = 0 if self._initial is None else 1
 
     def decode(self, data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
         """The sender's model; raises only `WireError` (``bad_tensor``: not reconstructible)."""
@@ -143,16 +184,17 @@ class DeltaDecoder:
         message = unpack(data, self.limits)
         if (
             not isinstance(message, list)
-            or len(message) != 5
+            or len(message) != 6
             or message[0] != DELTA_FORMAT
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in message[1:4])
-            or not isinstance(message[4], bytes)
+            or not isinstance(message[4], bytes | None)
+            or not isinstance(message[5], bytes)
         ):
             raise WireError("malformed", f"not a {DELTA_FORMAT} payload")
-        _, version, base, seq, payload = message
+        _, version, base, seq, digest, payload = message
         if version != DELTA_VERSION:
             raise WireError("bad_version", f"state delta format {version}")
-        if not 0 <= base < seq <= MAX_DELTA_SEQ:
+        if not 0 <= base < seq <= MAX_DELTA_SEQ or (digest is None) != (base == 0):
             raise WireError("malformed", f"state delta base {base}, seq {seq}")
         if base == 0:
             state = decode_state_dict(payload, self.limits)
@@ -164,6 +206,8 @@ class DeltaDecoder:
                 "bad_tensor",
                 f"state delta on reference {base}, this link holds {self._seq or 'none'}",
             )
+        if digest != state_digest(reference):
+            raise WireError("bad_tensor", f"state delta on reference {base}: digest differs")
         entries = decode_sparse_state_dict(payload, self.limits)
         if entries.keys() != reference.keys():
             raise WireError("bad_tensor", "state delta names other tensors than its reference")
