@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Generic, TypeVar
 
 from ._actions import (
@@ -92,6 +92,14 @@ class LearnerSettings:
     """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
 
+_RULE_DEFAULTS = {
+    f.name: f.default
+    for f in fields(LearnerSettings)
+    if f.name in ("clip_radius", "clip_scale", "clip_window", "krum_f", "krum_m", "trim_fraction")
+}
+"""The rule parameters and their defaults (what an ops object without params gets)."""
+
+
 def _check_rule_settings(config: LearnerSettings) -> None:
     """Our own misuse raises: parameters outside what their rule can use."""
     if config.clip_radius is not None and not 0 <= config.clip_radius < math.inf:
@@ -143,8 +151,18 @@ class Learner(Generic[W]):
         self._strikes_to_penalize = config.strikes_to_penalize
         self._evaluate_every = config.evaluate_every
         self._settings = config
-        # An ops object without distance() predates rule parameters: it gets rule names only.
+        # An ops object without distance() predates rule parameters: it gets rule names only,
+        # and a parameter set away from its default is refused rather than ignored.
         self._ops_takes_params = callable(getattr(ops, "distance", None))
+        if not self._ops_takes_params:
+            changed = sorted(
+                name for name, default in _RULE_DEFAULTS.items() if getattr(config, name) != default
+            )
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} set, but this driver's ModelOps has no distance() "
+                    "and takes no rule parameters; give it p2pfl.ml.StateDictOps"
+                )
         self._distances: deque[float] = deque(maxlen=config.clip_window)
         self._train_input: W | None = None
         self._plan = features or FeaturePlan()

@@ -278,6 +278,12 @@ def test_ops_without_distance_get_rule_names_only() -> None:
     assert ops.calls == ["clip"] and machine.clip_radius() is None
 
 
+def test_rule_parameters_an_ops_without_params_would_ignore_are_refused() -> None:
+    config = GossipConfig(aggregation="clip", clip_radius=0.5, trim_fraction=0.1)
+    with pytest.raises(ValueError, match="clip_radius, trim_fraction set, but this driver"):
+        GossipLearner("a", 1.0, LegacyOps(), random.Random(0), config)
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
