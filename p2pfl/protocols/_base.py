@@ -12,6 +12,9 @@ Invariants:
   an update that fails validation is also a strike against its sender, and at
   ``strikes_to_penalize`` strikes the machine emits ``Penalize`` once and ignores the peer.
 - Learning starts only when the feature plan is satisfied (every needed reply, or its timeout).
+- A training result that fails validation against what was trained (NaN/inf, wrong shape) is
+  counted (``own_training_invalid:<reason>``) and replaced by the model trained on, so no
+  non-finite model is ever adopted, sent or merged.
 - Claims cannot buy influence: sample counts used as weights are capped at
   ``max_sample_ratio`` times the lower median of the counts in the same merge (counted as
   ``samples_capped``); ages and rounds are bounded by each machine (see their docstrings).
@@ -222,8 +225,15 @@ class Learner(Generic[W]):
             if not self._training:
                 raise ValueError("TrainingDone without an outstanding Train")
             self._training = False
-            self._note_training_step(event.weights)
-            return self._on_trained(event.weights, event.report, now)
+            trained = event.weights
+            if self._train_input is not None:
+                reason = self._ops.validate(self._train_input, trained)
+                if reason is not None:
+                    # Training diverged (e.g. from a poisoned model): keep what was trained on.
+                    self.dropped[f"own_training_invalid:{reason}"] += 1
+                    trained = self._train_input
+            self._note_training_step(trained)
+            return self._on_trained(trained, event.report, now)
         if isinstance(event, PeerUp):
             return self._peer_up(event.peer, now)
         if isinstance(event, PeerDown):

@@ -278,6 +278,16 @@ def test_ops_without_distance_get_rule_names_only() -> None:
     assert ops.calls == ["clip"] and machine.clip_radius() is None
 
 
+def test_a_diverged_training_result_is_replaced_by_the_model_trained_on(ops: Any) -> None:
+    machine = gossip(ops)
+    tick = machine.next_deadline()
+    machine.handle(TimerFired(), tick)
+    actions = machine.handle(TrainingDone(float("nan"), Report(5)), tick + 1)
+    assert actions[0] == Adopt(1.0) and isinstance(actions[1], Send)
+    assert actions[1].message == GossipModel(1.0, 1, 5)
+    assert machine.dropped["own_training_invalid:not_finite"] == 1
+
+
 def test_rule_parameters_an_ops_without_params_would_ignore_are_refused() -> None:
     config = GossipConfig(aggregation="clip", clip_radius=0.5, trim_fraction=0.1)
     with pytest.raises(ValueError, match="clip_radius, trim_fraction set, but this driver"):
