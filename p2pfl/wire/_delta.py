@@ -33,6 +33,12 @@ Guarantees:
   a link heals by itself.
 - Decoding returns fresh tensors: a handle given to the learner is never changed afterwards.
 - The state is one reference (one model) per link and direction.
+
+For protocols with a round reference (FedAvg) :class:`UpdateEncoder` / :func:`decode_update`
+send the top-k of ``model - reference`` *added* to the reference, with the unsent rest kept by
+the sender as a residual for the next round (``["p2pfl.state_update", 1, digest, payload]``),
+and ``DeltaEncoder(topk_ratio=None)`` sends a new global model as exactly the coordinates that
+changed since the previous one.
 """
 
 from __future__ import annotations
@@ -76,18 +82,22 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> bytes:
 
 
 class DeltaEncoder:
-    """The sending end of one link: top-k of (model - reference), reference tracking."""
+    """The sending end of one link: top-k of (model - reference), reference tracking.
+
+    ``topk_ratio=None`` sends exactly the coordinates that changed (lossless; small when the
+    model changed sparsely, e.g. a global model built from sparse updates).
+    """
 
     def __init__(
         self,
         *,
-        topk_ratio: float = 0.01,
+        topk_ratio: float | None = 0.01,
         keyframe_every: int = 64,
         keyframe_codec: str = "fp32",
         initial: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        if not 0.0 < topk_ratio <= 1.0:
-            raise ValueError(f"topk_ratio must be in (0, 1], got {topk_ratio}")
+        if topk_ratio is not None and not 0.0 < topk_ratio <= 1.0:
+            raise ValueError(f"topk_ratio must be in (0, 1] or None, got {topk_ratio}")
         if keyframe_every < 1:
             raise ValueError(f"keyframe_every must be at least 1, got {keyframe_every}")
         if keyframe_codec not in CODECS or keyframe_codec == "topk":
@@ -130,6 +140,9 @@ class DeltaEncoder:
                 continue
             flat = value.detach().reshape(-1)
             diff = (flat.to(torch.float64) - reference[name].reshape(-1).to(torch.float64)).abs()
+            if self.topk_ratio is None:  # lossless: exactly the coordinates that changed
+                indices[name] = torch.nonzero(diff).reshape(-1)
+                continue
             k = min(flat.numel(), max(1, math.ceil(self.topk_ratio * flat.numel())))
             if flat.numel() == 0:
                 k = 0
@@ -229,3 +242,108 @@ class DeltaDecoder:
         # Only a fully checked delta moves the reference.
         self._reference, self._seq = updated, seq
         return _copy(updated)
+
+
+# -- updates on a round's reference ----------------------------------------------------------
+
+UPDATE_FORMAT = "p2pfl.state_update"
+UPDATE_VERSION = 1
+
+
+class UpdateEncoder:
+    """Top-k of a model's update on a reference both ends hold, with error feedback.
+
+    For rounds with a shared reference (FedAvg: the round's global model, which the aggregator
+    sent and every participant adopted): the update is ``model - reference`` plus what earlier
+    rounds did not send (the residual this encoder keeps); the k largest-magnitude coordinates
+    are sent, the rest stays in the residual for the next round. One encoder per sender (its
+    residual spans rounds); the receiver needs no state beyond the reference.
+    """
+
+    def __init__(self, *, topk_ratio: float = 0.01) -> None:
+        if not 0.0 < topk_ratio <= 1.0:
+            raise ValueError(f"topk_ratio must be in (0, 1], got {topk_ratio}")
+        self.topk_ratio = topk_ratio
+        self._residual: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        """Forget the residual (e.g. a new federation or a restart from a checkpoint)."""
+        self._residual = {}
+
+    def encode(
+        self, state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+    ) -> bytes:
+        import torch
+
+        if state.keys() != reference.keys():
+            raise ValueError("state and reference name different tensors")
+        sent: dict[str, torch.Tensor] = {}
+        indices: dict[str, torch.Tensor] = {}
+        for name, value in state.items():
+            value = value.detach()
+            if not value.is_floating_point():
+                sent[name] = value
+                continue
+            if reference[name].shape != value.shape:
+                raise ValueError(f"{name}: shape differs from the reference")
+            update = value - reference[name].to(value.dtype)
+            residual = self._residual.get(name)
+            if residual is not None and residual.shape == update.shape:
+                update = update + residual
+            flat = update.reshape(-1)
+            k = min(flat.numel(), max(1, math.ceil(self.topk_ratio * flat.numel())))
+            chosen = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+            kept = torch.zeros_like(flat)
+            kept[chosen] = flat[chosen]
+            self._residual[name] = (flat - kept).reshape(update.shape)
+            sent[name] = update
+            indices[name] = chosen
+        payload = encode_state_dict(sent, "topk", topk_indices=indices)
+        return pack([UPDATE_FORMAT, UPDATE_VERSION, state_digest(reference), payload])
+
+
+def decode_update(
+    data: bytes | bytearray | memoryview,
+    reference: Mapping[str, torch.Tensor],
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> dict[str, torch.Tensor]:
+    """``reference`` + the sparse update in ``data`` (`UpdateEncoder`), as fresh tensors.
+
+    Raises only `WireError`: ``bad_tensor`` when the update was made on another reference
+    (digest) or does not fit it.
+    """
+    message = unpack(data, limits)
+    if (
+        not isinstance(message, list)
+        or len(message) != 4
+        or message[0] != UPDATE_FORMAT
+        or not isinstance(message[1], int)
+        or isinstance(message[1], bool)
+        or not isinstance(message[2], bytes)
+        or not isinstance(message[3], bytes)
+    ):
+        raise WireError("malformed", f"not a {UPDATE_FORMAT} payload")
+    _, version, digest, payload = message
+    if version != UPDATE_VERSION:
+        raise WireError("bad_version", f"state update format {version}")
+    if digest != state_digest(reference):
+        raise WireError("bad_tensor", "state update made on another reference (digest differs)")
+    entries = decode_sparse_state_dict(payload, limits)
+    if entries.keys() != reference.keys():
+        raise WireError("bad_tensor", "state update names other tensors than its reference")
+    out: dict[str, torch.Tensor] = {}
+    for name, (values, indices) in entries.items():
+        ref = reference[name]
+        if values.dtype != ref.dtype:
+            raise WireError("bad_tensor", f"tensor {name[:60]!r}: dtype differs from reference")
+        if indices is None:
+            if values.shape != ref.shape or ref.is_floating_point():
+                raise WireError("bad_tensor", f"tensor {name[:60]!r}: not a sparse update")
+            out[name] = values
+            continue
+        if indices.numel() and int(indices.max()) >= ref.numel():
+            raise WireError("bad_tensor", f"tensor {name[:60]!r}: index beyond reference")
+        rebuilt = ref.detach().clone()
+        rebuilt.view(-1)[indices] += values
+        out[name] = rebuilt
+    return out

@@ -7,7 +7,16 @@ from typing import Any
 import pytest
 import torch
 
-from p2pfl.wire import DeltaDecoder, DeltaEncoder, WireError, decode_state_dict, pack, unpack
+from p2pfl.wire import (
+    DeltaDecoder,
+    DeltaEncoder,
+    UpdateEncoder,
+    WireError,
+    decode_state_dict,
+    decode_update,
+    pack,
+    unpack,
+)
 from p2pfl.wire import encode_state_dict as encode
 from p2pfl.wire._delta import state_digest
 
@@ -186,3 +195,48 @@ def test_a_delta_on_another_initial_model_is_refused_by_its_digest() -> None:
     with pytest.raises(WireError, match="digest differs") as info:
         receiver.decode(sender.encode(_drift(_model(0), 1)))
     assert info.value.reason == "bad_tensor"
+
+
+def test_a_changed_only_delta_is_lossless_and_as_small_as_the_change() -> None:
+    initial = _model()
+    sender, receiver = DeltaEncoder(topk_ratio=None, initial=initial), DeltaDecoder(initial=initial)
+    new = {k: v.clone() for k, v in initial.items()}
+    new["w"][3, 4] += 1.0
+    new["b"][7] -= 2.0
+    data = sender.encode(new)
+    assert _equal(receiver.decode(data), new)
+    assert len(data) < 300
+    assert _equal(receiver.decode(sender.encode(new)), new)  # nothing changed: nothing sent
+
+
+def test_an_update_on_the_round_reference_carries_its_unsent_rest_to_the_next_round() -> None:
+    reference = _model()
+    trained = _drift(reference, 1)
+    encoder = UpdateEncoder(topk_ratio=0.25)
+    got = decode_update(encoder.encode(trained, reference), reference)
+    sent = got["w"] != reference["w"]
+    assert int(sent.sum()) == 250
+    torch.testing.assert_close(got["w"][sent], trained["w"][sent])
+    assert torch.equal(got["w"][~sent], reference["w"][~sent])
+    assert torch.equal(got["steps"], trained["steps"])
+    # Next round nothing new was trained: the residual alone goes out, a quarter at a time.
+    total = {k: v.clone() for k, v in got.items()}
+    for _ in range(3):
+        again = decode_update(encoder.encode(reference, reference), reference)
+        for k in ("w", "b"):
+            total[k] += again[k] - reference[k]
+    torch.testing.assert_close(total["w"], trained["w"])
+    torch.testing.assert_close(total["b"], trained["b"])
+
+
+def test_an_update_on_another_reference_is_refused() -> None:
+    data = UpdateEncoder().encode(_drift(_model(), 1), _model())
+    with pytest.raises(WireError, match="another reference") as info:
+        decode_update(data, _model(1))
+    assert info.value.reason == "bad_tensor"
+    with pytest.raises(WireError) as info:
+        decode_update(pack(["p2pfl.state_update", 2, b"x", b""]), _model())
+    assert info.value.reason == "bad_version"
+    dense = encode(_model(), "fp32")
+    with pytest.raises(WireError, match="not a sparse update"):
+        decode_update(pack(["p2pfl.state_update", 1, state_digest(_model()), dense]), _model())
