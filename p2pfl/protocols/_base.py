@@ -227,7 +227,9 @@ class Learner(Generic[W]):
             self._training = False
             trained = event.weights
             if self._train_input is not None:
-                reason = self._ops.validate(self._train_input, trained)
+                # Against itself: what any model must be (finite, well-formed), not the distance
+                # bound that peers' updates get (a long local training may exceed it honestly).
+                reason = self._ops.validate(trained, trained)
                 if reason is not None:
                     # Training diverged (e.g. from a poisoned model): keep what was trained on.
                     self.dropped[f"own_training_invalid:{reason}"] += 1

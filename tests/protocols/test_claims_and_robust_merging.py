@@ -288,6 +288,14 @@ def test_a_diverged_training_result_is_replaced_by_the_model_trained_on(ops: Any
     assert machine.dropped["own_training_invalid:not_finite"] == 1
 
 
+def test_a_long_own_training_step_is_not_held_to_the_bound_for_peers(report: Any) -> None:
+    machine = gossip(FloatOps(max_distance=1.0))
+    tick = machine.next_deadline()
+    machine.handle(TimerFired(), tick)
+    assert machine.handle(TrainingDone(5.0, report(5)), tick + 1)[0] == Adopt(5.0)
+    assert not machine.dropped
+
+
 def test_rule_parameters_an_ops_without_params_would_ignore_are_refused() -> None:
     config = GossipConfig(aggregation="clip", clip_radius=0.5, trim_fraction=0.1)
     with pytest.raises(ValueError, match="clip_radius, trim_fraction set, but this driver"):
