@@ -240,3 +240,14 @@ def test_an_update_on_another_reference_is_refused() -> None:
     dense = encode(_model(), "fp32")
     with pytest.raises(WireError, match="not a sparse update"):
         decode_update(pack(["p2pfl.state_update", 1, state_digest(_model()), dense]), _model())
+
+
+def test_a_message_that_cannot_be_reconstructed_is_a_counted_message_error() -> None:
+    from p2pfl.protocols import MessageError, decode_message
+
+    sender, receiver = DeltaEncoder(), DeltaDecoder()
+    sender.encode(_model())  # the keyframe is lost
+    body = {"weights": sender.encode(_drift(_model(), 1)), "age": 2, "samples": 10}
+    with pytest.raises(MessageError) as info:
+        decode_message("gossip.model", body, receiver.decode)
+    assert info.value.reason == "bad_weights"  # what the driver counts as a drop
