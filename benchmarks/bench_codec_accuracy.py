@@ -12,8 +12,10 @@ real (``p2pfl.ml`` digits task). Codecs:
 
 Prints final mean accuracy over the nodes and the bytes sent per codec. With ``--attack``, node
 ``n00`` is an insider: everything it sends is its model negated and scaled by 1e6 ("scale",
-with its true age + 1) or its model with age 2**53 ("age"), and the accuracy is that of the
-honest nodes (compare ``--aggregation mean`` with the default "clip").
+gossip: with its true age + 1) or claims an age / round of 2**53 ("inflate"; FedAvg: it also
+sends a global model of that round to everyone), and the accuracy is that of the honest nodes
+(compare ``--aggregation mean`` with ``default``, the machines' robust rule). ``--protocol``
+server-free / fedavg (n01 aggregates) run the same loop without codecs.
 
 Run: PYTHONPATH=. python benchmarks/bench_codec_accuracy.py [--nodes 4] [--rounds 30]
 """
@@ -21,6 +23,7 @@ Run: PYTHONPATH=. python benchmarks/bench_codec_accuracy.py [--nodes 4] [--round
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import itertools
 import random
@@ -32,12 +35,18 @@ import torch
 
 from p2pfl.ml import StateDictOps, load_task
 from p2pfl.protocols import (
+    FedAvgConfig,
+    FedAvgLearner,
+    GlobalModel,
     GossipConfig,
     GossipLearner,
     GossipModel,
     MessageReceived,
     PeerUp,
+    RoundUpdate,
     Send,
+    ServerFreeConfig,
+    ServerFreeLearner,
     SetTimer,
     Start,
     TimerFired,
@@ -61,6 +70,22 @@ def make_link(codec: str, ratio: float, initial: StateDict) -> Link:
     return (lambda s: encode_state_dict(s, name, topk_ratio=ratio)), decode_state_dict
 
 
+def attacked(message: Any, attack: str) -> Any:
+    """What the insider sends instead: the model negated and scaled by 1e6 with age + 1
+    ("scale"), or its model with an age or round of 2**53 ("inflate")."""
+    if attack == "scale":
+        weights = {k: -1e6 * v if v.is_floating_point() else v for k, v in message.weights.items()}
+        message = dataclasses.replace(message, weights=weights)
+        if isinstance(message, GossipModel):
+            message = dataclasses.replace(message, age=message.age + 1)
+        return message
+    if isinstance(message, GossipModel):
+        return dataclasses.replace(message, age=MAX_ROUND)
+    if isinstance(message, RoundUpdate):
+        return dataclasses.replace(message, round=MAX_ROUND)
+    return message
+
+
 def run(codec: str, args: argparse.Namespace) -> tuple[float, int, int]:
     torch.manual_seed(args.seed)
     task = load_task(
@@ -70,14 +95,26 @@ def run(codec: str, args: argparse.Namespace) -> tuple[float, int, int]:
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = [task.node_data(i, args.nodes) for i in range(args.nodes)]
     ids = [f"n{i:02d}" for i in range(args.nodes)]
-    config = GossipConfig(
-        period=1.0, jitter=0.1, budget=args.epochs, max_rounds=args.rounds,
-        aggregation=args.aggregation, clip_scale=args.clip_scale,
-    )  # fmt: skip
-    machines = [
-        GossipLearner(ids[i], initial, StateDictOps(), random.Random(f"{args.seed}:{i}"), config)
-        for i in range(args.nodes)
-    ]
+    settings: dict[str, Any] = {
+        "budget": args.epochs,
+        "max_rounds": args.rounds,
+    }
+    if args.aggregation != "default":
+        settings["aggregation"] = args.aggregation
+    if args.aggregation == "clip":
+        settings["clip_scale"] = args.clip_scale
+    machines: list[Any] = []
+    for i in range(args.nodes):
+        rng, ops = random.Random(f"{args.seed}:{i}"), StateDictOps()
+        if args.protocol == "gossip":
+            config = GossipConfig(period=1.0, jitter=0.1, **settings)
+            machines.append(GossipLearner(ids[i], initial, ops, rng, config))
+        elif args.protocol == "server-free":
+            sf = ServerFreeConfig(round_timeout=5.0, **settings)
+            machines.append(ServerFreeLearner(ids[i], initial, ops, rng, sf))
+        else:  # the attacker n00 must not be the aggregator: n01 is
+            fa = FedAvgConfig(round_timeout=5.0, aggregator=ids[1], **settings)
+            machines.append(FedAvgLearner(ids[i], initial, ops, rng, fa))
     links = {(a, b): make_link(codec, args.ratio, initial) for a in ids for b in ids if a != b}
     encoders = {(a, b): DeltaEncoder(topk_ratio=args.ratio, initial=initial) for a, b in links}
     decoders = {(a, b): DeltaDecoder(initial=initial) for a, b in links}
@@ -90,14 +127,20 @@ def run(codec: str, args: argparse.Namespace) -> tuple[float, int, int]:
         for action in actions:
             if isinstance(action, Send):
                 j = ids.index(action.peer)
+                message = action.message
                 if i == 0 and args.attack != "none":
-                    age = action.message.age + 1 if args.attack == "scale" else MAX_ROUND
-                    weights = action.message.weights
-                    if args.attack == "scale":
-                        weights = {
-                            k: -1e6 * v if v.is_floating_point() else v for k, v in weights.items()
-                        }
-                    action = Send(action.peer, GossipModel(weights, age, action.message.samples))
+                    message = attacked(message, args.attack)
+                    if args.protocol == "fedavg" and args.attack == "inflate":
+                        claim = GlobalModel(MAX_ROUND, message.weights)
+                        heapq.heappush(
+                            queue, (now + 0.01, next(seq), j, MessageReceived(ids[i], claim))
+                        )
+                if args.protocol != "gossip":  # the codecs are measured on gossip only
+                    heapq.heappush(
+                        queue, (now + 0.01, next(seq), j, MessageReceived(ids[i], message))
+                    )
+                    continue
+                action = Send(action.peer, message)
                 if codec == "none":  # baseline: nothing arrives, every node learns alone
                     raw, weights = b"", machines[j].model
                 elif codec == "topk-relative":
@@ -120,7 +163,7 @@ def run(codec: str, args: argparse.Namespace) -> tuple[float, int, int]:
                     weights = decode(raw)
                 sent_bytes += len(raw)
                 messages += 1
-                message = type(action.message)(weights, action.message.age, action.message.samples)
+                message = dataclasses.replace(action.message, weights=weights)
                 heapq.heappush(queue, (now + 0.01, next(seq), j, MessageReceived(ids[i], message)))
             elif isinstance(action, Train):
                 model.load_state_dict(action.weights)
@@ -155,15 +198,16 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--partition", default="iid")
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--aggregation", default="mean")
+    parser.add_argument("--aggregation", default="mean", help='"default": the machine\'s own')
     parser.add_argument("--clip-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--codecs", default="fp32,topk-raw,topk-delta,int8")
-    parser.add_argument("--attack", choices=("none", "scale", "age"), default="none")
+    parser.add_argument("--attack", choices=("none", "scale", "inflate"), default="none")
+    parser.add_argument("--protocol", choices=("gossip", "server-free", "fedavg"), default="gossip")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
-        f"{args.task}, {args.nodes} gossip nodes, {args.rounds} trainings each, "
+        f"{args.task}, {args.nodes} {args.protocol} nodes, {args.rounds} rounds/trainings each, "
         f"{args.partition}, aggregation {args.aggregation}, top-k ratio {args.ratio}, "
         f"attack {args.attack}"
     )

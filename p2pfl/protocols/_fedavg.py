@@ -17,7 +17,9 @@ Invariants:
   down). A global from anyone else is dropped (``not_aggregator``), however high its round, so
   a member claiming a higher round is not followed. One exception lets a node that joins late
   find the live round: until it has accepted a global or closed a round of its own, it follows
-  the first global it receives.
+  a global from anyone, if no configured aggregator is live and either it aggregates itself or
+  ``round_timeout`` has passed since its ``Start`` (the chosen aggregator had that long to
+  speak first). A configured aggregator thus closes the window entirely.
 - The aggregator weighs updates by sample counts capped at ``max_sample_ratio`` x the lower
   median of the round's counts; its default rule is "multikrum" (clipping, median and trimmed
   mean are available), centred on the round's global model.
@@ -70,7 +72,8 @@ class FedAvgLearner(Learner[W]):
         """The node this one follows (itself when it aggregates); None before ``Start``."""
         self._global_from: str | None = None
         self._settled = False
-        """Has this node accepted a global or closed a round? Until then it follows any global."""
+        """Has this node accepted a global or closed a round? Until then it may follow others."""
+        self._started_at = 0.0
         self._training_round = -1
         self._waiting_global: tuple[int, W] | None = None
         # Aggregator state for the current round.
@@ -93,6 +96,7 @@ class FedAvgLearner(Learner[W]):
         return min(live)
 
     def _on_begin(self, now: float) -> list[Action[W]]:
+        self._started_at = now
         self.aggregator = self._choose_aggregator()
         return self._open_round(now) if self.is_aggregator else []
 
@@ -180,18 +184,27 @@ class FedAvgLearner(Learner[W]):
         """The aggregator rule's order: the configured aggregator first, then by node id."""
         return (node != self.config.aggregator, node)
 
-    def _may_lead(self, peer: str) -> bool:
+    def _may_lead(self, peer: str, now: float) -> bool:
         """May ``peer``'s global set this node's round (see the module docstring)?"""
-        if not self._settled or peer == self.aggregator:
+        if peer == self.aggregator or self.aggregator is None:
             return True
-        return self.aggregator is None or self._rank(peer) < self._rank(self.aggregator)
+        if self._rank(peer) < self._rank(self.aggregator):
+            return True
+        if self._settled:
+            return False
+        configured = self.config.aggregator
+        if configured is not None and configured in self._peers | {self.node_id}:
+            return False
+        # A fresh node finds the live round from whoever has it, but gives the node the rule
+        # chose one round_timeout first (nodes starting together are not captured by a claim).
+        return self.is_aggregator or now >= self._started_at + self.config.round_timeout
 
     def _on_global(self, peer: str, message: GlobalModel[W], now: float) -> list[Action[W]]:
         if message.round < self.round:
             return self._drop("late")
         if message.round == self.round and peer == self._global_from:
             return self._drop("duplicate")
-        if not self._may_lead(peer):
+        if not self._may_lead(peer, now):
             return self._drop("not_aggregator")
         ok, actions = self._validated(peer, self._model, message.weights)
         if not ok:

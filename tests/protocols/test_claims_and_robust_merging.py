@@ -146,6 +146,34 @@ def test_the_configured_aggregator_takes_over_at_its_signed_round(ops: Any) -> N
     assert machine.dropped["not_aggregator"] == 1
 
 
+def test_a_fresh_participant_gives_the_chosen_aggregator_a_round_to_speak_first(
+    ops: Any,
+) -> None:
+    config = FedAvgConfig(round_timeout=5.0, aggregation="mean")
+    machine = FedAvgLearner("c", 1.0, ops, random.Random(0), config)
+    for peer in ("a", "m"):
+        machine.handle(PeerUp(peer), 0.0)
+    machine.handle(Start(), 0.0)
+    assert machine.handle(MessageReceived("m", GlobalModel(MAX_ROUND, 9.0)), 1.0) == []
+    assert machine.dropped["not_aggregator"] == 1
+    # a never speaks (it follows someone else): after a round_timeout the live round wins.
+    assert machine.handle(MessageReceived("m", GlobalModel(40, 3.0)), 5.0) == [
+        Adopt(3.0),
+        Train(3.0, 1.0),
+    ]
+    assert machine.aggregator == "m" and machine.round == 40
+
+
+def test_a_configured_live_aggregator_is_the_only_one_a_fresh_node_follows(ops: Any) -> None:
+    config = FedAvgConfig(round_timeout=5.0, aggregation="mean", aggregator="b")
+    machine = FedAvgLearner("c", 1.0, ops, random.Random(0), config)
+    for peer in ("a", "b"):
+        machine.handle(PeerUp(peer), 0.0)
+    machine.handle(Start(), 0.0)
+    assert machine.handle(MessageReceived("a", GlobalModel(3, 9.0)), 60.0) == []
+    assert machine.dropped["not_aggregator"] == 1 and machine.aggregator == "b"
+
+
 def test_server_free_caps_a_stated_sample_count(report: Any) -> None:
     ops = FloatOps()
     config = ServerFreeConfig(round_timeout=5.0, aggregation="mean", max_sample_ratio=2.0)
