@@ -28,7 +28,7 @@ EXIT_CONFIG = 2
 
 TrustModeName = Literal["federation", "allowlist", "open"]
 ProtocolName = Literal["gossip", "server-free", "fedavg"]
-AggregationName = Literal["mean", "median", "trimmed_mean", "clip"]
+AggregationName = Literal["mean", "median", "trimmed_mean", "clip", "krum", "multikrum"]
 NeighboursName = Literal["all", "topology", "range"]
 PartitionName = Literal["iid", "dirichlet"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -85,7 +85,7 @@ class DiscoverySection:
 @dataclass(frozen=True, slots=True)
 class ProtocolSection:
     name: ProtocolName = "gossip"
-    aggregation: AggregationName = "mean"
+    aggregation: AggregationName | None = None  # None: the protocol's robust default
     codec: Literal["fp32", "fp16", "bf16", "int8", "topk"] = "fp32"
     seed: int = 0
     start_peers: int = 0

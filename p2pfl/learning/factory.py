@@ -56,7 +56,9 @@ class SetupError(ValueError):
 @dataclass(frozen=True, slots=True)
 class LearnerSetup:
     protocol: str
-    aggregation: str = "mean"
+    aggregation: str | None = None
+    """None: the protocol's robust default (self-centred clipping for gossip and server-free,
+    multi-Krum for FedAvg); plain "mean" only when asked for."""
     budget: float = 1.0
     """Local training per round (gossip: per tick), in epochs."""
     params: Mapping[str, ParamValue] = field(default_factory=dict)
@@ -107,7 +109,8 @@ def _config(setup: LearnerSetup, *, rounds_done: int) -> Any:
         # virtual node) does only what is left of its planned trainings.
         params["max_rounds"] = max(1, max_rounds - rounds_done)
     try:
-        return config_cls(**params, budget=setup.budget, aggregation=setup.aggregation)
+        rule = {} if setup.aggregation is None else {"aggregation": setup.aggregation}
+        return config_cls(**params, budget=setup.budget, **rule)
     except (TypeError, ValueError) as exc:
         raise SetupError("params", str(exc)) from None
 

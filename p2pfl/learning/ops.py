@@ -17,14 +17,15 @@ it as any object with the fields of :class:`TaskSpecLike`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from p2pfl.ml import AGGREGATORS, TrainConfig, load_task, validate_update
+from p2pfl.ml import TrainConfig, load_task
+from p2pfl.ml.aggregation import StateDictOps as StateDictOps
 from p2pfl.protocols import FeaturePlan
 
 StateDict = dict[str, torch.Tensor]
@@ -92,29 +93,6 @@ class ScenarioLike(Protocol):
     def task(self) -> TaskSpecLike: ...
     @property
     def seed(self) -> int: ...
-
-
-class StateDictOps:
-    """``ModelOps`` over torch state_dicts, by the learning core's aggregation primitives."""
-
-    def __init__(self, *, max_norm: float | None = None) -> None:
-        self._aggregators = AGGREGATORS
-        self._validate = validate_update
-        self.max_norm = max_norm
-
-    @property
-    def rules(self) -> Collection[str]:
-        return tuple(self._aggregators)
-
-    def validate(self, reference: StateDict, update: StateDict) -> str | None:
-        reason: str | None = self._validate(reference, update, max_norm=self.max_norm)
-        return reason
-
-    def aggregate(
-        self, rule: str, reference: StateDict, models: Sequence[StateDict], weights: Sequence[float]
-    ) -> StateDict:
-        merged: StateDict = self._aggregators[rule](models, weights, reference)
-        return merged
 
 
 def build_task(

@@ -14,11 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from p2pfl.ml.aggregation import AGGREGATORS as AGGREGATORS
+    from p2pfl.ml.aggregation import RULE_PARAMS as RULE_PARAMS
     from p2pfl.ml.aggregation import Aggregator as Aggregator
     from p2pfl.ml.aggregation import StateDict as StateDict
+    from p2pfl.ml.aggregation import StateDictOps as StateDictOps
+    from p2pfl.ml.aggregation import aggregate as aggregate
     from p2pfl.ml.aggregation import clip_toward as clip_toward
     from p2pfl.ml.aggregation import coordinate_median as coordinate_median
+    from p2pfl.ml.aggregation import krum_select as krum_select
     from p2pfl.ml.aggregation import load_validated as load_validated
+    from p2pfl.ml.aggregation import self_centred_clip as self_centred_clip
     from p2pfl.ml.aggregation import state_norm as state_norm
     from p2pfl.ml.aggregation import trimmed_mean as trimmed_mean
     from p2pfl.ml.aggregation import validate_update as validate_update
@@ -53,11 +58,16 @@ if TYPE_CHECKING:
 _SOURCES: dict[str, tuple[str, ...]] = {
     "aggregation": (
         "AGGREGATORS",
+        "RULE_PARAMS",
         "Aggregator",
         "StateDict",
+        "StateDictOps",
+        "aggregate",
         "clip_toward",
         "coordinate_median",
+        "krum_select",
         "load_validated",
+        "self_centred_clip",
         "state_norm",
         "trimmed_mean",
         "validate_update",

@@ -7,7 +7,11 @@ Guarantees:
 - Floating tensors are aggregated; other tensors (integer counters such as BatchNorm's
   ``num_batches_tracked``) are copied from the first state.
 - :func:`validate_update` returns a short reason slug instead of raising: a remote peer's bad
-  update is dropped and counted, never a crash.
+  update is dropped and counted, never a crash. :func:`aggregate` refuses (``ValueError``)
+  non-finite inputs: NaN/inf never reach a merge, even from a caller that skipped validation.
+- Robust rules for few neighbours: self-centred clipping (each input's difference from the
+  receiver's own model clipped to a radius) bounds what any one input can move the result by;
+  Krum / multi-Krum leave out inputs far from the others; median and trimmed mean per coordinate.
 """
 
 from __future__ import annotations
@@ -19,11 +23,17 @@ import torch
 
 __all__ = [
     "AGGREGATORS",
+    "RULE_PARAMS",
     "Aggregator",
     "StateDict",
+    "StateDictOps",
+    "aggregate",
     "clip_toward",
     "coordinate_median",
+    "default_krum_f",
+    "krum_select",
     "load_validated",
+    "self_centred_clip",
     "state_norm",
     "trimmed_mean",
     "validate_update",
@@ -209,42 +219,36 @@ def load_validated(
     return reason
 
 
-# Every aggregator: (states, weights, reference) -> merged state. The reference is the
-# receiver's current model (used by "clip"; the others ignore it).
-Aggregator = Callable[[Sequence[StateDict], Sequence[float], StateDict | None], StateDict]
+def _check_finite(states: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    for i, state in enumerate(states):
+        for key, value in state.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"state {i} has non-finite values in {key!r}; validate updates before merging"
+                )
 
 
-def _mean(
-    states: Sequence[StateDict], weights: Sequence[float], reference: StateDict | None
+def self_centred_clip(
+    reference: StateDict,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    radius: float,
 ) -> StateDict:
-    return weighted_mean(states, weights)
+    """reference + sum_i w_i * clip(state_i - reference, radius) / sum_i w_i (SCClip).
 
-
-def _median(
-    states: Sequence[StateDict], weights: Sequence[float], reference: StateDict | None
-) -> StateDict:
-    return coordinate_median(states)
-
-
-def _trimmed(
-    states: Sequence[StateDict], weights: Sequence[float], reference: StateDict | None
-) -> StateDict:
-    return trimmed_mean(states, 0.2)
-
-
-def _clipped_mean(
-    states: Sequence[StateDict], weights: Sequence[float], reference: StateDict | None
-) -> StateDict:
-    """Clip every update toward the reference to the median update norm, then weighted mean.
-
-    The median norm as threshold needs no tuning and bounds what a minority of outliers can
-    move the model by.
+    Each state's difference from the receiver's own model is scaled down to L2 norm ``radius``
+    at most, so a single state among the inputs moves the result by at most
+    ``radius * w_i / sum(w)`` however far it lies, and the receiver's own model (distance 0)
+    always counts in full. Streamed: one output tensor per key, no clipped copies of the inputs.
     """
-    if reference is None:
-        raise ValueError("the 'clip' aggregator needs the receiver's current model as reference")
+    if not radius >= 0 or math.isinf(radius):
+        raise ValueError(f"clip radius must be finite and >= 0, got {radius}")
+    if len(weights) != len(states):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    if not math.fsum(weights) > 0 or any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
     _check_same_keys([reference, *states])
     norms = [state_norm(s, reference) for s in states]
-    threshold = sorted(norms)[(len(norms) - 1) // 2]
     total = math.fsum(weights)
     out: StateDict = {}
     with torch.no_grad():
@@ -252,18 +256,150 @@ def _clipped_mean(
             if not ref.is_floating_point():
                 out[key] = states[0][key].clone()
                 continue
-            # Streamed: only one output tensor per key, no clipped copies of the inputs.
-            acc = torch.zeros_like(ref)
+            acc = ref.clone()
             for state, w, norm in zip(states, weights, norms, strict=True):
-                scale = 1.0 if norm <= threshold else threshold / norm
-                acc.add_(torch.lerp(ref, state[key], scale), alpha=w / total)
+                scale = 1.0 if norm <= radius else radius / norm
+                if w > 0 and scale > 0:
+                    acc.add_(torch.sub(state[key], ref), alpha=w / total * scale)
             out[key] = acc
     return out
 
 
-AGGREGATORS: dict[str, Aggregator] = {
-    "mean": _mean,
-    "median": _median,
-    "trimmed_mean": _trimmed,
-    "clip": _clipped_mean,
+def default_krum_f(n: int) -> int:
+    """The number of Byzantine inputs Krum assumes when none is configured: the most that
+    n >= 2f + 3 allows, and at least 1 once there are three inputs to choose from."""
+    return 0 if n < 3 else max(1, (n - 3) // 2)
+
+
+def krum_select(states: Sequence[StateDict], f: int, m: int = 1) -> list[int]:
+    """Indices of the ``m`` states with the lowest Krum scores (Blanchard et al., 2017).
+
+    A state's score is the sum of squared L2 distances to its ``n - f - 2`` nearest other
+    states (at least 1), so a state far from every other one scores high and is left out.
+    Ties go to the lower index.
+    """
+    n = len(states)
+    if not 0 <= f < n:
+        raise ValueError(f"krum_f must be in 0..{n - 1} for {n} states, got {f}")
+    if not 1 <= m <= n:
+        raise ValueError(f"krum_m must be in 1..{n} for {n} states, got {m}")
+    if n == 1:
+        return [0]
+    _check_same_keys(states)
+    squared = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            squared[i][j] = squared[j][i] = state_norm(states[i], states[j]) ** 2
+    nearest = max(1, n - f - 2)
+    scores = [math.fsum(sorted(squared[i][:i] + squared[i][i + 1 :])[:nearest]) for i in range(n)]
+    return sorted(range(n), key=lambda i: (scores[i], i))[:m]
+
+
+RULE_PARAMS: dict[str, frozenset[str]] = {
+    "mean": frozenset(),
+    "median": frozenset(),
+    "trimmed_mean": frozenset({"trim_fraction"}),
+    "clip": frozenset({"clip_radius"}),
+    "krum": frozenset({"krum_f"}),
+    "multikrum": frozenset({"krum_f", "krum_m"}),
 }
+"""Every rule and the parameters it reads (unset parameters take the defaults below)."""
+
+
+def aggregate(
+    rule: str,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    reference: StateDict | None,
+    params: Mapping[str, float] | None = None,
+) -> StateDict:
+    """Combine ``states`` by ``rule`` with its ``params``; refuses non-finite inputs.
+
+    - "mean": weighted mean.  "median": coordinate median.
+    - "trimmed_mean": coordinate mean without the floor(trim_fraction * n) largest and smallest
+      values (trim_fraction, default 0.2).
+    - "clip": self-centred clipping around ``reference`` (the receiver's own model) to
+      ``clip_radius``; without a radius, the median distance of the inputs (stateless).
+    - "krum": the one state with the lowest Krum score; "multikrum": the weighted mean of the
+      ``krum_m`` lowest (default n - krum_f). krum_f defaults to :func:`default_krum_f`.
+    """
+    if rule not in RULE_PARAMS:
+        raise ValueError(f"unknown aggregation rule {rule!r}; known: {', '.join(RULE_PARAMS)}")
+    params = params or {}
+    unknown = set(params) - RULE_PARAMS[rule]
+    if unknown:
+        raise ValueError(f"rule {rule!r} takes no parameter {', '.join(sorted(unknown))}")
+    _check_finite(states)
+    if rule == "mean":
+        return weighted_mean(states, weights)
+    if rule == "median":
+        return coordinate_median(states)
+    if rule == "trimmed_mean":
+        return trimmed_mean(states, float(params.get("trim_fraction", 0.2)))
+    if rule == "clip":
+        if reference is None:
+            raise ValueError("the 'clip' rule needs the receiver's current model as reference")
+        _check_finite([reference])
+        radius = params.get("clip_radius")
+        if radius is None:
+            norms = sorted(state_norm(s, reference) for s in states)
+            radius = norms[(len(norms) - 1) // 2]
+        return self_centred_clip(reference, states, weights, float(radius))
+    n = len(states)
+    f = int(params.get("krum_f", default_krum_f(n)))
+    f = min(f, n - 1)
+    m = 1 if rule == "krum" else int(params.get("krum_m", n - f))
+    chosen = krum_select(states, f, max(1, min(m, n)))
+    kept = [float(weights[i]) for i in chosen]
+    if not math.fsum(kept) > 0:
+        kept = [1.0] * len(chosen)
+    return weighted_mean([states[i] for i in chosen], kept)
+
+
+# Every aggregator: (states, weights, reference) -> merged state with the rule's default
+# parameters. The reference is the receiver's current model (used by "clip").
+Aggregator = Callable[[Sequence[StateDict], Sequence[float], StateDict | None], StateDict]
+
+
+def _rule(name: str) -> Aggregator:
+    def run(
+        states: Sequence[StateDict], weights: Sequence[float], reference: StateDict | None
+    ) -> StateDict:
+        return aggregate(name, states, weights, reference)
+
+    run.__name__ = f"aggregate_{name}"
+    return run
+
+
+AGGREGATORS: dict[str, Aggregator] = {name: _rule(name) for name in RULE_PARAMS}
+
+
+class StateDictOps:
+    """``ModelOps`` (``p2pfl.protocols``) over torch state_dicts, by the rules above.
+
+    ``max_norm`` bounds the L2 distance of an update from the receiver's model at validation
+    (None: no bound); the machines' self-centred clipping bounds its effect in any case.
+    """
+
+    def __init__(self, *, max_norm: float | None = None) -> None:
+        self.max_norm = max_norm
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        return tuple(RULE_PARAMS)
+
+    def validate(self, reference: StateDict, update: StateDict) -> str | None:
+        return validate_update(reference, update, max_norm=self.max_norm)
+
+    def distance(self, reference: StateDict, update: StateDict) -> float:
+        return state_norm(update, reference)
+
+    def aggregate(
+        self,
+        rule: str,
+        reference: StateDict,
+        models: Sequence[StateDict],
+        weights: Sequence[float],
+        params: Mapping[str, float] | None = None,
+    ) -> StateDict:
+        return aggregate(rule, models, weights, reference, params)

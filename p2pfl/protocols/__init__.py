@@ -1,9 +1,14 @@
 """Sans-IO learning protocols: gossip learning, server-free FL and FedAvg as pure state machines.
 
 ``machine.handle(event, now) -> list[Action]`` and ``machine.next_deadline()``; randomness from an
-injected ``random.Random``; models are opaque handles validated and aggregated through an injected
-``ModelOps``. No I/O, no clock, no torch: the daemon, the virtual-time engine and the unit tests
-drive the very same machines.
+injected ``random.Random``; models are opaque handles validated, measured and aggregated through an
+injected ``ModelOps`` (``p2pfl.ml.StateDictOps`` for torch state_dicts: it has the ``distance()``
+and rule ``params`` that self-centred clipping with an adaptive radius needs). No I/O, no clock, no
+torch: the daemon, the virtual-time engine and the unit tests drive the very same machines.
+
+Robust by default: gossip and server-free merge with self-centred clipping ("clip"), FedAvg with
+multi-Krum; plain "mean" only when configured. Ages, rounds and sample counts from peers are
+bounded claims; what fails a bound is counted in ``machine.dropped``, never adopted.
 
 Driving one (what the daemon and ``p2pfl.sim.virtual`` do)::
 

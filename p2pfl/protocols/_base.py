@@ -12,14 +12,26 @@ Invariants:
   an update that fails validation is also a strike against its sender, and at
   ``strikes_to_penalize`` strikes the machine emits ``Penalize`` once and ignores the peer.
 - Learning starts only when the feature plan is satisfied (every needed reply, or its timeout).
+- A training result that fails validation against what was trained (NaN/inf, wrong shape) is
+  counted (``own_training_invalid:<reason>``) and replaced by the model trained on, so no
+  non-finite model is ever adopted, sent or merged.
+- Claims cannot buy influence: sample counts used as weights are capped at
+  ``max_sample_ratio`` times the lower median of the counts in the same merge (counted as
+  ``samples_capped``); ages and rounds are bounded by each machine (see their docstrings).
+- Aggregation is robust by default. With rule "clip" (self-centred clipping) each merged
+  model's difference from this node's model is clipped to a radius: ``clip_radius`` if set,
+  else ``clip_scale`` times the median of recent distances (this node's own training steps and
+  the merged models' distances, each capped at the radius in force), so a minority of far-away
+  models can neither move the model by more than the radius nor grow it. No history yet: the
+  radius is 0 (peers' models wait for this node's first training to set the scale).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, fields
 from typing import Generic, TypeVar
 
 from ._actions import (
@@ -58,13 +70,55 @@ class LearnerSettings:
 
     budget: float = 1.0
     """Local training per round (gossip: per tick), in epochs."""
-    aggregation: str = "mean"
-    """Name of the aggregation rule, one of ``ModelOps.rules``."""
+    aggregation: str = "clip"
+    """Name of the aggregation rule, one of ``ModelOps.rules``: "clip" (self-centred clipping,
+    the default of gossip and server-free), "krum", "multikrum" (FedAvg's default), "median",
+    "trimmed_mean", or "mean" (plain weighted mean: unbounded, only if asked for)."""
+    clip_radius: float | None = None
+    """"clip": the radius; None adapts it (``clip_scale`` x median of recent distances)."""
+    clip_scale: float = 2.0
+    """"clip" with an adaptive radius: the radius as a multiple of the median recent distance."""
+    clip_window: int = 32
+    """"clip" with an adaptive radius: how many recent distances the median is taken over."""
+    krum_f: int | None = None
+    """"krum"/"multikrum": inputs assumed Byzantine; None: the most that n >= 2f + 3 allows."""
+    krum_m: int | None = None
+    """"multikrum": how many of the best-scored inputs are averaged; None: n - krum_f."""
+    trim_fraction: float = 0.2
+    """"trimmed_mean": the fraction of largest and of smallest values dropped per coordinate."""
+    max_sample_ratio: float = 4.0
+    """A stated sample count weighs at most this many times the merge's lower median count."""
     max_rounds: int | None = None
     strikes_to_penalize: int = 3
     """Rejected updates from one peer before it is penalized."""
     evaluate_every: int = 0
     """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
+
+
+_RULE_DEFAULTS = {
+    f.name: f.default
+    for f in fields(LearnerSettings)
+    if f.name in ("clip_radius", "clip_scale", "clip_window", "krum_f", "krum_m", "trim_fraction")
+}
+"""The rule parameters and their defaults (what an ops object without params gets)."""
+
+
+def _check_rule_settings(config: LearnerSettings) -> None:
+    """Our own misuse raises: parameters outside what their rule can use."""
+    if config.clip_radius is not None and not 0 <= config.clip_radius < math.inf:
+        raise ValueError(f"clip_radius must be finite and >= 0, got {config.clip_radius}")
+    if not 0 < config.clip_scale < math.inf:
+        raise ValueError(f"clip_scale must be positive, got {config.clip_scale}")
+    if config.clip_window < 1:
+        raise ValueError(f"clip_window must be at least 1, got {config.clip_window}")
+    if config.krum_f is not None and config.krum_f < 0:
+        raise ValueError(f"krum_f must be >= 0, got {config.krum_f}")
+    if config.krum_m is not None and config.krum_m < 1:
+        raise ValueError(f"krum_m must be at least 1, got {config.krum_m}")
+    if not 0 <= config.trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {config.trim_fraction}")
+    if not config.max_sample_ratio >= 1:
+        raise ValueError(f"max_sample_ratio must be at least 1, got {config.max_sample_ratio}")
 
 
 class Learner(Generic[W]):
@@ -85,6 +139,7 @@ class Learner(Generic[W]):
             raise ValueError(
                 f"unknown aggregation rule {aggregation!r}; known: {', '.join(sorted(ops.rules))}"
             )
+        _check_rule_settings(config)
         if budget <= 0:
             raise ValueError(f"training budget must be positive, got {budget}")
         if max_rounds is not None and max_rounds < 1:
@@ -98,6 +153,21 @@ class Learner(Generic[W]):
         self._max_rounds = max_rounds
         self._strikes_to_penalize = config.strikes_to_penalize
         self._evaluate_every = config.evaluate_every
+        self._settings = config
+        # An ops object without distance() predates rule parameters: it gets rule names only,
+        # and a parameter set away from its default is refused rather than ignored.
+        self._ops_takes_params = callable(getattr(ops, "distance", None))
+        if not self._ops_takes_params:
+            changed = sorted(
+                name for name, default in _RULE_DEFAULTS.items() if getattr(config, name) != default
+            )
+            if changed:
+                raise ValueError(
+                    f"{', '.join(changed)} set, but this driver's ModelOps has no distance() "
+                    "and takes no rule parameters; give it p2pfl.ml.StateDictOps"
+                )
+        self._distances: deque[float] = deque(maxlen=config.clip_window)
+        self._train_input: W | None = None
         self._plan = features or FeaturePlan()
         self._now = -math.inf
         self._deadlines: dict[str, float] = {}
@@ -155,7 +225,17 @@ class Learner(Generic[W]):
             if not self._training:
                 raise ValueError("TrainingDone without an outstanding Train")
             self._training = False
-            return self._on_trained(event.weights, event.report, now)
+            trained = event.weights
+            if self._train_input is not None:
+                # Against itself: what any model must be (finite, well-formed), not the distance
+                # bound that peers' updates get (a long local training may exceed it honestly).
+                reason = self._ops.validate(trained, trained)
+                if reason is not None:
+                    # Training diverged (e.g. from a poisoned model): keep what was trained on.
+                    self.dropped[f"own_training_invalid:{reason}"] += 1
+                    trained = self._train_input
+            self._note_training_step(trained)
+            return self._on_trained(trained, event.report, now)
         if isinstance(event, PeerUp):
             return self._peer_up(event.peer, now)
         if isinstance(event, PeerDown):
@@ -276,12 +356,76 @@ class Learner(Generic[W]):
         if self._training:
             raise AssertionError("a second Train while one is outstanding")
         self._training = True
+        self._train_input = weights
         return [Train(weights, self._budget)]
 
-    def _aggregate(self, models: list[W], weights: list[float]) -> W:
-        if len(models) == 1:
+    def _adaptive_clip(self) -> bool:
+        return (
+            self._aggregation == "clip"
+            and self._settings.clip_radius is None
+            and self._ops_takes_params
+        )
+
+    def _note_training_step(self, trained: W) -> None:
+        """This node's own training step is an honest distance: it sets the clipping scale."""
+        if self._adaptive_clip() and self._train_input is not None:
+            self._distances.append(self._ops.distance(self._train_input, trained))
+        self._train_input = None
+
+    def clip_radius(self) -> float | None:
+        """The radius "clip" uses for the next merge (None: not clipping, or no params)."""
+        if self._aggregation != "clip" or not self._ops_takes_params:
+            return None
+        if self._settings.clip_radius is not None:
+            return self._settings.clip_radius
+        if not self._distances:
+            return 0.0
+        ordered = sorted(self._distances)
+        return self._settings.clip_scale * ordered[(len(ordered) - 1) // 2]
+
+    def _rule_params(self, models: list[W], reference: W) -> dict[str, float]:
+        s, rule = self._settings, self._aggregation
+        if rule == "clip":
+            radius = self.clip_radius()
+            assert radius is not None
+            if self._adaptive_clip() and radius > 0:
+                for model in models:
+                    if model is not reference:
+                        distance = self._ops.distance(reference, model)
+                        self._distances.append(min(distance, radius))
+            return {"clip_radius": radius}
+        if rule == "trimmed_mean":
+            return {"trim_fraction": s.trim_fraction}
+        if rule in ("krum", "multikrum"):
+            params: dict[str, float] = {}
+            if s.krum_f is not None:
+                params["krum_f"] = min(s.krum_f, len(models) - 1)
+            if rule == "multikrum" and s.krum_m is not None:
+                params["krum_m"] = min(s.krum_m, len(models))
+            return params
+        return {}
+
+    def _aggregate(self, models: list[W], weights: list[float], reference: W | None = None) -> W:
+        """Merge ``models`` by the configured rule around ``reference`` (default: the model).
+
+        A lone model is returned as is, unless clipping must bound it (it is not the reference).
+        """
+        centre = self._model if reference is None else reference
+        if len(models) == 1 and (self._aggregation != "clip" or models[0] is centre):
             return models[0]
-        return self._ops.aggregate(self._aggregation, self._model, models, weights)
+        if not self._ops_takes_params:
+            return self._ops.aggregate(self._aggregation, centre, models, weights)
+        params = self._rule_params(models, centre)
+        return self._ops.aggregate(self._aggregation, centre, models, weights, params)
+
+    def _capped_samples(self, samples: list[int]) -> list[float]:
+        """Sample counts as merge weights, each capped at ``max_sample_ratio`` x lower median."""
+        ordered = sorted(samples)
+        cap = self._settings.max_sample_ratio * max(ordered[(len(ordered) - 1) // 2], 1)
+        capped = sum(1 for n in samples if n > cap)
+        if capped:
+            self.dropped["samples_capped"] += capped
+        return [float(min(n, cap)) for n in samples]
 
     def _evaluation_due(self) -> list[Action[W]]:
         """``Evaluate(model)`` when ``rounds`` just reached a multiple of ``evaluate_every``."""

@@ -11,9 +11,18 @@ Invariants:
   aggregator if it is live, else the smallest node id among live nodes (this one included). When
   the aggregator goes down, each node recomputes the same rule over the peers it sees; the new
   aggregator starts round ``r + 1`` from its own current model.
-- Conflicts settle by the highest round: a node accepts a ``GlobalModel`` whose round is above the
-  last one it accepted (equal rounds: from the smaller node id), follows its sender from then on,
-  and an aggregator that receives one steps down. A node joining late thus finds the live round.
+- Rounds advance only by the aggregator's signed round: a node accepts a ``GlobalModel`` (round
+  not below its own) only from the node it follows, or from a node the rule prefers to that one
+  (the configured aggregator, else a smaller id), which it then follows (an aggregator steps
+  down). A global from anyone else is dropped (``not_aggregator``), however high its round, so
+  a member claiming a higher round is not followed. One exception lets a node that joins late
+  find the live round: until it has accepted a global or closed a round of its own, it follows
+  a global from anyone, if no configured aggregator is live and either it aggregates itself or
+  ``round_timeout`` has passed since its ``Start`` (the chosen aggregator had that long to
+  speak first). A configured aggregator thus closes the window entirely.
+- The aggregator weighs updates by sample counts capped at ``max_sample_ratio`` x the lower
+  median of the round's counts; its default rule is "multikrum" (clipping, median and trimmed
+  mean are available), centred on the round's global model.
 - Participants send updates only to the node they follow; the aggregator takes updates only for
   its current round, only from peers it sent that round to, once per peer, after validation
   against that round's global model.
@@ -42,6 +51,7 @@ class FedAvgConfig(LearnerSettings):
     """Seconds the aggregator waits for updates after broadcasting a round."""
     aggregator: str | None = None
     """Node id of the configured aggregator; None: the smallest live node id."""
+    aggregation: str = "multikrum"
 
 
 class FedAvgLearner(Learner[W]):
@@ -61,6 +71,9 @@ class FedAvgLearner(Learner[W]):
         self.aggregator: str | None = None
         """The node this one follows (itself when it aggregates); None before ``Start``."""
         self._global_from: str | None = None
+        self._settled = False
+        """Has this node accepted a global or closed a round? Until then it may follow others."""
+        self._started_at = 0.0
         self._training_round = -1
         self._waiting_global: tuple[int, W] | None = None
         # Aggregator state for the current round.
@@ -83,6 +96,7 @@ class FedAvgLearner(Learner[W]):
         return min(live)
 
     def _on_begin(self, now: float) -> list[Action[W]]:
+        self._started_at = now
         self.aggregator = self._choose_aggregator()
         return self._open_round(now) if self.is_aggregator else []
 
@@ -110,7 +124,9 @@ class FedAvgLearner(Learner[W]):
         own = [self._own] if self._own is not None else []
         arrived = own + [self._updates[p] for p in sorted(self._updates)]
         if arrived:
-            self._model = self._aggregate([w for w, _ in arrived], [float(n) for _, n in arrived])
+            weights = self._capped_samples([n for _, n in arrived])
+            self._model = self._aggregate([w for w, _ in arrived], weights)
+        self._settled = True
         actions: list[Action[W]] = [
             Adopt(self._model),
             Metric("round_completed", self.round),
@@ -164,16 +180,32 @@ class FedAvgLearner(Learner[W]):
             return self._on_update(peer, message, now)
         return self._drop("wrong_protocol")
 
+    def _rank(self, node: str) -> tuple[bool, str]:
+        """The aggregator rule's order: the configured aggregator first, then by node id."""
+        return (node != self.config.aggregator, node)
+
+    def _may_lead(self, peer: str, now: float) -> bool:
+        """May ``peer``'s global set this node's round (see the module docstring)?"""
+        if peer == self.aggregator or self.aggregator is None:
+            return True
+        if self._rank(peer) < self._rank(self.aggregator):
+            return True
+        if self._settled:
+            return False
+        configured = self.config.aggregator
+        if configured is not None and configured in self._peers | {self.node_id}:
+            return False
+        # A fresh node finds the live round from whoever has it, but gives the node the rule
+        # chose one round_timeout first (nodes starting together are not captured by a claim).
+        return self.is_aggregator or now >= self._started_at + self.config.round_timeout
+
     def _on_global(self, peer: str, message: GlobalModel[W], now: float) -> list[Action[W]]:
         if message.round < self.round:
             return self._drop("late")
-        if message.round == self.round:
-            if peer == self._global_from:
-                return self._drop("duplicate")
-            # Two claims on one round: the smaller node id wins.
-            incumbent = self.node_id if self.is_aggregator else self._global_from
-            if incumbent is not None and incumbent < peer:
-                return self._drop("late")
+        if message.round == self.round and peer == self._global_from:
+            return self._drop("duplicate")
+        if not self._may_lead(peer, now):
+            return self._drop("not_aggregator")
         ok, actions = self._validated(peer, self._model, message.weights)
         if not ok:
             return actions
@@ -182,6 +214,7 @@ class FedAvgLearner(Learner[W]):
             actions.append(Log(f"stepping down: {peer} aggregates round {message.round}"))
         self.aggregator = peer
         self._global_from = peer
+        self._settled = True
         self.round = message.round
         if self._max_rounds is not None and self.round >= self._max_rounds:
             self._model = message.weights

@@ -16,12 +16,20 @@ Invariants:
 - A peer's ages only grow (each send follows a training), so a model with an age not above the
   last one seen from that peer is a duplicate or reordered copy and is dropped. A peer that goes
   down and comes back is a new session (it may have restarted younger): its record is forgotten.
+- Ages are claims, bounded by what this node can check: an age is accepted only up to
+  ``max_age_lead`` above the highest of (a) this node's own age, (b) the last age accepted from
+  that peer plus the ticks that could have passed since (elapsed / (period x (1 - jitter)),
+  rounded up), and (c) the upper median of this node's age and the latest ages the *other* live
+  peers claimed. Above that the model is dropped (``age_inflated``, no strike: an honest peer
+  may simply be ahead), so one peer cannot vouch for itself, an age of 2**53 is never adopted,
+  and a node that joins an older federation catches up once a second peer states a like age.
 - A tick while training is skipped (``skipped_ticks``); sending happens only after training.
 - ``rounds`` counts completed trainings; at ``max_rounds`` the node stops (``finished``).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -44,6 +52,8 @@ class GossipConfig(LearnerSettings):
     """Each period is scaled by a uniform factor in [1 - jitter, 1 + jitter]."""
     staleness_window: int = 10
     """Models more than this many trainings older than the newest one are not merged."""
+    max_age_lead: int = 10
+    """A received age may exceed what this node can check (see the module) by this much."""
 
 
 class GossipLearner(Learner[W]):
@@ -63,12 +73,17 @@ class GossipLearner(Learner[W]):
             raise ValueError(f"gossip jitter must be in [0, 1), got {self.config.jitter}")
         if self.config.period <= 0:
             raise ValueError(f"gossip period must be positive, got {self.config.period}")
+        if self.config.max_age_lead < 0:
+            raise ValueError(f"max_age_lead must be >= 0, got {self.config.max_age_lead}")
         super().__init__(node_id, weights, ops, rng, self.config, features=features)
         self._sample_peer = peer_sampler
         self.age = 0
         self._rounds = 0
         self._inbox: deque[tuple[str, W, int]] = deque(maxlen=INBOX_SIZE)
-        self._last_age: dict[str, int] = {}
+        self._last_age: dict[str, tuple[int, float]] = {}
+        """Per peer: the last age accepted from it, and when."""
+        self._claimed: dict[str, int] = {}
+        """Per live peer: the latest age it claimed (accepted or not), for the median bound."""
         self.skipped_ticks = 0
 
     @property
@@ -109,19 +124,38 @@ class GossipLearner(Learner[W]):
     def _on_message(self, peer: str, message: Message[W], now: float) -> list[Action[W]]:
         if not isinstance(message, GossipModel):
             return self._drop("wrong_protocol")
-        if message.age <= self._last_age.get(peer, -1):
+        last_age, _ = self._last_age.get(peer, (-1, now))
+        if message.age <= last_age:
             return self._drop("duplicate")
         ok, actions = self._validated(peer, self._model, message.weights)
         if not ok:
             return actions
-        self._last_age[peer] = message.age
+        bound = self.age_bound(peer, now)
+        self._claimed[peer] = message.age
+        if message.age > bound:
+            return self._drop("age_inflated")
+        self._last_age[peer] = (message.age, now)
         if len(self._inbox) == INBOX_SIZE:
             self.dropped["inbox_overflow"] += 1
         self._inbox.append((peer, message.weights, message.age))
         return []
 
+    def age_bound(self, peer: str, now: float) -> int:
+        """The highest age this node accepts from ``peer`` at ``now`` (see the module)."""
+        checkable = self.age
+        if peer in self._last_age:
+            age, at = self._last_age[peer]
+            fastest_tick = self.config.period * (1 - self.config.jitter)
+            checkable = max(checkable, age + math.ceil((now - at) / fastest_tick))
+        others = sorted(
+            [self.age, *(a for p, a in self._claimed.items() if p != peer and p in self._peers)]
+        )
+        checkable = max(checkable, others[len(others) // 2])
+        return checkable + self.config.max_age_lead
+
     def _on_peer_down(self, peer: str, now: float) -> list[Action[W]]:
         self._last_age.pop(peer, None)
+        self._claimed.pop(peer, None)
         return []
 
     def _on_trained(self, weights: W, report: TrainingReport, now: float) -> list[Action[W]]:

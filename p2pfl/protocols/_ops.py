@@ -9,8 +9,10 @@ and the unit tests get identical action lists for identical inputs. A driver tha
 aggregation too slow for its event loop runs ``handle`` itself in a worker thread; the machine
 holds no I/O objects, so that is safe.
 
-``p2pfl.sim.virtual`` and the daemon implement ``ModelOps`` with ``p2pfl.ml.aggregation``
-(``validate_update`` and ``AGGREGATORS``); the unit tests implement it over plain floats.
+``p2pfl.ml.aggregation.StateDictOps`` implements ``ModelOps`` over torch state_dicts
+(``validate_update``, ``state_norm``, ``aggregate``); the unit tests implement it over plain
+floats. An older ops object without ``distance`` (rules by name only, default parameters) is
+still accepted: the machines then pass no ``params`` and clip with the rule's stateless radius.
 """
 
 from __future__ import annotations
@@ -35,11 +37,21 @@ class ModelOps(Protocol[W]):
         """None if ``update`` may be merged into a model like ``reference``, else a reason slug."""
         ...
 
+    def distance(self, reference: W, update: W) -> float:
+        """The L2 distance between two models (what self-centred clipping bounds)."""
+        ...
+
     def aggregate(
-        self, rule: str, reference: W, models: Sequence[W], weights: Sequence[float]
+        self,
+        rule: str,
+        reference: W,
+        models: Sequence[W],
+        weights: Sequence[float],
+        params: Mapping[str, float] | None = None,
     ) -> W:
-        """Combine ``models`` (non-empty) with ``weights`` by ``rule``; ``reference`` is the
-        model the result replaces (used by clipping rules). Must not modify its inputs."""
+        """Combine ``models`` (non-empty) with ``weights`` by ``rule`` and its ``params``
+        (e.g. ``clip_radius``, ``krum_f``, ``trim_fraction``); ``reference`` is the model the
+        result replaces (the centre of clipping). Must not modify its inputs."""
         ...
 
 

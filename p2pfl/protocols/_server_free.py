@@ -13,7 +13,11 @@ Invariants:
 - Catch-up: every valid model tells the round its sender is in. After closing round ``r`` the
   node continues with ``max(r + 1, m)``, ``m`` the lower median of the latest rounds of its live
   neighbours, so a node that was away (or restarted from a checkpoint at round 0) rejoins its
-  neighbours instead of lagging forever, while one lying peer among three or more cannot move it.
+  neighbours instead of lagging forever, while one lying peer among two or more cannot move it
+  (a node with a single neighbour follows it: nothing else can tell it the live round).
+- Aggregation (own model included) is centred on this node's own trained model: with "clip"
+  (the default) each neighbour's difference from it is clipped to the radius. Sample counts
+  weigh at most ``max_sample_ratio`` x the lower median of the round's counts.
 - Every received model is validated against the current model before it is buffered.
 - Neighbours: all live peers, or the given set (e.g. cloudlets within communication range);
   models from outside that set are dropped.
@@ -128,9 +132,10 @@ class ServerFreeLearner(Learner[W]):
     def _close_round(self, now: float) -> list[Action[W]]:
         assert self._own is not None
         received = self._pending.pop(self.round, {})
-        models = [self._own[0]] + [received[p][0] for p in sorted(received)]
-        samples = [float(self._own[1])] + [float(received[p][1]) for p in sorted(received)]
-        self._model = self._aggregate(models, samples)
+        own = self._own[0]
+        models = [own] + [received[p][0] for p in sorted(received)]
+        samples = self._capped_samples([self._own[1]] + [received[p][1] for p in sorted(received)])
+        self._model = self._aggregate(models, samples, reference=own)
         self._own = None
         actions: list[Action[W]] = [
             Adopt(self._model),

@@ -61,7 +61,7 @@ class ClusterSpec:
     exchange_features: bool = False
     """Graph tasks: give every daemon all node ids so halo features travel between them."""
     protocol: str = "gossip"
-    aggregation: str = "mean"
+    aggregation: str | None = "mean"  # None: the protocol's robust default
     codec: str = "fp32"
     params: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     mdns: bool = True
@@ -211,7 +211,7 @@ class DaemonCluster:
             },
             "protocol": {
                 "name": spec.protocol,
-                "aggregation": spec.aggregation,
+                **({"aggregation": spec.aggregation} if spec.aggregation is not None else {}),
                 "codec": spec.codec,
                 "seed": spec.seed,
                 "start_peers": spec.start_peers,

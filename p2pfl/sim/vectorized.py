@@ -16,7 +16,7 @@ a one-tensor state_dict without copying), so the rules are the learning core's.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +45,21 @@ class VectorOps(StateDictOps):
             return "not_a_tensor"
         return super().validate({"p": torch.from_numpy(reference)}, {"p": torch.from_numpy(update)})
 
+    def distance(self, reference: Vector, update: Vector) -> float:  # type: ignore[override]
+        return float(np.linalg.norm(update.astype(np.float64) - reference))
+
     def aggregate(  # type: ignore[override]
-        self, rule: str, reference: Vector, models: Sequence[Vector], weights: Sequence[float]
+        self,
+        rule: str,
+        reference: Vector,
+        models: Sequence[Vector],
+        weights: Sequence[float],
+        params: Mapping[str, float] | None = None,
     ) -> Vector:
         wrapped = [{"p": torch.from_numpy(m)} for m in models]
         return (
             super()
-            .aggregate(rule, {"p": torch.from_numpy(reference)}, wrapped, weights)["p"]
+            .aggregate(rule, {"p": torch.from_numpy(reference)}, wrapped, weights, params)["p"]
             .numpy()
         )
 

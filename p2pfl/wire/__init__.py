@@ -8,6 +8,10 @@ from p2pfl.wire._codec import DEFAULT_LIMITS as DEFAULT_LIMITS
 from p2pfl.wire._codec import DecodeLimits as DecodeLimits
 from p2pfl.wire._codec import pack as pack
 from p2pfl.wire._codec import unpack as unpack
+from p2pfl.wire._delta import DeltaDecoder as DeltaDecoder
+from p2pfl.wire._delta import DeltaEncoder as DeltaEncoder
+from p2pfl.wire._delta import UpdateEncoder as UpdateEncoder
+from p2pfl.wire._delta import decode_update as decode_update
 from p2pfl.wire._domain import Domain as Domain
 from p2pfl.wire._domain import signing_input as signing_input
 from p2pfl.wire._envelope import VERSION as VERSION

@@ -74,9 +74,18 @@ FP16_MAX = 65504.0
 
 
 def encode_state_dict(
-    state: Mapping[str, torch.Tensor], codec: str = "fp32", *, topk_ratio: float = 0.01
+    state: Mapping[str, torch.Tensor],
+    codec: str = "fp32",
+    *,
+    topk_ratio: float = 0.01,
+    topk_indices: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
-    """Encode a state_dict. Raises ValueError for an unknown codec or an unencodable tensor."""
+    """Encode a state_dict. Raises ValueError for an unknown codec or an unencodable tensor.
+
+    ``topk_indices`` (codec "topk"): per floating tensor, the sorted flat indices to send instead
+    of the largest magnitudes (how a delta codec sends a model's values where its update is
+    largest); a tensor without an entry falls back to the largest magnitudes.
+    """
     import torch
 
     if codec not in CODECS:
@@ -104,7 +113,8 @@ def encode_state_dict(
         encoding = codec if dtype in FLOAT_DTYPES and codec != "fp32" else "raw"
         if (encoding, dtype) in (("fp16", "float16"), ("bf16", "bfloat16")):
             encoding = "raw"  # already in the codec's precision: send as is
-        data, extra = _encode_tensor(name, tensor, encoding, topk_ratio)
+        chosen = topk_indices.get(name) if topk_indices is not None else None
+        data, extra = _encode_tensor(name, tensor, encoding, topk_ratio, chosen)
         parts.append(array_header(6))
         for field in (name, dtype, list(tensor.shape), encoding):
             parts.append(pack(field))
@@ -121,7 +131,11 @@ def _bytes_of(array: np.ndarray[Any, Any]) -> memoryview:
 
 
 def _encode_tensor(
-    name: str, tensor: torch.Tensor, encoding: str, topk_ratio: float
+    name: str,
+    tensor: torch.Tensor,
+    encoding: str,
+    topk_ratio: float,
+    chosen: torch.Tensor | None = None,
 ) -> tuple[memoryview, float | memoryview | None]:
     import torch
 
@@ -151,7 +165,16 @@ def _encode_tensor(
     k = min(flat.numel(), max(1, math.ceil(topk_ratio * flat.numel())))
     if flat.numel() == 0:
         k = 0
-    indices = torch.topk(work.reshape(-1).abs(), k, sorted=False).indices.sort().values
+    if chosen is not None:
+        indices = chosen.reshape(-1).to(torch.int64)
+        if indices.numel() and (
+            int(indices.min()) < 0
+            or int(indices.max()) >= flat.numel()
+            or not bool((indices[1:] > indices[:-1]).all())
+        ):
+            raise ValueError(f"{name}: top-k indices must be strictly increasing and in range")
+    else:
+        indices = torch.topk(work.reshape(-1).abs(), k, sorted=False).indices.sort().values
     values = flat[indices]
     if values.dtype == torch.bfloat16:
         value_bytes = _bytes_of(values.view(torch.int16).numpy())
@@ -164,6 +187,20 @@ def decode_state_dict(
     data: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> dict[str, torch.Tensor]:
     """Decode `encode_state_dict` output; raises only `WireError` (never unpickles anything)."""
+    return {name: tensor for name, (tensor, _) in _decode(data, limits, sparse=False).items()}
+
+
+def decode_sparse_state_dict(
+    data: bytes | bytearray | memoryview, limits: DecodeLimits = DEFAULT_LIMITS
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Like `decode_state_dict`, but a ``topk`` entry comes back as (values, flat indices)
+    instead of a dense tensor with zeros; other entries as (tensor, None)."""
+    return _decode(data, limits, sparse=True)
+
+
+def _decode(
+    data: bytes | bytearray | memoryview, limits: DecodeLimits, *, sparse: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     if len(data) > limits.max_frame_bytes:
         raise WireError("oversized", f"state_dict of {len(data)} bytes > {limits.max_frame_bytes}")
     view = memoryview(data).cast("B")
@@ -182,20 +219,22 @@ def decode_state_dict(
     count = reader.array_len()
     if count > limits.max_tensors:
         raise WireError("oversized", f"{count} tensors > max_tensors {limits.max_tensors}")
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     total = 0
     for _ in range(count):
-        name, tensor = _decode_entry(reader, limits)
+        name, tensor, indices = _decode_entry(reader, limits, sparse)
         if name in state:
             raise WireError("bad_tensor", f"tensor {name[:60]!r} appears twice")
         total += tensor.numel()
         if total > limits.max_total_elements:
             raise WireError("oversized", f"more than {limits.max_total_elements} elements in total")
-        state[name] = tensor
+        state[name] = (tensor, indices)
     return state
 
 
-def _decode_entry(reader: _Reader, limits: DecodeLimits) -> tuple[str, torch.Tensor]:
+def _decode_entry(
+    reader: _Reader, limits: DecodeLimits, sparse: bool = False
+) -> tuple[str, torch.Tensor, torch.Tensor | None]:
     import numpy as np
     import torch
 
@@ -233,14 +272,14 @@ def _decode_entry(reader: _Reader, limits: DecodeLimits) -> tuple[str, torch.Ten
         reader.nil()
         expect(numel * itemsize, "data")
         values = np.frombuffer(data, storage, count=numel).copy()
-        return name, _as_dtype(torch.from_numpy(values), dtype).reshape(shape)
+        return name, _as_dtype(torch.from_numpy(values), dtype).reshape(shape), None
     if encoding in ("fp16", "bf16"):
         reader.nil()
         expect(numel * 2, "data")
         values = np.frombuffer(data, "<f2" if encoding == "fp16" else "<i2", count=numel).copy()
         tensor = torch.from_numpy(values)
         tensor = tensor if encoding == "fp16" else tensor.view(torch.bfloat16)
-        return name, _cast(tensor, dtype).reshape(shape)
+        return name, _cast(tensor, dtype).reshape(shape), None
     if encoding == "int8":
         scale = reader.float_()
         work = "<f8" if dtype == "float64" else "<f4"
@@ -248,7 +287,7 @@ def _decode_entry(reader: _Reader, limits: DecodeLimits) -> tuple[str, torch.Ten
             raise WireError("bad_tensor", f"{where}: int8 scale {scale} out of range")
         expect(numel, "data")
         values = np.frombuffer(data, "i1", count=numel).astype(work) * np.array(scale, work)
-        return name, _cast(torch.from_numpy(values), dtype).reshape(shape)
+        return name, _cast(torch.from_numpy(values), dtype).reshape(shape), None
     # topk
     indices_view = reader.bin_()
     k = len(indices_view) // 4
@@ -260,9 +299,13 @@ def _decode_entry(reader: _Reader, limits: DecodeLimits) -> tuple[str, torch.Ten
     indices = np.frombuffer(indices_view, "<u4", count=k)
     if k and (int(indices.max()) >= numel or not bool(np.all(indices[1:] > indices[:-1]))):
         raise WireError("bad_tensor", f"{where}: top-k indices out of range or not strictly sorted")
+    if sparse:
+        kept = np.frombuffer(data, storage, count=k).copy()
+        flat_indices = torch.from_numpy(indices.astype(np.int64))
+        return name, _as_dtype(torch.from_numpy(kept), dtype), flat_indices
     dense = np.zeros(numel, storage)
     dense[indices] = np.frombuffer(data, storage, count=k)
-    return name, _as_dtype(torch.from_numpy(dense), dtype).reshape(shape)
+    return name, _as_dtype(torch.from_numpy(dense), dtype).reshape(shape), None
 
 
 def _as_dtype(tensor: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -55,7 +55,11 @@ class _FloatOps:
 
 def _server_free(**config: Any) -> ServerFreeLearner[float]:
     return ServerFreeLearner(
-        "a", 0.0, _FloatOps(), random.Random(0), ServerFreeConfig(round_timeout=5.0, **config)
+        "a",
+        0.0,
+        _FloatOps(),
+        random.Random(0),
+        ServerFreeConfig(round_timeout=5.0, aggregation="mean", **config),
     )
 
 

@@ -47,7 +47,7 @@ def test_a_rejoining_gossip_node_does_only_its_remaining_trainings() -> None:
         (LearnerSetup("krum"), "protocol", "known: gossip, server-free, fedavg"),
         (LearnerSetup("gossip", neighbours="range"), "neighbours", "only server-free"),
         (LearnerSetup("server-free", neighbours="task"), "neighbours", "all, topology, range"),
-        (LearnerSetup("fedavg", aggregation="krum"), "aggregation", "'krum'"),
+        (LearnerSetup("fedavg", aggregation="bulyan"), "aggregation", "'bulyan'"),
         (LearnerSetup("gossip", params={"max_rounds": 0}), "params", "at least 1"),
     ],
 )

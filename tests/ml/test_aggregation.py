@@ -9,10 +9,16 @@ import torch
 
 from p2pfl.ml.aggregation import (
     AGGREGATORS,
+    RULE_PARAMS,
     StateDict,
+    StateDictOps,
+    aggregate,
     clip_toward,
     coordinate_median,
+    default_krum_f,
+    krum_select,
     load_validated,
+    self_centred_clip,
     state_norm,
     trimmed_mean,
     validate_update,
@@ -76,8 +82,8 @@ def test_aggregators_do_not_modify_their_inputs() -> None:
     states = _states(4)
     before = [{k: v.clone() for k, v in s.items()} for s in states]
     reference = {k: v.clone() for k, v in states[0].items()}
-    for aggregate in AGGREGATORS.values():
-        aggregate(states, [1.0] * 4, reference)
+    for rule in AGGREGATORS.values():
+        rule(states, [1.0] * 4, reference)
     for s, b in zip(states, before, strict=True):
         for key in s:
             assert torch.equal(s[key], b[key])
@@ -136,3 +142,102 @@ def test_a_rejected_update_leaves_the_model_unchanged() -> None:
     good = {k: v + 1 for k, v in before.items()}
     assert load_validated(model, good) is None
     assert torch.equal(model.state_dict()["net.0.weight"], good["net.0.weight"])
+
+
+def _honest_and_attacker(n_honest: int, seed: int = 5) -> tuple[StateDict, list[StateDict]]:
+    """A reference model, honest models near it, and the last one negated and scaled by 1e6."""
+    g = torch.Generator().manual_seed(seed)
+    reference = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g)}
+    honest = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in reference.items()}
+        for _ in range(n_honest)
+    ]
+    attacker = {k: -1e6 * v for k, v in honest[0].items()}
+    return reference, [*honest, attacker]
+
+
+def test_self_centred_clip_moves_the_result_by_at_most_the_radius_per_attacker() -> None:
+    reference, states = _honest_and_attacker(2)
+    tau = 0.5
+    honest_only = self_centred_clip(reference, [*states[:2], reference], [1.0, 1.0, 1.0], tau)
+    attacked = self_centred_clip(reference, states, [1.0, 1.0, 1.0], tau)
+    # The attacker replaced a zero difference (the reference itself) by one of norm tau at most.
+    assert state_norm(attacked, honest_only) <= tau / 3 + 1e-5
+    assert state_norm(attacked, reference) <= tau + 1e-5
+    # Within the radius nothing is clipped: the result is the plain weighted mean.
+    near = states[:2]
+    radius = max(state_norm(s, reference) for s in near)
+    for key in reference:
+        torch.testing.assert_close(
+            self_centred_clip(reference, near, [1.0, 3.0], radius)[key],
+            weighted_mean(near, [1.0, 3.0])[key],
+        )
+
+
+def test_self_centred_clip_with_the_own_model_only_returns_it() -> None:
+    reference, states = _honest_and_attacker(1)
+    out = self_centred_clip(reference, [reference, states[-1]], [1.0, 1.0], 0.0)
+    for key in reference:
+        assert torch.equal(out[key], reference[key])
+
+
+@pytest.mark.parametrize("rule", ["krum", "multikrum"])
+def test_krum_excludes_a_scaled_sign_flipped_model(rule: str) -> None:
+    reference, states = _honest_and_attacker(4)
+    merged = aggregate(rule, states, [1.0] * 5, reference)
+    assert state_norm(merged, reference) < 1.0  # honest models lie within ~0.3 of it
+    assert sorted(krum_select(states, 1, 4)) == [0, 1, 2, 3]
+
+
+def test_multikrum_averages_the_chosen_states_with_their_weights() -> None:
+    reference, states = _honest_and_attacker(4)
+    chosen = krum_select(states, 1, 4)
+    expected = weighted_mean([states[i] for i in chosen], [float(i + 1) for i in chosen])
+    merged = aggregate("multikrum", states, [1.0, 2.0, 3.0, 4.0, 5.0], reference, {"krum_f": 1})
+    for key in reference:
+        torch.testing.assert_close(merged[key], expected[key])
+
+
+def test_krum_with_three_inputs_still_leaves_the_outlier_out() -> None:
+    _, states = _honest_and_attacker(2)
+    assert default_krum_f(3) == 1 and default_krum_f(2) == 0 and default_krum_f(9) == 3
+    assert sorted(krum_select(states, default_krum_f(3), 2)) == [0, 1]
+
+
+def test_trimmed_mean_reads_its_fraction_from_params() -> None:
+    states = _states(10, seed=3)
+    out = aggregate("trimmed_mean", states, [1.0] * 10, None, {"trim_fraction": 0.1})
+    for key in ("w", "b"):
+        expected = _naive(states, key, lambda v: sum(sorted(v)[1:9]) / 8)
+        torch.testing.assert_close(out[key], expected)
+
+
+@pytest.mark.parametrize("rule", sorted(RULE_PARAMS))
+def test_every_rule_refuses_non_finite_inputs(rule: str) -> None:
+    reference, states = _honest_and_attacker(3)
+    states[1] = {k: v.clone() for k, v in states[1].items()}
+    states[1]["b"][0] = math.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        aggregate(rule, states, [1.0] * 4, reference)
+    states[1]["b"][0] = math.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        AGGREGATORS[rule](states, [1.0] * 4, reference)
+
+
+def test_unknown_rules_and_parameters_are_refused() -> None:
+    reference, states = _honest_and_attacker(2)
+    with pytest.raises(ValueError, match="unknown aggregation rule"):
+        aggregate("average", states, [1.0] * 3, reference)
+    with pytest.raises(ValueError, match="takes no parameter krum_f"):
+        aggregate("clip", states, [1.0] * 3, reference, {"krum_f": 1})
+
+
+def test_state_dict_ops_measures_clips_and_names_its_rules() -> None:
+    ops = StateDictOps(max_norm=10.0)
+    reference, states = _honest_and_attacker(2)
+    assert set(ops.rules) == set(RULE_PARAMS)
+    assert ops.distance(reference, states[0]) == pytest.approx(state_norm(states[0], reference))
+    assert ops.validate(reference, states[0]) is None
+    assert ops.validate(reference, states[-1]) == "norm_exceeded"
+    merged = ops.aggregate("clip", reference, states, [1.0] * 3, {"clip_radius": 0.01})
+    assert state_norm(merged, reference) <= 0.01 + 1e-6

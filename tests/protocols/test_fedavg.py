@@ -25,7 +25,7 @@ from p2pfl.protocols import (
 )
 from p2pfl.protocols import RoundUpdate as RU
 
-CONFIG = FedAvgConfig(round_timeout=5.0, budget=1.0)
+CONFIG = FedAvgConfig(round_timeout=5.0, budget=1.0, aggregation="mean")
 
 
 def node(ops: Any, name: str, peers: tuple[str, ...], **kw: Any) -> Any:

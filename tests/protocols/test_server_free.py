@@ -24,7 +24,7 @@ from p2pfl.protocols import (
 )
 from p2pfl.protocols import RoundUpdate as RU
 
-CONFIG = ServerFreeConfig(round_timeout=5.0, budget=1.0)
+CONFIG = ServerFreeConfig(round_timeout=5.0, budget=1.0, aggregation="mean")
 
 
 def in_round(ops: Any, report: Any, peers: tuple[str, ...] = ("b", "c"), **kw: Any) -> Any:

@@ -13,6 +13,8 @@ import torch
 from p2pfl.identity import NodeIdentity, verify_signature
 from p2pfl.trust import FederationAuthority, TrustError, TrustPolicy, parse_revocations
 from p2pfl.wire import (
+    DeltaDecoder,
+    DeltaEncoder,
     Domain,
     EnvelopeVerifier,
     WireError,
@@ -149,6 +151,32 @@ def test_state_dict_vector_decodes_and_reencodes(vector: dict[str, Any]) -> None
         assert decoded[name].dtype == source[name].dtype
     if vector["codec"] == "fp32":
         assert all(torch.equal(decoded[k], v) for k, v in source.items())
+
+
+def _tensors(listed: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.tensor(t["values"], dtype=getattr(torch, t["dtype"])).reshape(t["shape"])
+        for name, t in listed.items()
+    }
+
+
+@pytest.mark.parametrize("vector", VECTORS["state_deltas"], ids=lambda v: v["name"])
+def test_state_delta_vector_decodes_and_reencodes(vector: dict[str, Any]) -> None:
+    initial, model = _tensors(vector["initial"]), _tensors(vector["model"])
+    data = bytes.fromhex(vector["data"])
+    encoder = DeltaEncoder(topk_ratio=vector["topk_ratio"], initial=initial)
+    assert encoder.encode(model) == data
+    decoded = DeltaDecoder(initial=initial).decode(data)
+    for name, values in vector["decoded"].items():
+        assert decoded[name].reshape(-1).tolist() == values
+        assert decoded[name].shape == initial[name].shape
+    for i in range(len(data)):  # any changed byte: refused, or a different model
+        flipped = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+        try:
+            other = DeltaDecoder(initial=initial).decode(flipped)
+        except WireError:
+            continue
+        assert any(not torch.equal(other[k], decoded[k]) for k in decoded), i
 
 
 @pytest.mark.parametrize("vector", VECTORS["adverts"], ids=lambda v: v["name"])
