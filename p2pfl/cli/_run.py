@@ -29,6 +29,9 @@ import click
 @click.option("--check", is_flag=True, help="Check the configuration and files, then exit.")
 def run(config_path: Path, check: bool) -> None:
     """Run the p2pfl daemon in the foreground until SIGTERM or Ctrl-C."""
+    from p2pfl.cli._errors import default_sigterm
+
+    default_sigterm()  # the daemon stops on SIGTERM itself, cleanly, with status 0
     from p2pfl.daemon.config import EXIT_CONFIG, ConfigError, load_config
     from p2pfl.daemon.metrics import configure_logging
 
