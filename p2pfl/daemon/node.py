@@ -388,6 +388,8 @@ class Node:
             transport=dict(self.transport.counters) if self.transport is not None else {},
             revocation_serial=None if revocations is None else revocations.serial,
             revoked=0 if revocations is None else len(revocations.revoked),
+            mdns=config.discovery.mdns,
+            static_peers=len(config.discovery.static_peers),
             feature_bytes_sent=int(getattr(self.prepared.machine, "bytes_features_sent", 0)),
             feature_bytes_received=int(
                 getattr(self.prepared.machine, "bytes_features_received", 0)
