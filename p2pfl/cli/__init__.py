@@ -25,6 +25,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "p2pfl.cli._federation:federation",
         "Federation key and membership certificates.",
     ),
+    "init": ("p2pfl.cli._init:init", "Set up this node: key, configuration, admission."),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
     "peers": ("p2pfl.cli._status:peers", "List the running daemon's peers."),
     "run": ("p2pfl.cli._run:run", "Run the daemon in the foreground (systemd: ExecStart)."),
