@@ -171,3 +171,30 @@ def test_stopping_the_harness_removes_namespaces_folder_and_daemons(
     assert not root.exists()
     assert not {n for n in _namespaces() if n.startswith(f"p2pfl-{simulate}-")}
     assert _processes_mentioning(str(root)) == []
+
+
+def test_a_failed_run_removes_its_folder_namespaces_and_daemons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pfl.sim import processes
+    from p2pfl.sim.scenario import load_scenario
+
+    scenario = tmp_path / "failing.toml"
+    scenario.write_text(SCENARIO)
+    roots: list[Path] = []
+    namespaces: set[str] = set()
+    pids: list[int] = []
+
+    def fail_once_started(cluster: processes.DaemonCluster, name: str, report: object) -> None:
+        roots.append(cluster.root)
+        namespaces.update(cluster.network.namespaces)
+        pids.extend(node.process.pid for node in cluster.nodes if node.process is not None)
+        raise processes.ProcessesEngineError("node-0 exited with status 2 while starting")
+
+    monkeypatch.setattr(processes, "_wait_ready", fail_once_started)
+    with pytest.raises(processes.ProcessesEngineError):
+        processes.run(load_scenario(scenario))
+    (root,) = roots
+    assert root.name.startswith("p2pfl-sim-") and not root.exists()
+    assert len(namespaces) == 3 and namespaces.isdisjoint(_namespaces())
+    assert len(pids) == 2 and not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
