@@ -17,7 +17,13 @@ from typing import Any
 import click
 
 from p2pfl import __version__
-from p2pfl.cli._errors import EXIT_INTERRUPTED, EXIT_STATUS_HELP, report, terminated
+from p2pfl.cli._errors import (
+    EXIT_INTERRUPTED,
+    EXIT_STATUS_HELP,
+    UNWINDING_SIGNALS,
+    report,
+    terminated,
+)
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (import path, one-line help shown by `p2pfl --help`)
@@ -59,11 +65,14 @@ class _LazyGroup(click.Group):
         """Click's main, with our error style and exit statuses (see ``p2pfl.cli._errors``)."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.getsignal(signal.SIGTERM) if main_thread else None
-        if previous is signal.SIG_DFL:
-            # SIGTERM unwinds like Ctrl-C, so every command cleans up; `run` undoes this.
-            signal.signal(signal.SIGTERM, terminated)
+        # SIGTERM and SIGHUP (the terminal closed) unwind like Ctrl-C, so every command cleans
+        # up; `run` gives them back to the daemon.
+        installed = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in UNWINDING_SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    signal.signal(sig, terminated)
+                    installed.append(sig)
         try:
             result = super().main(args, prog_name, complete_var, False, **extra)
         except (click.Abort, KeyboardInterrupt):
@@ -73,8 +82,8 @@ class _LazyGroup(click.Group):
             report(exc)
             sys.exit(exc.exit_code)
         finally:
-            if previous is signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for sig in installed:
+                signal.signal(sig, signal.SIG_DFL)
         # Without standalone mode click returns the command's value, or the code of an Exit.
         sys.exit(result if isinstance(result, int) else 0)
 

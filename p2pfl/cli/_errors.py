@@ -10,7 +10,7 @@ for something they can fix, and an exit status that says which kind of thing to 
 3      a key, certificate, allowlist or revocation list (missing, unreadable, unsafe, not ours)
 4      data (a data file missing or malformed)
 130    interrupted (SIGINT, Ctrl-C), after cleaning up
-143    terminated (SIGTERM), after cleaning up
+143    terminated (SIGTERM), after cleaning up (129: SIGHUP, its terminal closed)
 =====  =========================================================================================
 
 `p2pfl run` follows the same table (systemd does not restart it on 2, 3 and 4) and exits 0 when
@@ -21,6 +21,7 @@ the same numbers; a test keeps them so.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -41,7 +42,7 @@ Exit status (every command):
   3    a key, certificate, allowlist or revocation list problem
   4    a data problem (missing or malformed data file)
   130  interrupted (Ctrl-C), after cleaning up
-  143  terminated (SIGTERM), after cleaning up
+  143  terminated (SIGTERM; 129: SIGHUP, the terminal closed), after cleaning up
 `p2pfl run` exits 0 when SIGTERM or Ctrl-C stop it.
 Errors are one line on stderr: "p2pfl: <what went wrong>; <what to do>".
 """
@@ -92,12 +93,26 @@ def report(exc: click.ClickException) -> None:
     click.echo(f"p2pfl: {message}", err=True)
 
 
+UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end a command through its cleanup (with :func:`terminated`), as Ctrl-C does."""
+
+
 def terminated(signum: int, _frame: object) -> None:
-    """A SIGTERM handler: unwind like Ctrl-C (finally blocks, cleanup), then exit 128 + signum."""
+    """A SIGTERM/SIGHUP handler: unwind like Ctrl-C (finally blocks, cleanup), exit 128 + N.
+
+    After SIGHUP the terminal is gone and every write to it fails (EIO), which would cut the
+    cleanup short: stdout and stderr go to /dev/null from here on.
+    """
+    if signum == signal.SIGHUP:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
     raise SystemExit(128 + signum)
 
 
 def default_sigterm() -> None:
-    """Give SIGTERM back its default action (`p2pfl run`: the daemon handles it itself)."""
+    """Give SIGTERM and SIGHUP back their default actions (`p2pfl run` handles them itself)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in UNWINDING_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)

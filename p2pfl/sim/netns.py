@@ -439,8 +439,9 @@ def run_in_private_userns(argv: Sequence[str]) -> int:
 
 _FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _SI_KERNEL = 0x80
-"""``si_code`` of a signal the kernel sent: a terminal's Ctrl-C or hangup, which goes to the
-whole foreground process group, our child included."""
+"""``si_code`` of a signal the kernel sent. A SIGINT from the kernel is a Ctrl-C typed at our
+terminal, sent to the whole foreground process group, our child included. (A hangup's SIGHUP
+goes to the session leader alone, so that one is passed on.)"""
 
 
 def supervise(argv: Sequence[str]) -> int:
@@ -448,8 +449,8 @@ def supervise(argv: Sequence[str]) -> int:
 
     Returns the child's exit status, or 128 + N when signal N killed it (the shell's convention),
     so that the child, not this wrapper, decides how an interruption ends: it cleans up and exits
-    130 or 143. A signal the kernel sent (Ctrl-C typed at the terminal) is not passed on: the
-    child, in our process group, has it already, and a second one would cut its cleanup short.
+    130 or 143. A Ctrl-C typed at the terminal is not passed on: the child, in our process
+    group, has it already from the terminal, and a second one could cut its cleanup short.
     Never raises KeyboardInterrupt.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -471,7 +472,7 @@ def supervise(argv: Sequence[str]) -> int:
                 if done:
                     code = os.waitstatus_to_exitcode(status)
                     return code if code >= 0 else 128 - code
-            elif info.si_code != _SI_KERNEL:
+            elif not (info.si_signo == signal.SIGINT and info.si_code == _SI_KERNEL):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, info.si_signo)
     finally:

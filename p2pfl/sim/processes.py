@@ -633,10 +633,10 @@ class _Teardown:
     """Ends a run completely, however it ends: daemons, network namespaces, temporary folder.
 
     The outermost context of a run (it removes the folder last) and, through ``begins()``, the
-    innermost one: from the moment the run's body ends, SIGINT and SIGTERM are held until the
-    daemons are stopped, the namespaces deleted and the folder removed, so that a second Ctrl-C,
-    or one Ctrl-C arriving twice (from the terminal and through the netns wrapper), cannot cut
-    the cleanup short. A signal held while the run was ending normally is acted on afterwards.
+    innermost one: from the moment the run's body ends, SIGINT, SIGTERM and SIGHUP are held until
+    the daemons are stopped, the namespaces deleted and the folder removed, so that a second
+    Ctrl-C (an impatient one, or a SIGHUP when the terminal closes) cannot cut the cleanup short.
+    A signal held while the run was ending normally is acted on afterwards.
     """
 
     def __init__(self, root: Path) -> None:
@@ -666,7 +666,7 @@ class _Teardown:
 
     def _hold(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._previous[sig] = signal.signal(sig, self._note)
 
     def _note(self, signum: int, _frame: object) -> None:

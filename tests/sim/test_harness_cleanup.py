@@ -3,9 +3,10 @@
 The harness runs as `make demo` runs it: ``python -m p2pfl.sim.netns -- python -m p2pfl
 simulate ... --engine processes``, on a terminal (a pseudo-terminal here). Once its daemons
 answer on their control sockets it gets SIGINT or SIGTERM (as from `kill`, to the wrapper), or a
-Ctrl-C typed at the terminal (SIGINT to the whole foreground process group). Afterwards no
-namespace of the run, no temporary folder and no daemon may remain, the exit status is 130 or 143,
-and no traceback was printed.
+Ctrl-C typed at the terminal (SIGINT to the whole foreground process group), or its terminal
+closes (SIGHUP from the kernel, to the same group). Afterwards no namespace of the run, no
+temporary folder and no daemon may remain, the exit status is 130, 143 or 129, and no traceback
+was printed.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class _Terminal:
     def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.read(0.2)
+            if not self.read(0.2):
+                time.sleep(0.2)
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.read(0.2)
@@ -119,7 +121,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize(
     ("how", "expected"),
-    [("SIGINT", 130), ("SIGTERM", 143), ("Ctrl-C at the terminal", 130)],
+    [("SIGINT", 130), ("SIGTERM", 143), ("Ctrl-C at the terminal", 130), ("terminal closed", 129)],
 )
 def test_stopping_the_harness_removes_namespaces_folder_and_daemons(
     tmp_path: Path, how: str, expected: int
@@ -156,6 +158,9 @@ def test_stopping_the_harness_removes_namespaces_folder_and_daemons(
 
         if how == "Ctrl-C at the terminal":
             os.write(harness.fd, b"\x03")
+        elif how == "terminal closed":  # the kernel sends SIGHUP to the foreground group
+            os.close(harness.fd)
+            harness.fd = os.open(os.devnull, os.O_RDONLY)  # nothing more to read
         else:
             os.kill(harness.pid, getattr(signal, how))
         code = harness.wait(timeout=60)
@@ -167,7 +172,8 @@ def test_stopping_the_harness_removes_namespaces_folder_and_daemons(
 
     assert code == expected, harness.text
     assert "Traceback" not in harness.text
-    assert "p2pfl: interrupted" in harness.text
+    if how != "terminal closed":
+        assert "p2pfl: interrupted" in harness.text
     assert not root.exists()
     assert not {n for n in _namespaces() if n.startswith(f"p2pfl-{simulate}-")}
     assert _processes_mentioning(str(root)) == []
