@@ -1,16 +1,22 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test`.
-# Both create .venv on first use; torch comes first as the CPU wheel so no CUDA build is pulled.
+# Both create .venv on first use and install torch first, on its own, then this project.
+# torch comes from pip's configured index: PyPI's Linux x86-64 wheel is the CUDA build (several
+# GB with its nvidia-* packages). For the CPU-only build (about 200 MB) use PyTorch's own index:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_INDEX ?=
 
 .PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	@echo "installing torch 2.13.0 from $(or $(TORCH_INDEX),pip's index) (CUDA build: several GB;" \
+		"CPU build: about 200 MB), then p2pfl with its development tools"
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

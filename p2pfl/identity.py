@@ -97,7 +97,8 @@ class NodeIdentity:
     @classmethod
     def load(cls, state_dir: Path) -> NodeIdentity:
         """Load the node key from ``state_dir``; refuses a key file others can read."""
-        return cls(load_private_key(Path(state_dir) / KEY_FILE, create_hint=state_dir))
+        command = f"p2pfl keys init --state-dir {state_dir}"
+        return cls(load_private_key(Path(state_dir) / KEY_FILE, create_command=command))
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> NodeIdentity:
@@ -141,14 +142,16 @@ def save_private_key(key: Ed25519PrivateKey, path: Path, *, force: bool, what: s
         raise IdentityError(f"cannot write the {what} to {path}: {exc.strerror or exc}") from exc
 
 
-def load_private_key(path: Path, *, create_hint: Path | str) -> Ed25519PrivateKey:
-    """Read an Ed25519 private key file, refusing one that group or others can read."""
+def load_private_key(path: Path, *, create_command: str) -> Ed25519PrivateKey:
+    """Read an Ed25519 private key file, refusing one that group or others can read.
+
+    ``create_command`` is the command that makes such a key (``p2pfl keys init --state-dir
+    DIR``): the messages tell a person to run it, or it with ``--force`` to replace a bad key.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise IdentityError(
-            f"no key at {path}; create one with `p2pfl keys init --state-dir {create_hint}`"
-        ) from None
+        raise IdentityError(f"no key at {path}; create one with `{create_command}`") from None
     except OSError as exc:
         raise IdentityError(f"cannot read {path}: {exc.strerror or exc}") from exc
     with os.fdopen(fd, "rb") as file:
@@ -165,8 +168,8 @@ def load_private_key(path: Path, *, create_hint: Path | str) -> Ed25519PrivateKe
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise IdentityError(
-            f"{path} is not a readable PEM private key ({exc}); restore it from a backup "
-            "or create a new one with --force (a new key is a new identity)"
+            f"{path} is not a readable PEM private key ({exc}); restore it from a backup, "
+            f"or replace it with `{create_command} --force` (a new key is a new identity)"
         ) from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise IdentityError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")

@@ -36,7 +36,6 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pfl.identity import (
-    IdentityError,
     NodeIdentity,
     load_private_key,
     node_id_for,
@@ -271,11 +270,9 @@ class FederationAuthority:
     def load(cls, directory: Path) -> FederationAuthority:
         """Load ``directory/federation.key``; refuses a key file that others can read."""
         path = Path(directory) / FEDERATION_KEY_FILE
-        try:
-            private_key = load_private_key(path, create_hint=directory)
-        except IdentityError as exc:
-            message = str(exc).replace("p2pfl keys init", "p2pfl federation init")
-            raise IdentityError(message) from None
+        private_key = load_private_key(
+            path, create_command=f"p2pfl federation init --dir {directory}"
+        )
         return cls(NodeIdentity(private_key))
 
     def save(self, directory: Path, *, force: bool = False) -> Path:

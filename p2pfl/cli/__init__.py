@@ -8,10 +8,22 @@ Subcommands live in their own modules and are imported only when used, so `p2pfl
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
 from p2pfl import __version__
+from p2pfl.cli._errors import (
+    EXIT_INTERRUPTED,
+    EXIT_STATUS_HELP,
+    UNWINDING_SIGNALS,
+    report,
+    terminated,
+)
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (import path, one-line help shown by `p2pfl --help`)
@@ -19,6 +31,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "p2pfl.cli._federation:federation",
         "Federation key and membership certificates.",
     ),
+    "init": ("p2pfl.cli._init:init", "Set up this node: key, configuration, admission."),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
     "peers": ("p2pfl.cli._status:peers", "List the running daemon's peers."),
     "run": ("p2pfl.cli._run:run", "Run the daemon in the foreground (systemd: ExecStart)."),
@@ -41,6 +54,39 @@ class _LazyGroup(click.Group):
             raise TypeError(f"{_COMMANDS[cmd_name][0]} is not a click command")
         return command
 
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Click's main, with our error style and exit statuses (see ``p2pfl.cli._errors``)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        # SIGTERM and SIGHUP (the terminal closed) unwind like Ctrl-C, so every command cleans
+        # up; `run` gives them back to the daemon.
+        installed = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in UNWINDING_SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    signal.signal(sig, terminated)
+                    installed.append(sig)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except (click.Abort, KeyboardInterrupt):
+            sys.stderr.flush()
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as exc:
+            report(exc)
+            sys.exit(exc.exit_code)
+        finally:
+            for sig in installed:
+                signal.signal(sig, signal.SIG_DFL)
+        # Without standalone mode click returns the command's value, or the code of an Exit.
+        sys.exit(result if isinstance(result, int) else 0)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Help text comes from the table, so listing commands imports nothing heavy.
         rows = [(name, short_help) for name, (_, short_help) in _COMMANDS.items()]
@@ -50,7 +96,11 @@ class _LazyGroup(click.Group):
                 formatter.write_dl(sorted(rows))
 
 
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_STATUS_HELP,
+)
 @click.version_option(__version__, prog_name="p2pfl")
 def main() -> None:
     """p2pfl: peer-to-peer decentralized learning for edge nodes.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from p2pfl.cli._errors import EXIT_IDENTITY, fail
 from p2pfl.files import atomic_write
 from p2pfl.identity import IdentityError, node_id_for
 from p2pfl.trust import (
@@ -50,7 +51,7 @@ def init(directory: Path, force: bool) -> None:
     try:
         path = authority.save(directory, force=force)
     except IdentityError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise fail(str(exc), EXIT_IDENTITY) from None
     click.echo(f"federation_id          {authority.federation_id}")
     click.echo(f"federation_public_key  {authority.public_key.hex()}")
     click.echo(f"key written to {path} (mode 0600); configure nodes with the public key", err=True)
@@ -76,20 +77,13 @@ def init(directory: Path, force: bool) -> None:
 )
 def admit(directory: Path, node_key: str, name: str, days: float, out: Path) -> None:
     """Sign a membership certificate for a node."""
-    try:
-        key = bytes.fromhex(node_key)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise click.BadParameter(
-            "expected 64 hex digits (from `p2pfl keys show`)", param_hint="--node-key"
-        )
+    key = _parse_node_key(node_key)
     try:
         authority = FederationAuthority.load(directory)
         now = time.time()
         certificate = authority.admit(key, name=name, expires_at=now + days * 86400, issued_at=now)
     except IdentityError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise fail(str(exc), EXIT_IDENTITY) from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--name") from None
     atomic_write(out, certificate, mode=0o644)
@@ -116,8 +110,9 @@ def _member_keys(directory: Path, name: str) -> list[bytes]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise click.ClickException(
-            f"cannot look up member {name!r}: {path}: {exc.strerror}; revoke with --node-key"
+        raise fail(
+            f"cannot look up member {name!r}: {path}: {exc.strerror}; revoke with --node-key",
+            EXIT_IDENTITY,
         ) from None
     keys = [bytes.fromhex(k) for k, _, n in (line.partition(" ") for line in lines) if n == name]
     if not keys:
@@ -162,14 +157,14 @@ def revoke(
         try:
             keys = [parse_certificate(certificate.read_bytes()).node_public_key]
         except TrustError as exc:
-            raise click.ClickException(f"{certificate}: {exc}") from None
+            raise fail(f"{certificate}: {exc}", EXIT_IDENTITY) from None
     else:
         assert name is not None
         keys = _member_keys(directory, name)
     try:
         authority = FederationAuthority.load(directory)
     except IdentityError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise fail(str(exc), EXIT_IDENTITY) from None
     master = directory / REVOCATIONS_FILE
     revoked: dict[bytes, str | None] = {}
     serial = 0
@@ -177,7 +172,7 @@ def revoke(
         try:
             current = parse_revocations(master.read_bytes(), authority.public_key)
         except TrustError as exc:
-            raise click.ClickException(f"{master}: {exc}; move it away to start anew") from None
+            raise fail(f"{master}: {exc}; move it away to start anew", EXIT_IDENTITY) from None
         revoked, serial = dict(current.revoked), current.serial
     for key in keys:
         revoked[key] = reason
@@ -214,6 +209,9 @@ def _revocations_info(revocations: RevocationList) -> dict[str, object]:
 
 
 @federation.command("show")
+@click.argument(
+    "path", required=False, type=click.Path(exists=True, path_type=Path), metavar="[FILE|DIR]"
+)
 @click.option(
     "--dir",
     "directory",
@@ -233,16 +231,34 @@ def _revocations_info(revocations: RevocationList) -> dict[str, object]:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(
-    directory: Path | None, certificate: Path | None, revocations: Path | None, as_json: bool
+    path: Path | None,
+    directory: Path | None,
+    certificate: Path | None,
+    revocations: Path | None,
+    as_json: bool,
 ) -> None:
-    """Print the federation id and public key, the fields of a certificate, or a revocation list."""
+    """Print the federation id and public key, the fields of a certificate, or a revocation list.
+
+    FILE is a certificate or a revocation list (told apart by their content), DIR a federation
+    directory; or name what to show with the options.
+    """
     info: dict[str, object]
+    if path is not None:
+        if certificate is not None or revocations is not None:
+            raise click.UsageError("give FILE or --certificate/--revocations, not both")
+        if path.is_dir():
+            directory = path
+        elif _is_certificate(path):
+            certificate = path
+        else:
+            revocations = path
     if revocations is not None:
         try:
             expected = None if directory is None else FederationAuthority.load(directory).public_key
             listed = parse_revocations(revocations.read_bytes(), expected)
         except (TrustError, IdentityError) as exc:
-            raise click.ClickException(f"{revocations}: {exc}") from None
+            guessed = "neither a certificate nor a revocation list: " if path is not None else ""
+            raise fail(f"{revocations}: {guessed}{exc}", EXIT_IDENTITY) from None
         info = _revocations_info(listed)
         if not as_json:
             for field in ("federation_id", "serial", "issued_at"):
@@ -254,7 +270,7 @@ def show(
         try:
             cert = parse_certificate(certificate.read_bytes())
         except TrustError as exc:
-            raise click.ClickException(f"{certificate}: {exc}") from None
+            raise fail(f"{certificate}: {exc}", EXIT_IDENTITY) from None
         info = {
             "name": cert.name,
             "node_id": cert.node_id,
@@ -267,7 +283,7 @@ def show(
         try:
             authority = FederationAuthority.load(directory)
         except IdentityError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise fail(str(exc), EXIT_IDENTITY) from None
         info = {
             "federation_id": authority.federation_id,
             "federation_public_key": authority.public_key.hex(),
@@ -281,6 +297,14 @@ def show(
     else:
         for key, value in info.items():
             click.echo(f"{key:<22} {value}")
+
+
+def _is_certificate(path: Path) -> bool:
+    try:
+        parse_certificate(path.read_bytes())
+    except (OSError, TrustError):
+        return False
+    return True
 
 
 def _utc(timestamp: float) -> str:

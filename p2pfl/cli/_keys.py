@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from p2pfl.cli._errors import EXIT_IDENTITY, fail
 from p2pfl.identity import IdentityError, NodeIdentity
 
 state_dir_option = click.option(
@@ -32,7 +33,7 @@ def init(state_dir: Path, force: bool) -> None:
     try:
         path = identity.save(state_dir, force=force)
     except IdentityError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise fail(str(exc), EXIT_IDENTITY) from None
     click.echo(identity.node_id)
     click.echo(f"key written to {path} (mode 0600)", err=True)
 
@@ -45,7 +46,7 @@ def show(state_dir: Path, as_json: bool) -> None:
     try:
         identity = NodeIdentity.load(state_dir)
     except IdentityError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise fail(str(exc), EXIT_IDENTITY) from None
     if as_json:
         click.echo(
             json.dumps({"node_id": identity.node_id, "public_key": identity.public_key.hex()})

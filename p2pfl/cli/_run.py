@@ -29,6 +29,9 @@ import click
 @click.option("--check", is_flag=True, help="Check the configuration and files, then exit.")
 def run(config_path: Path, check: bool) -> None:
     """Run the p2pfl daemon in the foreground until SIGTERM or Ctrl-C."""
+    from p2pfl.cli._errors import default_sigterm
+
+    default_sigterm()  # the daemon stops on SIGTERM itself, cleanly, with status 0
     from p2pfl.daemon.config import EXIT_CONFIG, ConfigError, load_config
     from p2pfl.daemon.metrics import configure_logging
 
@@ -52,16 +55,23 @@ def _run(config: object, config_path: Path, *, check: bool) -> int:
     from p2pfl.daemon.config import EXIT_CONFIG, Config, ConfigError
     from p2pfl.daemon.control import ControlSocketError
     from p2pfl.daemon.node import Node, StartupError, close_prepared, prepare
+    from p2pfl.identity import KEY_FILE
 
     assert isinstance(config, Config)
+    has_key = (config.state_dir / KEY_FILE).exists()
     try:
-        prepared = prepare(config)
+        prepared = prepare(config, check=check)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
     except StartupError as exc:
         _fail(str(exc), exc.exit_code)
     if check:
-        click.echo(f"configuration {config_path} is fine; node {prepared.identity.node_id}")
+        who = (
+            f"node {prepared.identity.node_id}"
+            if has_key
+            else f"no node key in {config.state_dir} yet (the first start creates it)"
+        )
+        click.echo(f"configuration {config_path} is fine; {who}")
         close_prepared(prepared)
         return 0
     node = Node(prepared, config_path=config_path)

@@ -31,13 +31,14 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from p2pfl.cli._errors import EXIT_USAGE, fail
     from p2pfl.sim.results import format_cell, summary_rows, write_results
     from p2pfl.sim.scenario import ScenarioError, load_scenario
 
     try:
         spec = load_scenario(scenario)
     except ScenarioError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     module = importlib.import_module(f"p2pfl.sim.{engine}")
     out_dir = out or Path("out") / spec.name
     console = Console()

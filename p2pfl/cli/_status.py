@@ -1,18 +1,20 @@
 """`p2pfl status` and `p2pfl peers`: what a running daemon is doing, at a glance.
 
-Talks to the daemon's control socket; a daemon that is not running is one clear line and exit
-status 1, never a traceback.
+Talks to the daemon's control socket (found from ``--socket``, ``--config`` or the defaults); a
+daemon that is not running is one clear line and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
+from p2pfl.cli._errors import EXIT_FAILURE, EXIT_USAGE, fail
 from p2pfl.daemon.config import default_control_socket
 from p2pfl.daemon.control import ControlError, NodeStatus, PeerStatus, fetch_status
 from p2pfl.daemon.drops import STAGES
@@ -22,25 +24,47 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 _SOCKET_HELP = (
-    "The daemon's control socket. Default: $P2PFL_SOCKET, else control.sock in the runtime "
-    "directory ($RUNTIME_DIRECTORY, /run/p2pfl for root, $XDG_RUNTIME_DIR/p2pfl)."
+    "The daemon's control socket. Default: the one named by --config, else $P2PFL_SOCKET, else "
+    "control.sock in the runtime directory ($RUNTIME_DIRECTORY, /run/p2pfl for root, "
+    "$XDG_RUNTIME_DIR/p2pfl)."
 )
+_CONFIG_HELP = "The daemon's configuration file: its runtime directory holds the socket."
 
 
-def _fetch(socket_path: Path | None) -> NodeStatus:
+def _fetch(socket_path: Path | None, config_path: Path | None) -> NodeStatus:
+    if socket_path is not None and config_path is not None:
+        raise click.UsageError("give --socket or --config, not both")
+    if config_path is not None:
+        from p2pfl.daemon.config import ConfigError, load_config
+
+        try:
+            socket_path = load_config(config_path).control_socket
+        except ConfigError as exc:
+            raise fail(str(exc), EXIT_USAGE) from None
     try:
         return fetch_status(socket_path or default_control_socket())
     except ControlError as exc:
-        click.echo(f"p2pfl: {exc}", err=True)
-        sys.exit(1)
+        raise fail(str(exc), EXIT_FAILURE) from None
+
+
+def _socket_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help=_CONFIG_HELP,
+    )(command)
+    return click.option(
+        "--socket", "socket_path", type=click.Path(path_type=Path), help=_SOCKET_HELP
+    )(command)
 
 
 @click.command("status")
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), help=_SOCKET_HELP)
+@_socket_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def status(socket_path: Path | None, as_json: bool) -> None:
+def status(socket_path: Path | None, config_path: Path | None, as_json: bool) -> None:
     """Show this node, its model and training, and its peers."""
-    node = _fetch(socket_path)
+    node = _fetch(socket_path, config_path)
     if as_json:
         click.echo(json.dumps(node.to_json(), indent=2, sort_keys=True))
         return
@@ -54,19 +78,36 @@ def status(socket_path: Path | None, as_json: bool) -> None:
     if node.peers:
         console.print(_peer_table(node))
     else:
-        console.print("[yellow]no peers yet[/] (mDNS and static peers are being tried)")
+        console.print(_no_peers(node))
 
 
 @click.command("peers")
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), help=_SOCKET_HELP)
+@_socket_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def peers(socket_path: Path | None, as_json: bool) -> None:
+def peers(socket_path: Path | None, config_path: Path | None, as_json: bool) -> None:
     """List the daemon's peers: state, round-trip time, traffic, drops by stage."""
-    node = _fetch(socket_path)
+    node = _fetch(socket_path, config_path)
     if as_json:
         click.echo(json.dumps(node.to_json()["peers"], indent=2, sort_keys=True))
         return
-    _console().print(_peer_table(node) if node.peers else "no peers")
+    _console().print(_peer_table(node) if node.peers else _no_peers(node))
+
+
+def _no_peers(node: NodeStatus) -> str:
+    """Why there are no peers yet, from what the daemon says it is trying."""
+    static = node.static_peers or 0
+    tried = ["mDNS"] if node.mdns else []
+    if static:
+        tried.append(f"{static} static peer{'s' * (static != 1)}")
+    if tried:
+        return f"[yellow]no peers yet[/] (trying {' and '.join(tried)})"
+    if node.mdns is None:  # a daemon too old to say
+        return "[yellow]no peers yet[/]"
+    return (
+        "[yellow]no peers[/]: mDNS is off and there are no static peers, so this node looks "
+        "for none; set \\[discovery] mdns = true or static_peers, then `systemctl reload p2pfl` "
+        "(SIGHUP)"
+    )
 
 
 def _console() -> Console:

@@ -64,6 +64,7 @@ def train(
     from rich.console import Console
     from rich.table import Table
 
+    from p2pfl.cli._errors import EXIT_DATA, fail
     from p2pfl.ml import load_task
     from p2pfl.ml.forecast import TrafficTask, baseline_metrics
     from p2pfl.ml.models import parameter_count
@@ -81,7 +82,7 @@ def train(
     try:
         task = load_task(task_name, n_nodes=7 if traffic else 1, seed=seed, **options)
     except ReadingsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise fail(str(exc), EXIT_DATA) from None
     data = task.central_data()
     model = task.make_model()
     console.print(

@@ -109,6 +109,10 @@ class NodeStatus:
     """Serial of the federation revocation list this node holds (None: none)."""
     revoked: int = 0
     """Members that list revokes."""
+    mdns: bool | None = None
+    """Whether the daemon looks for peers with mDNS (None: a daemon too old to say)."""
+    static_peers: int | None = None
+    """How many static peers it dials."""
 
     def warnings(self) -> list[str]:
         if self.trust_mode == "open":

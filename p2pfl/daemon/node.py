@@ -42,7 +42,7 @@ from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics, set_log_level
 from p2pfl.daemon.notify import SystemdNotifier
 from p2pfl.daemon.revocations import RevocationKeeper, load_revocations
-from p2pfl.identity import IdentityError, NodeIdentity
+from p2pfl.identity import KEY_FILE, IdentityError, NodeIdentity
 from p2pfl.trust import CERTIFICATE_FILE, TrustError, TrustPolicy
 
 if TYPE_CHECKING:
@@ -142,17 +142,24 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-def prepare(config: Config) -> Prepared:
-    """Check and load everything; raise StartupError with the reason and exit status."""
+def prepare(config: Config, *, check: bool = False) -> Prepared:
+    """Check and load everything; raise StartupError with the reason and exit status.
+
+    ``check`` (`p2pfl run --check`) writes nothing: no state directory, node key, lock file or
+    checkpoint clean-up (a missing key is generated in memory only), and takes no lock, so a
+    configuration can be checked while its daemon runs.
+    """
     state_dir = config.state_dir
     try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"state directory {state_dir}: {exc.strerror}", EXIT_CONFIG) from None
-    try:
-        identity = NodeIdentity.load_or_create(state_dir)
+        if check:
+            identity = _identity_for_check(config)
+        else:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            identity = NodeIdentity.load_or_create(state_dir)
     except IdentityError as exc:
         raise StartupError(str(exc), EXIT_IDENTITY) from None
+    except OSError as exc:
+        raise StartupError(f"state directory {state_dir}: {exc.strerror}", EXIT_CONFIG) from None
     trust, certificate = load_trust(config, identity)
 
     task_cfg = config.task
@@ -185,7 +192,10 @@ def prepare(config: Config) -> Prepared:
         raise config.error("task.options", str(exc)) from None
     except OSError as exc:
         raise StartupError(f"[task] data {task_cfg.data}: {exc}", EXIT_DATA) from None
-    lock_fd = _lock_state_dir(state_dir)
+    # --check takes no lock (its daemon may be running): a descriptor for close_prepared instead.
+    lock_fd = (
+        os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if check else _lock_state_dir(state_dir)
+    )
     executor = config.executor
     try:
         trainer = NodeTrainer(
@@ -200,7 +210,7 @@ def prepare(config: Config) -> Prepared:
         raise config.error("executor.device", str(exc)) from None
     try:
         checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
-        resumed, weights = _resume(checkpoints, trainer)
+        resumed, weights = (None, trainer.initial()) if check else _resume(checkpoints, trainer)
         machine = build_machine(
             config,
             identity.node_id,
@@ -218,6 +228,20 @@ def prepare(config: Config) -> Prepared:
     return Prepared(
         config, identity, trust, certificate, trainer, machine, checkpoints, resumed, lock_fd
     )
+
+
+def _identity_for_check(config: Config) -> NodeIdentity:
+    """The node key if there is one; else, where no certificate is needed, a stand-in."""
+    state_dir = config.state_dir
+    if (state_dir / KEY_FILE).exists():
+        return NodeIdentity.load(state_dir)
+    if config.trust.mode == "federation":
+        raise IdentityError(
+            f"no node key in {state_dir} yet, so no membership certificate can name it; create "
+            f"it with `p2pfl keys init --state-dir {state_dir}` (or `p2pfl init`) and have the "
+            "federation operator admit it"
+        )
+    return NodeIdentity.generate()  # the first start creates the real one
 
 
 def _resume(store: CheckpointStore, trainer: Any) -> tuple[Checkpoint | None, Any]:
@@ -417,6 +441,8 @@ class Node:
             transport=dict(self.transport.counters) if self.transport is not None else {},
             revocation_serial=None if revocations is None else revocations.serial,
             revoked=0 if revocations is None else len(revocations.revoked),
+            mdns=config.discovery.mdns,
+            static_peers=len(config.discovery.static_peers),
             feature_bytes_sent=int(getattr(self.prepared.machine, "bytes_features_sent", 0)),
             feature_bytes_received=int(
                 getattr(self.prepared.machine, "bytes_features_received", 0)

@@ -41,6 +41,11 @@ KeyboardInterrupt, or SIGTERM, which is turned into SystemExit while SIGTERM has
 action) kills processes still inside our namespaces and deletes them; an ``atexit`` hook closes
 networks that were never closed; and every new network first deletes namespaces left by p2pfl
 processes that no longer exist (only SIGKILL leaves them behind).
+
+``python -m p2pfl.sim.netns -- CMD`` (root or not) runs CMD as its child: it passes SIGINT,
+SIGTERM and SIGHUP on (a Ctrl-C typed at the terminal reaches CMD directly and is not passed on
+twice), waits, and exits with CMD's status, so CMD does its own cleanup and chooses its status
+(``p2pfl simulate`` exits 130 after Ctrl-C, 143 after SIGTERM, having removed everything).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ __all__ = [
     "can_create_namespaces",
     "netem_available",
     "run_in_private_userns",
+    "supervise",
     "sweep_stale_namespaces",
 ]
 
@@ -86,7 +92,11 @@ class NetnsError(RuntimeError):
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     argv = ["ip", *args]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        # Its own process group: a Ctrl-C typed at the terminal must not kill an `ip netns del`
+        # of the cleanup that Ctrl-C started.
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=30, check=False, process_group=0
+        )
     except FileNotFoundError as exc:
         raise NetnsError("the `ip` command (iproute2) is not installed; install iproute2") from exc
     if check and done.returncode != 0:
@@ -397,11 +407,8 @@ def _close_all() -> None:
         network.close()
 
 
-def run_in_private_userns(argv: Sequence[str]) -> int:
-    """Run ``argv`` as root of a fresh user+net+mount namespace where ``ip netns`` works.
-
-    For ordinary users; everything created inside disappears when ``argv`` exits.
-    """
+def _userns_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped to run as root of a fresh user+net+mount namespace (see below)."""
     netns_dir = Path("/run/netns")
     if netns_dir.is_dir():
         setup = "mount -t tmpfs p2pfl /run/netns"
@@ -417,7 +424,59 @@ def run_in_private_userns(argv: Sequence[str]) -> int:
         "--propagation",
         "private",
     ]
-    return subprocess.call([*unshare, "sh", "-c", script, "p2pfl-netns", *argv])
+    # unshare and sh both exec: the child's pid is the command's own.
+    return [*unshare, "sh", "-c", script, "p2pfl-netns", *argv]
+
+
+def run_in_private_userns(argv: Sequence[str]) -> int:
+    """Run ``argv`` as root of a fresh user+net+mount namespace where ``ip netns`` works.
+
+    For ordinary users; the namespaces created inside disappear when ``argv`` exits (files it
+    writes outside, such as temporary folders, are its own to remove).
+    """
+    return supervise(_userns_argv(argv))
+
+
+_FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_SI_KERNEL = 0x80
+"""``si_code`` of a signal the kernel sent. A SIGINT from the kernel is a Ctrl-C typed at our
+terminal, sent to the whole foreground process group, our child included. (A hangup's SIGHUP
+goes to the session leader alone, so that one is passed on.)"""
+
+
+def supervise(argv: Sequence[str]) -> int:
+    """Run ``argv`` as a child and wait for it, passing SIGINT, SIGTERM and SIGHUP on.
+
+    Returns the child's exit status, or 128 + N when signal N killed it (the shell's convention),
+    so that the child, not this wrapper, decides how an interruption ends: it cleans up and exits
+    130 or 143. A Ctrl-C typed at the terminal is not passed on: the child, in our process
+    group, has it already from the terminal, and a second one could cut its cleanup short.
+    Never raises KeyboardInterrupt.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return subprocess.call(list(argv))
+    watched = {*_FORWARDED, signal.SIGCHLD}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    try:
+        try:
+            pid = os.posix_spawnp(argv[0], list(argv), os.environ, setsigmask=previous)
+        except OSError as exc:
+            print(
+                f"p2pfl: cannot run {argv[0]}: {exc.strerror}; check the command", file=sys.stderr
+            )
+            return 127
+        while True:
+            info = signal.sigwaitinfo(watched)
+            if info.si_signo == signal.SIGCHLD:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    code = os.waitstatus_to_exitcode(status)
+                    return code if code >= 0 else 128 - code
+            elif not (info.si_signo == signal.SIGINT and info.si_code == _SI_KERNEL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, info.si_signo)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _main(args: list[str]) -> int:
@@ -427,8 +486,8 @@ def _main(args: list[str]) -> int:
         print("usage: python -m p2pfl.sim.netns -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     if os.geteuid() == 0 and can_create_namespaces():
-        return subprocess.call(args)
-    return run_in_private_userns(args)
+        return supervise(args)
+    return supervise(_userns_argv(args))
 
 
 if __name__ == "__main__":

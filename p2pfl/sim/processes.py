@@ -23,9 +23,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -597,7 +598,12 @@ def _run_setup(
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="p2pfl-sim-", dir="/tmp"))
     report = progress or (lambda _setup, _fraction, _status: None)
-    with BridgedNetwork(spec.n_nodes) as network, DaemonCluster(root, spec, network) as cluster:
+    with (
+        _Teardown(root) as teardown,
+        BridgedNetwork(spec.n_nodes) as network,
+        DaemonCluster(root, spec, network) as cluster,
+        teardown.begins(),
+    ):
         if net.latency_ms > 0 or net.loss > 0:
             if netem_available():
                 for i in range(spec.n_nodes):
@@ -607,7 +613,7 @@ def _run_setup(
         churner = _Churner(cluster, network, churn_schedule(scenario))
         cluster.start_all()
         for node in cluster.nodes:
-            print(f"{node.name}: p2pfl status --socket {node.socket_path}", flush=True)
+            print(f"{node.name}: {_p2pfl_command()} status --socket {node.socket_path}", flush=True)
         _wait_ready(cluster, setup.name, report)
         histories: list[list[dict[str, float]]] = [[] for _ in cluster.nodes]
         curve: list[dict[str, float]] = []
@@ -670,8 +676,73 @@ def _run_setup(
         wall_time_s=wall,
         extra=extra,
     )
-    shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+class _Teardown:
+    """Ends a run completely, however it ends: daemons, network namespaces, temporary folder.
+
+    The outermost context of a run (it removes the folder last) and, through ``begins()``, the
+    innermost one: from the moment the run's body ends, SIGINT, SIGTERM and SIGHUP are held until
+    the daemons are stopped, the namespaces deleted and the folder removed, so that a second
+    Ctrl-C (an impatient one, or a SIGHUP when the terminal closes) cannot cut the cleanup short.
+    A signal held while the run was ending normally is acted on afterwards.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._held: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Teardown:
+        return self
+
+    @contextlib.contextmanager
+    def begins(self) -> Iterator[None]:
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            self._hold()
+            print(
+                f"p2pfl: interrupted; stopping the daemons, removing their network and {self.root}",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise
+        except BaseException:
+            self._hold()
+            raise
+        self._hold()
+
+    def _hold(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self._previous[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum: int, _frame: object) -> None:
+        self._held.append(signum)
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._held and not isinstance(exc, KeyboardInterrupt | SystemExit):
+            signal.raise_signal(self._held[0])  # the run was interrupted as it ended
+
+
+def _p2pfl_command() -> str:
+    """How to call this interpreter's `p2pfl`, as a person would type it here.
+
+    ``p2pfl`` when that is on PATH and the same program; else the script next to the
+    interpreter (``.venv/bin/p2pfl`` from the checkout); else ``python -m p2pfl``.
+    """
+    script = Path(sys.executable).parent / "p2pfl"
+    if not script.exists():
+        return f"{sys.executable} -m p2pfl"
+    if shutil.which("p2pfl") == str(script):
+        return "p2pfl"
+    relative = os.path.relpath(script)
+    return relative if not relative.startswith("..") else str(script)
 
 
 def _wait_ready(cluster: DaemonCluster, name: str, report: Progress) -> None:

@@ -9,7 +9,7 @@ import pytest
 from p2pfl.daemon.config import ConfigError, load_config, locate, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "daemon" / "p2pfl.toml"
+EXAMPLE = ROOT / "p2pfl" / "daemon" / "p2pfl.toml"  # daemon/p2pfl.toml links to it
 
 
 def _parse(text: str, tmp_path: Path) -> object:
@@ -22,7 +22,7 @@ def test_example_config_loads_with_every_table() -> None:
     config = load_config(EXAMPLE)
     assert config.node.name == "cloudlet-1"
     assert config.trust.mode == "federation"
-    assert config.discovery.static_peers == ("192.0.2.10:7070",)
+    assert config.discovery.static_peers == ()
     assert config.protocol.params == {"period": 5.0}
     assert config.metrics.host == "127.0.0.1"
     assert config.checkpoints.keep == 3

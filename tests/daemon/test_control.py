@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -240,3 +241,52 @@ async def test_bad_requests_get_error_replies_not_a_crash(short_tmp: Path) -> No
     assert replies[2]["error"] == "unknown command 'nope'; known: boom, status"
     assert replies[3]["error"] == "internal error; see the daemon's log"
     assert replies[4]["result"] == {"round": 1}
+
+
+async def test_status_finds_the_socket_from_the_configuration_file(short_tmp: Path) -> None:
+    config = short_tmp / "p2pfl.toml"
+    config.write_text('[node]\nruntime_dir = "run"\n[trust]\nmode = "open"\n')
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, short_tmp / "run" / "control.sock")
+        result = await _cli("status", "--config", str(config), "--json")
+        peers = await _cli("peers", "--config", str(config), "--json")
+        nursery.cancel_scope.cancel()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["round"] == 42
+    assert peers.returncode == 0 and len(json.loads(peers.stdout)) == 2
+
+
+async def test_status_with_a_broken_configuration_is_a_usage_mistake(short_tmp: Path) -> None:
+    config = short_tmp / "p2pfl.toml"
+    config.write_text("[node]\nrun_dir = 1\n")
+    result = await _cli("status", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"p2pfl: {config}:2: node.run_dir: unknown key; keys of [node]: name, position, "
+        "runtime_dir, state_dir"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mdns", "static", "expected"),
+    [
+        (True, 2, "no peers yet (trying mDNS and 2 static peers)"),
+        (True, 0, "no peers yet (trying mDNS)"),
+        (False, 1, "no peers yet (trying 1 static peer)"),
+        (False, 0, "mDNS is off and there are no static peers"),
+    ],
+)
+async def test_no_peers_says_what_is_tried_and_only_that(
+    short_tmp: Path, mdns: bool, static: int, expected: str
+) -> None:
+    path = short_tmp / "control.sock"
+    node = dataclasses.replace(_status(), peers=(), mdns=mdns, static_peers=static)
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path, node)
+        result = await _cli("status", "--socket", str(path))
+        nursery.cancel_scope.cancel()
+    out = " ".join(result.stdout.decode().split())  # rich may wrap the line
+    assert result.returncode == 0, result.stderr
+    assert expected in out
+    if not mdns and not static:
+        assert "[discovery] mdns = true" in out and "being tried" not in out

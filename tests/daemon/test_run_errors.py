@@ -79,7 +79,27 @@ def test_federation_mode_without_certificate_exits_3_saying_how_to_get_one(
 
 @pytest.mark.slow
 def test_check_flag_validates_without_starting(short_tmp: Path) -> None:
-    result = _run(_config(short_tmp), "--check")
+    config = _config(short_tmp)
+    before = sorted(short_tmp.rglob("*"))
+    result = _run(config, "--check")
     assert result.returncode == 0, result.stderr
-    assert "is fine; node " in result.stdout
-    assert not (short_tmp / "run" / "control.sock").exists()
+    assert "is fine; no node key in " in result.stdout
+    assert sorted(short_tmp.rglob("*")) == before  # no state directory, key or lock made
+    # With a key: its node id, and still nothing written.
+    identity = NodeIdentity.generate()
+    identity.save(short_tmp / "state")
+    before = sorted(short_tmp.rglob("*"))
+    result = _run(config, "--check")
+    assert result.returncode == 0, result.stderr
+    assert f"is fine; node {identity.node_id}" in result.stdout
+    assert sorted(short_tmp.rglob("*")) == before
+
+
+def test_check_in_federation_mode_without_a_key_says_to_create_one_and_writes_nothing(
+    short_tmp: Path,
+) -> None:
+    trust = 'mode = "federation"\nfederation_public_key = "' + "ab" * 32 + '"'
+    result = _run(_config(short_tmp, trust=trust), "--check")
+    assert result.returncode == 3
+    assert "p2pfl keys init --state-dir" in _one_line(result)
+    assert not (short_tmp / "state").exists()

@@ -45,7 +45,7 @@ def test_keys_show_refuses_readable_key_with_fix(tmp_path: Path) -> None:
     path = NodeIdentity.generate().save(tmp_path)
     os.chmod(path, 0o644)
     code, out = run("keys", "show", "--state-dir", str(tmp_path))
-    assert code == 1 and f"chmod 600 {path}" in out
+    assert code == 3 and f"chmod 600 {path}" in out
 
 
 def test_federation_init_admit_show_produces_accepted_certificate(tmp_path: Path) -> None:
@@ -146,3 +146,47 @@ def test_federation_revoke_needs_exactly_one_member(tmp_path: Path) -> None:
     assert code == 2 and "exactly one" in out
     code, out = run("federation", "revoke", "--dir", str(tmp_path), "--name", "nobody")
     assert code != 0 and "nobody" in out
+
+
+def test_corrupt_key_names_the_command_that_replaces_it(tmp_path: Path) -> None:
+    path = NodeIdentity.generate().save(tmp_path)
+    path.write_text("not a key")
+    code, out = run("keys", "show", "--state-dir", str(tmp_path))
+    assert code == 3
+    assert f"`p2pfl keys init --state-dir {tmp_path} --force`" in out
+
+
+def test_missing_federation_key_names_federation_init(tmp_path: Path) -> None:
+    code, out = run("federation", "show", "--dir", str(tmp_path))
+    assert code == 3
+    assert out.startswith("p2pfl: ") and f"`p2pfl federation init --dir {tmp_path}`" in out
+
+
+def test_federation_show_takes_a_certificate_list_or_directory_as_argument(tmp_path: Path) -> None:
+    fed_dir = tmp_path / "fed"
+    run("federation", "init", "--dir", str(fed_dir))
+    node = NodeIdentity.generate()
+    cert = tmp_path / "node.cert"
+    code, out = run(
+        "federation", "admit", "--dir", str(fed_dir), "--node-key", node.public_key.hex(),
+        "--name", "cloudlet-1", "--out", str(cert),
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = run("federation", "show", str(cert), "--json")
+    assert code == 0, out
+    assert json.loads(out)["node_id"] == node.node_id
+    code, out = run("federation", "show", str(fed_dir), "--json")
+    assert code == 0 and "federation_public_key" in json.loads(out)
+    revocations = tmp_path / "revocations.list"
+    code, out = run(
+        "federation", "revoke", "--dir", str(fed_dir), "--name", "cloudlet-1",
+        "--out", str(revocations),
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = run("federation", "show", str(revocations), "--json")
+    assert code == 0, out
+    assert [e["node_id"] for e in json.loads(out)["revoked"]] == [node.node_id]
+    # Anything else is one line saying what it is not.
+    code, out = run("federation", "show", str(fed_dir / "members.txt"))
+    assert code == 3
+    assert out.startswith("p2pfl: ") and "neither a certificate nor a revocation list" in out

@@ -43,6 +43,29 @@ def test_scenario_mistake_is_one_clear_line(tmp_path: Path) -> None:
     scenario = tmp_path / "s.toml"
     scenario.write_text(SCENARIO.replace("nodes = 4", "nodes = 4\nnodez = 5"))
     result = CliRunner().invoke(main, ["simulate", str(scenario)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a mistake in a scenario file, like one in a configuration
+    assert result.output.startswith("p2pfl: ")
     assert "key 'task.nodez': unknown key" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_printed_status_command_is_the_running_p2pfl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pfl.sim.processes import _p2pfl_command
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "p2pfl").write_text("#!/bin/sh\n")
+    (bin_dir / "p2pfl").chmod(0o755)
+    monkeypatch.setattr("sys.executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(tmp_path)
+    assert _p2pfl_command() == ".venv/bin/p2pfl"  # `make demo` from the checkout
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert _p2pfl_command() == str(bin_dir / "p2pfl")
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert _p2pfl_command() == "p2pfl"  # an activated venv
+    (bin_dir / "p2pfl").unlink()
+    assert _p2pfl_command() == f"{bin_dir / 'python'} -m p2pfl"
