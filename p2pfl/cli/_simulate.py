@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import click
@@ -32,6 +33,7 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     from rich.table import Table
 
     from p2pfl.cli._errors import EXIT_USAGE, fail
+    from p2pfl.sim.provenance import write_provenance
     from p2pfl.sim.results import format_cell, summary_rows, write_results
     from p2pfl.sim.scenario import ScenarioError, load_scenario
 
@@ -67,6 +69,7 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
             progress.update(task_id, completed=1.0)
 
     paths = write_results(results, out_dir)
+    paths.append(write_provenance(out_dir, ["simulate", *sys.argv[2:]]))
     rows = summary_rows(results)
     shown = {"nodes", "rounds", "mb_sent", "virtual_s", "wall_s"}
     metric_cols = [k for k in rows[0] if k in shown]
