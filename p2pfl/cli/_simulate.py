@@ -33,7 +33,7 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     from rich.table import Table
 
     from p2pfl.cli._errors import EXIT_USAGE, fail
-    from p2pfl.sim.provenance import write_provenance
+    from p2pfl.sim.provenance import provenance, write_provenance
     from p2pfl.sim.results import format_cell, summary_rows, write_results
     from p2pfl.sim.scenario import ScenarioError, load_scenario
 
@@ -42,6 +42,7 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     except ScenarioError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     module = importlib.import_module(f"p2pfl.sim.{engine}")
+    record = provenance(["simulate", *sys.argv[2:]])  # before the run writes anything
     out_dir = out or Path("out") / spec.name
     console = Console()
     if not console.is_terminal:
@@ -69,7 +70,7 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
             progress.update(task_id, completed=1.0)
 
     paths = write_results(results, out_dir)
-    paths.append(write_provenance(out_dir, ["simulate", *sys.argv[2:]]))
+    paths.append(write_provenance(out_dir, record=record))
     rows = summary_rows(results)
     shown = {"nodes", "rounds", "mb_sent", "virtual_s", "wall_s"}
     metric_cols = [k for k in rows[0] if k in shown]

@@ -52,9 +52,13 @@ def provenance(argv: list[str], *, source: Path | None = None) -> dict[str, obje
     }
 
 
-def write_provenance(out_dir: Path, argv: list[str] | None = None) -> Path:
-    """Write ``provenance.json`` for this process's command (``sys.argv`` by default)."""
-    args = sys.argv[1:] if argv is None else argv
+def write_provenance(
+    out_dir: Path, argv: list[str] | None = None, *, record: dict[str, object] | None = None
+) -> Path:
+    """Write ``provenance.json``: ``record`` (taken before the run wrote anything, so its own
+    output does not count as an uncommitted change), else one for ``argv`` (``sys.argv``)."""
+    if record is None:
+        record = provenance(sys.argv[1:] if argv is None else argv)
     path = out_dir / "provenance.json"
-    path.write_text(json.dumps(provenance(args), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
