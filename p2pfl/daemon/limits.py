@@ -53,19 +53,26 @@ class DescriptorBudget:
         self._fixed = limit
         self.limit = limit if limit is not None else _soft_limit()
         self._checked_at = -1.0
-        self._near = False
+        self._listed: int | None = 0  # descriptors counted at the last listing
+        self._since = 0  # calls since then: each may have opened one more (never fewer)
 
     def near_limit(self, newest_fd: int | None = None) -> bool:
         if self._fixed is None:
             self.limit = _soft_limit()  # one cheap system call
-        if newest_fd is not None and 0 <= newest_fd < self.limit // 2:
-            return False
+        shed_at = int(self.limit * self.shed_fraction)
+        if newest_fd is not None and newest_fd >= 0:
+            if newest_fd < self.limit // 2:
+                return False  # every lower number could be open: still at most half used
+            if newest_fd >= shed_at:
+                return True  # lowest-free numbering: at least newest_fd + 1 are open
         now = time.monotonic()
         if now - self._checked_at >= 0.05:  # at most 20 listings a second
-            count = _open_descriptors()
-            self._near = count is None or count >= int(self.limit * self.shed_fraction)
+            self._listed, self._since = _open_descriptors(), 0
             self._checked_at = now
-        return self._near
+        else:
+            self._since += 1  # between listings, assume each call opened one (a burst of
+            # accepts within 50 ms must not overshoot the limit)
+        return self._listed is None or self._listed + self._since >= shed_at
 
 
 def _soft_limit() -> int:

@@ -43,3 +43,16 @@ def test_the_daemon_raises_its_soft_descriptor_limit_to_the_hard_one() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "(4096, 4096) (4096, 4096)"
+
+
+def test_a_burst_between_two_counts_cannot_overshoot_the_limit() -> None:
+    base = _open_now()
+    budget = DescriptorBudget(1.0, limit=base + 10)
+    answers = [budget.near_limit() for _ in range(20)]  # well within one 50 ms listing window
+    assert answers[0] is False
+    assert answers.index(True) <= 11  # each call may have opened one descriptor
+
+
+def test_a_new_descriptor_numbered_past_the_share_is_near_the_limit_without_counting() -> None:
+    budget = DescriptorBudget(0.9, limit=1000)
+    assert budget.near_limit(newest_fd=950)
