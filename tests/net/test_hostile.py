@@ -361,3 +361,27 @@ async def test_invites_from_many_fresh_keys_are_remembered_within_a_bound(
             >= 8
         ), drops.snapshot()
         await _still_talking(target, friend)
+
+
+async def test_an_unfinished_48_mib_transfer_is_freed_and_the_link_keeps_working(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    from p2pfl.daemon.datachannel import FRAME_LIMIT, split_frames
+
+    net = shared_net(2)
+    async with _honest_pair(net, transfer_timeout_s=1.0) as (target, friend):
+        link = friend._peers[target.node_id].link
+        assert link is not None and friend._bridge is not None
+
+        async def send_a_fifth_of_48_mib() -> None:  # on the asyncio side, as the link sends
+            frames = split_frames(bytes(48 << 20), FRAME_LIMIT, transfer_id=424242)
+            for _ in range(40):  # 10 MiB of the 48 announced, then silence
+                link._send(next(frames))
+                await asyncio.sleep(0)
+
+        await friend._bridge.call(send_a_fifth_of_48_mib)
+        await _wait_until(
+            lambda: target.drops.get("link", "incomplete_timeout") == 1,
+            "the stalled transfer to be freed",
+        )
+        await _still_talking(target, friend)
