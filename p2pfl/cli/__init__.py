@@ -36,6 +36,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "peers": ("p2pfl.cli._status:peers", "List the running daemon's peers."),
     "run": ("p2pfl.cli._run:run", "Run the daemon in the foreground (systemd: ExecStart)."),
     "status": ("p2pfl.cli._status:status", "Show what the running daemon is doing."),
+    "stop": ("p2pfl.cli._stop:stop", "Stop the running daemon (final checkpoint, exit 0)."),
     "simulate": ("p2pfl.cli._simulate:simulate", "Run a simulation scenario (TOML) and plot it."),
     "train": ("p2pfl.cli._train:train", "Train one model on all data of a task (the baseline)."),
 }

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,7 +21,7 @@ from p2pfl.daemon.drops import STAGES
 from p2pfl.identity import SHORT_ID_CHARS
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from rich.console import Console, Group
 
 _SOCKET_HELP = (
     "The daemon's control socket. Default: the one named by --config, else $P2PFL_SOCKET, else "
@@ -31,7 +31,8 @@ _SOCKET_HELP = (
 _CONFIG_HELP = "The daemon's configuration file: its runtime directory holds the socket."
 
 
-def _fetch(socket_path: Path | None, config_path: Path | None) -> NodeStatus:
+def find_socket(socket_path: Path | None, config_path: Path | None) -> Path:
+    """The control socket from ``--socket``, ``--config`` or the defaults."""
     if socket_path is not None and config_path is not None:
         raise click.UsageError("give --socket or --config, not both")
     if config_path is not None:
@@ -41,13 +42,21 @@ def _fetch(socket_path: Path | None, config_path: Path | None) -> NodeStatus:
             socket_path = load_config(config_path).control_socket
         except ConfigError as exc:
             raise fail(str(exc), EXIT_USAGE) from None
+    return socket_path or default_control_socket()
+
+
+def _fetch(socket_path: Path | None, config_path: Path | None) -> NodeStatus:
+    return _fetch_from(find_socket(socket_path, config_path))
+
+
+def _fetch_from(path: Path) -> NodeStatus:
     try:
-        return fetch_status(socket_path or default_control_socket())
+        return fetch_status(path)
     except ControlError as exc:
         raise fail(str(exc), EXIT_FAILURE) from None
 
 
-def _socket_options(command: Callable[..., None]) -> Callable[..., None]:
+def socket_options(command: Callable[..., None]) -> Callable[..., None]:
     command = click.option(
         "--config",
         "config_path",
@@ -60,29 +69,87 @@ def _socket_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 @click.command("status")
-@_socket_options
+@socket_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def status(socket_path: Path | None, config_path: Path | None, as_json: bool) -> None:
+@click.option("-w", "--watch", is_flag=True, help="Refresh until Ctrl-C (like `watch`).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
+def status(
+    socket_path: Path | None, config_path: Path | None, as_json: bool, watch: bool, interval: float
+) -> None:
     """Show this node, its model and training, and its peers."""
-    node = _fetch(socket_path, config_path)
-    if as_json:
+    path = find_socket(socket_path, config_path)
+    node = _fetch_from(path)
+    if as_json and not watch:
         click.echo(json.dumps(node.to_json(), indent=2, sort_keys=True))
         return
+    if as_json:
+        raise click.UsageError("--watch shows the table; for JSON, poll `p2pfl status --json`")
     console = _console()
+    if not watch:
+        console.print(_status_view(node))
+        return
+    _watch(console, path, node, interval)
+
+
+def _watch(console: Console, path: Path, node: NodeStatus, interval: float) -> None:
+    """Redraw the status every ``interval`` s until Ctrl-C (the CLI then exits 130, quietly).
+
+    A daemon that goes away is said in place of the status, and watched until it is back. On a
+    terminal the view is redrawn in place; piped, each refresh is printed after the last.
+    """
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
     from rich.markup import escape
 
-    for warning in node.warnings():
-        console.print(f"[bold red]WARNING: {escape(warning)}[/]")
-    console.print(_summary(node))
-    console.print()
-    if node.peers:
-        console.print(_peer_table(node))
-    else:
-        console.print(_no_peers(node))
+    def view(node: NodeStatus | None, problem: str | None) -> Group:
+        stamp = time.strftime("%H:%M:%S")
+        head = f"[dim]{stamp}  every {interval:g} s, Ctrl-C to stop[/]"
+        if node is None:
+            return Group(head, f"[bold red]{escape(problem or '')}[/]")
+        return Group(head, _status_view(node))
+
+    current: NodeStatus | None = node
+    problem: str | None = None
+    if not console.is_terminal:
+        while True:
+            console.print(view(current, problem))
+            console.print()
+            time.sleep(interval)
+            current, problem = _try_fetch(path)
+    with Live(view(current, problem), console=console, auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            current, problem = _try_fetch(path)
+            live.update(view(current, problem), refresh=True)
+
+
+def _try_fetch(path: Path) -> tuple[NodeStatus | None, str | None]:
+    try:
+        return fetch_status(path), None
+    except ControlError as exc:
+        return None, str(exc)
+
+
+def _status_view(node: NodeStatus) -> Group:
+    from rich.console import Group
+    from rich.markup import escape
+
+    parts: list[Any] = [f"[bold red]WARNING: {escape(warning)}[/]" for warning in node.warnings()]
+    parts += [_summary(node), ""]
+    parts.append(_peer_table(node) if node.peers else _no_peers(node))
+    return Group(*parts)
 
 
 @click.command("peers")
-@_socket_options
+@socket_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def peers(socket_path: Path | None, config_path: Path | None, as_json: bool) -> None:
     """List the daemon's peers: state, round-trip time, traffic, drops by stage."""

@@ -7,9 +7,10 @@ the control server, the Prometheus endpoint (optional), the transport (discovery
 WebRTC), the protocol driver with its trainer, the checkpointer, sd_notify's status and watchdog,
 and the signal handler.
 
-Signals: SIGTERM/SIGINT stop taking work (the driver is cancelled; a running training step is
-finished by the executor, its result unused), write a final checkpoint, close every connection
-and return within ``[limits] stop_timeout_s``. SIGHUP re-reads the configuration file and
+Signals: SIGTERM/SIGINT, and the control socket's ``stop`` command (`p2pfl stop`), stop taking
+work (the driver is cancelled; a running training step is finished by the executor, its result
+unused), write a final checkpoint, close every connection and return within
+``[limits] stop_timeout_s``. SIGHUP re-reads the configuration file and
 applies what can change at run time: the log level, the trust policy (allowlist or federation
 key) and new static peers.
 """
@@ -381,6 +382,7 @@ class Node:
         self.transport: Any = None
         self.revocations: RevocationKeeper | None = None
         self._checkpointed_model: Any = None
+        self._stop_requested = trio.Event()
 
     # ---- status ------------------------------------------------------------------------------
 
@@ -537,7 +539,11 @@ class Node:
         async with trio.open_nursery() as nursery:
             control = ControlServer(
                 config.control_socket,
-                {"status": lambda _: self.status().to_json(), "peers": self._peers_reply},
+                {
+                    "status": lambda _: self.status().to_json(),
+                    "peers": self._peers_reply,
+                    "stop": self._stop_reply,
+                },
             )
             await nursery.start(functools.partial(control.serve, drops=self.drops))
             if config.metrics.prometheus:
@@ -613,14 +619,34 @@ class Node:
     def _peers_reply(self, _: Any) -> Any:
         return self.status().to_json()["peers"]
 
+    def _stop_reply(self, _: Any) -> Any:
+        """`p2pfl stop`: stop as SIGTERM does. The socket is 0600, so only the daemon's user (or
+        root) gets here; the reply goes out before the socket closes."""
+        if not self._stop_requested.is_set():
+            log.info("stop requested over the control socket")
+            self._stop_requested.set()
+        return {"stopping": True, "pid": os.getpid()}
+
     async def _wait_for_stop(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    self.reload()
-                    continue
-                log.info("signal received", extra={"signal": signal.Signals(signum).name})
-                return
+        """Return on SIGTERM/SIGINT or a ``stop`` command; SIGHUP reloads and goes on waiting."""
+
+        async def signalled(scope: trio.CancelScope) -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        self.reload()
+                        continue
+                    log.info("signal received", extra={"signal": signal.Signals(signum).name})
+                    scope.cancel()
+                    return
+
+        async def requested(scope: trio.CancelScope) -> None:
+            await self._stop_requested.wait()
+            scope.cancel()
+
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(signalled, waiting.cancel_scope)
+            waiting.start_soon(requested, waiting.cancel_scope)
 
     async def _status_loop(self) -> None:
         while True:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -290,3 +292,87 @@ async def test_no_peers_says_what_is_tried_and_only_that(
     assert expected in out
     if not mdns and not static:
         assert "[discovery] mdns = true" in out and "being tried" not in out
+
+
+async def test_status_watch_refreshes_until_ctrl_c_then_exits_130_quietly(
+    short_tmp: Path,
+) -> None:
+    path = short_tmp / "control.sock"
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path)
+        process = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                [sys.executable, "-m", "p2pfl", "status", "--socket", str(path), "--watch",
+                 "--interval", "0.2"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+            )
+        )  # fmt: skip
+        out = b""
+        with trio.fail_after(30):
+            while out.count(b"round 42") < 3:
+                out += await process.stdout.receive_some(65536)
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            await process.wait()
+        err = await process.stderr.receive_some(65536)
+        nursery.cancel_scope.cancel()
+    assert process.returncode == 130
+    assert err.strip() == b""  # no traceback, no "Aborted!" (click ends the ^C line)
+    assert b"Ctrl-C to stop" in out and b"cloudlet-2" in out
+
+
+async def test_stop_asks_the_daemon_over_the_socket_and_waits_until_it_is_gone(
+    short_tmp: Path,
+) -> None:
+    path = short_tmp / "control.sock"
+    asked = trio.Event()
+
+    def stop(_: Any) -> Any:
+        asked.set()
+        return {"stopping": True, "pid": 4242}
+
+    server = ControlServer(path, {"status": lambda _: _status().to_json(), "stop": stop})
+    async with trio.open_nursery() as nursery:
+        scope = await nursery.start(_serve_until_cancelled, server)
+        cli = await nursery.start(_run_cli, ["stop", "--socket", str(path)])
+        await asked.wait()
+        await trio.sleep(0.5)  # the CLI waits while the daemon still answers
+        assert cli.returncode is None
+        scope.cancel()  # the daemon exits: its socket goes away
+        with trio.fail_after(10):
+            await cli.wait()
+    assert cli.returncode == 0
+    assert (await cli.stdout.receive_some(4096)).decode() == (
+        "stopped the daemon (pid 4242): final checkpoint written\n"
+    )
+
+
+async def test_stop_of_a_daemon_that_is_not_running_is_one_line_and_status_1(
+    short_tmp: Path,
+) -> None:
+    result = await _cli("stop", "--socket", str(short_tmp / "control.sock"))
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr.decode().startswith("p2pfl: p2pfl daemon is not running")
+
+
+async def _serve_until_cancelled(
+    server: ControlServer, *, task_status: trio.TaskStatus[trio.CancelScope]
+) -> None:
+    """Serve until the scope it hands back is cancelled: a daemon that exits."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            task_status.started(scope)
+
+
+async def _run_cli(args: list[str], *, task_status: trio.TaskStatus[trio.Process]) -> None:
+    await trio.run_process(
+        [sys.executable, "-m", "p2pfl", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        check=False,
+        task_status=task_status,
+    )

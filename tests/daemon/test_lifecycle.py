@@ -122,3 +122,45 @@ def test_daemon_talks_to_systemd_serves_metrics_reloads_and_stops_cleanly(
             daemon.wait()
         log.close()
         notify.close()
+
+
+@pytest.mark.slow
+def test_p2pfl_stop_ends_a_real_daemon_like_sigterm_with_a_final_checkpoint(
+    short_tmp: Path,
+) -> None:
+    config = short_tmp / "p2pfl.toml"
+    config.write_text(_config(short_tmp, "info", _free_port()))
+    sock = short_tmp / "run" / "control.sock"
+    log = (short_tmp / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "p2pfl", "run", "--config", str(config)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert daemon.poll() is None, (short_tmp / "daemon.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the daemon trained no round"
+            try:
+                if fetch_status(sock).round >= 1:
+                    break
+            except ControlError:
+                pass
+            time.sleep(0.5)
+        stop = subprocess.run(
+            [sys.executable, "-m", "p2pfl", "stop", "--config", str(config)],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert stop.returncode == 0, stop.stderr
+        assert "final checkpoint written" in stop.stdout.decode()
+        assert daemon.wait(10) == 0  # gone by the time `stop` returned
+        text = (short_tmp / "daemon.log").read_text()
+        assert 'msg="stop requested over the control socket"' in text
+        assert 'msg="checkpoint written"' in text and "msg=stopped" in text
+        latest, _ = CheckpointStore(short_tmp / "state" / "checkpoints").load_latest()
+        assert latest is not None and latest.state["round"] >= 1
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        log.close()
