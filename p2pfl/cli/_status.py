@@ -22,6 +22,7 @@ from p2pfl.identity import SHORT_ID_CHARS
 
 if TYPE_CHECKING:
     from rich.console import Console, Group
+    from rich.table import Table
 
 _SOCKET_HELP = (
     "The daemon's control socket. Default: the one named by --config, else $P2PFL_SOCKET, else "
@@ -152,12 +153,17 @@ def _status_view(node: NodeStatus) -> Group:
 @socket_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def peers(socket_path: Path | None, config_path: Path | None, as_json: bool) -> None:
-    """List the daemon's peers: state, round-trip time, traffic, drops by stage."""
+    """List the daemon's peers: address, ICE path, round-trip time, traffic, drops by stage.
+
+    PATH is how the link travels: host (directly between the nodes' own addresses), server
+    reflexive (through a NAT, its address learnt from STUN) or relayed (through a TURN server).
+    ADDRESS is the peer's end of that path.
+    """
     node = _fetch(socket_path, config_path)
     if as_json:
         click.echo(json.dumps(node.to_json()["peers"], indent=2, sort_keys=True))
         return
-    _console().print(_peer_table(node) if node.peers else _no_peers(node))
+    _console().print(_peer_table(node, paths=True) if node.peers else _no_peers(node))
 
 
 def _no_peers(node: NodeStatus) -> str:
@@ -233,17 +239,23 @@ def _summary(node: NodeStatus) -> str:
     return "\n".join(lines)
 
 
-def _peer_table(node: NodeStatus) -> object:
+def _peer_table(node: NodeStatus, *, paths: bool = False) -> Table:
+    """One row per peer; ``paths`` adds the address and ICE path of each link (`p2pfl peers`)."""
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("PEER", "NAME", "STATE", "RTT", "IN", "OUT", "LAST SEEN", "DROPPED"):
+    columns = ["PEER", "NAME", "STATE", "RTT", "IN", "OUT", "LAST SEEN", "DROPPED"]
+    if paths:
+        columns[3:3] = ["ADDRESS", "PATH"]
+    for column in columns:
         table.add_column(column, justify="right" if column in {"RTT", "IN", "OUT"} else "left")
     for peer in sorted(node.peers, key=lambda p: p.node_id):
+        where = [peer.address or "-", _path(peer.ice_path)] if paths else []
         table.add_row(
             peer.node_id[:SHORT_ID_CHARS],
             peer.name or "-",
             _state(peer),
+            *where,
             f"{peer.rtt_ms:.1f} ms" if peer.rtt_ms is not None else "-",
             _bytes(peer.bytes_in),
             _bytes(peer.bytes_out),
@@ -253,6 +265,12 @@ def _peer_table(node: NodeStatus) -> object:
             f"[yellow]{_stages(peer.drops)}[/]" if any(peer.drops.values()) else "0",
         )
     return table
+
+
+def _path(path: str | None) -> str:
+    if path is None:
+        return "-"
+    return f"[yellow]{path}[/]" if path == "relayed" else path
 
 
 def _stages(by_stage: dict[str, int]) -> str:

@@ -1,9 +1,10 @@
-"""The control socket: how `p2pfl status` and `p2pfl peers` talk to a running daemon.
+"""The control socket: how `p2pfl status`, `peers` and `stop` talk to a running daemon.
 
 A Unix stream socket ``control.sock`` in the runtime directory; the directory is 0700 and the
 socket 0600, both owned by the daemon's user, so only that user (and root) can connect. The
 protocol is JSON lines: one request object ``{"cmd": "status"}`` per line, one reply per line,
-``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``. Commands: ``status``,
+``peers`` and ``stop`` (stop as on SIGTERM; the reply comes before the daemon exits).
 
 The server side runs in the daemon's trio nursery; the client side is plain blocking sockets and
 imports no trio, so the CLI starts fast.
@@ -55,6 +56,10 @@ class PeerStatus:
     """Messages from this peer dropped by verification, decoding or validation."""
     drops: dict[str, int] = field(default_factory=dict)
     """Everything dropped from this peer, by stage (signaling, link, envelope, update, ...)."""
+    address: str | None = None
+    """The peer's end of the ICE pair in use, "ip:port" (None: not connected, or unknown)."""
+    ice_path: str | None = None
+    """"host" (direct), "server reflexive" (through a NAT, via STUN) or "relayed" (TURN)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,10 +53,12 @@ from p2pfl.daemon.sctp import SACK_EVERY, last_packet_at, tune
 __all__ = [
     "FRAME_LIMIT",
     "HEADER",
+    "ICE_PATHS",
     "PING",
     "LinkSettings",
     "Reassembler",
     "RtcLink",
+    "ice_path",
     "split_frames",
 ]
 
@@ -69,6 +71,28 @@ PING = struct.Struct(">BQ")
 RTT_ALPHA = 1 / 8
 _transfer_ids = itertools.count(1)
 log = logging.getLogger(__name__)
+
+
+ICE_PATHS = {
+    "host": "host",
+    "srflx": "server reflexive",
+    "prflx": "server reflexive",
+    "relay": "relayed",
+}
+"""ICE candidate type -> the path a person reads in `p2pfl peers`."""
+_PATH_RANK = {"host": 0, "server reflexive": 1, "relayed": 2}
+
+
+def ice_path(local_type: str, remote_type: str) -> str:
+    """The path a selected candidate pair uses: relayed if either end is a TURN relay, else
+    server reflexive (through a NAT) if either end is, else host (a direct address).
+
+    A peer-reflexive candidate (learned from a check, not signalled) is a NAT's mapping too.
+    aioice sends a server-reflexive candidate from its host socket, so our own end always reads
+    "host" or "relay"; the remote end's type tells the rest.
+    """
+    paths = [ICE_PATHS.get(local_type, local_type), ICE_PATHS.get(remote_type, remote_type)]
+    return max(paths, key=lambda path: _PATH_RANK.get(path, -1))
 
 
 def _digest(data: bytes | memoryview) -> bytes:
@@ -249,6 +273,8 @@ class RtcLink:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_seen: float | None = None  # Unix time of the last frame from the peer
+        self.ice_path: str | None = None  # "host", "server reflexive" or "relayed" once open
+        self.remote_address: str | None = None  # the peer's end of the selected pair, "ip:port"
         self._pc.on("connectionstatechange", self._on_state)
         self._pc.on("datachannel", self._attach)
 
@@ -284,8 +310,27 @@ class RtcLink:
         if not self._open.is_set():
             raise LinkDown(self._down_reason or "closed before the data channel opened")
         self.last_heard = time.monotonic()
+        self._read_selected_pair()
         self._monitor = asyncio.ensure_future(self._watch())
         self._monitor.add_done_callback(self._watch_ended)
+
+    def _read_selected_pair(self) -> None:
+        """Record the ICE path and the peer's address of the pair ICE nominated.
+
+        aiortc has no public API for the selected pair: this reads aioice's nominated pair
+        through the SCTP -> DTLS -> ICE transports, and leaves both unknown (None) where an
+        aiortc or aioice release moved it.
+        """
+        try:
+            pc: Any = self._pc
+            connection = pc.sctp.transport.transport._connection
+            pair = next(iter(connection._nominated.values()))
+            local, remote = pair.local_candidate, pair.remote_candidate
+            self.ice_path = ice_path(local.type, remote.type)
+            host, port = pair.remote_addr
+            self.remote_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        except (AttributeError, StopIteration, TypeError, ValueError):
+            log.debug("no selected ICE pair to read")
 
     def _attach(self, channel: RTCDataChannel) -> None:
         if self._channel is not None:

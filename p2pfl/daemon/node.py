@@ -410,6 +410,8 @@ class Node:
                     last_seen=p.last_seen,
                     rejected=rejected_from(self.drops, p.node_id),
                     drops=self.drops.peer_totals(p.node_id),
+                    address=info.address if info is not None and p.state == "connected" else None,
+                    ice_path=info.ice_path if info is not None and p.state == "connected" else None,
                 )
             )
         return NodeStatus(

@@ -109,6 +109,8 @@ class PeerInfo:
     bytes_out: int
     last_seen: float | None  # Unix time of the last frame from the peer
     state: str  # "connected" or "connecting"
+    ice_path: str | None = None  # "host", "server reflexive" or "relayed" (the selected pair)
+    address: str | None = None  # the peer's end of the selected ICE pair, "ip:port"
 
 
 class PeerUnavailable(ConnectionError):
@@ -322,7 +324,14 @@ class PeerTransport:
         link = None if up is None else up.link
         if link is not None:
             return PeerInfo(
-                name, link.rtt_s, link.bytes_in, link.bytes_out, link.last_seen, "connected"
+                name,
+                link.rtt_s,
+                link.bytes_in,
+                link.bytes_out,
+                link.last_seen,
+                "connected",
+                link.ice_path,
+                link.remote_address,
             )
         if peer in self._pending:
             return PeerInfo(name, None, 0, 0, None, "connecting")

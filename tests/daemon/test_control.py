@@ -64,7 +64,18 @@ def _status(trust_mode: str = "federation") -> NodeStatus:
         revocation_serial=1_800_000_000_000,
         revoked=2,
         peers=(
-            PeerStatus("b7" * 26, "cloudlet-2", "connected", 0.8, 1 << 20, 2 << 20, NOW - 1, 0),
+            PeerStatus(
+                "b7" * 26,
+                "cloudlet-2",
+                "connected",
+                0.8,
+                1 << 20,
+                2 << 20,
+                NOW - 1,
+                0,
+                address="203.0.113.7:50412",
+                ice_path="server reflexive",
+            ),
             PeerStatus("c1" * 26, "", "down", None, 0, 0, None, 2, {"envelope": 2, "link": 1}),
         ),
     )
@@ -149,6 +160,11 @@ async def test_status_table_shows_node_model_and_peers(short_tmp: Path) -> None:
     assert "DROPPED" in out and "link 1, envelope 2" in out  # the peer that is down
     assert peers.returncode == 0 and "cloudlet-2" in peers.stdout.decode()
     assert "round 42" not in peers.stdout.decode()
+    # `peers` also says where each peer is and how the link travels; `status` stays compact.
+    peer_lines = peers.stdout.decode().splitlines()
+    assert "ADDRESS" in peer_lines[0] and "PATH" in peer_lines[0]
+    assert "203.0.113.7:50412  server reflexive" in peer_lines[1]
+    assert "ADDRESS" not in out
 
 
 async def test_open_trust_mode_is_warned_loudly(short_tmp: Path) -> None:

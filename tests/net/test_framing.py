@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from p2pfl.daemon.datachannel import FRAME_LIMIT, HEADER, Reassembler, split_frames
+from p2pfl.daemon.datachannel import FRAME_LIMIT, HEADER, Reassembler, ice_path, split_frames
 
 
 def _reassembler(drops: list[str], max_bytes: int = 10_000_000) -> Reassembler:
@@ -141,3 +141,20 @@ def test_a_links_watch_loop_frees_a_stalled_transfer() -> None:
         assert drops == ["incomplete_timeout", "incomplete_at_close"]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("local", "remote", "path"),
+    [
+        ("host", "host", "host"),
+        ("host", "srflx", "server reflexive"),
+        ("host", "prflx", "server reflexive"),
+        ("relay", "host", "relayed"),
+        ("host", "relay", "relayed"),
+        ("relay", "srflx", "relayed"),
+    ],
+)
+def test_ice_path_is_the_most_indirect_end_of_the_selected_pair(
+    local: str, remote: str, path: str
+) -> None:
+    assert ice_path(local, remote) == path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -247,6 +248,11 @@ async def test_peer_info_names_the_federation_member_and_measures_rtt_from_heart
         after_a, seen_by_b = a.peer_info(b.node_id), b.peer_info(a.node_id)
     assert info.name == "edge-1" and info.state == "connected"
     assert seen_by_b is not None and seen_by_b.name == "edge-0"
+    # The selected ICE pair: host candidates on the namespace's loopback (ICE gathers every
+    # 127.0.0.x the namespace has, so which one it picked is ICE's choice), with a port.
+    assert info.ice_path == "host" and seen_by_b.ice_path == "host"
+    for address in (info.address, seen_by_b.address):
+        assert address is not None and re.fullmatch(r"127\.0\.0\.\d+:\d+", address), address
     # Loopback: a round trip well under a heartbeat interval, and never zero or negative.
     assert info.rtt_s is not None and 0 < info.rtt_s < 0.1
     assert after_a is not None and after_a.bytes_out >= before + 1000
