@@ -33,6 +33,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "init": ("p2pfl.cli._init:init", "Set up this node: key, configuration, admission."),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
+    "logs": ("p2pfl.cli._logs:logs", "Show the daemon's log (journald or its log file)."),
     "peers": ("p2pfl.cli._status:peers", "List the running daemon's peers."),
     "run": ("p2pfl.cli._run:run", "Run the daemon in the foreground (systemd: ExecStart)."),
     "status": ("p2pfl.cli._status:status", "Show what the running daemon is doing."),

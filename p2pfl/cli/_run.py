@@ -39,7 +39,14 @@ def run(config_path: Path, check: bool) -> None:
         config = load_config(config_path)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    configure_logging(config.logging.level, config.logging.format)
+    try:
+        configure_logging(config.logging.level, config.logging.format, file=config.logging.file)
+    except OSError as exc:
+        _fail(
+            f"{config_path}: logging.file: cannot write {config.logging.file}: {exc.strerror}; "
+            "fix the path or its permissions, or leave it unset (stderr only)",
+            EXIT_CONFIG,
+        )
     code = _run(config, config_path, check=check)
     # Everything is checkpointed, closed and the executor's worker ended by now; interpreter
     # shutdown with torch's and aiortc's daemon threads still took seconds: exit right away.

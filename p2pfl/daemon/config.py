@@ -150,6 +150,7 @@ class LimitsSection:
 class LoggingSection:
     level: LogLevel = "info"
     format: LogFormat = "logfmt"
+    file: Path | None = None  # also append the log here (`p2pfl logs` reads it); None: stderr only
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,10 @@ class NodeStatus:
     """Whether the daemon looks for peers with mDNS (None: a daemon too old to say)."""
     static_peers: int | None = None
     """How many static peers it dials."""
+    log_file: str | None = None
+    """Where the daemon appends its log ([logging] file; None: stderr only)."""
+    systemd_unit: str | None = None
+    """The systemd unit it runs as (its stderr is in journald), None when not under systemd."""
 
     def warnings(self) -> list[str]:
         if self.trust_mode == "open":

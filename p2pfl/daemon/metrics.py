@@ -15,9 +15,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
@@ -189,17 +191,36 @@ def _logfmt_value(value: Any) -> str:
 
 
 def configure_logging(
-    level: str = "info", fmt: str = "logfmt", stream: TextIO | None = None
+    level: str = "info",
+    fmt: str = "logfmt",
+    stream: TextIO | None = None,
+    *,
+    file: Path | None = None,
 ) -> None:
-    """Send the ``p2pfl`` loggers to stderr as structured lines at ``level``."""
+    """Send the ``p2pfl`` loggers to stderr as structured lines at ``level``, and to ``file``.
+
+    The file is appended to (0600 when created) and reopened when it is moved or deleted, so
+    logrotate needs no ``copytruncate``; its lines always carry timestamps. Raises OSError if it
+    cannot be opened.
+    """
     logger = logging.getLogger("p2pfl")
     for handler in list(logger.handlers):
         if getattr(handler, "_p2pfl", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler._p2pfl = True  # type: ignore[attr-defined]
-    handler.setFormatter(StructuredFormatter(fmt, timestamps=not os.environ.get("JOURNAL_STREAM")))
-    logger.addHandler(handler)
+            if isinstance(handler, logging.FileHandler):
+                handler.close()
+    to_stderr = logging.StreamHandler(stream or sys.stderr)
+    to_stderr._p2pfl = True  # type: ignore[attr-defined]
+    journald = bool(os.environ.get("JOURNAL_STREAM"))  # journald stamps lines itself
+    to_stderr.setFormatter(StructuredFormatter(fmt, timestamps=not journald))
+    logger.addHandler(to_stderr)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+        to_file = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
+        to_file._p2pfl = True  # type: ignore[attr-defined]
+        to_file.setFormatter(StructuredFormatter(fmt, timestamps=True))
+        logger.addHandler(to_file)
     logger.propagate = False
     set_log_level(level)
 

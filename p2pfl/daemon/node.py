@@ -41,7 +41,7 @@ from p2pfl.daemon.control import CheckpointStatus, ControlServer, NodeStatus, Pe
 from p2pfl.daemon.driver import NodeState, ProtocolDriver, rejected_from, rejected_messages
 from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics, set_log_level
-from p2pfl.daemon.notify import SystemdNotifier
+from p2pfl.daemon.notify import SystemdNotifier, systemd_unit
 from p2pfl.daemon.revocations import RevocationKeeper, load_revocations
 from p2pfl.identity import KEY_FILE, IdentityError, NodeIdentity
 from p2pfl.trust import CERTIFICATE_FILE, TrustError, TrustPolicy
@@ -378,6 +378,7 @@ class Node:
         """Every drop of this node, counted once: transport, signaling, driver (see drops.py)."""
         self.drops.add_hook(self.metrics.count_drop)
         self.notifier = SystemdNotifier.from_environment()
+        self.systemd_unit = systemd_unit()
         self.last_checkpoint: Checkpoint | None = prepared.resumed
         self.transport: Any = None
         self.revocations: RevocationKeeper | None = None
@@ -447,6 +448,8 @@ class Node:
             revoked=0 if revocations is None else len(revocations.revoked),
             mdns=config.discovery.mdns,
             static_peers=len(config.discovery.static_peers),
+            log_file=None if config.logging.file is None else str(config.logging.file),
+            systemd_unit=self.systemd_unit,
             feature_bytes_sent=int(getattr(self.prepared.machine, "bytes_features_sent", 0)),
             feature_bytes_received=int(
                 getattr(self.prepared.machine, "bytes_features_received", 0)
@@ -681,6 +684,11 @@ class Node:
         for section in unchanged:
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("changed [%s] needs a restart to take effect", section)
+        if (new.logging.file, new.logging.format) != (
+            self.config.logging.file,
+            self.config.logging.format,
+        ):
+            log.warning("changed [logging] file or format needs a restart to take effect")
         self.config = new
         log.info("configuration reloaded", extra={"log_level": new.logging.level})
         self.notifier.ready(self._status_line())

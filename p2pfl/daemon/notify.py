@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import trio
 
@@ -95,3 +96,25 @@ class SystemdNotifier:
             with contextlib.suppress(OSError):
                 self._socket.close()
             self._socket = None
+
+
+def systemd_unit(environ: Mapping[str, str] | None = None, cgroup: str | None = None) -> str | None:
+    """The systemd unit this process runs as (``p2pfl.service``), or None when not under systemd.
+
+    systemd sets ``$INVOCATION_ID`` for every unit it starts; the unit's name is the last part
+    of the process's cgroup path (``0::/system.slice/p2pfl.service``). `p2pfl logs` uses it to
+    ask journald for the right unit.
+    """
+    environ = os.environ if environ is None else environ
+    if not environ.get("INVOCATION_ID"):
+        return None
+    if cgroup is None:
+        try:
+            cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return None
+    for line in cgroup.splitlines():
+        for part in reversed(line.rpartition(":")[2].split("/")):
+            if part.endswith((".service", ".scope")):
+                return part
+    return None
