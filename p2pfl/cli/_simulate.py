@@ -9,6 +9,15 @@ from pathlib import Path
 import click
 
 ENGINES = ("virtual", "processes")
+PROCESSES_LEGEND = (
+    "each setup's line: n<i> r<round> <metric> p<peers> per daemon: node i is in round <round>, "
+    "its model scores <metric> (the task's primary metric) and it has <peers> connected peers; "
+    "'n<i> -' is a node that is down"
+)
+SYNTHETIC_NOTE = (
+    "[yellow]synthetic readings[/]: this traffic task trains on sensor speeds generated on the "
+    "real sensor graph, not measured ones"
+)
 
 
 @click.command("simulate")
@@ -29,12 +38,24 @@ ENGINES = ("virtual", "processes")
 def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     """Run the setups of SCENARIO (a TOML file) and write results and plots."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 
     from p2pfl.cli._errors import EXIT_USAGE, fail
     from p2pfl.sim.provenance import provenance, write_provenance
-    from p2pfl.sim.results import format_cell, summary_rows, write_results
+    from p2pfl.sim.results import (
+        format_cell,
+        format_rounds,
+        summary_rows,
+        table_columns,
+        write_results,
+    )
     from p2pfl.sim.scenario import ScenarioError, load_scenario
 
     try:
@@ -48,11 +69,17 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     if not console.is_terminal:
         console = Console(width=200)  # logs and pipes: do not squeeze the results table
 
+    if engine == "processes":
+        console.print(f"[dim]{PROCESSES_LEGEND}[/]")
+    if spec.task.name.startswith("traffic-") and not spec.task.options.get("readings"):
+        console.print(SYNTHETIC_NOTE)
     with Progress(
         TextColumn("{task.description:<16}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
         transient=False,
@@ -72,8 +99,8 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     paths = write_results(results, out_dir)
     paths.append(write_provenance(out_dir, record=record))
     rows = summary_rows(results)
-    shown = {"nodes", "rounds", "mb_sent", "virtual_s", "wall_s"}
-    metric_cols = [k for k in rows[0] if k in shown]
+    metric_cols = table_columns(results)
+    shown = {"nodes", "rounds", "rounds_min", "rounds_max", "mb_sent", "virtual_s", "wall_s"}
     # The primary metric first, then the others of its family (mae_15 -> rmse_15, wmape_15).
     horizon = results.primary_metric.rpartition("_")[2] if "_" in results.primary_metric else ""
     metric_cols += sorted(
@@ -86,7 +113,10 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
         table.add_column(col, justify="left" if col in ("setup", "protocol") else "right")
     for row in rows:
         table.add_row(
-            *(format_cell(row.get(col, "")) for col in ["setup", "protocol", *metric_cols])
+            *(
+                format_rounds(row) if col == "rounds" else format_cell(row.get(col, ""))
+                for col in ["setup", "protocol", *metric_cols]
+            )
         )
     console.print(table)
     console.print(f"wrote {', '.join(p.name for p in paths)} to {out_dir}")

@@ -6,9 +6,13 @@ the daemon's harness):
   (time, mean round, bytes so far, mean metrics at each evaluation point), bytes sent/received,
   virtual and wall time, and per node: final metrics, history (time, round, bytes sent, metrics
   at each evaluation point), bytes sent/received and counters (``extra``);
-- ``results.csv`` (one row per node and evaluation point) and ``summary.csv`` (one row per setup);
+- ``results.csv`` (one row per node and evaluation point) and ``summary.csv`` (one row per setup;
+  ``virtual_s`` only for the virtual engine, the one that has virtual time);
 - ``metric_vs_time.png`` (primary metric vs time, one line per setup), ``metric_vs_bytes.png``
-  and ``bytes_per_node.png``.
+  and ``bytes_per_node.png`` (a bar chart from zero: bytes sent by each node, one bar per setup).
+
+Tables a person reads (the CLI's, :func:`markdown_table`) show rounds as the counts they are:
+``12`` when every node did 12, ``11-14`` (an en dash) when nodes differ.
 ``load_results(path)`` reads ``results.json`` back. Output is deterministic: keys sorted, and with
 ``include_wall=False`` the wall-clock fields are left out so equal runs give equal bytes.
 """
@@ -20,7 +24,10 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FORMAT = "p2pfl-sim-results/1"
 
@@ -117,6 +124,8 @@ def summary_rows(results: Results) -> list[dict[str, Any]]:
             "aggregation": s.aggregation,
             "nodes": len(s.nodes),
             "rounds": sum(n.rounds for n in s.nodes) / max(len(s.nodes), 1),
+            "rounds_min": min((n.rounds for n in s.nodes), default=0),
+            "rounds_max": max((n.rounds for n in s.nodes), default=0),
             "mb_sent": s.bytes_sent / 1e6,
             "virtual_s": s.virtual_time_s,
             "wall_s": s.wall_time_s,
@@ -126,19 +135,37 @@ def summary_rows(results: Results) -> list[dict[str, Any]]:
     return rows
 
 
+def has_virtual_time(results: Results) -> bool:
+    """Whether the engine measures virtual time (the virtual engine); else no such column."""
+    return results.engine == "virtual"
+
+
+def table_columns(results: Results) -> list[str]:
+    """The figure columns a table of ``results`` shows, in order (metrics come after them)."""
+    virtual = ["virtual_s"] if has_virtual_time(results) else []
+    return ["nodes", "rounds", "mb_sent", *virtual, "wall_s"]
+
+
+def format_rounds(row: dict[str, Any]) -> str:
+    """Rounds are counts: ``12`` when every node did 12, ``11\u201314`` when nodes differ."""
+    low, high = int(row["rounds_min"]), int(row["rounds_max"])
+    return str(low) if low == high else f"{low}\u2013{high}"
+
+
 def markdown_table(results: Results, metrics: list[str] | None = None) -> str:
     """The summary as a Markdown table (for experiment READMEs)."""
     rows = summary_rows(results)
     metrics = metrics or _metric_names(results)
-    head = ["setup", "protocol", "rounds", "MB sent", "virtual s", *metrics]
+    virtual = has_virtual_time(results)
+    head = ["setup", "protocol", "rounds", "MB sent", *(["virtual s"] if virtual else []), *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [
             row["setup"],
             row["protocol"],
-            format_cell(row["rounds"], ".1f"),
+            format_rounds(row),
             format_cell(row["mb_sent"], ".1f"),
-            format_cell(row["virtual_s"], ".1f"),
+            *([format_cell(row["virtual_s"], ".1f")] if virtual else []),
             *(format_cell(row.get(m)) for m in metrics),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -174,7 +201,7 @@ def write_results(results: Results, out_dir: Path, *, include_wall: bool = True)
         "nodes",
         "rounds",
         "mb_sent",
-        "virtual_s",
+        *(["virtual_s"] if has_virtual_time(results) else []),
         *(["wall_s"] if include_wall else []),
         *metrics,
     ]
@@ -219,19 +246,38 @@ def plot_results(results: Results, out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(out_dir / name)
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for s in results.setups:
-        if s.protocol == "centralized":
-            continue
-        sent = sorted((n.bytes_sent / 1e6 for n in s.nodes), reverse=True)
-        ax.plot(range(len(sent)), sent, marker="o" if len(sent) <= 30 else None, ms=3, label=s.name)
-    ax.set_xlabel("node (sorted by traffic)")
-    ax.set_ylabel("MB sent")
-    ax.set_title(f"{results.scenario}: bytes sent per node")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = bytes_per_node_figure(results)
     fig.savefig(out_dir / "bytes_per_node.png")
     plt.close(fig)
     paths.append(out_dir / "bytes_per_node.png")
     return paths
+
+
+def bytes_per_node_figure(results: Results) -> Figure:
+    """Bytes sent by each node as bars from zero, side by side per setup.
+
+    Bars, not a line: nodes are separate things, not points on a scale; and the axis starts at
+    zero, so a 4 % difference between nodes looks like 4 %. Nodes are sorted by traffic within
+    each setup (the shape of the spread is what matters, not which node is which).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = [s for s in results.setups if s.protocol != "centralized"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    width = 0.8 / max(len(setups), 1)
+    for k, s in enumerate(setups):
+        sent = sorted((n.bytes_sent / 1e6 for n in s.nodes), reverse=True)
+        offset = (k - (len(setups) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(sent))], sent, width=width, label=s.name)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("node (sorted by traffic)")
+    ax.set_ylabel("MB sent")
+    ax.set_title(f"{results.scenario}: bytes sent per node")
+    ax.grid(alpha=0.3, axis="y")
+    if setups:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

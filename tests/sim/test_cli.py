@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,13 @@ def test_simulate_writes_results_and_prints_a_table(tmp_path: Path) -> None:
     assert "cli-tiny (virtual engine, seed 1)" in result.output
     assert "accuracy" in result.output
     assert (out / "results.json").exists() and (out / "metric_vs_time.png").exists()
+    assert "eta" in result.output  # the progress bar estimates the time left
+    lines = result.output.splitlines()
+    header = [c.strip() for c in re.split("[│┃]", next(x for x in lines if "setup" in x))]
+    row = [c.strip() for c in re.split("[│┃]", next(x for x in lines if "│ gossip" in x))]
+    assert "virtual_s" in header  # the virtual engine has virtual time
+    # Rounds are counts: "4", or "3–4" when nodes differ; never a fractional mean.
+    assert re.fullmatch(r"\d+(–\d+)?", row[header.index("rounds")]), row
 
 
 def test_scenario_mistake_is_one_clear_line(tmp_path: Path) -> None:
