@@ -43,7 +43,8 @@ def stop(socket_path: Path | None, config_path: Path | None, timeout: float) -> 
         try:
             request(path, "status", timeout=2.0)
         except DaemonNotRunning:
-            click.echo(f"stopped the {who}: final checkpoint written")
+            # Its socket goes last, after the final checkpoint (or stop_timeout_s).
+            click.echo(f"the {who} has stopped")
             return
         except ControlError:
             pass  # closing down: asked between its last reply and its exit

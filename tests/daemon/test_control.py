@@ -361,9 +361,7 @@ async def test_stop_asks_the_daemon_over_the_socket_and_waits_until_it_is_gone(
         with trio.fail_after(10):
             await cli.wait()
     assert cli.returncode == 0
-    assert (await cli.stdout.receive_some(4096)).decode() == (
-        "stopped the daemon (pid 4242): final checkpoint written\n"
-    )
+    assert (await cli.stdout.receive_some(4096)).decode() == ("the daemon (pid 4242) has stopped\n")
 
 
 async def test_stop_of_a_daemon_that_is_not_running_is_one_line_and_status_1(
