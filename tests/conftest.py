@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio.tasks
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -62,3 +63,37 @@ def _no_orphaned_asyncio_tasks() -> Iterator[None]:
             "pending):\n\n" + "\n\n".join(recorder.lines),
             pytrace=False,
         )
+
+
+@pytest.fixture
+def node_status() -> Callable[..., Any]:
+    """Factory: a daemon's ``NodeStatus`` as `p2pfl status` receives it, fields overridable."""
+    import time
+
+    from p2pfl.daemon.control import NodeStatus
+
+    def make(**fields: Any) -> Any:
+        now = time.time()
+        values: dict[str, Any] = {
+            "node_id": "a3f9c2e1" + "0" * 44,
+            "short_id": "a3f9c2e1",
+            "name": "cloudlet-1",
+            "version": "0.1.0",
+            "pid": 4242,
+            "started_at": now - 60,
+            "now": now,
+            "federation_id": "fed-77",
+            "trust_mode": "federation",
+            "protocol": "gossip",
+            "task": "digits",
+            "round": 42,
+            "model_updated_at": None,
+            "last_loss": None,
+            "metric_name": "accuracy",
+            "metric_value": None,
+            "training_state": "training",
+        }
+        values.update(fields)
+        return NodeStatus(**values)
+
+    return make

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -10,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -17,7 +17,13 @@ import trio
 from p2pfl.daemon.control import ControlServer, NodeStatus
 from p2pfl.daemon.metrics import configure_logging
 from p2pfl.daemon.notify import systemd_unit
-from tests.daemon.test_control import _cli, _status
+
+
+async def _cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "p2pfl", *args], capture_stdout=True, capture_stderr=True,
+        check=False,
+    )  # fmt: skip
 
 
 async def _serve(nursery: trio.Nursery, path: Path, node: NodeStatus) -> None:
@@ -25,11 +31,13 @@ async def _serve(nursery: trio.Nursery, path: Path, node: NodeStatus) -> None:
     await nursery.start(server.serve)
 
 
-async def test_logs_shows_the_end_of_the_daemons_log_file_and_says_so(short_tmp: Path) -> None:
+async def test_logs_shows_the_end_of_the_daemons_log_file_and_says_so(
+    short_tmp: Path, node_status: Callable[..., NodeStatus]
+) -> None:
     log = short_tmp / "p2pfl.log"
     log.write_text("".join(f"line {i}\n" for i in range(60)))
     sock = short_tmp / "control.sock"
-    node = dataclasses.replace(_status(), log_file=str(log))
+    node = node_status(log_file=str(log))
     async with trio.open_nursery() as nursery:
         await _serve(nursery, sock, node)
         result = await _cli("logs", "--socket", str(sock), "-n", "3")
@@ -40,12 +48,12 @@ async def test_logs_shows_the_end_of_the_daemons_log_file_and_says_so(short_tmp:
 
 
 async def test_logs_follow_prints_new_lines_across_a_rotation_until_ctrl_c(
-    short_tmp: Path,
+    short_tmp: Path, node_status: Callable[..., NodeStatus]
 ) -> None:
     log = short_tmp / "p2pfl.log"
     log.write_text("old\n")
     sock = short_tmp / "control.sock"
-    node = dataclasses.replace(_status(), log_file=str(log))
+    node = node_status(log_file=str(log))
     async with trio.open_nursery() as nursery:
         await _serve(nursery, sock, node)
         process = await nursery.start(
@@ -80,7 +88,7 @@ async def test_logs_follow_prints_new_lines_across_a_rotation_until_ctrl_c(
 
 
 async def test_logs_of_a_daemon_under_systemd_asks_journald_for_its_unit(
-    short_tmp: Path,
+    short_tmp: Path, node_status: Callable[..., NodeStatus]
 ) -> None:
     bin_dir = short_tmp / "bin"
     bin_dir.mkdir()
@@ -88,7 +96,7 @@ async def test_logs_of_a_daemon_under_systemd_asks_journald_for_its_unit(
     fake.write_text('#!/bin/sh\necho "journalctl $*"\n')
     fake.chmod(0o755)
     sock = short_tmp / "control.sock"
-    node = dataclasses.replace(_status(), systemd_unit="p2pfl.service")
+    node = node_status(systemd_unit="p2pfl.service")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     async with trio.open_nursery() as nursery:
         await _serve(nursery, sock, node)
@@ -103,11 +111,11 @@ async def test_logs_of_a_daemon_under_systemd_asks_journald_for_its_unit(
 
 
 async def test_logs_of_a_daemon_with_no_log_to_show_says_where_its_log_went(
-    short_tmp: Path,
+    short_tmp: Path, node_status: Callable[..., NodeStatus]
 ) -> None:
     sock = short_tmp / "control.sock"
     async with trio.open_nursery() as nursery:
-        await _serve(nursery, sock, _status())  # by hand, no [logging] file
+        await _serve(nursery, sock, node_status())  # by hand, no [logging] file
         result = await _cli("logs", "--socket", str(sock))
         nursery.cancel_scope.cancel()
     assert result.returncode == 1 and result.stdout == b""

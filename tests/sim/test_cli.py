@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -79,16 +81,15 @@ def test_the_printed_status_command_is_the_running_p2pfl(
     assert _p2pfl_command() == f"{bin_dir / 'python'} -m p2pfl"
 
 
-def test_the_processes_legend_describes_the_progress_line_it_stands_above() -> None:
-    import dataclasses
-
+def test_the_processes_legend_describes_the_progress_line_it_stands_above(
+    node_status: Callable[..., Any],
+) -> None:
     from p2pfl.cli._simulate import PROCESSES_LEGEND
     from p2pfl.daemon.control import PeerStatus
     from p2pfl.sim.processes import _live_line
-    from tests.daemon.test_control import _status
 
     peers = tuple(PeerStatus(f"{i}" * 52, "", "connected") for i in range(3))
-    node = dataclasses.replace(_status(), round=40, metric_value=0.953, peers=peers)
+    node = node_status(round=40, metric_value=0.953, peers=peers)
     assert _live_line([node, None]) == "n0 r40 0.953 p3 | n1 -"
     assert "n<i> r<round> <metric> p<peers>" in PROCESSES_LEGEND
     assert "'n<i> -' is a node that is down" in PROCESSES_LEGEND
