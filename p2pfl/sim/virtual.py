@@ -304,7 +304,14 @@ class _SetupRun:
             if isinstance(message, FeatureReply):
                 src.feature_bytes_sent += len(message.data)
         else:
-            received, payload = self.codec.carry(message.weights)
+            try:
+                received, payload = self.codec.carry(message.weights)
+            except ValueError:
+                # The codec cannot carry this model (fp16 past 65504, NaN or inf with a lossy
+                # codec): not sent, counted, as the daemon's driver does.
+                src.messages_sent += 1
+                src.messages_lost["unencodable"] += 1
+                return
             message = dataclasses.replace(message, weights=received)
             size = ENVELOPE_OVERHEAD + payload
             src.models_sent_to.add(peer)

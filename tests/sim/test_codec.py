@@ -183,3 +183,15 @@ def test_a_centralized_setup_refuses_a_codec() -> None:
     }
     with pytest.raises(ScenarioError, match=r"setup\[0\]\.codec': centralized training sends no"):
         parse_scenario(data, "c.toml")
+
+
+def test_a_model_the_codec_cannot_carry_is_not_sent_and_is_counted() -> None:
+    from p2pfl.protocols import GossipModel
+
+    scenario = _scenario("fp16")
+    run = virtual._SetupRun(scenario, scenario.setups[1], _workload(), None)
+    src = run.nodes[0]
+    too_large = {"w": torch.full((3,), 1e6)}  # past fp16's 65504: the daemon counts it too
+    run.send(src, run.ids[1], GossipModel(weights=too_large, age=1, samples=10))
+    assert src.messages_lost == {"unencodable": 1} and src.bytes_sent == 0
+    assert run.heap == []
