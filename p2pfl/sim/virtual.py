@@ -105,12 +105,11 @@ def node_ids(n: int) -> list[str]:
     return [f"n{i:0{width}d}" for i in range(n)]
 
 
-def message_bytes(message: Message[Any], workload: Workload) -> int:
+def feature_message_bytes(message: FeatureRequest | FeatureReply) -> int:
+    """A feature exchange's wire size (models: ``_Codec``)."""
     if isinstance(message, FeatureRequest):
         return ENVELOPE_OVERHEAD + 4 * len(message.sensors)
-    if isinstance(message, FeatureReply):
-        return ENVELOPE_OVERHEAD + 4 * len(message.sensors) + len(message.data)
-    return ENVELOPE_OVERHEAD + workload.nbytes(message.weights)
+    return ENVELOPE_OVERHEAD + 4 * len(message.sensors) + len(message.data)
 
 
 class _Codec:
@@ -300,7 +299,7 @@ class _SetupRun:
     def send(self, src: _Node, peer: str, message: Message[Any]) -> None:
         dst = self.by_id[peer]
         if isinstance(message, FeatureRequest | FeatureReply):
-            size = message_bytes(message, self.workload)
+            size = feature_message_bytes(message)
             if isinstance(message, FeatureReply):
                 src.feature_bytes_sent += len(message.data)
         else:
