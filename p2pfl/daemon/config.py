@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from p2pfl.learning.codecs import codec_problem
+
 EXIT_CONFIG = 2
 """Exit status for a configuration the daemon cannot run with (systemd: do not restart)."""
 
@@ -86,7 +88,9 @@ class DiscoverySection:
 class ProtocolSection:
     name: ProtocolName = "gossip"
     aggregation: AggregationName | None = None  # None: the protocol's robust default
-    codec: Literal["fp32", "fp16", "bf16", "int8", "topk"] = "fp32"
+    codec: str = "fp32"
+    """How every model this daemon sends is encoded (``p2pfl.learning.codecs``: "fp32", "fp16",
+    "bf16", "int8"); checked by the setup's rules, as a scenario's [[setup]] codec is."""
     seed: int = 0
     start_peers: int = 0
     """Start learning once this many peers are connected (or ``start_timeout_s`` passed), for
@@ -432,6 +436,8 @@ def _check_cross_fields(config: Config) -> None:
                 f'"{peer}" is not host:port (for example "192.0.2.10:7070" or "[2001:db8::1]:70")',
             )
     _check_neighbours(config)
+    if (problem := codec_problem(config.protocol.codec)) is not None:
+        raise config.error("protocol.codec", problem)
     if config.task.node_ids and len(config.task.node_ids) != config.task.n_nodes:
         raise config.error(
             "task.node_ids",

@@ -460,11 +460,19 @@ class ProtocolDriver:
                 )
 
             started = time.perf_counter()
-            if _payload_bytes(message) <= self.inline_bytes:
-                frame = encode_and_seal()
-            else:
-                frame = await trio.to_thread.run_sync(encode_and_seal)
-            self.state.protocol_seconds += time.perf_counter() - started
+            try:
+                if _payload_bytes(message) <= self.inline_bytes:
+                    frame = encode_and_seal()
+                else:
+                    frame = await trio.to_thread.run_sync(encode_and_seal)
+            except ValueError as exc:
+                # The codec cannot carry this model (fp16 past 65504, NaN or inf with a lossy
+                # codec): not sent, counted; the virtual engine does the same.
+                self.drops.count("link", "unencodable", peer)
+                log.warning("model not sent", extra={"peer": peer, "error": str(exc)})
+                return
+            finally:
+                self.state.protocol_seconds += time.perf_counter() - started
             try:
                 await self.sink.send(peer, frame)
             except (ConnectionError, ValueError) as exc:

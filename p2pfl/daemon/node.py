@@ -319,6 +319,7 @@ def learner_setup(config: Config) -> LearnerSetup:
         budget=config.task.epochs,
         params=config.protocol.params,
         neighbours=config.protocol.neighbours,
+        codec=config.protocol.codec,
     )
 
 
@@ -498,8 +499,8 @@ class Node:
         from p2pfl.daemon.limits import raise_nofile_limit
         from p2pfl.daemon.signaling import SignalingLimits
         from p2pfl.daemon.transport import PeerTransport, TransportConfig
-        from p2pfl.wire import DEFAULT_LIMITS, EnvelopeVerifier, decode_state_dict
-        from p2pfl.wire import encode_state_dict as encode
+        from p2pfl.learning.codecs import decode_model, encode_model
+        from p2pfl.wire import DEFAULT_LIMITS, EnvelopeVerifier
 
         config = self.config
         host = config.discovery.listen_host
@@ -540,7 +541,7 @@ class Node:
         )
         if config.trust.mode == "open":
             log.warning("trust mode is OPEN: any machine on the network can join this federation")
-        codec = config.protocol.codec
+        codec = learner_setup(config).codec
         async with trio.open_nursery() as nursery:
             control = ControlServer(
                 config.control_socket,
@@ -582,8 +583,9 @@ class Node:
                     identity=self.identity,
                     sink=transport,
                     trainer=self.prepared.trainer,
-                    encode_weights=lambda sd: encode(sd, codec),
-                    decode_weights=lambda data: decode_state_dict(data, limits),
+                    # The setup's codec, by the functions the virtual engine uses too.
+                    encode_weights=lambda sd: encode_model(sd, codec),
+                    decode_weights=lambda data: decode_model(data, limits),
                     state=self.state,
                     verifier=verifier,
                     observer=_MetricsObserver(self.metrics),

@@ -2,7 +2,8 @@
 
 :class:`LearnerSetup` is what the daemon's ``[protocol]`` table and a scenario's ``[[setup]]``
 table say about the learner: the protocol and its own parameters, the aggregation rule, the
-local training per round and which peers it exchanges with. :func:`make_learner` turns it into
+local training per round, which peers it exchanges with and how models travel (``codec``, see
+``p2pfl.learning.codecs``). :func:`make_learner` turns it into
 a :class:`p2pfl.protocols.Learner`; :func:`check_setup` is the part of that which needs no model,
 so configuration loaders can refuse a bad setup before anything runs.
 
@@ -19,6 +20,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pfl.learning.codecs import codec_problem
 from p2pfl.learning.neighbours import NEIGHBOURS
 from p2pfl.protocols import (
     FeaturePlan,
@@ -65,6 +67,8 @@ class LearnerSetup:
     """The protocol's own parameters (see :func:`parameters`), e.g. period, round_timeout."""
     neighbours: str = "all"
     """Server-free: "all" live peers, "topology" links or "range" (see ``neighbours``)."""
+    codec: str = "fp32"
+    """How every model this node sends is encoded (``learning.codecs.CODECS``)."""
 
 
 def parameters(protocol: str) -> tuple[str, ...]:
@@ -76,7 +80,7 @@ def parameters(protocol: str) -> tuple[str, ...]:
 
 
 def check_setup(setup: LearnerSetup) -> None:
-    """Refuse what no model is needed to refuse: protocol, parameter names, neighbours."""
+    """Refuse what no model is needed to refuse: protocol, parameter names, neighbours, codec."""
     if setup.protocol not in PROTOCOLS:
         raise SetupError(
             "protocol", f"unknown protocol {setup.protocol!r}; known: {', '.join(PROTOCOLS)}"
@@ -97,6 +101,8 @@ def check_setup(setup: LearnerSetup) -> None:
             "neighbours",
             f'only server-free exchanges with a chosen set of peers; {setup.protocol} needs "all"',
         )
+    if (problem := codec_problem(setup.codec)) is not None:
+        raise SetupError("codec", problem)
     _config(setup, rounds_done=0)
 
 

@@ -446,6 +446,7 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
         exchange_features=scenario.task.name.startswith("traffic-"),
         protocol=learner.protocol,
         aggregation=learner.aggregation,
+        codec=learner.codec,
         params=params,
         # Churn restarts daemons from their checkpoints: keep those recent.
         checkpoint_interval_s=5.0 if scenario.churn.fraction > 0 else 30.0,

@@ -115,6 +115,9 @@ class SetupSpec:
     (the nodes within ``range_km`` of each other; positions: a graph task's cloudlets)."""
     range_km: float | None = None
     """For neighbours = "range"; None: the task's own communication range (graph tasks)."""
+    codec: str = "fp32"
+    """How every model a node sends is encoded and decoded (``learning.codecs``): "fp32",
+    "fp16", "bf16" or "int8"; the bytes counted are the encoded ones."""
     stop: StopSpec | None = None
 
 
@@ -225,11 +228,14 @@ def _setup(source: str, table: Any, index: int, default_timeout: float) -> Setup
         aggregator=r.get("aggregator", str, None),
         neighbours=_neighbours(r),
         range_km=r.number("range_km", None, low=1e-9),
+        codec=r.get("codec", str, "fp32"),
         stop=_stop(source, r.table_of("stop"), prefix + "stop.") if "stop" in table else None,
     )
     r.done()
     if spec.range_km is not None and spec.neighbours != "range":
         raise r.error("range_km", 'applies only with neighbours = "range"; remove it')
+    if spec.protocol == "centralized" and "codec" in table:
+        raise r.error("codec", "centralized training sends no models; remove the key")
     if spec.protocol != "centralized":
         try:
             check_setup(learner_setup(spec, StopSpec(time=math.inf)))
@@ -274,6 +280,7 @@ def learner_setup(setup: SetupSpec, stop: StopSpec, default_epochs: float = 1.0)
         budget=setup.epochs or default_epochs,
         params=protocol_params(setup, stop),
         neighbours=setup.neighbours,
+        codec=setup.codec,
     )
 
 

@@ -8,8 +8,10 @@ How it drives the machines (the same ``p2pfl.protocols`` machines the daemon dri
   training completions, churn, peer up/down notices, evaluation points. Nothing reads a clock.
 - ``Train`` runs the real training at once (synchronously) and hands ``TrainingDone`` in after
   the modelled duration: samples processed / (samples_per_s x the node's speed factor).
-- ``Send`` goes through ``NetworkModel`` (uplink FIFO at bandwidth, latency, loss, partitions);
-  the wire size is the model's raw tensor bytes plus a fixed envelope overhead.
+- ``Send`` goes through ``NetworkModel`` (uplink FIFO at bandwidth, latency, loss, partitions).
+  A model is encoded with the setup's ``codec`` and decoded for the receiver by the functions the
+  daemon's driver uses (``learning.codecs``), so the receiver learns from the quantised model;
+  the wire size is the encoded model plus a fixed envelope overhead (see ``_Codec``).
 - Churn: a leaving node's machine is dropped (its in-flight events die with its session) and its
   neighbours get ``PeerDown`` after ``detect_s``; on rejoin a new machine starts from the node's
   last adopted model, as a daemon restarting from its checkpoint would.
@@ -20,6 +22,7 @@ a purpose string, and ties in time break by insertion order.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pfl.learning.codecs import decode_model, encode_model
 from p2pfl.learning.factory import SetupError, make_learner
 from p2pfl.learning.neighbours import Position, resolve, task_positions, task_range_km
 from p2pfl.learning.ops import Workload
@@ -57,7 +61,8 @@ from p2pfl.sim.scenario import Scenario, ScenarioError, SetupSpec, learner_setup
 from p2pfl.sim.workload import make_workload
 
 ENVELOPE_OVERHEAD = 160
-"""Bytes a signed envelope adds to a body: Ed25519 signature and key, kind, seq, time, framing."""
+"""Bytes a signed envelope adds to a body: Ed25519 signature and key, kind, seq, time, framing
+(the state-dict framing, names and shapes, which is the same for every codec, included)."""
 
 Progress = Callable[[str, float, str], None]
 """progress(setup name, fraction done in [0, 1], status line)."""
@@ -100,12 +105,50 @@ def node_ids(n: int) -> list[str]:
     return [f"n{i:0{width}d}" for i in range(n)]
 
 
-def message_bytes(message: Message[Any], workload: Workload) -> int:
+def feature_message_bytes(message: FeatureRequest | FeatureReply) -> int:
+    """A feature exchange's wire size (models: ``_Codec``)."""
     if isinstance(message, FeatureRequest):
         return ENVELOPE_OVERHEAD + 4 * len(message.sensors)
-    if isinstance(message, FeatureReply):
-        return ENVELOPE_OVERHEAD + 4 * len(message.sensors) + len(message.data)
-    return ENVELOPE_OVERHEAD + workload.nbytes(message.weights)
+    return ENVELOPE_OVERHEAD + 4 * len(message.sensors) + len(message.data)
+
+
+class _Codec:
+    """The setup's codec on every model a node sends: what the receiver gets and the bytes.
+
+    "fp32" is lossless (``decode_model(encode_model(w, "fp32"))`` is ``w`` bit for bit; see
+    tests/sim/test_codec.py), so its models are passed as they are and counted as their raw
+    tensor bytes. Any other codec encodes the model and decodes it for the receiver; the bytes
+    counted are the encoded length less the fp32 encoding's framing of the same model (the names
+    and shapes, which ``ENVELOPE_OVERHEAD`` stands for), so fp32 and the others compare on the
+    same footing. A flat numpy parameter vector (``training.path = "vectorized"``) travels as a
+    one-tensor state_dict.
+    """
+
+    def __init__(self, codec: str, workload: Workload) -> None:
+        self.codec, self.workload = codec, workload
+        self.framing: int | None = None
+        self.last: tuple[Any, Any, int] | None = None  # (weights, as received, payload bytes)
+
+    def carry(self, weights: Any) -> tuple[Any, int]:
+        """(the weights the receiver decodes, the payload bytes sent) for one model."""
+        nbytes = self.workload.nbytes(weights)
+        if self.codec == "fp32":
+            return weights, nbytes
+        if self.last is not None and self.last[0] is weights:  # one model sent to several peers
+            return self.last[1], self.last[2]
+        import numpy as np
+        import torch
+
+        vector = isinstance(weights, np.ndarray)
+        state = {"params": torch.from_numpy(weights)} if vector else weights
+        if self.framing is None:
+            self.framing = len(encode_model(state, "fp32")) - nbytes
+        data = encode_model(state, self.codec)
+        received = decode_model(data)
+        if vector:
+            received = received["params"].numpy()
+        self.last = (weights, received, len(data) - self.framing)
+        return received, len(data) - self.framing
 
 
 class _SetupRun:
@@ -141,6 +184,7 @@ class _SetupRun:
         if setup.protocol != "centralized":
             self.learner = learner_setup(setup, self.stop, self.epochs)
             self.peer_sets = self.resolve_neighbours()
+            self.codec = _Codec(self.learner.codec, workload)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -254,10 +298,21 @@ class _SetupRun:
 
     def send(self, src: _Node, peer: str, message: Message[Any]) -> None:
         dst = self.by_id[peer]
-        size = message_bytes(message, self.workload)
-        if isinstance(message, FeatureReply):
-            src.feature_bytes_sent += len(message.data)
-        elif not isinstance(message, FeatureRequest):
+        if isinstance(message, FeatureRequest | FeatureReply):
+            size = feature_message_bytes(message)
+            if isinstance(message, FeatureReply):
+                src.feature_bytes_sent += len(message.data)
+        else:
+            try:
+                received, payload = self.codec.carry(message.weights)
+            except ValueError:
+                # The codec cannot carry this model (fp16 past 65504, NaN or inf with a lossy
+                # codec): not sent, counted, as the daemon's driver does.
+                src.messages_sent += 1
+                src.messages_lost["unencodable"] += 1
+                return
+            message = dataclasses.replace(message, weights=received)
+            size = ENVELOPE_OVERHEAD + payload
             src.models_sent_to.add(peer)
         src.bytes_sent += size
         src.messages_sent += 1
@@ -504,6 +559,8 @@ class _SetupRun:
                 "nodes_total": len(self.nodes),
                 "evaluated_nodes": len(self.eval_nodes),
                 "model_bytes": self.workload.nbytes(self.workload.initial()),
+                # Only when not the default, so fp32 results stay what they were.
+                **({"codec": self.learner.codec} if self.learner.codec != "fp32" else {}),
             },
         )
 

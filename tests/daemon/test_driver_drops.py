@@ -113,3 +113,18 @@ async def test_a_message_that_makes_the_machine_or_the_decoder_raise_is_a_counte
     frame = seal(sender, kind="gossip.model", body={}, seq=1, now=time.time())
     assert await driver._open(sender.node_id, frame) is None
     assert drops.get("update", "error_RecursionError") == 1
+
+
+async def test_a_model_the_codec_cannot_carry_is_not_sent_and_is_counted() -> None:
+    import torch
+
+    from p2pfl.learning.codecs import encode_model
+    from p2pfl.protocols import GossipModel
+
+    drops = DropLog()
+    driver, _, state = _driver(drops, NodeIdentity.generate())
+    driver.encode_weights = lambda sd: encode_model(sd, "fp16")
+    too_large = {"w": torch.full((3,), 1e6)}  # past fp16's 65504
+    await driver._send("peer", GossipModel(weights=too_large, age=1, samples=10))
+    assert drops.snapshot() == {"link/unencodable": 1}
+    assert state.bytes_out == 0

@@ -68,11 +68,12 @@ def test_each_daemon_reads_back_the_setup_the_virtual_engine_uses(
                 assert daemon_node.neighbour_set(config, ids[index]) == (
                     None if virtual_set is None else {as_daemon_ids[p] for p in virtual_set}
                 ), setup.name
-                assert (got.protocol, got.aggregation, got.budget, got.neighbours) == (
+                assert (got.protocol, got.aggregation, got.budget, got.neighbours, got.codec) == (
                     expected.protocol,
                     expected.aggregation,
                     expected.budget,
                     expected.neighbours,
+                    expected.codec,
                 ), setup.name
                 assert params == dict(expected.params), setup.name
                 checked += 1
