@@ -91,8 +91,8 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
 
         try:
             results = module.run(spec, progress=report)
-        except ScenarioError as exc:  # a setup the engine refuses (the factory names the key)
-            raise click.ClickException(str(exc)) from None
+        except ScenarioError as exc:  # a setup the engine refuses (file:line: key: problem)
+            raise fail(str(exc), EXIT_USAGE) from None
         for task_id in tasks.values():
             progress.update(task_id, completed=1.0)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 import types
 import typing
@@ -23,15 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from p2pfl.learning.codecs import codec_problem
+from p2pfl.learning.setup import DAEMON_PLACES, LearningSetup, from_daemon
+from p2pfl.tomlkeys import locate
 
 EXIT_CONFIG = 2
 """Exit status for a configuration the daemon cannot run with (systemd: do not restart)."""
 
 TrustModeName = Literal["federation", "allowlist", "open"]
-ProtocolName = Literal["gossip", "server-free", "fedavg"]
-AggregationName = Literal["mean", "median", "trimmed_mean", "clip", "krum", "multikrum"]
-NeighboursName = Literal["all", "topology", "range"]
 PartitionName = Literal["iid", "dirichlet"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["logfmt", "json"]
@@ -84,29 +81,53 @@ class DiscoverySection:
     path_mtu: int = 1500
 
 
+def _default_setup() -> LearningSetup:
+    return LearningSetup.model_validate({"protocol": "gossip"})
+
+
 @dataclass(frozen=True, slots=True)
 class ProtocolSection:
-    name: ProtocolName = "gossip"
-    aggregation: AggregationName | None = None  # None: the protocol's robust default
-    codec: str = "fp32"
-    """How every model this daemon sends is encoded (``p2pfl.learning.codecs``: "fp32", "fp16",
-    "bf16", "int8"); checked by the setup's rules, as a scenario's [[setup]] codec is."""
+    """[protocol]: the learning setup (``p2pfl.learning.setup``: protocol ``name``, aggregation,
+    codec, neighbours, range_km, max_norm; the protocol's and the rule's parameters under
+    [protocol.params]; the budget is [task] epochs) and the daemon's own keys below."""
+
+    setup: LearningSetup = field(default_factory=_default_setup)
     seed: int = 0
     start_peers: int = 0
     """Start learning once this many peers are connected (or ``start_timeout_s`` passed), for
     every protocol: FedAvg then elects the smallest id among all of them rather than among the
     first to connect, and server-free does not close its first rounds alone."""
     start_timeout_s: float = 30.0
-    neighbours: NeighboursName = "all"
-    """Server-free: exchange with "all" live peers, the node ids in ``neighbour_ids``
-    ("topology"), or the peers within ``range_km`` of [node] position ("range")."""
-    range_km: float | None = None
     neighbour_ids: tuple[str, ...] = ()
+    """For neighbours = "topology": the node ids this node exchanges with."""
     positions: dict[str, tuple[float, ...]] = field(default_factory=dict)
     """Node id -> [lat, lon] of the other members, for neighbours = "range". Configuration, not
     claims from the network: a peer cannot move itself into range, and a peer not listed here is
     never in range."""
-    params: dict[str, ParamValue] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.setup.protocol
+
+    @property
+    def aggregation(self) -> str | None:
+        return self.setup.aggregation
+
+    @property
+    def codec(self) -> str:
+        return self.setup.codec
+
+    @property
+    def neighbours(self) -> str:
+        return self.setup.neighbours
+
+    @property
+    def range_km(self) -> float | None:
+        return self.setup.range_km
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.setup.params()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +139,6 @@ class TaskSection:
     node_index: int = 0
     n_nodes: int = 1
     seed: int = 0
-    epochs: float = 1.0
     lr: float | None = None
     batch_size: int | None = None
     node_ids: tuple[str, ...] = ()
@@ -137,7 +157,6 @@ class ExecutorSection:
 @dataclass(frozen=True, slots=True)
 class LimitsSection:
     max_message_mb: float = 64.0
-    max_peers: int = 32
     peer_timeout_s: float = 8.0
     transfer_timeout_s: float = 30.0
     stop_timeout_s: float = 20.0
@@ -226,15 +245,12 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "task.alpha": (lambda v: v > 0, "a number > 0"),
     "task.n_nodes": (lambda v: v >= 1, "an integer >= 1"),
     "task.node_index": (lambda v: v >= 0, "an integer >= 0"),
-    "task.epochs": (lambda v: v > 0, "a number > 0"),
     "task.lr": (lambda v: v > 0, "a number > 0"),
     "task.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "protocol.start_peers": (lambda v: v >= 0, "an integer >= 0"),
     "protocol.start_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
-    "protocol.range_km": (lambda v: v > 0, "a distance in km > 0"),
     "executor.threads": (lambda v: v >= 1, "an integer >= 1"),
     "limits.max_message_mb": (lambda v: v > 0, "a number > 0"),
-    "limits.max_peers": (lambda v: v >= 1, "an integer >= 1"),
     "limits.peer_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "limits.transfer_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "limits.stop_timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
@@ -299,7 +315,12 @@ def parse_config(text: str, path: Path) -> Config:
             raise source.error(name, f"unknown table; known tables: {', '.join(_SECTIONS)}")
         if not isinstance(value, dict):
             raise source.error(name, f"must be a table ([{name}]), not a {_toml_type(value)}")
-        sections[name] = _build_section(section_type, value, name, source, base)
+    setup = _read_setup(raw, source)
+    for name, value in raw.items():
+        sections[name] = _build_section(_SECTIONS[name], value, name, source, base)
+    sections["protocol"] = dataclasses.replace(
+        sections.get("protocol", ProtocolSection()), setup=setup
+    )
     config = Config(**sections, source=source)
     _check_cross_fields(config)
     return config
@@ -310,17 +331,46 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+_NOT_APPLIED = {
+    "limits.max_peers": "not applied yet: peer sampling is not implemented; remove the key",
+}
+"""Keys a configuration may still carry that nothing reads: refused, never silently ignored."""
+
+
+def _read_setup(raw: dict[str, Any], source: ConfigSource) -> LearningSetup:
+    """The learning setup from its keys in [protocol], [protocol.params] and [task] (which are
+    taken out of ``raw``: the sections keep only their own keys), by the setup's validator."""
+    tables = {name: raw.get(name, {}) for name in ("protocol", "task")}
+    params = tables["protocol"].pop("params", {})
+    if not isinstance(params, dict):
+        raise source.error("protocol.params", f"must be a table, not a {_toml_type(params)}")
+    taken: dict[str, dict[str, Any]] = {"protocol": {}, "task": {}}
+    for place in DAEMON_PLACES.values():
+        table, _, name = place.rpartition(".")
+        if table in taken and name in tables[table]:
+            taken[table][name] = tables[table].pop(name)
+    setup, key, problem = from_daemon(taken["protocol"], params, taken["task"])
+    if setup is None:
+        raise source.error(key, problem)
+    return setup
+
+
 def _build_section(
     cls: type, raw: dict[str, Any], table: str, source: ConfigSource, base: Path
 ) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} - {"setup"}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         key_path = f"{table}.{key}"
+        if key_path in _NOT_APPLIED:
+            raise source.error(key_path, _NOT_APPLIED[key_path])
         if key not in known:
+            keys = known | {
+                p.rpartition(".")[2] for p in DAEMON_PLACES.values() if p.startswith(f"{table}.")
+            }
             raise source.error(
-                key_path, f"unknown key; keys of [{table}]: {', '.join(sorted(known))}"
+                key_path, f"unknown key; keys of [{table}]: {', '.join(sorted(keys))}"
             )
         try:
             values[key] = _convert(hints[key], value, base)
@@ -436,8 +486,6 @@ def _check_cross_fields(config: Config) -> None:
                 f'"{peer}" is not host:port (for example "192.0.2.10:7070" or "[2001:db8::1]:70")',
             )
     _check_neighbours(config)
-    if (problem := codec_problem(config.protocol.codec)) is not None:
-        raise config.error("protocol.codec", problem)
     if config.task.node_ids and len(config.task.node_ids) != config.task.n_nodes:
         raise config.error(
             "task.node_ids",
@@ -466,12 +514,6 @@ def _check_neighbours(config: Config) -> None:
     for node_id, position in proto.positions.items():
         if problem := _position_problem(position):
             raise config.error(f"protocol.positions.{node_id}", problem)
-    if proto.neighbours != "all" and proto.name != "server-free":
-        raise config.error(
-            "protocol.neighbours",
-            f'only server-free exchanges with a chosen set of peers; {proto.name} needs "all" '
-            "(remove the key)",
-        )
     if proto.neighbours == "range":
         if not config.node.position:
             raise config.error(
@@ -499,41 +541,3 @@ def _check_neighbours(config: Config) -> None:
 
 def _is_hex_key(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY_PART = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
-_KEY = re.compile(rf"^\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*=")
-
-
-def _split_key(dotted: str) -> list[str]:
-    parts = re.findall(_KEY_PART, dotted)
-    return [p[1:-1] if p[:1] in "\"'" else p for p in parts]
-
-
-def locate(text: str, key_path: list[str]) -> int | None:
-    """The 1-based line in ``text`` where ``key_path`` is defined, or None if it cannot be found.
-
-    Tries the longest match first: the key itself (under its table header, or dotted under a parent
-    table, or dotted at top level); failing that, the closest enclosing table or key.
-    """
-    for depth in range(len(key_path), 0, -1):
-        line = _locate_exact(text, key_path[:depth])
-        if line is not None:
-            return line
-    return None
-
-
-def _locate_exact(text: str, path: list[str]) -> int | None:
-    table: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(line)
-        if header:
-            table = _split_key(header.group(2))
-            if table == path:
-                return number
-            continue
-        key = _KEY.match(line)
-        if key and table + _split_key(key.group(1)) == path:
-            return number
-    return None

@@ -47,7 +47,7 @@ from p2pfl.identity import KEY_FILE, IdentityError, NodeIdentity
 from p2pfl.trust import CERTIFICATE_FILE, TrustError, TrustPolicy
 
 if TYPE_CHECKING:
-    from p2pfl.learning.factory import LearnerSetup
+    from p2pfl.learning.setup import LearningSetup
 
 log = logging.getLogger(__name__)
 
@@ -308,19 +308,10 @@ def neighbour_set(config: Config, node_id: str) -> frozenset[str] | None:
         raise config.error("protocol.neighbours", str(exc)) from None
 
 
-def learner_setup(config: Config) -> LearnerSetup:
+def learner_setup(config: Config) -> LearningSetup:
     """The setup description the configuration gives the factory (a scenario's [[setup]] gives
-    the same one: ``p2pfl.sim.scenario.learner_setup``)."""
-    from p2pfl.learning.factory import LearnerSetup
-
-    return LearnerSetup(
-        protocol=config.protocol.name,
-        aggregation=config.protocol.aggregation,
-        budget=config.task.epochs,
-        params=config.protocol.params,
-        neighbours=config.protocol.neighbours,
-        codec=config.protocol.codec,
-    )
+    the same one: ``p2pfl.sim.scenario.SetupSpec.learning``), checked when it was loaded."""
+    return config.protocol.setup
 
 
 def build_machine(

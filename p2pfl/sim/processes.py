@@ -37,10 +37,11 @@ from p2pfl.daemon.control import ControlError, NodeStatus, fetch_status
 from p2pfl.files import atomic_write
 from p2pfl.identity import NodeIdentity
 from p2pfl.learning.neighbours import task_positions, task_range_km
+from p2pfl.learning.setup import LearningSetup, daemon_tables, parse_setup, setup_values
 from p2pfl.sim.netns import BridgedNetwork
 from p2pfl.sim.network import build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec, learner_setup
+from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
 __all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
@@ -65,6 +66,9 @@ class ClusterSpec:
     aggregation: str | None = "mean"  # None: the protocol's robust default
     codec: str = "fp32"
     params: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    setup: LearningSetup | None = None
+    """The learning setup every daemon runs (a scenario's ``SetupSpec.learning``); None: the one
+    that ``protocol``, ``aggregation``, ``codec``, ``params`` and ``epochs`` describe."""
     mdns: bool = True
     static_peers: bool = False
     """Also give every node the others' signaling addresses (fixed ports) as static peers."""
@@ -89,6 +93,21 @@ class ClusterSpec:
     """(lat, lon) of each node by index, for neighbours = "range"."""
     links: tuple[tuple[int, ...], ...] = ()
     """Each node's links by index, for neighbours = "topology"."""
+
+    def learning(self) -> LearningSetup:
+        """The setup written into every daemon's configuration (see ``setup``)."""
+        if self.setup is not None:
+            return self.setup
+        return parse_setup(
+            {
+                "protocol": self.protocol,
+                **({"aggregation": self.aggregation} if self.aggregation is not None else {}),
+                "codec": self.codec,
+                "epochs": float(self.epochs),
+                **({"neighbours": self.neighbours} if self.neighbours != "all" else {}),
+                **self.params,
+            }
+        )
 
 
 def _toml_value(value: object) -> str:
@@ -189,6 +208,7 @@ class DaemonCluster:
 
     def _config(self, node: DaemonNode) -> str:
         spec = self.spec
+        setup = daemon_tables(self._setup())
         static = [
             f"{other.address}:{other.signaling_port}"
             for other in self.nodes
@@ -211,22 +231,20 @@ class DaemonCluster:
                 "static_peers": static,
             },
             "protocol": {
-                "name": spec.protocol,
-                **({"aggregation": spec.aggregation} if spec.aggregation is not None else {}),
-                "codec": spec.codec,
+                **setup["protocol"],
                 "seed": spec.seed,
                 "start_peers": spec.start_peers,
                 "start_timeout_s": spec.start_timeout_s,
             },
-            "protocol.params": self._params(),
+            "protocol.params": setup["protocol.params"],
             "task": {
+                **setup["task"],
                 "name": spec.task,
                 "partition": spec.partition,
                 "alpha": spec.alpha,
                 "node_index": node.index,
                 "n_nodes": spec.n_nodes,
                 "seed": spec.seed,
-                "epochs": spec.epochs,
                 "node_ids": [n.identity.node_id for n in self.nodes]
                 if spec.exchange_features
                 else [],
@@ -248,21 +266,25 @@ class DaemonCluster:
         if spec.neighbours == "all":
             return
         ids = [n.identity.node_id for n in self.nodes]
-        tables["protocol"]["neighbours"] = spec.neighbours
         if spec.neighbours == "topology":
             tables["protocol"]["neighbour_ids"] = [ids[j] for j in spec.links[node.index]]
             return
         tables["node"]["position"] = list(spec.positions[node.index])
-        tables["protocol"]["range_km"] = spec.range_km
         tables["protocol.positions"] = {
             ids[i]: list(p) for i, p in enumerate(spec.positions) if i != node.index
         }
 
-    def _params(self) -> dict[str, object]:
-        params: dict[str, object] = dict(self.spec.params)
+    def _setup(self) -> LearningSetup:
+        """The cluster's setup with what only the cluster knows: FedAvg's aggregator as that
+        daemon's node id, and the range the scenario's task gives (``ClusterSpec.range_km``)."""
+        values = setup_values(self.spec.learning())
         if self.spec.aggregator_index is not None:
-            params["aggregator"] = self.nodes[self.spec.aggregator_index].identity.node_id
-        return params
+            values["aggregator"] = self.nodes[self.spec.aggregator_index].identity.node_id
+        else:
+            values.pop("aggregator", None)
+        if values.get("neighbours") == "range":
+            values["range_km"] = self.spec.range_km
+        return parse_setup(values)
 
     # ---- processes ---------------------------------------------------------------------------
 
@@ -409,9 +431,8 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
     hands the factory (``scenario.learner_setup``), which each daemon reads back from its
     configuration (``daemon.node.learner_setup``), and the same neighbour sets
     (``learning.neighbours``); ``task`` gives node positions for neighbours = "range"."""
-    learner = learner_setup(setup, setup.stop or scenario.stop, scenario.training.epochs)
-    params = dict(learner.params)
-    params.pop("aggregator", None)  # a virtual node name: written as the daemon's id below
+    learner = setup.learning
+    assert learner is not None  # centralized runs in this process
     n = scenario.task.nodes
     positions: tuple[tuple[float, float], ...] = ()
     range_km = setup.range_km
@@ -439,15 +460,11 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
         partition=scenario.task.partition,
         alpha=scenario.task.alpha,
         seed=scenario.seed,
-        epochs=learner.budget,
         lr=scenario.task.lr,
         batch_size=scenario.task.batch_size,
         task_options=dict(scenario.task.options),
         exchange_features=scenario.task.name.startswith("traffic-"),
-        protocol=learner.protocol,
-        aggregation=learner.aggregation,
-        codec=learner.codec,
-        params=params,
+        setup=learner,
         # Churn restarts daemons from their checkpoints: keep those recent.
         checkpoint_interval_s=5.0 if scenario.churn.fraction > 0 else 30.0,
         aggregator_index=_aggregator_index(setup, scenario.task.nodes),
@@ -611,6 +628,8 @@ def _run_setup(
                     network.impair(i, delay_ms=net.latency_ms, loss_pct=net.loss * 100)
             else:
                 not_applied.append("network.latency_ms/loss (no tc netem in this kernel)")
+        if not_applied:  # said on screen, not only in results.json
+            print(f"{setup.name}: not applied: {'; '.join(not_applied)}", flush=True)
         churner = _Churner(cluster, network, churn_schedule(scenario))
         cluster.start_all()
         for node in cluster.nodes:
@@ -860,6 +879,10 @@ def _run_centralized(
     epochs = setup.epochs if setup.epochs is not None else scenario.training.epochs
     weights = workload.initial()
     history: list[dict[str, float]] = []
+    training = scenario.training
+    # The same schedule and optimizer state as the virtual engine's baseline: the schedule by
+    # the share of planned trainings (stop.rounds), else of the run's (here: wall) time.
+    state: dict[str, Any] | None = {} if training.keep_optimizer else None
     started = time.perf_counter()
     rounds = 0
     while True:
@@ -870,7 +893,10 @@ def _run_centralized(
             progress(setup.name, min(1.0, elapsed / stop.time), f"epoch {rounds}")
         if elapsed >= stop.time or (stop.rounds is not None and rounds >= stop.rounds):
             break
-        weights, _ = workload.train(None, weights, epochs)
+        done = (rounds + 0.5) / stop.rounds if stop.rounds is not None else elapsed / stop.time
+        weights, _ = workload.train(
+            None, weights, epochs, lr_scale=training.lr_scale(done), optimizer_state=state
+        )
         rounds += 1
     final = {k: v for k, v in history[-1].items() if k not in ("time", "round", "bytes_sent")}
     curve = [{**{k: v for k, v in h.items() if k != "bytes_sent"}, "bytes": 0.0} for h in history]

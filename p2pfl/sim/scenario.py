@@ -15,15 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pfl.learning.factory import LearnerSetup, SetupError, check_setup
-from p2pfl.learning.neighbours import NEIGHBOURS
+from p2pfl.learning.setup import SETUP_KEYS, LearningSetup, SetupError, parse_setup
+from p2pfl.tomlkeys import where
 
 PROTOCOLS = ("centralized", "fedavg", "server-free", "gossip")
 TRAINING_PATHS = ("task", "vectorized")
 
 
 class ScenarioError(ValueError):
-    """A scenario file is wrong; the message names the file, the key and what to do."""
+    """A scenario file is wrong; the message names the file, the line, the key and what to do:
+    ``file:line: dotted.key: what is wrong; what to do``."""
+
+
+def scenario_error(source: str, text: str | None, key: str, problem: str) -> ScenarioError:
+    """The error for ``key`` (``setup[1].period``) of the scenario read from ``text``."""
+    return ScenarioError(f"{where(source, text, key)}: {key}: {problem}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,25 +106,46 @@ class StopSpec:
 
 @dataclass(frozen=True, slots=True)
 class SetupSpec:
+    """One ``[[setup]]``: its name, its own stop condition, and the learning setup it describes
+    (``learning``: the one description the daemon reads too; None for "centralized")."""
+
     name: str
     protocol: str
-    aggregation: str = "mean"
+    learning: LearningSetup | None = None
     epochs: float | None = None
-    period: float = 5.0
-    jitter: float = 0.1
-    staleness_window: int = 10
-    round_timeout: float = 10.0
-    max_ahead: int = 2
-    aggregator: str | None = None
-    neighbours: str = "all"
-    """Server-free: "all" live peers, "topology" (the scenario topology's links) or "range"
-    (the nodes within ``range_km`` of each other; positions: a graph task's cloudlets)."""
-    range_km: float | None = None
-    """For neighbours = "range"; None: the task's own communication range (graph tasks)."""
-    codec: str = "fp32"
-    """How every model a node sends is encoded and decoded (``learning.codecs``): "fp32",
-    "fp16", "bf16" or "int8"; the bytes counted are the encoded ones."""
+    """The setup's own ``epochs`` key (None: [training] epochs); ``learning.epochs`` is the
+    budget in effect."""
     stop: StopSpec | None = None
+
+    @property
+    def aggregation(self) -> str:
+        return self.learning.rule if self.learning is not None else "-"
+
+    @property
+    def neighbours(self) -> str:
+        return self.learning.neighbours if self.learning is not None else "all"
+
+    @property
+    def range_km(self) -> float | None:
+        return self.learning.range_km if self.learning is not None else None
+
+    @property
+    def codec(self) -> str:
+        return self.learning.codec if self.learning is not None else "fp32"
+
+    @property
+    def aggregator(self) -> str | None:
+        return self.learning.aggregator if self.learning is not None else None
+
+
+SCENARIO_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gossip": {"aggregation": "mean", "period": 5.0},
+    "server-free": {"aggregation": "mean"},
+    "fedavg": {"aggregation": "mean"},
+}
+"""Where a scenario's defaults differ from the protocol's (a daemon's): the plain mean, so the
+rules are compared only when asked for, and a 5 s gossip period. The processes engine writes
+them into each daemon's configuration like every other key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,17 +161,21 @@ class Scenario:
     source: str = "<memory>"
     description: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
+    text: str | None = field(default=None, repr=False, compare=False)
+    """The file's text, for the lines of errors found after parsing."""
 
 
 class _Reader:
     """Typed access to one TOML table that remembers which keys were used."""
 
-    def __init__(self, source: str, table: Mapping[str, Any], prefix: str) -> None:
-        self.source, self.table, self.prefix = source, table, prefix
+    def __init__(
+        self, source: str, table: Mapping[str, Any], prefix: str, text: str | None = None
+    ) -> None:
+        self.source, self.table, self.prefix, self.text = source, table, prefix, text
         self.used: set[str] = set()
 
     def error(self, key: str, problem: str) -> ScenarioError:
-        return ScenarioError(f"{self.source}: key '{self.prefix}{key}': {problem}")
+        return scenario_error(self.source, self.text, f"{self.prefix}{key}", problem)
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
         self.used.add(key)
@@ -199,8 +230,8 @@ class _Reader:
             raise self.error(unknown[0], "unknown key (a typo?); see simulations/README.md")
 
 
-def _stop(source: str, table: Mapping[str, Any], prefix: str) -> StopSpec:
-    r = _Reader(source, table, prefix)
+def _stop(source: str, text: str | None, table: Mapping[str, Any], prefix: str) -> StopSpec:
+    r = _Reader(source, table, prefix, text)
     stop = StopSpec(
         time=r.number("time", low=0.0),
         rounds=r.integer("rounds", None, low=1),
@@ -210,88 +241,67 @@ def _stop(source: str, table: Mapping[str, Any], prefix: str) -> StopSpec:
     return stop
 
 
-def _setup(source: str, table: Any, index: int, default_timeout: float) -> SetupSpec:
+def _setup(
+    source: str, text: str | None, table: Any, index: int, training: TrainingSpec, stop: StopSpec
+) -> SetupSpec:
+    """One [[setup]]: name, stop and protocol are the scenario's; every other key is the
+    learning setup's, checked by its one validator (``p2pfl.learning.setup``)."""
     prefix = f"setup[{index}]."
     if not isinstance(table, dict):
-        raise ScenarioError(f"{source}: key 'setup[{index}]': must be a table")
-    r = _Reader(source, table, prefix)
-    spec = SetupSpec(
-        name=r.get("name", str),
-        protocol=r.choice("protocol", PROTOCOLS),
-        aggregation=r.get("aggregation", str, "mean"),
-        epochs=r.number("epochs", None, low=0.0),
-        period=r.number("period", 5.0, low=1e-6),
-        jitter=r.number("jitter", 0.1, low=0.0, high=1.0, open_high=True),
-        staleness_window=r.integer("staleness_window", 10),
-        round_timeout=r.number("round_timeout", default_timeout, low=1e-6),
-        max_ahead=r.integer("max_ahead", 2),
-        aggregator=r.get("aggregator", str, None),
-        neighbours=_neighbours(r),
-        range_km=r.number("range_km", None, low=1e-9),
-        codec=r.get("codec", str, "fp32"),
-        stop=_stop(source, r.table_of("stop"), prefix + "stop.") if "stop" in table else None,
+        raise scenario_error(source, text, f"setup[{index}]", "must be a table")
+    r = _Reader(source, table, prefix, text)
+    name = r.get("name", str)
+    protocol = r.choice("protocol", PROTOCOLS)
+    own_stop = (
+        _stop(source, text, r.table_of("stop"), prefix + "stop.") if "stop" in table else None
     )
-    r.done()
-    if spec.range_km is not None and spec.neighbours != "range":
-        raise r.error("range_km", 'applies only with neighbours = "range"; remove it')
-    if spec.protocol == "centralized" and "codec" in table:
-        raise r.error("codec", "centralized training sends no models; remove the key")
-    if spec.protocol != "centralized":
-        try:
-            check_setup(learner_setup(spec, StopSpec(time=math.inf)))
-        except SetupError as exc:
-            raise r.error(exc.key.removeprefix("params."), exc.problem) from None
-    return spec
-
-
-def _neighbours(r: _Reader) -> str:
+    epochs = r.number("epochs", None, low=1e-9)
     if r.table.get("neighbours") == "task":
         raise r.error(
             "neighbours",
             '"task" is now called "range" (the nodes within range_km of each other; a graph '
             'task\'s cloudlets by default within its own range); write neighbours = "range"',
         )
-    return str(r.choice("neighbours", NEIGHBOURS, "all"))
+    if "max_rounds" in table:
+        raise r.error("max_rounds", "a scenario sets it with stop.rounds; write that instead")
+    keys = {k: v for k, v in table.items() if k not in ("name", "protocol", "stop", "epochs")}
+    if protocol == "centralized":
+        for key in sorted(keys):
+            what = "sends no models" if key == "codec" else "has no such setting"
+            if key in SETUP_KEYS:
+                raise r.error(key, f"centralized training {what}; remove the key")
+        r.done()
+        return SetupSpec(name=name, protocol=protocol, epochs=epochs, stop=own_stop)
+    r.used.update(keys)
+    r.done()
+    if "protocol" in keys:
+        raise r.error("protocol", "is given once")
+    rounds = (own_stop or stop).rounds
+    values = {
+        **SCENARIO_DEFAULTS[protocol],
+        **keys,
+        "protocol": protocol,
+        "epochs": epochs if epochs is not None else training.epochs,
+        **({"max_rounds": rounds} if rounds is not None else {}),
+    }
+    try:
+        learning = parse_setup(values)
+    except SetupError as exc:
+        raise r.error(exc.key, exc.problem) from None
+    return SetupSpec(name=name, protocol=protocol, learning=learning, epochs=epochs, stop=own_stop)
 
 
-def protocol_params(setup: SetupSpec, stop: StopSpec) -> dict[str, str | int | float | bool]:
-    """The setup's keys that are parameters of its protocol (those of ``learning.factory``)."""
-    params: dict[str, str | int | float | bool] = {}
-    if setup.protocol == "gossip":
-        params.update(
-            period=setup.period, jitter=setup.jitter, staleness_window=setup.staleness_window
-        )
-    elif setup.protocol == "server-free":
-        params.update(round_timeout=setup.round_timeout, max_ahead=setup.max_ahead)
-    elif setup.protocol == "fedavg":
-        params.update(round_timeout=setup.round_timeout)
-        if setup.aggregator is not None:
-            params["aggregator"] = setup.aggregator
-    if stop.rounds is not None:
-        params["max_rounds"] = stop.rounds
-    return params
-
-
-def learner_setup(setup: SetupSpec, stop: StopSpec, default_epochs: float = 1.0) -> LearnerSetup:
-    """The learner this ``[[setup]]`` describes, for ``learning.factory.make_learner``."""
-    return LearnerSetup(
-        protocol=setup.protocol,
-        aggregation=setup.aggregation,
-        budget=setup.epochs or default_epochs,
-        params=protocol_params(setup, stop),
-        neighbours=setup.neighbours,
-        codec=setup.codec,
-    )
-
-
-def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenario:
-    """Check and convert a parsed TOML document; raises ``ScenarioError`` naming the key."""
-    top = _Reader(source, data, "")
+def parse_scenario(
+    data: Mapping[str, Any], source: str = "<memory>", text: str | None = None
+) -> Scenario:
+    """Check and convert a parsed TOML document; raises ``ScenarioError`` naming the key (and
+    its line, given the document's ``text``)."""
+    top = _Reader(source, data, "", text)
     name = top.get("name", str)
     seed = top.integer("seed", 0)
     description = top.get("description", str, "")
 
-    t = _Reader(source, top.get("task", dict), "task.")
+    t = _Reader(source, top.get("task", dict), "task.", text)
     task = TaskSpec(
         name=t.get("name", str),
         nodes=t.integer("nodes", low=1),
@@ -303,7 +313,7 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     )
     t.done()
 
-    tr = _Reader(source, top.table_of("training"), "training.")
+    tr = _Reader(source, top.table_of("training"), "training.", text)
     training = TrainingSpec(
         epochs=tr.number("epochs", 1.0, low=1e-9),
         samples_per_s=tr.number("samples_per_s", 2000.0, low=1e-9),
@@ -317,12 +327,12 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     )
     tr.done()
 
-    n = _Reader(source, top.table_of("network"), "network.")
+    n = _Reader(source, top.table_of("network"), "network.", text)
     partitions = []
     for i, p in enumerate(n.get("partitions", list, [])):
         if not isinstance(p, dict):
             raise n.error(f"partitions[{i}]", "must be a table with start, end, groups")
-        pr = _Reader(source, p, f"network.partitions[{i}].")
+        pr = _Reader(source, p, f"network.partitions[{i}].", text)
         spec = PartitionSpec(
             pr.number("start", low=0.0), pr.number("end", low=0.0), pr.integer("groups", 2, low=2)
         )
@@ -341,7 +351,7 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     )
     n.done()
 
-    c = _Reader(source, top.table_of("churn"), "churn.")
+    c = _Reader(source, top.table_of("churn"), "churn.", text)
     churn = ChurnSpec(
         fraction=c.number("fraction", 0.0, low=0.0, high=1.0),
         start=c.number("start", 0.0, low=0.0),
@@ -352,15 +362,17 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         raise c.error("end", f"must not be before churn.start ({churn.start})")
     c.done()
 
-    stop = _stop(source, top.get("stop", dict), "stop.")
+    stop = _stop(source, text, top.get("stop", dict), "stop.")
     raw_setups = top.get("setup", list)
     if not raw_setups:
         raise top.error("setup", "needs at least one [[setup]] table")
-    setups = tuple(_setup(source, s, i, 10.0) for i, s in enumerate(raw_setups))
+    setups = tuple(_setup(source, text, s, i, training, stop) for i, s in enumerate(raw_setups))
     names = [s.name for s in setups]
     for i, s in enumerate(names):
         if s in names[:i]:
-            raise ScenarioError(f"{source}: key 'setup[{i}].name': {s!r} is used twice")
+            raise scenario_error(
+                source, text, f"setup[{i}].name", f"{s!r} is used twice; names must differ"
+            )
     top.done()
     return Scenario(
         name=name,
@@ -374,6 +386,7 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         source=source,
         description=description,
         raw=data,
+        text=text,
     )
 
 
@@ -387,4 +400,4 @@ def load_scenario(path: Path) -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_scenario(data, str(path))
+    return parse_scenario(data, str(path), text)

@@ -25,7 +25,7 @@ import torch
 
 from p2pfl.learning.ops import StateDictOps, load_scenario_task
 from p2pfl.protocols import FeaturePlan
-from p2pfl.sim.scenario import Scenario, ScenarioError
+from p2pfl.sim.scenario import Scenario, scenario_error
 
 Vector = np.ndarray
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
@@ -70,9 +70,12 @@ class VectorizedLogReg:
     def __init__(self, scenario: Scenario) -> None:
         spec = scenario.task
         if spec.name != "digits-logreg":
-            raise ScenarioError(
-                f"{scenario.source}: key 'training.path': \"vectorized\" trains only the "
-                f'digits-logreg task, not {spec.name!r}; use path = "task"'
+            raise scenario_error(
+                scenario.source,
+                scenario.text,
+                "training.path",
+                f'"vectorized" trains only the digits-logreg task, not {spec.name!r}; '
+                'use path = "task"',
             )
         torch.set_num_threads(1)
         self.task = load_scenario_task(scenario)

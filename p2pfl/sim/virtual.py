@@ -57,7 +57,7 @@ from p2pfl.protocols import (
 )
 from p2pfl.sim.network import NetworkModel, build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import Scenario, ScenarioError, SetupSpec, learner_setup
+from p2pfl.sim.scenario import Scenario, ScenarioError, SetupSpec, scenario_error
 from p2pfl.sim.workload import make_workload
 
 ENVELOPE_OVERHEAD = 160
@@ -181,8 +181,8 @@ class _SetupRun:
         k = scenario.training.eval_nodes
         self.eval_nodes = sorted(eval_rng.sample(range(n), k)) if 0 < k < n else list(range(n))
         self.curve: list[dict[str, float]] = []
-        if setup.protocol != "centralized":
-            self.learner = learner_setup(setup, self.stop, self.epochs)
+        if setup.learning is not None:
+            self.learner = setup.learning
             self.peer_sets = self.resolve_neighbours()
             self.codec = _Codec(self.learner.codec, workload)
 
@@ -206,11 +206,12 @@ class _SetupRun:
                 rounds_done=node.rounds_before,
             )
         except SetupError as exc:
-            raise self.error(exc.key.removeprefix("params."), exc.problem) from None
+            raise self.error(exc.key, exc.problem) from None
 
     def error(self, key: str, problem: str) -> ScenarioError:
-        return ScenarioError(
-            f"{self.scenario.source}: setup {self.setup.name!r}: key '{key}': {problem}"
+        index = self.scenario.setups.index(self.setup)
+        return scenario_error(
+            self.scenario.source, self.scenario.text, f"setup[{index}].{key}", problem
         )
 
     def resolve_neighbours(self) -> list[frozenset[str] | None]:

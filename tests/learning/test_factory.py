@@ -1,4 +1,4 @@
-"""The factory: one setup description -> a learner, with the problems named by key."""
+"""The setup description and the factory: one description -> a learner, problems named by key."""
 
 from __future__ import annotations
 
@@ -9,64 +9,89 @@ import pytest
 
 from p2pfl.daemon.config import ConfigError, load_config
 from p2pfl.daemon.node import build_machine
-from p2pfl.learning.factory import LearnerSetup, SetupError, check_setup, make_learner, parameters
+from p2pfl.learning.factory import LearningSetup, SetupError, make_learner, parameters
 from p2pfl.learning.ops import StateDictOps
+from p2pfl.learning.setup import parse_setup
 from p2pfl.protocols import FedAvgLearner, GossipLearner, ServerFreeLearner, Start, Train
 
 WEIGHTS: dict[str, object] = {}
 
 
-def _make(setup: LearnerSetup, **kwargs: object) -> object:
+def _make(setup: LearningSetup, **kwargs: object) -> object:
     return make_learner(setup, "a", WEIGHTS, StateDictOps(), random.Random(0), **kwargs)  # type: ignore[arg-type]
 
 
 def test_each_protocol_gets_its_learner_with_the_setups_parameters() -> None:
-    gossip = _make(LearnerSetup("gossip", budget=0.5, params={"period": 2.0}))
+    gossip = _make(parse_setup({"protocol": "gossip", "epochs": 0.5, "period": 2.0}))
     assert isinstance(gossip, GossipLearner)
     assert (gossip.config.period, gossip.config.budget) == (2.0, 0.5)
-    server_free = _make(LearnerSetup("server-free", neighbours="range"), neighbours={"b", "c"})
+    server_free = _make(
+        parse_setup({"protocol": "server-free", "neighbours": "range"}), neighbours={"b", "c"}
+    )
     assert isinstance(server_free, ServerFreeLearner)
     assert server_free.neighbours == {"b", "c"}
-    fedavg = _make(LearnerSetup("fedavg", aggregation="median", params={"aggregator": "z"}))
+    fedavg = _make(parse_setup({"protocol": "fedavg", "aggregation": "median", "aggregator": "z"}))
     assert isinstance(fedavg, FedAvgLearner)
     assert (fedavg.config.aggregation, fedavg.config.aggregator) == ("median", "z")
 
 
 def test_a_rejoining_gossip_node_does_only_its_remaining_trainings() -> None:
-    setup = LearnerSetup("gossip", params={"max_rounds": 10})
+    setup = parse_setup({"protocol": "gossip", "max_rounds": 10})
     assert _make(setup, rounds_done=4).config.max_rounds == 6  # type: ignore[attr-defined]
     assert _make(setup, rounds_done=12).config.max_rounds == 1  # type: ignore[attr-defined]
-    rounds_based = LearnerSetup("server-free", params={"max_rounds": 10})
+    rounds_based = parse_setup({"protocol": "server-free", "max_rounds": 10})
     assert _make(rounds_based, rounds_done=4).config.max_rounds == 10  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
-    ("setup", "key", "says"),
+    ("values", "key", "says"),
     [
-        (LearnerSetup("gossip", params={"round_timeout": 3.0}), "params.round_timeout", "period"),
-        (LearnerSetup("krum"), "protocol", "known: gossip, server-free, fedavg"),
-        (LearnerSetup("gossip", neighbours="range"), "neighbours", "only server-free"),
-        (LearnerSetup("server-free", neighbours="task"), "neighbours", "all, topology, range"),
-        (LearnerSetup("fedavg", aggregation="bulyan"), "aggregation", "'bulyan'"),
-        (LearnerSetup("gossip", params={"max_rounds": 0}), "params", "at least 1"),
+        ({"protocol": "gossip", "round_timeout": 3.0}, "round_timeout", "gossip does not read"),
+        ({"protocol": "krum"}, "protocol", '"gossip", "server-free", "fedavg"'),
+        ({"protocol": "gossip", "neighbours": "range"}, "neighbours", "only server-free"),
+        ({"protocol": "server-free", "neighbours": "task"}, "neighbours", '"all", "topology"'),
+        ({"protocol": "fedavg", "aggregation": "bulyan"}, "aggregation", "'bulyan'"),
+        ({"protocol": "gossip", "max_rounds": 0}, "max_rounds", "must be >= 1; got 0"),
+        ({"protocol": "gossip", "krum_f": 1}, "krum_f", 'the rule "clip" does not read it'),
+        ({"protocol": "fedavg", "clip_radius": 1.0}, "clip_radius", '"multikrum" does not'),
+        (
+            {"protocol": "gossip", "aggregation": "median", "trim_fraction": 0.1},
+            "trim_fraction",
+            "",
+        ),
+        (
+            {"protocol": "server-free", "range_km": 3.0},
+            "range_km",
+            'only with neighbours = "range"',
+        ),
+        ({"protocol": "gossip", "max_norm": 0.0}, "max_norm", "must be > 0"),
+        ({"protocol": "gossip", "perod": 1.0}, "perod", "unknown key"),
+        ({"protocol": "gossip", "period": True}, "period", "must be a number"),
     ],
 )
-def test_a_setup_the_factory_refuses_names_the_key(
-    setup: LearnerSetup, key: str, says: str
+def test_a_setup_the_validator_refuses_names_the_key(
+    values: dict[str, object], key: str, says: str
 ) -> None:
     with pytest.raises(SetupError) as info:
-        _make(setup)
+        parse_setup(values)
     assert info.value.key == key
     assert says in info.value.problem
 
 
-def test_check_setup_needs_no_model() -> None:
-    check_setup(LearnerSetup("server-free", params={"round_timeout": 1.0}, neighbours="topology"))
+def test_parameters_are_the_protocol_config_fields() -> None:
+    parse_setup({"protocol": "server-free", "round_timeout": 1.0, "neighbours": "topology"})
     assert "budget" not in parameters("gossip") and "period" in parameters("gossip")
+    assert "round_timeout" not in parameters("gossip") and "krum_f" in parameters("fedavg")
+
+
+def test_max_norm_bounds_the_learners_update_check() -> None:
+    machine = _make(parse_setup({"protocol": "gossip", "max_norm": 2.5}))
+    assert machine._ops.max_norm == 2.5  # type: ignore[attr-defined]
+    assert _make(parse_setup({"protocol": "gossip"}))._ops.max_norm is None  # type: ignore[attr-defined]
 
 
 def test_the_learner_it_makes_runs() -> None:
-    machine = _make(LearnerSetup("server-free"))
+    machine = _make(parse_setup({"protocol": "server-free"}))
     assert any(isinstance(a, Train) for a in machine.handle(Start(), 0.0))  # type: ignore[attr-defined]
 
 
@@ -81,4 +106,6 @@ def test_the_daemon_builds_its_learner_by_the_factory(tmp_path: Path) -> None:
     path.write_text(text + "round_timeout = 3.0\n")
     with pytest.raises(ConfigError) as info:
         build_machine(load_config(path), "a", WEIGHTS)
-    assert str(info.value).startswith(f"{path}:7: protocol.params.round_timeout: not a param")
+    assert str(info.value).startswith(
+        f"{path}:7: protocol.params.round_timeout: gossip does not read it"
+    )

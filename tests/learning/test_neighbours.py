@@ -134,18 +134,20 @@ def test_range_without_positions_is_refused_with_the_key(tmp_path: Path) -> None
         "setup": [{"name": "sf", "protocol": "server-free", "neighbours": "range"}],
     }
     scenario = parse_scenario(raw, "digits-range.toml")
-    with pytest.raises(ScenarioError, match=r"setup 'sf': key 'neighbours': \"range\" needs"):
+    with pytest.raises(
+        ScenarioError, match=r"digits-range.toml: setup\[0\].neighbours: \"range\" needs"
+    ):
         virtual.run(scenario)
 
 
 @pytest.mark.parametrize(
     ("setup", "says"),
     [
-        ({"neighbours": "task"}, r"'setup\[0\]\.neighbours': \"task\" is now called \"range\""),
-        ({"range_km": 5.0}, r"'setup\[0\]\.range_km': applies only with neighbours = \"range\""),
+        ({"neighbours": "task"}, r"setup\[0\].neighbours: \"task\" is now called \"range\""),
+        ({"range_km": 5.0}, r"setup\[0\].range_km: applies only with neighbours = \"range\""),
         (
             {"protocol": "gossip", "neighbours": "range"},
-            r"'setup\[0\]\.neighbours': only server-free",
+            r"setup\[0\].neighbours: only server-free",
         ),
     ],
 )

@@ -55,7 +55,7 @@ def test_scenario_mistake_is_one_clear_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["simulate", str(scenario)])
     assert result.exit_code == 2  # a mistake in a scenario file, like one in a configuration
     assert result.output.startswith("p2pfl: ")
-    assert "key 'task.nodez': unknown key" in result.output
+    assert "task.nodez: unknown key" in result.output
     assert "Traceback" not in result.output
 
 

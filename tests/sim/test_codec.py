@@ -14,10 +14,10 @@ import torch
 from p2pfl.daemon import node as daemon_node
 from p2pfl.daemon.config import ConfigError, load_config, parse_config
 from p2pfl.learning.codecs import CODECS, REFUSED, codec_problem, decode_model, encode_model
-from p2pfl.learning.factory import LearnerSetup, SetupError, check_setup
+from p2pfl.learning.setup import SetupError, parse_setup
 from p2pfl.sim import processes, virtual
 from p2pfl.sim.results import SetupResult
-from p2pfl.sim.scenario import ScenarioError, learner_setup, parse_scenario
+from p2pfl.sim.scenario import ScenarioError, parse_scenario
 
 PROTOCOLS = ("fedavg", "gossip", "server-free")
 
@@ -134,8 +134,7 @@ def test_the_processes_engine_writes_the_setups_codec_into_every_daemon_config(
 ) -> None:
     scenario = _scenario(codec, nodes=3)
     for setup in scenario.setups:
-        expected = learner_setup(setup, setup.stop or scenario.stop, scenario.training.epochs)
-        assert expected.codec == codec
+        assert setup.learning is not None and setup.learning.codec == codec
         spec = processes._cluster_spec(scenario, setup)
         with processes.DaemonCluster(tmp_path / setup.name, spec, _Addresses(3)) as cluster:
             for node in cluster.nodes:
@@ -164,11 +163,11 @@ def test_a_codec_is_refused_by_scenarios_the_daemon_and_the_factory_with_the_sam
         assert "destroys learning" in reason and '"int8"' in reason
     with pytest.raises(ScenarioError) as scenario_error:
         _scenario(codec)
-    assert str(scenario_error.value) == f"codec.toml: key 'setup[0].codec': {reason}"
+    assert str(scenario_error.value) == f"codec.toml: setup[0].codec: {reason}"
     daemon_error = _daemon_config(tmp_path, codec)
     assert daemon_error == f"{tmp_path / 'p2pfl.toml'}:6: protocol.codec: {reason}"
     with pytest.raises(SetupError) as setup_error:
-        check_setup(LearnerSetup("gossip", codec=codec))
+        parse_setup({"protocol": "gossip", "codec": codec})
     assert (setup_error.value.key, setup_error.value.problem) == ("codec", reason)
     with pytest.raises(ValueError, match="codec"):
         encode_model({"w": torch.zeros(3)}, codec)
@@ -181,7 +180,7 @@ def test_a_centralized_setup_refuses_a_codec() -> None:
         "stop": {"time": 10.0},
         "setup": [{"name": "c", "protocol": "centralized", "codec": "int8"}],
     }
-    with pytest.raises(ScenarioError, match=r"setup\[0\]\.codec': centralized training sends no"):
+    with pytest.raises(ScenarioError, match=r"setup\[0\]\.codec: centralized training sends no"):
         parse_scenario(data, "c.toml")
 
 

@@ -68,13 +68,13 @@ def test_cosine_schedule_runs_from_lr_to_lr_final() -> None:
 
 def test_schedule_keys_are_checked(tiny_dict: dict[str, Any]) -> None:
     tiny_dict["training"]["lr_schedule"] = "linear"
-    with pytest.raises(ScenarioError, match=r"key 'training\.lr_schedule': must be one of"):
+    with pytest.raises(ScenarioError, match=r"training\.lr_schedule: must be one of"):
         parse_scenario(tiny_dict, "exp.toml")
     tiny_dict["training"].update(lr_schedule="cosine", lr_final=1.5)
-    with pytest.raises(ScenarioError, match=r"key 'training\.lr_final': must be in"):
+    with pytest.raises(ScenarioError, match=r"training\.lr_final: must be in"):
         parse_scenario(tiny_dict, "exp.toml")
     tiny_dict["training"].update(lr_final=0.2, keep_optimizer="yes")
-    with pytest.raises(ScenarioError, match=r"key 'training\.keep_optimizer': must be bool"):
+    with pytest.raises(ScenarioError, match=r"training\.keep_optimizer: must be bool"):
         parse_scenario(tiny_dict, "exp.toml")
 
 

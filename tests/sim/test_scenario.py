@@ -15,20 +15,20 @@ SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d["network"].update(los=0.1), "key 'network.los': unknown key"),
-        (lambda d: d["network"].update(loss=1.5), "key 'network.loss': must be in [0.0, 1.0)"),
-        (lambda d: d["task"].update(nodes="ten"), "key 'task.nodes': must be int"),
-        (lambda d: d["task"].pop("name"), "key 'task.name': is required"),
-        (lambda d: d["setup"][1].update(protocol="raft"), "key 'setup[1].protocol': must be one"),
-        (lambda d: d["setup"][2].update(name="gossip"), "key 'setup[2].name': 'gossip' is used"),
-        (lambda d: d.update(setup=[]), "key 'setup': needs at least one"),
-        (lambda d: d["stop"].update(rounds=0), "key 'stop.rounds': must be at least 1"),
-        (lambda d: d["task"].update(partition="skewed"), "key 'task.partition': must be one of"),
+        (lambda d: d["network"].update(los=0.1), "network.los: unknown key"),
+        (lambda d: d["network"].update(loss=1.5), "network.loss: must be in [0.0, 1.0)"),
+        (lambda d: d["task"].update(nodes="ten"), "task.nodes: must be int"),
+        (lambda d: d["task"].pop("name"), "task.name: is required"),
+        (lambda d: d["setup"][1].update(protocol="raft"), "setup[1].protocol: must be one"),
+        (lambda d: d["setup"][2].update(name="gossip"), "setup[2].name: 'gossip' is used"),
+        (lambda d: d.update(setup=[]), "setup: needs at least one"),
+        (lambda d: d["stop"].update(rounds=0), "stop.rounds: must be at least 1"),
+        (lambda d: d["task"].update(partition="skewed"), "task.partition: must be one of"),
         (
             lambda d: d["network"].update(partitions=[{"start": 5.0, "end": 2.0}]),
-            "key 'network.partitions[0].end': must be after start",
+            "network.partitions[0].end: must be after start",
         ),
-        (lambda d: d["training"].update(epochs=True), "key 'training.epochs': must be float"),
+        (lambda d: d["training"].update(epochs=True), "training.epochs: must be float"),
     ],
 )
 def test_mistake_names_file_and_key(tiny_dict: dict[str, Any], change: Any, message: str) -> None:
