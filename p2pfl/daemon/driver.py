@@ -40,23 +40,17 @@ import trio
 
 from p2pfl.daemon.drops import DropLog
 from p2pfl.identity import NodeIdentity
+from p2pfl.learning.runtime import LearnerRuntime
 from p2pfl.protocols import (
-    Adopt,
-    Evaluate,
+    EvaluationDone,
     Learner,
-    Log,
     Message,
     MessageError,
     MessageReceived,
-    Metric,
     PeerDown,
     PeerUp,
-    Penalize,
-    Send,
-    SetTimer,
     Start,
     TimerFired,
-    Train,
     TrainingDone,
     UseFeatures,
     decode_message,
@@ -66,8 +60,6 @@ from p2pfl.wire import Envelope, EnvelopeVerifier, SequenceCounter, WireError, s
 
 log = logging.getLogger(__name__)
 
-_LOCAL_DROPS = frozenset({"no_peer_to_send", "stale_model", "inbox_overflow"})
-"""Machine drop reasons that are bookkeeping, not a peer's message being rejected."""
 MESSAGE_STAGES = ("envelope", "update")
 """The DropLog stages of messages that arrived on a link and were rejected."""
 
@@ -193,6 +185,65 @@ class _Evaluated:
     round: int
 
 
+class _DaemonHost:
+    """The daemon as the runtime's host: sends and training in the driver's nursery,
+    evaluation in the background (its result comes back as an event), drops in the DropLog."""
+
+    def __init__(self, driver: ProtocolDriver) -> None:
+        self.driver = driver
+
+    def _nursery(self) -> trio.Nursery:
+        assert self.driver._nursery is not None
+        return self.driver._nursery
+
+    def send(self, peer: str, message: Message[StateDict]) -> None:
+        self._nursery().start_soon(self.driver._send, peer, message)
+
+    def train(self, weights: StateDict, budget: float) -> None:
+        self.driver.state.training_state = "training"
+        self._nursery().start_soon(self.driver._train, weights, budget)
+
+    def evaluate(self, weights: StateDict) -> None:
+        self.driver._schedule_evaluation()  # of the adopted model; EvaluationDone comes later
+
+    def adopt(self, weights: StateDict) -> None:
+        driver = self.driver
+        state = driver.state
+        state.model = weights
+        state.model_updated_at = time.time()
+        state.round = state.round_offset + driver.machine.rounds
+        driver.observer.on_round(state)
+        if not driver.evaluate_on_request:
+            driver._schedule_evaluation()
+        state.mark_changed()
+
+    def penalize(self, peer: str, reason: str) -> None:
+        self.driver.drops.count("update", f"penalized_{reason}", peer)
+        log.warning(
+            "peer penalized: its updates keep failing validation",
+            extra={"peer": peer, "reason": reason},
+        )
+
+    def use_features(self, action: UseFeatures) -> None:
+        self.driver.features_received(action)
+
+    def metric(self, name: str, value: float) -> None:
+        log.debug("protocol metric", extra={"name": name, "value": value})
+
+    def log(self, level: str, message: str) -> None:
+        number = logging.getLevelName(level.upper())
+        log.log(number if isinstance(number, int) else logging.INFO, message)
+
+    def dropped(self, reason: str, count: int, peer: str | None, *, local: bool) -> None:
+        # What the machine dropped while handling a message came from that message's sender;
+        # its own bookkeeping (stale models, no peer to send to) is not a rejection.
+        if not local:
+            self.driver.drops.count("update", reason, peer, n=count)
+
+    def deadline(self, at: float | None) -> None:
+        pass  # the driver's loop reads next_deadline() after every event
+
+
 class ProtocolDriver:
     def __init__(
         self,
@@ -241,7 +292,8 @@ class ProtocolDriver:
         self._evaluating = False
         self._evaluate_again = False
         self._nursery: trio.Nursery | None = None
-        self._machine_drops: Counter[str] = Counter()
+        self.runtime = LearnerRuntime(machine, _DaemonHost(self), trio.current_time)
+        """The action interpreter the virtual engine runs too (``p2pfl.learning.runtime``)."""
         # With the machine's evaluate_every set, evaluate when it asks; else after every Adopt.
         every = getattr(getattr(machine, "config", None), "evaluate_every", 0)
         self.evaluate_on_request = isinstance(every, int) and every > 0
@@ -271,6 +323,8 @@ class ProtocolDriver:
             await self._handle(TimerFired())
         elif isinstance(event, _Evaluated):
             self._take_evaluation(event)
+            if self.evaluate_on_request:  # the machine asked for it: its answer goes back in
+                await self._handle(EvaluationDone(dict(event.metrics)))
         else:
             await self._handle(event)
 
@@ -305,67 +359,21 @@ class ProtocolDriver:
     async def _handle(self, event: ProtocolEvent[StateDict]) -> None:
         if isinstance(event, MessageReceived):
             try:
-                actions = self.machine.handle(event, trio.current_time())
+                self.runtime.handle(event)
             except Exception as exc:  # a peer's message must not end the node: contain it
                 self.drops.count("update", f"error_{type(exc).__name__}", event.peer)
                 log.exception("handling a message failed", extra={"peer": event.peer})
-                return
         else:
-            actions = self.machine.handle(event, trio.current_time())
-        for action in actions:
-            self._perform(action)
-        # What the machine dropped while handling a message came from that message's sender.
-        peer = event.peer if isinstance(event, MessageReceived) else None
-        for reason, count in self.machine.dropped.items():
-            new = count - self._machine_drops.get(reason, 0)
-            if new > 0 and reason not in _LOCAL_DROPS:
-                self.drops.count("update", reason, peer, n=new)
-        self._machine_drops = Counter(self.machine.dropped)
+            self.runtime.handle(event)
 
-    def _perform(self, action: Any) -> None:
-        assert self._nursery is not None
-        state = self.state
-        if isinstance(action, Send):
-            self._nursery.start_soon(self._send, action.peer, action.message)
-        elif isinstance(action, Train):
-            state.training_state = "training"
-            self._nursery.start_soon(self._train, action.weights, action.budget)
-        elif isinstance(action, Adopt):
-            state.model = action.weights
-            state.model_updated_at = time.time()
-            state.round = state.round_offset + self.machine.rounds
-            self.observer.on_round(state)
-            if not self.evaluate_on_request:
-                self._schedule_evaluation()
-            state.mark_changed()
-        elif isinstance(action, Evaluate):
-            self._schedule_evaluation()
-        elif isinstance(action, Penalize):
-            self.drops.count("update", f"penalized_{action.reason}", action.peer)
-            log.warning(
-                "peer penalized: its updates keep failing validation",
-                extra={"peer": action.peer, "reason": action.reason},
-            )
-        elif isinstance(action, Metric):
-            log.debug("protocol metric", extra={"name": action.name, "value": action.value})
-        elif isinstance(action, Log):
-            level = logging.getLevelName(action.level.upper())
-            log.log(level if isinstance(level, int) else logging.INFO, action.message)
-        elif isinstance(action, UseFeatures):
-            # The graph tasks build their halo from their own data set; the exchange moves the
-            # bytes a deployment would move (counted in status), the values are not re-read.
-            log.info(
-                "node features received",
-                extra={
-                    "peer": action.peer,
-                    "sensors": len(action.sensors),
-                    "bytes": len(action.data),
-                },
-            )
-        elif isinstance(action, SetTimer):
-            pass  # the loop reads next_deadline() after every event
-        else:
-            raise TypeError(f"unknown protocol action {action!r}")
+    def features_received(self, action: UseFeatures) -> None:
+        """A graph task's halo readings from a peer (the runtime's ``use_features`` hook)."""
+        # The graph tasks build their halo from their own data set; the exchange moves the
+        # bytes a deployment would move (counted in status), the values are not re-read.
+        log.info(
+            "node features received",
+            extra={"peer": action.peer, "sensors": len(action.sensors), "bytes": len(action.data)},
+        )
 
     # ---- receiving --------------------------------------------------------------------------
 

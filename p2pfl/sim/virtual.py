@@ -36,10 +36,8 @@ from p2pfl.learning.codecs import decode_model, encode_model
 from p2pfl.learning.factory import SetupError, make_learner
 from p2pfl.learning.neighbours import Position, resolve, task_positions, task_range_km
 from p2pfl.learning.ops import Workload
+from p2pfl.learning.runtime import LearnerRuntime
 from p2pfl.protocols import (
-    Action,
-    Evaluate,
-    EvaluationDone,
     FeatureReply,
     FeatureRequest,
     Learner,
@@ -47,11 +45,8 @@ from p2pfl.protocols import (
     MessageReceived,
     PeerDown,
     PeerUp,
-    Penalize,
-    Send,
     Start,
     TimerFired,
-    Train,
     TrainingDone,
     UseFeatures,
 )
@@ -79,6 +74,7 @@ class _Node:
     neighbours: list[int]
     speed: float
     machine: Learner[Any] | None = None
+    runtime: LearnerRuntime[Any] | None = None
     alive: bool = True
     session: int = 0
     timer_at: float | None = None
@@ -149,6 +145,59 @@ class _Codec:
             received = received["params"].numpy()
         self.last = (weights, received, len(data) - self.framing)
         return received, len(data) - self.framing
+
+
+class _NodeHost:
+    """One virtual node as the runtime's host: the network model, modelled training time,
+    evaluation at once, the engine's event heap for timers."""
+
+    def __init__(self, run: _SetupRun, node: _Node) -> None:
+        self.run, self.node = run, node
+
+    def send(self, peer: str, message: Message[Any]) -> None:
+        self.run.send(self.node, peer, message)
+
+    def train(self, weights: Any, budget: float) -> None:
+        run, node = self.run, self.node
+        new, report = run.workload.train(
+            node.index,
+            weights,
+            budget,
+            lr_scale=run.lr_scale(node.trainings),
+            optimizer_state=run.optimizer_state(node),
+        )
+        node.trainings += 1
+        duration = report.samples / (run.scenario.training.samples_per_s * node.speed)
+        run.push(run.now + duration, _TRAINED, node.index, node.session, (new, report))
+
+    def evaluate(self, weights: Any) -> dict[str, float]:
+        return self.run.workload.evaluate(weights)
+
+    def adopt(self, weights: Any) -> None:
+        pass  # evaluation points read the machine's model
+
+    def penalize(self, peer: str, reason: str) -> None:
+        self.node.penalized.append(peer)
+
+    def use_features(self, action: UseFeatures) -> None:
+        self.node.feature_bytes_received += len(action.data)
+
+    def metric(self, name: str, value: float) -> None:
+        pass  # results come from evaluation points
+
+    def log(self, level: str, message: str) -> None:
+        pass
+
+    def dropped(self, reason: str, count: int, peer: str | None, *, local: bool) -> None:
+        self.node.dropped[reason] += count
+
+    def deadline(self, at: float | None) -> None:
+        run, node = self.run, self.node
+        if at != node.timer_at:
+            node.timer_at = at
+            node.timer_version += 1
+            if at is not None:
+                run.push(max(at, run.now), _TIMER, node.index, node.session, node.timer_version)
 
 
 class _SetupRun:
@@ -261,41 +310,14 @@ class _SetupRun:
             node.optimizer_state = {}
         return node.optimizer_state
 
-    def handle(self, node: _Node, event: Any) -> None:
-        assert node.machine is not None
-        self.apply(node, node.machine.handle(event, self.now))
+    def start_session(self, node: _Node, weights: Any) -> None:
+        """A new machine for ``node`` (at start, and on rejoin), run by the shared runtime."""
+        node.machine = self.new_machine(node, weights)
+        node.runtime = LearnerRuntime(node.machine, _NodeHost(self, node), lambda: self.now)
 
-    def apply(self, node: _Node, actions: list[Action[Any]]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self.send(node, action.peer, action.message)
-            elif isinstance(action, Train):
-                new, report = self.workload.train(
-                    node.index,
-                    action.weights,
-                    action.budget,
-                    lr_scale=self.lr_scale(node.trainings),
-                    optimizer_state=self.optimizer_state(node),
-                )
-                node.trainings += 1
-                duration = report.samples / (self.scenario.training.samples_per_s * node.speed)
-                self.push(self.now + duration, _TRAINED, node.index, node.session, (new, report))
-            elif isinstance(action, Evaluate):
-                self.handle(node, EvaluationDone(self.workload.evaluate(action.weights)))
-            elif isinstance(action, Penalize):
-                node.penalized.append(action.peer)
-            elif isinstance(action, UseFeatures):
-                node.feature_bytes_received += len(action.data)
-        machine = node.machine
-        assert machine is not None
-        deadline = machine.next_deadline()
-        if deadline != node.timer_at:
-            node.timer_at = deadline
-            node.timer_version += 1
-            if deadline is not None:
-                self.push(
-                    max(deadline, self.now), _TIMER, node.index, node.session, node.timer_version
-                )
+    def handle(self, node: _Node, event: Any) -> None:
+        assert node.runtime is not None
+        node.runtime.handle(event)
 
     def send(self, src: _Node, peer: str, message: Message[Any]) -> None:
         dst = self.by_id[peer]
@@ -333,7 +355,7 @@ class _SetupRun:
         self.schedule_churn_and_partitions()
         initial = self.workload.initial()
         for node in self.nodes:
-            node.machine = self.new_machine(node, initial)
+            self.start_session(node, initial)
         for node in self.nodes:
             for j in node.neighbours:
                 self.handle(node, PeerUp(self.ids[j]))
@@ -438,7 +460,7 @@ class _SetupRun:
         node.alive = True
         node.timer_at = None
         node.seen_finished = False
-        node.machine = self.new_machine(node, checkpoint)
+        self.start_session(node, checkpoint)
         latency = self.scenario.network.latency_ms / 1000
         for j in node.neighbours:
             peer = self.nodes[j]
@@ -448,9 +470,7 @@ class _SetupRun:
         self.handle(node, Start())
 
     def absorb_counters(self, node: _Node) -> None:
-        machine = node.machine
-        assert machine is not None
-        node.dropped.update(machine.dropped)
+        assert node.machine is not None
         node.rounds_before = self.rounds_of(node)
 
     def finished_now(self, kind: int, index: int) -> bool:
