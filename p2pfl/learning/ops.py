@@ -68,6 +68,11 @@ class Workload(Protocol):
 
     def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None: ...
 
+    def use_stream(self, name: str) -> None:
+        """Draw training shuffles from the stream ``name`` (one per setup of a scenario), so a
+        setup's results do not depend on the setups run before it on this workload."""
+        ...
+
 
 class TaskSpecLike(Protocol):
     """A scenario's ``[task]`` table as this module reads it (``p2pfl.sim.scenario.TaskSpec``)."""
@@ -226,6 +231,9 @@ class TaskWorkload:
 
     def nbytes(self, weights: StateDict) -> int:
         return sum(t.numel() * t.element_size() for t in weights.values())
+
+    def use_stream(self, name: str) -> None:
+        self.task.use_stream(name)
 
     def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
         return feature_plan(self.task, node, node_ids)

@@ -18,6 +18,7 @@ different seeds and partitions score on the same images; every node evaluates on
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class Task(ABC):
         self.n_nodes = n_nodes
         self.seed = seed
         self._calls = 0
+        self._stream: int | None = None
 
     @abstractmethod
     def _build_model(self) -> nn.Module: ...
@@ -125,10 +127,25 @@ class Task(ABC):
         self, model: nn.Module, data: NodeData | None = None, *, device: str = "cpu"
     ) -> dict[str, float]: ...
 
+    def use_stream(self, name: str) -> None:
+        """Draw training shuffles from the stream ``name`` (from its first call on): runs that
+        share this task, such as the setups of one scenario, then do not shift each other's
+        shuffles, and a run's results do not depend on what ran before it."""
+        self._stream = stream_seed(self.seed, name)
+        self._calls = 0
+
     def _generator(self) -> torch.Generator:
         # A different but reproducible shuffle for each training call.
         self._calls += 1
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
+        if self._stream is None:
+            return torch.Generator().manual_seed(self.seed * 1_000_003 + self._calls)
+        return torch.Generator().manual_seed(self._stream + self._calls)
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """A 62-bit seed for the stream ``name`` of a run seeded ``seed`` (room left for counters)."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2
 
 
 @dataclass(frozen=True, eq=False)

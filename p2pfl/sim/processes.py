@@ -876,6 +876,7 @@ def _run_centralized(
 
     stop = setup.stop or scenario.stop
     workload = TaskWorkload(scenario)
+    workload.use_stream(setup.name)  # the virtual engine's stream for this setup
     epochs = setup.epochs if setup.epochs is not None else scenario.training.epochs
     weights = workload.initial()
     history: list[dict[str, float]] = []

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from p2pfl.learning.ops import StateDictOps, load_scenario_task
+from p2pfl.ml.task import stream_seed
 from p2pfl.protocols import FeaturePlan
 from p2pfl.sim.scenario import Scenario, scenario_error
 
@@ -83,6 +84,7 @@ class VectorizedLogReg:
         self.higher_is_better = self.task.higher_is_better
         self.ops = VectorOps()
         self._seed = scenario.seed
+        self._stream: tuple[int, ...] = ()
         self._n_nodes = spec.nodes
         config = self.task.config
         self._lr, self._batch, self._decay = config.lr, config.batch_size, config.weight_decay
@@ -108,6 +110,11 @@ class VectorizedLogReg:
             self._data[node] = (x.numpy(), y.numpy())
         return self._data[node]
 
+    def use_stream(self, name: str) -> None:
+        """Training shuffles from the stream ``name`` (see ``Task.use_stream``)."""
+        self._stream = (stream_seed(self._seed, name),)
+        self._calls = 0
+
     def initial(self) -> Vector:
         return self._initial
 
@@ -129,7 +136,9 @@ class VectorizedLogReg:
         n = len(y)
         steps = max(1, math.ceil(epochs * math.ceil(n / self._batch)))
         self._calls += 1
-        rng = np.random.default_rng([self._seed, 0 if node is None else node + 1, self._calls])
+        rng = np.random.default_rng(
+            [self._seed, 0 if node is None else node + 1, self._calls, *self._stream]
+        )
         params = weights.astype(np.float32, copy=True)
         lr = self._lr * lr_scale
         if optimizer_state:  # Adam's moments and step count from this node's last training

@@ -636,7 +636,12 @@ def run(
 ) -> Results:
     """Run every setup of ``scenario`` in virtual time; deterministic for the scenario's seed."""
     workload = workload or make_workload(scenario)
-    setups = [_SetupRun(scenario, s, workload, progress).run() for s in scenario.setups]
+    setups = []
+    for setup in scenario.setups:
+        # Each setup draws its training shuffles from its own stream (seed and name), so its
+        # results do not depend on which setups ran before it.
+        workload.use_stream(setup.name)
+        setups.append(_SetupRun(scenario, setup, workload, progress).run())
     return Results(
         scenario=scenario.name,
         engine="virtual",

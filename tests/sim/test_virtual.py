@@ -176,3 +176,19 @@ def test_traffic_feature_plan_asks_halo_owners_for_real_readings(tiny: Tiny) -> 
         own = tuple(int(s) for s in partition.members[node][:3])
         assert len(plan.source(own) or b"") == 4 * steps * len(own)
         assert plan.source(tuple(int(s) for s in partition.halos[node][:1])) is None
+
+
+def test_a_setups_results_do_not_depend_on_the_setups_before_it(
+    tiny: Callable[..., Scenario],
+) -> None:
+    """Each setup draws its training shuffles from its own stream (seed and setup name)."""
+    setups = [
+        {"name": "gossip", "protocol": "gossip", "period": 1.0},
+        {"name": "fedavg", "protocol": "fedavg", "round_timeout": 2.0},
+    ]
+    forward = virtual.run(tiny(setup=setups, stop={"time": 10.0}))
+    backward = virtual.run(tiny(setup=setups[::-1], stop={"time": 10.0}))
+    by_name = {s.name: s for s in backward.setups}
+    for setup in forward.setups:
+        assert setup.final == by_name[setup.name].final, setup.name
+        assert setup.curve == by_name[setup.name].curve, setup.name
