@@ -151,3 +151,17 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     finally:
         GRAPH.clear()
         GRAPH.update(saved)
+
+
+def test_the_setup_description_and_the_runtime_load_no_torch() -> None:
+    """Configuration loaders (the daemon's, the scenario parser) check a setup without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, p2pfl.learning.setup, p2pfl.learning.runtime, p2pfl.tomlkeys;"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert GRAPH["p2pfl.tomlkeys"] == set()

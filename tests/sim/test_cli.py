@@ -59,6 +59,33 @@ def test_scenario_mistake_is_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        # Refused by the setup's validator while the file is read...
+        ('period = 1.0\naggregation = "krum"\nkrum_m = 2', ':17: setup[0].krum_m: the rule "krum"'),
+        ("period = 1.0\nround_timeout = 2.0", ":16: setup[0].round_timeout: gossip does not"),
+        ("period = 1.0\nmax_norm = -1.0", ":16: setup[0].max_norm: must be > 0"),
+        # ... and by the engine, with the same form, for what needs the task (positions).
+        ('protocol = "server-free"\nneighbours = "range"', ':15: setup[0].neighbours: "range"'),
+    ],
+)
+def test_a_setup_mistake_is_one_line_with_file_line_and_key(
+    tmp_path: Path, change: str, says: str
+) -> None:
+    scenario = tmp_path / "s.toml"
+    text = SCENARIO.replace("period = 1.0", change)
+    if "server-free" in change:
+        text = text.replace('protocol = "gossip"\n', "")
+    scenario.write_text(text)
+    result = CliRunner().invoke(main, ["simulate", str(scenario), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    # One line (after the progress bar's, when the engine found it while setting up the run).
+    error = [line for line in result.output.splitlines() if line.startswith("p2pfl: ")]
+    assert len(error) == 1 and error[0].startswith(f"p2pfl: {scenario}{says}"), result.output
+    assert "Traceback" not in result.output
+
+
 def test_the_printed_status_command_is_the_running_p2pfl(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
