@@ -106,6 +106,7 @@ class LearningSetup(BaseModel):
     jitter: float | None = _opt(ge=0, lt=1)
     staleness_window: int | None = _opt(ge=0)
     max_age_lead: int | None = _opt(ge=0)
+    inbox_size: int | None = _opt(ge=1)
     round_timeout: float | None = _opt(gt=0)
     max_ahead: int | None = _opt(ge=0)
     aggregator: str | None = None

@@ -6,9 +6,9 @@ the last tick with its own model, trains the result for a local budget, and when
 sends the model to one peer drawn by the peer-sampling policy.
 
 Invariants:
-- The inbox keeps the last two received models (FIFO, ``INBOX_SIZE``); a tick consumes it, so a
-  model is merged at most once. With an empty inbox the node trains its own model again rather
-  than re-averaging stale ones.
+- The inbox keeps the last ``inbox_size`` received models (FIFO, default 2); a tick consumes it,
+  so a model is merged at most once. With an empty inbox the node trains its own model again
+  rather than re-averaging stale ones.
 - Merge: among the own model and the inbox, the newest age ``a`` sets a window; models older than
   ``a - staleness_window`` are dropped (a much newer received model is thus adopted outright; a
   much older one is ignored). The rest are combined by the aggregation rule with their ages as
@@ -53,6 +53,8 @@ class GossipConfig(LearnerSettings):
     staleness_window: int = 10
     """Models more than this many trainings older than the newest one are not merged."""
     max_age_lead: int = 10
+    inbox_size: int = INBOX_SIZE
+    """Received models kept for the next merge (the oldest is dropped as ``inbox_overflow``)."""
     """A received age may exceed what this node can check (see the module) by this much."""
 
 
@@ -75,11 +77,13 @@ class GossipLearner(Learner[W]):
             raise ValueError(f"gossip period must be positive, got {self.config.period}")
         if self.config.max_age_lead < 0:
             raise ValueError(f"max_age_lead must be >= 0, got {self.config.max_age_lead}")
+        if self.config.inbox_size < 1:
+            raise ValueError(f"inbox_size must be at least 1, got {self.config.inbox_size}")
         super().__init__(node_id, weights, ops, rng, self.config, features=features)
         self._sample_peer = peer_sampler
         self.age = 0
         self._rounds = 0
-        self._inbox: deque[tuple[str, W, int]] = deque(maxlen=INBOX_SIZE)
+        self._inbox: deque[tuple[str, W, int]] = deque(maxlen=self.config.inbox_size)
         self._last_age: dict[str, tuple[int, float]] = {}
         """Per peer: the last age accepted from it, and when."""
         self._claimed: dict[str, int] = {}
@@ -135,7 +139,7 @@ class GossipLearner(Learner[W]):
         if message.age > bound:
             return self._drop("age_inflated")
         self._last_age[peer] = (message.age, now)
-        if len(self._inbox) == INBOX_SIZE:
+        if len(self._inbox) == self.config.inbox_size:
             self.dropped["inbox_overflow"] += 1
         self._inbox.append((peer, message.weights, message.age))
         return []

@@ -171,6 +171,12 @@ TABLE: dict[str, Row] = {
         {"period": 0.5},
         scenario=SPREAD,
     ),
+    "inbox_size": Row(
+        "gossip",
+        {"inbox_size": 1, "period": 3.0},
+        _more_drops("inbox_overflow"),
+        {"period": 3.0},
+    ),
     "round_timeout": Row(
         "server-free", {"round_timeout": 0.05}, _more_drops("late"), scenario=SPREAD
     ),
