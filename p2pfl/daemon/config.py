@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from p2pfl.learning.setup import DAEMON_PLACES, LearningSetup, from_daemon
+from p2pfl.learning.setup import DAEMON_PLACES, PARAMETER_KEYS, LearningSetup, from_daemon
 from p2pfl.tomlkeys import locate
 
 EXIT_CONFIG = 2
@@ -365,6 +365,11 @@ def _build_section(
         key_path = f"{table}.{key}"
         if key_path in _NOT_APPLIED:
             raise source.error(key_path, _NOT_APPLIED[key_path])
+        if table == "protocol" and key in PARAMETER_KEYS:
+            raise source.error(
+                key_path,
+                "a parameter of the protocol or its rule: write it under [protocol.params]",
+            )
         if key not in known:
             keys = known | {
                 p.rpartition(".")[2] for p in DAEMON_PLACES.values() if p.startswith(f"{table}.")

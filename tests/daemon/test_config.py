@@ -270,3 +270,32 @@ def test_topology_neighbours_need_the_neighbour_ids(tmp_path: Path) -> None:
         _parse(text, tmp_path)
     config = _parse(text + 'neighbour_ids = ["aaaa"]\n', tmp_path)
     assert config.protocol.neighbour_ids == ("aaaa",)  # type: ignore[attr-defined]
+
+
+def test_a_setup_key_in_the_wrong_table_says_where_it_goes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _parse('[trust]\nmode = "open"\n[protocol]\nperiod = 2.0\n', tmp_path)
+    assert str(info.value).endswith(
+        ":4: protocol.period: a parameter of the protocol or its rule: write it under "
+        "[protocol.params]"
+    )
+    with pytest.raises(ConfigError) as info:
+        _parse('[trust]\nmode = "open"\n[protocol.params]\nmax_norm = 2.0\n', tmp_path)
+    assert "protocol.params.max_norm: not a protocol parameter; write it as [protocol]" in str(
+        info.value
+    )
+
+
+def test_the_setup_keys_reach_the_learner(tmp_path: Path) -> None:
+    text = (
+        '[trust]\nmode = "open"\n[task]\nepochs = 0.25\n[protocol]\nname = "fedavg"\n'
+        'aggregation = "krum"\nmax_norm = 3.0\n[protocol.params]\nkrum_f = 1\nround_timeout = 4.0\n'
+    )
+    setup = _parse(text, tmp_path).protocol.setup
+    assert (setup.protocol, setup.aggregation, setup.epochs, setup.max_norm) == (
+        "fedavg",
+        "krum",
+        0.25,
+        3.0,
+    )
+    assert setup.params() == {"krum_f": 1, "round_timeout": 4.0}
