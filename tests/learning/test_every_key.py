@@ -115,8 +115,8 @@ TABLE: dict[str, Row] = {
         {"codec": "int8"},
         lambda on, off, _: _check(_bytes_per_message(on) < 0.5 * _bytes_per_message(off)),
     ),
-    "neighbours": Row("server-free", {}, lambda *_: None),  # test_neighbours_sets_the_peers
-    "range_km": Row("server-free", {}, lambda *_: None),  # test_range_km_narrows_the_peer_sets
+    "neighbours": Row("server-free", {}, lambda *_: None),  # PEER_SET_KEYS
+    "range_km": Row("server-free", {}, lambda *_: None),  # PEER_SET_KEYS
     "max_norm": Row("gossip", {"max_norm": 1e-6}, _more_drops("invalid_update:norm_exceeded")),
     "clip_radius": Row(
         "gossip", {"aggregation": "clip", "clip_radius": 0.0}, _differs, {"aggregation": "clip"}
