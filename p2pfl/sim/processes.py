@@ -41,7 +41,7 @@ from p2pfl.learning.setup import LearningSetup, daemon_tables, parse_setup, setu
 from p2pfl.sim.netns import BridgedNetwork
 from p2pfl.sim.network import build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec
+from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec, scenario_error
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
 __all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
@@ -399,6 +399,7 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
     """
     from p2pfl.sim.netns import can_create_namespaces, sweep_stale_namespaces
 
+    refuse_unapplied_training(scenario)
     if not can_create_namespaces():
         raise ProcessesEngineError(
             "the processes engine runs its daemons in private network namespaces, which this "
@@ -418,6 +419,26 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
         setups=setups,
         scenario_source=dict(scenario.raw),
     )
+
+
+def refuse_unapplied_training(scenario: Scenario) -> None:
+    """Refuse [training] keys the daemons do not apply (their trainer runs a fresh optimizer at
+    the task's learning rate), rather than run another recipe than the virtual engine's."""
+    if all(setup.protocol == "centralized" for setup in scenario.setups):
+        return  # the baseline, in this process, applies both
+    training = scenario.training
+    for key, unapplied in (
+        ("keep_optimizer", training.keep_optimizer),
+        ("lr_schedule", training.lr_schedule != "constant"),
+    ):
+        if unapplied:
+            raise scenario_error(
+                scenario.source,
+                scenario.text,
+                f"training.{key}",
+                "not applied by the daemons yet (each local training starts a fresh optimizer "
+                "at the task's learning rate); remove the key to run with --engine processes",
+            )
 
 
 def _load_task(scenario: Scenario) -> Any:
@@ -608,11 +629,6 @@ def _run_setup(
     stop = setup.stop or scenario.stop
     net = scenario.network
     not_applied = [] if net.bandwidth_mbps >= 1000 else ["network.bandwidth_mbps"]
-    training = scenario.training
-    if training.keep_optimizer or training.lr_schedule != "constant":
-        not_applied.append(
-            "training.keep_optimizer/lr_schedule (daemons train with a fresh Adam at the task's lr)"
-        )
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="p2pfl-sim-", dir="/tmp"))
     report = progress or (lambda _setup, _fraction, _status: None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,3 +118,49 @@ def test_engine_passes_each_node_its_state_and_its_schedule_step(tiny: Tiny) -> 
     # one kept state per node and setup, reused from its second training on
     assert all(len(held) == len(scenario.setups) for held in states.values())
     assert any(n_keys > 0 for _, _, n_keys in calls)
+
+
+def test_the_processes_engine_refuses_training_keys_its_daemons_do_not_apply(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    from p2pfl.cli import main
+
+    text = (
+        'name = "p"\n[task]\nname = "digits-logreg"\nnodes = 2\n[training]\n'
+        'lr_schedule = "cosine"\n[stop]\ntime = 5.0\n[[setup]]\nname = "g"\nprotocol = "gossip"\n'
+    )
+    scenario = tmp_path / "p.toml"
+    scenario.write_text(text)
+    result = CliRunner().invoke(
+        main, ["simulate", str(scenario), "--engine", "processes", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]  # after the engine's legend
+    assert last.startswith(f"p2pfl: {scenario}:6: training.lr_schedule: not applied by"), last
+    assert "Traceback" not in result.output
+
+
+def test_the_processes_engines_baseline_applies_the_schedule_and_kept_optimizer(
+    tiny: Callable[..., Scenario], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pfl.sim import processes
+
+    scenario = tiny(
+        training={"lr_schedule": "cosine", "keep_optimizer": True},
+        setup=[{"name": "c", "protocol": "centralized", "stop": {"time": 1e6, "rounds": 3}}],
+    )
+    processes.refuse_unapplied_training(scenario)  # the baseline alone: nothing refused
+    calls: list[tuple[float, int]] = []
+    original = TaskWorkload.train
+
+    def recording(self: Any, node: Any, weights: Any, epochs: float, **kw: Any) -> Any:
+        calls.append((kw["lr_scale"], len(kw["optimizer_state"])))
+        return original(self, node, weights, epochs, **kw)
+
+    monkeypatch.setattr(TaskWorkload, "train", recording)  # the real training, recorded
+    processes._run_centralized(scenario, scenario.setups[0], None)
+    scales = [scale for scale, _ in calls]
+    assert len(calls) == 3 and scales == sorted(scales, reverse=True) and scales[0] < 1.0
+    assert [held for _, held in calls][1:] != [0, 0]  # the optimizer state carried over
