@@ -27,6 +27,7 @@ from p2pfl.cli._errors import (
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (import path, one-line help shown by `p2pfl --help`)
+    "data": ("p2pfl.cli._data:data", "Prepare data for a deployment (one file per cloudlet)."),
     "federation": (
         "p2pfl.cli._federation:federation",
         "Federation key and membership certificates.",

@@ -224,6 +224,8 @@ def _summary(node: NodeStatus) -> str:
     )
     lines.append(f"[bold]training[/]    {node.training_state}")
     lines.append(f"[bold]traffic[/]     in {_bytes(node.bytes_in)}, out {_bytes(node.bytes_out)}")
+    if node.halo is not None:
+        lines.append(f"[bold]halo[/]        {_halo(node.halo)}")
     dropped = sum(node.drops_by_stage.values())
     if dropped:
         # Per stage here; `--json` has every stage/reason.
@@ -237,6 +239,23 @@ def _summary(node: NodeStatus) -> str:
             f"sha256 {ckpt.digest[:12]}"
         )
     return "\n".join(lines)
+
+
+def _halo(halo: dict[str, Any]) -> str:
+    """Graph tasks: how much of the halo its owners sent, and what is masked because not."""
+    text = f"{halo.get('received_sensors', 0)}/{halo.get('sensors', 0)} sensors from their owners"
+    owners = halo.get("owners", {})
+    late = sorted(p[:SHORT_ID_CHARS] for p, o in owners.items() if not o.get("received"))
+    if late and halo.get("waiting"):
+        text += f"; waiting for {', '.join(late)}"
+    elif late:
+        text += (
+            f"; [yellow]{halo.get('masked_sensors', 0)} masked[/] (no readings from "
+            f"{', '.join(late)})"
+        )
+    if halo.get("ignored_sensors"):
+        text += f"; {halo['ignored_sensors']} other cloudlets' sensors in its file ignored"
+    return text
 
 
 def _peer_table(node: NodeStatus, *, paths: bool = False) -> Table:

@@ -123,7 +123,11 @@ class TaskSection:
     batch_size: int | None = None
     node_ids: tuple[str, ...] = ()
     """Graph tasks: the node id of every partition, by index, so halo features can be asked
-    of their owners; empty: no exchange (the task's own data holds the halo)."""
+    of their owners; empty: no exchange (the halo stays masked). A graph task's daemon holds
+    its own sensors' readings only (``data`` may be the file `p2pfl data split` wrote for it)."""
+    features_timeout_s: float = 30.0
+    """Graph tasks: how long learning waits for the halo's owners; those that have not answered
+    by then leave their sensors masked (``p2pfl status`` lists them)."""
     options: dict[str, ParamValue] = field(default_factory=dict)
 
 
@@ -229,6 +233,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "task.epochs": (lambda v: v > 0, "a number > 0"),
     "task.lr": (lambda v: v > 0, "a number > 0"),
     "task.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "task.features_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
     "protocol.start_peers": (lambda v: v >= 0, "an integer >= 0"),
     "protocol.start_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
     "protocol.range_km": (lambda v: v > 0, "a distance in km > 0"),

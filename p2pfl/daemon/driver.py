@@ -160,6 +160,12 @@ class SideChannel(Protocol):
     def received(self, peer: str, body: Any) -> None: ...
 
 
+class FeatureSink(Protocol):
+    """Graph tasks: stores the halo readings an owner sent (``UseFeatures``) with the data."""
+
+    def use(self, peer: str, sensors: tuple[int, ...], data: bytes) -> None: ...
+
+
 class DriverObserver(Protocol):
     """Hooks for metrics (all optional in effect: the default implementation does nothing)."""
 
@@ -212,6 +218,7 @@ class ProtocolDriver:
         start_peers: int = 0,
         start_timeout_s: float = 30.0,
         side_channel: SideChannel | None = None,
+        features: FeatureSink | None = None,
     ) -> None:
         self.machine = machine
         self.identity = identity
@@ -235,6 +242,8 @@ class ProtocolDriver:
         came up together, and server-free's first round expects every peer's model."""
         self.start_timeout_s = start_timeout_s
         self.side_channel = side_channel
+        self.features = features
+        """Graph tasks: where accepted halo readings go (``p2pfl.learning.features.HaloStore``)."""
         self._seq = SequenceCounter(time.time())
         self._send_locks: dict[str, trio.Lock] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
@@ -352,8 +361,8 @@ class ProtocolDriver:
             level = logging.getLevelName(action.level.upper())
             log.log(level if isinstance(level, int) else logging.INFO, action.message)
         elif isinstance(action, UseFeatures):
-            # The graph tasks build their halo from their own data set; the exchange moves the
-            # bytes a deployment would move (counted in status), the values are not re-read.
+            # Halo readings the machine accepted (owner, sensors and data checked): stored with
+            # the node's data and used from the next training on.
             log.info(
                 "node features received",
                 extra={
@@ -362,6 +371,12 @@ class ProtocolDriver:
                     "bytes": len(action.data),
                 },
             )
+            if self.features is not None:
+                try:
+                    self.features.use(action.peer, action.sensors, action.data)
+                except ValueError as exc:  # the machine checked it: counted, never fatal
+                    self.drops.count("update", "features_unusable", action.peer)
+                    log.warning("node features not used", extra={"error": str(exc)})
         elif isinstance(action, SetTimer):
             pass  # the loop reads next_deadline() after every event
         else:

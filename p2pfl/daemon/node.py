@@ -78,6 +78,7 @@ class Prepared:
     checkpoints: CheckpointStore
     resumed: Checkpoint | None
     lock_fd: int
+    halo: Any = None  # p2pfl.learning.features.HaloStore of a graph task's cloudlet, or None
 
 
 def load_trust(config: Config, identity: NodeIdentity) -> tuple[TrustPolicy, bytes | None]:
@@ -175,6 +176,15 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
 
     if task_cfg.data is not None and task_cfg.name.startswith("digits"):
         raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
+    from p2pfl.ml.readings import ReadingsError
+
+    options: dict[str, Any] = dict(task_cfg.options)
+    if task_cfg.name.startswith("traffic-"):
+        if "cloudlet" in options:
+            raise config.error(
+                "task.options.cloudlet", "a cloudlet daemon's cloudlet is [task] node_index"
+            )
+        options["cloudlet"] = task_cfg.node_index  # its own sensors' readings only
     try:
         task = build_task(
             task_cfg.name,
@@ -185,14 +195,23 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
             lr=task_cfg.lr,
             batch_size=task_cfg.batch_size,
             readings=task_cfg.data,
-            options=task_cfg.options,
+            options=options,
         )
+    except ReadingsError as exc:
+        raise StartupError(f"[task] data: {exc}", EXIT_DATA) from None
     except ValueError as exc:
         raise config.error("task.name", str(exc)) from None
     except TypeError as exc:  # an option the task does not take
         raise config.error("task.options", str(exc)) from None
     except OSError as exc:
         raise StartupError(f"[task] data {task_cfg.data}: {exc}", EXIT_DATA) from None
+    ignored = getattr(task, "ignored_sensors", ())
+    if ignored:
+        log.warning(
+            "readings of sensors owned by other cloudlets ignored: this cloudlet uses its own "
+            "sensors' readings and asks the owners for its halo",
+            extra={"ignored_sensors": len(ignored), "cloudlet": task_cfg.node_index},
+        )
     # --check takes no lock (its daemon may be running): a descriptor for close_prepared instead.
     lock_fd = (
         os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if check else _lock_state_dir(state_dir)
@@ -212,11 +231,13 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
     try:
         checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
         resumed, weights = (None, trainer.initial()) if check else _resume(checkpoints, trainer)
+        plan = _feature_plan(config, task)
+        halo = _halo_store(task, task_cfg.node_index, plan, trainer)
         machine = build_machine(
             config,
             identity.node_id,
             weights,
-            _feature_plan(config, task),
+            plan,
             rounds_done=int(resumed.state.get("round", 0)) if resumed is not None else 0,
         )
         if resumed is not None:
@@ -227,7 +248,7 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
         os.close(lock_fd)
         raise
     return Prepared(
-        config, identity, trust, certificate, trainer, machine, checkpoints, resumed, lock_fd
+        config, identity, trust, certificate, trainer, machine, checkpoints, resumed, lock_fd, halo
     )
 
 
@@ -280,7 +301,24 @@ def _feature_plan(config: Config, task: Any) -> Any:
         return None
     from p2pfl.learning.ops import feature_plan
 
-    return feature_plan(task, config.task.node_index, list(config.task.node_ids))
+    return feature_plan(
+        task,
+        config.task.node_index,
+        list(config.task.node_ids),
+        timeout=config.task.features_timeout_s,
+    )
+
+
+def _halo_store(task: Any, node: int, plan: Any, trainer: Any) -> Any:
+    """A cloudlet's store of the halo readings its owners send (None without a plan)."""
+    if plan is None or getattr(task, "cloudlet", None) is None:
+        return None
+    from p2pfl.learning.features import HaloStore
+
+    def use(data: Any) -> None:
+        trainer.data = data  # the next training and evaluation run on it
+
+    return HaloStore(task, node, plan, use)
 
 
 def neighbour_set(config: Config, node_id: str) -> frozenset[str] | None:
@@ -455,6 +493,7 @@ class Node:
             feature_bytes_received=int(
                 getattr(self.prepared.machine, "bytes_features_received", 0)
             ),
+            halo=None if self.prepared.halo is None else self.prepared.halo.status(),
         )
 
     def _status_line(self) -> str:
@@ -594,6 +633,7 @@ class Node:
                     start_peers=config.protocol.start_peers,
                     start_timeout_s=config.protocol.start_timeout_s,
                     side_channel=self.revocations,
+                    features=self.prepared.halo,
                 )
                 log.info(
                     "node started",
