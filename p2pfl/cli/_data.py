@@ -110,7 +110,6 @@ def split(
                 "cloudlet": cloudlet,
                 "file": path.name,
                 "sensors": len(members),
-                "halo_sensors": len(partition.halos[cloudlet]),
             }
         )
         click.echo(f"{path}: cloudlet {cloudlet}, {len(members)} sensors, {speeds.shape[0]} steps")

@@ -137,7 +137,8 @@ class HaloStore:
         self.received: dict[str, float] = {}
         """Owner -> when its readings were stored."""
         self.means: dict[str, float | None] = {}
-        """Owner -> mean of the readings it sent (mph, observed ones): what status shows."""
+        """Owner -> mean of its sensors' readings as stored in the task's table after its reply
+        (mph, observed ones): what status shows, and what the node trains on."""
         self.digests: dict[str, str] = {}
         """Owner -> sha256 (first 16 hex) of the bytes it sent."""
         self.started_at = clock()
@@ -158,7 +159,8 @@ class HaloStore:
         values = decode_readings(steps, sensors, data)
         self.task.put_readings(sensors, values)
         self.received[peer] = self.clock()
-        observed = values[~np.isnan(values)]
+        stored = np.asarray(self.task.windows.raw)[:, list(sensors)]  # what training reads
+        observed = stored[~np.isnan(stored)]
         self.means[peer] = float(observed.mean()) if observed.size else None
         self.digests[peer] = hashlib.sha256(data).hexdigest()[:16]
         self.on_data(self.task.node_data(self.node, self.task.n_nodes))
