@@ -77,8 +77,15 @@ def test_halo_readings_come_from_their_owners_and_a_silent_owner_is_masked(
     assert result.exit_code == 0, result.output
     with np.load(split / f"cloudlet-{LIAR}.npz") as f:
         speeds, sensor_ids = f["speeds"], f["sensor_ids"]
+    with np.load(split / f"cloudlet-{REQUESTER}.npz") as f:
+        others, other_ids = f["speeds"], f["sensor_ids"]
+    # The liar's file: its own sensors +10 mph, and the requester's sensors, which it must ignore.
     altered = split / "altered.npz"
-    np.savez(altered, speeds=np.where(speeds > 0, speeds + 10.0, 0.0), sensor_ids=sensor_ids)
+    np.savez(
+        altered,
+        speeds=np.concatenate([np.where(speeds > 0, speeds + 10.0, 0.0), others], axis=1),
+        sensor_ids=np.concatenate([sensor_ids, other_ids]),
+    )
 
     full = TrafficTask(days=2)
     halo = full.partition.halos[REQUESTER]
@@ -135,5 +142,11 @@ def test_halo_readings_come_from_their_owners_and_a_silent_owner_is_masked(
         flat = " ".join(shown.output.split())
         assert f"{len(from_liar)}/{len(halo)} sensors from their owners" in flat
         assert f"{len(from_silent)} masked (no readings from {ids[SILENT][:8]}" in flat
+        liar_status = cluster.status(LIAR)
+        assert liar_status is not None and liar_status.halo is not None
+        assert liar_status.halo["ignored_sensors"] == len(other_ids)
+        assert "readings of sensors owned by other cloudlets ignored" in (
+            cluster.nodes[LIAR].log_path.read_text()
+        )
         codes = cluster.stop_all(timeout=30)
         assert codes == {REQUESTER: 0, LIAR: 0}

@@ -248,3 +248,26 @@ def _nan_reply(steps: int, sensors: tuple[int, ...]) -> bytes:
     values = np.full((steps, len(sensors)), 50.0, dtype="<f4")
     values[0, 0] = np.nan
     return values.tobytes()
+
+
+def test_split_reads_the_published_layouts_and_refuses_bad_files(tmp_path: Path) -> None:
+    full = TrafficTask(days=2)
+    speeds = np.nan_to_num(full.windows.raw)
+    source = tmp_path / "metr-la.csv"
+    lines = ["time," + ",".join(full.graph.sensor_ids)]
+    lines += [f"t{t}," + ",".join(f"{v:.3f}" for v in row) for t, row in enumerate(speeds)]
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(cli_main, ["data", "split", str(source), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for c in (0, 4):
+        with np.load(out / f"cloudlet-{c}.npz") as f:
+            members = full.partition.members[c]
+            assert np.allclose(f["speeds"], speeds[:, members], atol=1e-3)
+    again = runner.invoke(cli_main, ["data", "split", str(source), "--out", str(out)])
+    assert again.exit_code == 2 and "already there" in again.output
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, speeds=np.zeros((400, 100)))  # 100 columns, no ids: not the graph's 207
+    refused = runner.invoke(cli_main, ["data", "split", str(bad), "--out", str(tmp_path / "b")])
+    assert refused.exit_code == 4 and "bad.npz" in refused.output
