@@ -32,6 +32,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "p2pfl.cli._federation:federation",
         "Federation key and membership certificates.",
     ),
+    "forecast": ("p2pfl.cli._forecast:forecast", "Show the daemon's live traffic forecast."),
     "init": ("p2pfl.cli._init:init", "Set up this node: key, configuration, admission."),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
     "logs": ("p2pfl.cli._logs:logs", "Show the daemon's log (journald or its log file)."),

@@ -226,6 +226,8 @@ def _summary(node: NodeStatus) -> str:
     lines.append(f"[bold]traffic[/]     in {_bytes(node.bytes_in)}, out {_bytes(node.bytes_out)}")
     if node.halo is not None:
         lines.append(f"[bold]halo[/]        {_halo(node.halo)}")
+    if node.live is not None:
+        lines.append(f"[bold]live[/]        {_live(node.live)}")
     dropped = sum(node.drops_by_stage.values())
     if dropped:
         # Per stage here; `--json` has every stage/reason.
@@ -255,6 +257,25 @@ def _halo(halo: dict[str, Any]) -> str:
         )
     if halo.get("ignored_sensors"):
         text += f"; {halo['ignored_sensors']} other cloudlets' sensors in its file ignored"
+    return text
+
+
+def _live(live: dict[str, Any]) -> str:
+    """Live operation: replay step, rolling forecast MAE, newest halo reading's age per owner."""
+    text = f"step {live.get('step')} of {live.get('steps')}"
+    if live.get("finished"):
+        text += " (replay finished)"
+    mae = live.get("mae", {})
+    shown = [f"{h} min {v:.2f}" for h, v in mae.items() if v is not None]
+    text += "; rolling MAE " + (", ".join(shown) if shown else "-")
+    ages = live.get("halo_age_s", {})
+    if ages:
+        text += "; halo age " + ", ".join(
+            f"{p[:SHORT_ID_CHARS]} " + (f"{a:.1f}s" if a is not None else "[yellow]none[/]")
+            for p, a in sorted(ages.items())
+        )
+    if live.get("masked_inputs"):
+        text += f"; [yellow]{live['masked_inputs']} halo inputs masked[/]"
     return text
 
 

@@ -132,6 +132,14 @@ class TaskSection:
 
 
 @dataclass(frozen=True, slots=True)
+class DataSection:
+    replay_speed: float = 0.0
+    """Graph tasks: replay the readings from the test split on at this many 5-minute steps per
+    second, pushing each new step to the subscribed cloudlets and forecasting live
+    (``p2pfl.daemon.live``); 0: off."""
+
+
+@dataclass(frozen=True, slots=True)
 class ExecutorSection:
     device: str = "cpu"
     threads: int = 1
@@ -181,6 +189,7 @@ class Config:
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     protocol: ProtocolSection = field(default_factory=ProtocolSection)
     task: TaskSection = field(default_factory=TaskSection)
+    data: DataSection = field(default_factory=DataSection)
     executor: ExecutorSection = field(default_factory=ExecutorSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -234,6 +243,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "task.lr": (lambda v: v > 0, "a number > 0"),
     "task.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "task.features_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
+    "data.replay_speed": (
+        lambda v: 0 <= v <= 1e4,
+        "a number of 5-minute steps per second, 0 (off) to 10000",
+    ),
     "protocol.start_peers": (lambda v: v >= 0, "an integer >= 0"),
     "protocol.start_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
     "protocol.range_km": (lambda v: v > 0, "a distance in km > 0"),

@@ -37,7 +37,13 @@ import trio
 from p2pfl import __version__
 from p2pfl.daemon.checkpoint import Checkpoint, CheckpointStore
 from p2pfl.daemon.config import EXIT_CONFIG, Config, ConfigError, load_config
-from p2pfl.daemon.control import CheckpointStatus, ControlServer, NodeStatus, PeerStatus
+from p2pfl.daemon.control import (
+    CheckpointStatus,
+    ControlError,
+    ControlServer,
+    NodeStatus,
+    PeerStatus,
+)
 from p2pfl.daemon.driver import NodeState, ProtocolDriver, rejected_from, rejected_messages
 from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics, set_log_level
@@ -233,6 +239,12 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
         resumed, weights = (None, trainer.initial()) if check else _resume(checkpoints, trainer)
         plan = _feature_plan(config, task)
         halo = _halo_store(task, task_cfg.node_index, plan, trainer)
+        if config.data.replay_speed > 0 and halo is None:
+            raise config.error(
+                "data.replay_speed",
+                "live replay needs a traffic task with [task] node_ids (the cloudlets whose "
+                "readings it pushes and receives); set replay_speed = 0 or add them",
+            )
         machine = build_machine(
             config,
             identity.node_id,
@@ -421,6 +433,7 @@ class Node:
         self.last_checkpoint: Checkpoint | None = prepared.resumed
         self.transport: Any = None
         self.revocations: RevocationKeeper | None = None
+        self.live: Any = None  # p2pfl.daemon.live.LiveFeed with [data] replay_speed
         self._checkpointed_model: Any = None
         self._stop_requested = trio.Event()
 
@@ -494,6 +507,7 @@ class Node:
                 getattr(self.prepared.machine, "bytes_features_received", 0)
             ),
             halo=None if self.prepared.halo is None else self.prepared.halo.status(),
+            live=None if self.live is None else self.live.status(),
         )
 
     def _status_line(self) -> str:
@@ -588,6 +602,7 @@ class Node:
                     "status": lambda _: self.status().to_json(),
                     "peers": self._peers_reply,
                     "stop": self._stop_reply,
+                    "forecast": self._forecast_reply,
                 },
             )
             await nursery.start(functools.partial(control.serve, drops=self.drops))
@@ -610,6 +625,21 @@ class Node:
             ) as transport:
                 self.transport = transport
                 self.revocations = RevocationKeeper(transport, config.state_dir, self.drops)
+                side_channel: Any = self.revocations
+                if config.data.replay_speed > 0:
+                    from p2pfl.daemon.live import LiveFeed, SideChannels
+
+                    self.live = LiveFeed(
+                        self.prepared.trainer.task,
+                        config.task.node_index,
+                        self.prepared.halo.plan.needs,
+                        config.task.node_ids,
+                        speed=config.data.replay_speed,
+                        drops=self.drops,
+                        model=lambda: self.state.model,
+                        on_step=self._live_metrics,
+                    )
+                    side_channel = SideChannels(self.revocations, self.live)
                 connected = lambda key: True  # noqa: E731 (trust was proven in signaling)
                 verifier = EnvelopeVerifier(
                     is_trusted=connected,
@@ -632,7 +662,7 @@ class Node:
                     primary_metric=self.prepared.trainer.task.primary_metric,
                     start_peers=config.protocol.start_peers,
                     start_timeout_s=config.protocol.start_timeout_s,
-                    side_channel=self.revocations,
+                    side_channel=side_channel,
                     features=self.prepared.halo,
                 )
                 log.info(
@@ -647,6 +677,8 @@ class Node:
                 async with trio.open_nursery() as work:
                     work.start_soon(driver.run, transport.events)
                     work.start_soon(self.revocations.run, driver.send_side)
+                    if self.live is not None:
+                        work.start_soon(self.live.run, driver.send_side)
                     work.start_soon(self._checkpoint_loop)
                     work.start_soon(self._status_loop)
                     work.start_soon(self.notifier.run_watchdog)
@@ -662,6 +694,24 @@ class Node:
             nursery.cancel_scope.cancel()
         log.info("stopped", extra={"round": self.state.round})
         return 0
+
+    def _forecast_reply(self, message: Any) -> Any:
+        """`p2pfl forecast`: the latest live forecast of this cloudlet's sensors."""
+        if self.live is None:
+            raise ControlError(
+                "no live forecast: this daemon has no [data] replay_speed (a traffic task with "
+                "[task] node_ids and replay_speed > 0 forecasts live)"
+            )
+        sensor = message.get("sensor")
+        if sensor is not None and not isinstance(sensor, str):
+            raise ControlError("sensor must be a sensor id (a string)")
+        try:
+            return self.live.forecast_reply(sensor)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+
+    def _live_metrics(self, live: Any) -> None:
+        live.export(self.metrics)
 
     def _peers_reply(self, _: Any) -> Any:
         return self.status().to_json()["peers"]
@@ -722,7 +772,16 @@ class Node:
             for entry in set(new.discovery.static_peers) - set(self.config.discovery.static_peers):
                 self.transport.add_candidate(parse_static_peer(entry))
         self.prepared.trust = trust
-        unchanged = ("node", "protocol", "task", "executor", "limits", "metrics", "checkpoints")
+        unchanged = (
+            "node",
+            "protocol",
+            "task",
+            "data",
+            "executor",
+            "limits",
+            "metrics",
+            "checkpoints",
+        )
         for section in unchanged:
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("changed [%s] needs a restart to take effect", section)

@@ -3,10 +3,12 @@
 Cloudlet 0 of METR-LA needs halo readings from cloudlets 3 and 6. Only daemons 0 and 6 run:
 6 serves altered readings (its file +10 mph), 3 never answers. Daemon 0 must train on exactly
 what 6 sent, wait for 3 until its deadline, then train with 3's sensors masked and say so.
+Both replay their test split live: 6 pushes each step to 0, which forecasts and scores itself.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ pytestmark = [
 
 REQUESTER, LIAR, SILENT = 0, 6, 3
 TIMEOUT_S = 4.0
+REPLAY_SPEED = 20.0  # 5-minute steps per second: the 2 days' test split (86 steps) in ~4 s
 
 
 def _wait_for(
@@ -64,7 +67,7 @@ def _use_file(config: Path, data: Path) -> None:
         count=1,
         flags=re.M,
     )
-    config.write_text(text)
+    config.write_text(text + f"\n[data]\nreplay_speed = {REPLAY_SPEED}\n")
 
 
 def test_halo_readings_come_from_their_owners_and_a_silent_owner_is_masked(
@@ -148,5 +151,33 @@ def test_halo_readings_come_from_their_owners_and_a_silent_owner_is_masked(
         assert "readings of sensors owned by other cloudlets ignored" in (
             cluster.nodes[LIAR].log_path.read_text()
         )
+        # Live: the replay runs to its end; the liar pushed every step to its subscriber, the
+        # requester forecast from them (the silent owner's sensors masked) and scored itself.
+        live = _wait_for(
+            cluster,
+            REQUESTER,
+            lambda s: s.live is not None and s.live["finished"],
+            60,
+            "the requester's replay to finish",
+        ).live
+        assert live is not None
+        assert live["pushes_received"] > 0 and live["halo_age_s"][ids[LIAR]] is not None
+        assert live["halo_age_s"][ids[SILENT]] is None
+        assert all(live["mae"][h] is not None for h in ("15", "30", "60"))
+        assert live["masked_inputs"] >= len(from_silent)
+        liar_live = cluster.status(LIAR)
+        assert liar_live is not None and liar_live.live is not None
+        assert liar_live.live["subscribers"] == 1 and liar_live.live["pushes_sent"] > 0
+        socket = str(cluster.nodes[REQUESTER].socket_path)
+        shown = CliRunner().invoke(cli_main, ["forecast", "--socket", socket, "--json"])
+        assert shown.exit_code == 0, shown.output
+        reply = json.loads(shown.output)
+        own = [full.graph.sensor_ids[i] for i in full.partition.members[REQUESTER]]
+        assert sorted(reply["sensors"]) == sorted(own) and reply["masked"]
+        assert all(len(v) == 3 and all(np.isfinite(v)) for v in reply["sensors"].values())
+        one = CliRunner().invoke(cli_main, ["forecast", "--socket", socket, "--sensor", own[0]])
+        assert one.exit_code == 0 and own[0] in one.output and "DEGRADED" in one.output
+        wrong = CliRunner().invoke(cli_main, ["forecast", "--socket", socket, "--sensor", "x"])
+        assert wrong.exit_code == 1 and "not one of this cloudlet" in wrong.output
         codes = cluster.stop_all(timeout=30)
         assert codes == {REQUESTER: 0, LIAR: 0}
