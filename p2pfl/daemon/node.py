@@ -27,6 +27,7 @@ import random
 import signal
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +183,6 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
 
     if task_cfg.data is not None and task_cfg.name.startswith("digits"):
         raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
-    from p2pfl.ml.readings import ReadingsError
-
     options: dict[str, Any] = dict(task_cfg.options)
     if task_cfg.name.startswith("traffic-"):
         if "cloudlet" in options:
@@ -203,9 +202,11 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
             readings=task_cfg.data,
             options=options,
         )
-    except ReadingsError as exc:
-        raise StartupError(f"[task] data: {exc}", EXIT_DATA) from None
     except ValueError as exc:
+        # Only a traffic task imports the readings module (a digits daemon never loads it).
+        readings = sys.modules.get("p2pfl.ml.readings")
+        if readings is not None and isinstance(exc, readings.ReadingsError):
+            raise StartupError(f"[task] data: {exc}", EXIT_DATA) from None
         raise config.error("task.name", str(exc)) from None
     except TypeError as exc:  # an option the task does not take
         raise config.error("task.options", str(exc)) from None
