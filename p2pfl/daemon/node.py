@@ -507,7 +507,9 @@ class Node:
             feature_bytes_received=int(
                 getattr(self.prepared.machine, "bytes_features_received", 0)
             ),
-            halo=None if self.prepared.halo is None else self.prepared.halo.status(),
+            halo=None
+            if self.prepared.halo is None
+            else self.prepared.halo.status(getattr(self.prepared.machine, "learning", None)),
             live=None if self.live is None else self.live.status(),
         )
 

@@ -169,10 +169,15 @@ class HaloStore:
             extra={"peer": peer, "sensors": len(sensors), "bytes": len(data)},
         )
 
-    def status(self) -> dict[str, Any]:
-        """For `p2pfl status`: what arrived from whom, and what is masked because it did not."""
+    def status(self, learning: bool | None = None) -> dict[str, Any]:
+        """For `p2pfl status`: what arrived from whom, and what is masked because it did not.
+
+        ``learning``: whether the protocol machine began learning (then owners that have not
+        answered are masked, no longer waited for); None: judged by the plan's timeout.
+        """
         missing = self.missing()
         waited = self.clock() - self.started_at
+        waiting = not learning if learning is not None else waited < self.plan.timeout
         return {
             "sensors": self.halo_sensors,
             "received_sensors": self.halo_sensors - sum(len(s) for s in missing.values()),
@@ -186,6 +191,6 @@ class HaloStore:
                 }
                 for peer, sensors in sorted(self.plan.needs.items())
             },
-            "waiting": bool(missing) and waited < self.plan.timeout,
+            "waiting": bool(missing) and waiting,
             "ignored_sensors": len(getattr(self.task, "ignored_sensors", ())),
         }

@@ -200,6 +200,11 @@ class Learner(Generic[W]):
         """Completed rounds (gossip: completed local trainings)."""
         raise NotImplementedError
 
+    @property
+    def learning(self) -> bool:
+        """Whether learning has begun (the feature plan was satisfied or its deadline passed)."""
+        return self._learning
+
     def next_deadline(self) -> float | None:
         return min(self._deadlines.values(), default=None)
 

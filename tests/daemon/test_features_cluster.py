@@ -169,6 +169,9 @@ def test_halo_readings_come_from_their_owners_and_a_silent_owner_is_masked(
         assert liar_live is not None and liar_live.live is not None
         assert liar_live.live["subscribers"] == 1 and liar_live.live["pushes_sent"] > 0
         socket = str(cluster.nodes[REQUESTER].socket_path)
+        status_text = CliRunner().invoke(cli_main, ["status", "--socket", socket])
+        flat = " ".join(status_text.output.split())
+        assert "(replay finished); rolling MAE 15 min" in flat and "halo inputs masked" in flat
         shown = CliRunner().invoke(cli_main, ["forecast", "--socket", socket, "--json"])
         assert shown.exit_code == 0, shown.output
         reply = json.loads(shown.output)
