@@ -106,6 +106,7 @@ class LiveFeed:
         self.start = int(task.windows.bounds["test"][0])
         self.n_his = int(task.windows.n_his)
         self.horizons = tuple(int(h) for h in task.windows.horizons)
+        self.laplacian = task.node_data(node, task.n_nodes).laplacian  # fixed by the graph
         self.pushed = np.full((self.steps, len(self.halo)), np.nan, dtype=np.float32)
         self.last_step: dict[str, int] = {}
         self.last_push_at: dict[str, float] = {}
@@ -242,7 +243,11 @@ class LiveFeed:
         if weights is None or step - self.n_his + 1 < 0:
             return
         window, masked = self._inputs(step)
-        prediction = await trio.to_thread.run_sync(self._predict, weights, window)
+        try:
+            prediction = await trio.to_thread.run_sync(self._predict, weights, window)
+        except Exception:  # a forecast that fails is logged and skipped, never the node's end
+            log.exception("live forecast failed", extra={"step": step})
+            return
         own = prediction[:, : len(self.own)]  # [horizons, own sensors] mph
         for h, row in zip(self.horizons, own, strict=True):
             if step + h < self.steps:
@@ -264,7 +269,6 @@ class LiveFeed:
         import torch
 
         windows = self.task.windows
-        data = self.task.node_data(self.node, self.task.n_nodes)
         if self._net is None:
             self._net = self.task.make_model()
             self._net.eval()
@@ -274,7 +278,7 @@ class LiveFeed:
         z = np.nan_to_num((window - windows.mean) / windows.std, nan=0.0).astype(np.float32)
         x = torch.from_numpy(z)[None, :, :, None]
         with torch.inference_mode():
-            out = self._net(x, data.laplacian) * windows.std + windows.mean
+            out = self._net(x, self.laplacian) * windows.std + windows.mean
         return np.asarray(out[0].numpy(), dtype=np.float64)
 
     def _score(self, step: int) -> None:
