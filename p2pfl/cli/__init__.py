@@ -27,10 +27,12 @@ from p2pfl.cli._errors import (
 
 _COMMANDS: dict[str, tuple[str, str]] = {
     # name: (import path, one-line help shown by `p2pfl --help`)
+    "data": ("p2pfl.cli._data:data", "Prepare data for a deployment (one file per cloudlet)."),
     "federation": (
         "p2pfl.cli._federation:federation",
         "Federation key and membership certificates.",
     ),
+    "forecast": ("p2pfl.cli._forecast:forecast", "Show the daemon's live traffic forecast."),
     "init": ("p2pfl.cli._init:init", "Set up this node: key, configuration, admission."),
     "keys": ("p2pfl.cli._keys:keys", "Create and show this node's identity key."),
     "logs": ("p2pfl.cli._logs:logs", "Show the daemon's log (journald or its log file)."),

@@ -224,6 +224,10 @@ def _summary(node: NodeStatus) -> str:
     )
     lines.append(f"[bold]training[/]    {node.training_state}")
     lines.append(f"[bold]traffic[/]     in {_bytes(node.bytes_in)}, out {_bytes(node.bytes_out)}")
+    if node.halo is not None:
+        lines.append(f"[bold]halo[/]        {_halo(node.halo)}")
+    if node.live is not None:
+        lines.append(f"[bold]live[/]        {_live(node.live)}")
     dropped = sum(node.drops_by_stage.values())
     if dropped:
         # Per stage here; `--json` has every stage/reason.
@@ -237,6 +241,42 @@ def _summary(node: NodeStatus) -> str:
             f"sha256 {ckpt.digest[:12]}"
         )
     return "\n".join(lines)
+
+
+def _halo(halo: dict[str, Any]) -> str:
+    """Graph tasks: how much of the halo its owners sent, and what is masked because not."""
+    text = f"{halo.get('received_sensors', 0)}/{halo.get('sensors', 0)} sensors from their owners"
+    owners = halo.get("owners", {})
+    late = sorted(p[:SHORT_ID_CHARS] for p, o in owners.items() if not o.get("received"))
+    if late and halo.get("waiting"):
+        text += f"; waiting for {', '.join(late)}"
+    elif late:
+        text += (
+            f"; [yellow]{halo.get('masked_sensors', 0)} masked[/] (no readings from "
+            f"{', '.join(late)})"
+        )
+    if halo.get("ignored_sensors"):
+        text += f"; {halo['ignored_sensors']} other cloudlets' sensors in its file ignored"
+    return text
+
+
+def _live(live: dict[str, Any]) -> str:
+    """Live operation: replay step, rolling forecast MAE, newest halo reading's age per owner."""
+    text = f"step {live.get('step')} of {live.get('steps')}"
+    if live.get("finished"):
+        text += " (replay finished)"
+    mae = live.get("mae", {})
+    shown = [f"{h} min {v:.2f}" for h, v in mae.items() if v is not None]
+    text += "; rolling MAE " + (", ".join(shown) if shown else "-")
+    ages = live.get("halo_age_s", {})
+    if ages:
+        text += "; halo age " + ", ".join(
+            f"{p[:SHORT_ID_CHARS]} " + (f"{a:.1f}s" if a is not None else "[yellow]none[/]")
+            for p, a in sorted(ages.items())
+        )
+    if live.get("masked_inputs"):
+        text += f"; [yellow]{live['masked_inputs']} halo inputs masked[/]"
+    return text
 
 
 def _peer_table(node: NodeStatus, *, paths: bool = False) -> Table:

@@ -143,8 +143,20 @@ class TaskSection:
     batch_size: int | None = None
     node_ids: tuple[str, ...] = ()
     """Graph tasks: the node id of every partition, by index, so halo features can be asked
-    of their owners; empty: no exchange (the task's own data holds the halo)."""
+    of their owners; empty: no exchange (the halo stays masked). A graph task's daemon holds
+    its own sensors' readings only (``data`` may be the file `p2pfl data split` wrote for it)."""
+    features_timeout_s: float = 30.0
+    """Graph tasks: how long learning waits for the halo's owners; those that have not answered
+    by then leave their sensors masked (``p2pfl status`` lists them)."""
     options: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DataSection:
+    replay_speed: float = 0.0
+    """Graph tasks: replay the readings from the test split on at this many 5-minute steps per
+    second, pushing each new step to the subscribed cloudlets and forecasting live
+    (``p2pfl.daemon.live``); 0: off."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +208,7 @@ class Config:
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     protocol: ProtocolSection = field(default_factory=ProtocolSection)
     task: TaskSection = field(default_factory=TaskSection)
+    data: DataSection = field(default_factory=DataSection)
     executor: ExecutorSection = field(default_factory=ExecutorSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -247,6 +260,11 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "task.node_index": (lambda v: v >= 0, "an integer >= 0"),
     "task.lr": (lambda v: v > 0, "a number > 0"),
     "task.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "task.features_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
+    "data.replay_speed": (
+        lambda v: 0 <= v <= 1e4,
+        "a number of 5-minute steps per second, 0 (off) to 10000",
+    ),
     "protocol.start_peers": (lambda v: v >= 0, "an integer >= 0"),
     "protocol.start_timeout_s": (lambda v: v >= 0, "a number of seconds >= 0"),
     "executor.threads": (lambda v: v >= 1, "an integer >= 1"),

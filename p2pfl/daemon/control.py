@@ -108,6 +108,12 @@ class NodeStatus:
     feature_bytes_sent: int = 0
     feature_bytes_received: int = 0
     """Graph tasks: node features (halo sensor readings) exchanged with peers."""
+    live: dict[str, Any] | None = None
+    """Live operation ([data] replay_speed): replay step, rolling forecast MAE by horizon, age of
+    each owner's newest pushed halo reading (``p2pfl.daemon.live.LiveFeed.status``)."""
+    halo: dict[str, Any] | None = None
+    """Graph tasks: the halo readings received from each owner and those masked because their
+    owner did not answer (``p2pfl.learning.features.HaloStore.status``); None: no halo."""
     transport: dict[str, int] = field(default_factory=dict)
     """Transport counters (dial failures, refused signaling, dropped frames...) by name."""
     revocation_serial: int | None = None

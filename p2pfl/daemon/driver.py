@@ -152,6 +152,12 @@ class SideChannel(Protocol):
     def received(self, peer: str, body: Any) -> None: ...
 
 
+class FeatureSink(Protocol):
+    """Graph tasks: stores the halo readings an owner sent (``UseFeatures``) with the data."""
+
+    def use(self, peer: str, sensors: tuple[int, ...], data: bytes) -> None: ...
+
+
 class DriverObserver(Protocol):
     """Hooks for metrics (all optional in effect: the default implementation does nothing)."""
 
@@ -263,6 +269,7 @@ class ProtocolDriver:
         start_peers: int = 0,
         start_timeout_s: float = 30.0,
         side_channel: SideChannel | None = None,
+        features: FeatureSink | None = None,
     ) -> None:
         self.machine = machine
         self.identity = identity
@@ -286,6 +293,8 @@ class ProtocolDriver:
         came up together, and server-free's first round expects every peer's model."""
         self.start_timeout_s = start_timeout_s
         self.side_channel = side_channel
+        self.features = features
+        """Graph tasks: where accepted halo readings go (``p2pfl.learning.features.HaloStore``)."""
         self._seq = SequenceCounter(time.time())
         self._send_locks: dict[str, trio.Lock] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[Any](math.inf)
@@ -367,13 +376,21 @@ class ProtocolDriver:
             self.runtime.handle(event)
 
     def features_received(self, action: UseFeatures) -> None:
-        """A graph task's halo readings from a peer (the runtime's ``use_features`` hook)."""
-        # The graph tasks build their halo from their own data set; the exchange moves the
-        # bytes a deployment would move (counted in status), the values are not re-read.
+        """Halo readings the machine accepted (the runtime's ``use_features`` hook).
+
+        Owner, sensors and data were checked by the machine; they are stored with the node's data
+        and used from the next training on.
+        """
         log.info(
             "node features received",
             extra={"peer": action.peer, "sensors": len(action.sensors), "bytes": len(action.data)},
         )
+        if self.features is not None:
+            try:
+                self.features.use(action.peer, action.sensors, action.data)
+            except ValueError as exc:  # the machine checked it: counted, never fatal
+                self.drops.count("update", "features_unusable", action.peer)
+                log.warning("node features not used", extra={"error": str(exc)})
 
     # ---- receiving --------------------------------------------------------------------------
 

@@ -65,6 +65,18 @@ class NodeMetrics:
             "p2pfl_training_seconds", "Wall time spent training", registry=r
         )
         self.samples = Counter("p2pfl_trained_samples", "Samples trained on", registry=r)
+        self.forecast_mae = Gauge(
+            "p2pfl_forecast_mae_mph",
+            "Live operation: rolling MAE of this cloudlet's forecasts, by horizon (minutes)",
+            ["horizon"],
+            registry=r,
+        )
+        self.halo_age = Gauge(
+            "p2pfl_halo_age_seconds",
+            "Live operation: age of the newest halo reading pushed by each owner",
+            ["owner"],
+            registry=r,
+        )
         self.energy = Counter(
             "p2pfl_energy_joules", "Energy of training where the device reports it", registry=r
         )

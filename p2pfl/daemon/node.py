@@ -27,6 +27,7 @@ import random
 import signal
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,13 @@ import trio
 from p2pfl import __version__
 from p2pfl.daemon.checkpoint import Checkpoint, CheckpointStore
 from p2pfl.daemon.config import EXIT_CONFIG, Config, ConfigError, load_config
-from p2pfl.daemon.control import CheckpointStatus, ControlServer, NodeStatus, PeerStatus
+from p2pfl.daemon.control import (
+    CheckpointStatus,
+    ControlError,
+    ControlServer,
+    NodeStatus,
+    PeerStatus,
+)
 from p2pfl.daemon.driver import NodeState, ProtocolDriver, rejected_from, rejected_messages
 from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics, set_log_level
@@ -78,6 +85,7 @@ class Prepared:
     checkpoints: CheckpointStore
     resumed: Checkpoint | None
     lock_fd: int
+    halo: Any = None  # p2pfl.learning.features.HaloStore of a graph task's cloudlet, or None
 
 
 def load_trust(config: Config, identity: NodeIdentity) -> tuple[TrustPolicy, bytes | None]:
@@ -175,6 +183,13 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
 
     if task_cfg.data is not None and task_cfg.name.startswith("digits"):
         raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
+    options: dict[str, Any] = dict(task_cfg.options)
+    if task_cfg.name.startswith("traffic-"):
+        if "cloudlet" in options:
+            raise config.error(
+                "task.options.cloudlet", "a cloudlet daemon's cloudlet is [task] node_index"
+            )
+        options["cloudlet"] = task_cfg.node_index  # its own sensors' readings only
     try:
         task = build_task(
             task_cfg.name,
@@ -185,14 +200,25 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
             lr=task_cfg.lr,
             batch_size=task_cfg.batch_size,
             readings=task_cfg.data,
-            options=task_cfg.options,
+            options=options,
         )
     except ValueError as exc:
+        # Only a traffic task imports the readings module (a digits daemon never loads it).
+        readings = sys.modules.get("p2pfl.ml.readings")
+        if readings is not None and isinstance(exc, readings.ReadingsError):
+            raise StartupError(f"[task] data: {exc}", EXIT_DATA) from None
         raise config.error("task.name", str(exc)) from None
     except TypeError as exc:  # an option the task does not take
         raise config.error("task.options", str(exc)) from None
     except OSError as exc:
         raise StartupError(f"[task] data {task_cfg.data}: {exc}", EXIT_DATA) from None
+    ignored = getattr(task, "ignored_sensors", ())
+    if ignored:
+        log.warning(
+            "readings of sensors owned by other cloudlets ignored: this cloudlet uses its own "
+            "sensors' readings and asks the owners for its halo",
+            extra={"ignored_sensors": len(ignored), "cloudlet": task_cfg.node_index},
+        )
     # --check takes no lock (its daemon may be running): a descriptor for close_prepared instead.
     lock_fd = (
         os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if check else _lock_state_dir(state_dir)
@@ -212,11 +238,19 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
     try:
         checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
         resumed, weights = (None, trainer.initial()) if check else _resume(checkpoints, trainer)
+        plan = _feature_plan(config, task)
+        halo = _halo_store(task, task_cfg.node_index, plan, trainer)
+        if config.data.replay_speed > 0 and halo is None:
+            raise config.error(
+                "data.replay_speed",
+                "live replay needs a traffic task with [task] node_ids (the cloudlets whose "
+                "readings it pushes and receives); set replay_speed = 0 or add them",
+            )
         machine = build_machine(
             config,
             identity.node_id,
             weights,
-            _feature_plan(config, task),
+            plan,
             rounds_done=int(resumed.state.get("round", 0)) if resumed is not None else 0,
         )
         if resumed is not None:
@@ -227,7 +261,7 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
         os.close(lock_fd)
         raise
     return Prepared(
-        config, identity, trust, certificate, trainer, machine, checkpoints, resumed, lock_fd
+        config, identity, trust, certificate, trainer, machine, checkpoints, resumed, lock_fd, halo
     )
 
 
@@ -280,7 +314,24 @@ def _feature_plan(config: Config, task: Any) -> Any:
         return None
     from p2pfl.learning.ops import feature_plan
 
-    return feature_plan(task, config.task.node_index, list(config.task.node_ids))
+    return feature_plan(
+        task,
+        config.task.node_index,
+        list(config.task.node_ids),
+        timeout=config.task.features_timeout_s,
+    )
+
+
+def _halo_store(task: Any, node: int, plan: Any, trainer: Any) -> Any:
+    """A cloudlet's store of the halo readings its owners send (None without a plan)."""
+    if plan is None or getattr(task, "cloudlet", None) is None:
+        return None
+    from p2pfl.learning.features import HaloStore
+
+    def use(data: Any) -> None:
+        trainer.data = data  # the next training and evaluation run on it
+
+    return HaloStore(task, node, plan, use)
 
 
 def neighbour_set(config: Config, node_id: str) -> frozenset[str] | None:
@@ -374,6 +425,7 @@ class Node:
         self.last_checkpoint: Checkpoint | None = prepared.resumed
         self.transport: Any = None
         self.revocations: RevocationKeeper | None = None
+        self.live: Any = None  # p2pfl.daemon.live.LiveFeed with [data] replay_speed
         self._checkpointed_model: Any = None
         self._stop_requested = trio.Event()
 
@@ -446,6 +498,10 @@ class Node:
             feature_bytes_received=int(
                 getattr(self.prepared.machine, "bytes_features_received", 0)
             ),
+            halo=None
+            if self.prepared.halo is None
+            else self.prepared.halo.status(getattr(self.prepared.machine, "learning", None)),
+            live=None if self.live is None else self.live.status(),
         )
 
     def _status_line(self) -> str:
@@ -540,6 +596,7 @@ class Node:
                     "status": lambda _: self.status().to_json(),
                     "peers": self._peers_reply,
                     "stop": self._stop_reply,
+                    "forecast": self._forecast_reply,
                 },
             )
             await nursery.start(functools.partial(control.serve, drops=self.drops))
@@ -562,6 +619,21 @@ class Node:
             ) as transport:
                 self.transport = transport
                 self.revocations = RevocationKeeper(transport, config.state_dir, self.drops)
+                side_channel: Any = self.revocations
+                if config.data.replay_speed > 0:
+                    from p2pfl.daemon.live import LiveFeed, SideChannels
+
+                    self.live = LiveFeed(
+                        self.prepared.trainer.task,
+                        config.task.node_index,
+                        self.prepared.halo.plan.needs,
+                        config.task.node_ids,
+                        speed=config.data.replay_speed,
+                        drops=self.drops,
+                        model=lambda: self.state.model,
+                        on_step=self._live_metrics,
+                    )
+                    side_channel = SideChannels(self.revocations, self.live)
                 connected = lambda key: True  # noqa: E731 (trust was proven in signaling)
                 verifier = EnvelopeVerifier(
                     is_trusted=connected,
@@ -584,7 +656,8 @@ class Node:
                     primary_metric=self.prepared.trainer.task.primary_metric,
                     start_peers=config.protocol.start_peers,
                     start_timeout_s=config.protocol.start_timeout_s,
-                    side_channel=self.revocations,
+                    side_channel=side_channel,
+                    features=self.prepared.halo,
                 )
                 log.info(
                     "node started",
@@ -598,6 +671,8 @@ class Node:
                 async with trio.open_nursery() as work:
                     work.start_soon(driver.run, transport.events)
                     work.start_soon(self.revocations.run, driver.send_side)
+                    if self.live is not None:
+                        work.start_soon(self.live.run, driver.send_side)
                     work.start_soon(self._checkpoint_loop)
                     work.start_soon(self._status_loop)
                     work.start_soon(self.notifier.run_watchdog)
@@ -613,6 +688,24 @@ class Node:
             nursery.cancel_scope.cancel()
         log.info("stopped", extra={"round": self.state.round})
         return 0
+
+    def _forecast_reply(self, message: Any) -> Any:
+        """`p2pfl forecast`: the latest live forecast of this cloudlet's sensors."""
+        if self.live is None:
+            raise ControlError(
+                "no live forecast: this daemon has no [data] replay_speed (a traffic task with "
+                "[task] node_ids and replay_speed > 0 forecasts live)"
+            )
+        sensor = message.get("sensor")
+        if sensor is not None and not isinstance(sensor, str):
+            raise ControlError("sensor must be a sensor id (a string)")
+        try:
+            return self.live.forecast_reply(sensor)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+
+    def _live_metrics(self, live: Any) -> None:
+        live.export(self.metrics)
 
     def _peers_reply(self, _: Any) -> Any:
         return self.status().to_json()["peers"]
@@ -673,7 +766,16 @@ class Node:
             for entry in set(new.discovery.static_peers) - set(self.config.discovery.static_peers):
                 self.transport.add_candidate(parse_static_peer(entry))
         self.prepared.trust = trust
-        unchanged = ("node", "protocol", "task", "executor", "limits", "metrics", "checkpoints")
+        unchanged = (
+            "node",
+            "protocol",
+            "task",
+            "data",
+            "executor",
+            "limits",
+            "metrics",
+            "checkpoints",
+        )
         for section in unchanged:
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("changed [%s] needs a restart to take effect", section)

@@ -5,7 +5,8 @@ handle for a node (real training, synchronous), evaluates a handle, and sizes it
 model. ``StateDictOps`` is the ``ModelOps`` the protocol machines get: validation and aggregation
 by the learning core's primitives (``validate_update``, ``AGGREGATORS``) over state_dicts; the
 daemon uses it as is. :func:`feature_plan` tells a graph task's node which halo readings to ask
-of whom and what it serves; the daemon and the virtual engine build their plans with it.
+of whom, what it serves and how a reply is checked; the daemon and the virtual engine build
+their plans with it.
 
 Handles are never changed after creation: training copies, aggregators allocate their output.
 That lets many nodes share one handle (FedAvg participants adopting the same global model) and
@@ -21,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from p2pfl.ml import TrainConfig, load_task
@@ -145,33 +145,14 @@ def load_scenario_task(scenario: ScenarioLike) -> Any:
     )
 
 
-def feature_plan(task: Any, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
-    """Graph tasks: the halo readings cloudlet ``node`` needs, by owner, and what it serves.
+def feature_plan(
+    task: Any, node: int, node_ids: Sequence[str], *, timeout: float = 30.0
+) -> FeaturePlan | None:
+    """Graph tasks: the halo readings cloudlet ``node`` needs, by owner, what it serves, and the
+    check a reply must pass (see :mod:`p2pfl.learning.features`). None for other tasks."""
+    from p2pfl.learning.features import feature_plan as plan
 
-    ``node_ids[i]`` is the node id of partition ``i``. The replies carry the real readings
-    (float32, the whole table of those sensors) from the task's speed table; the task's own data
-    already holds the halo, so the exchange is there to move and count exactly the bytes a
-    deployment would move. None for tasks without a graph partition.
-    """
-    partition = getattr(task, "partition", None)
-    windows = getattr(task, "windows", None)
-    if partition is None or windows is None or not hasattr(partition, "halos"):
-        return None
-    owner = partition.owner
-    needs: dict[str, tuple[int, ...]] = {}
-    for sensor in partition.halos[node]:
-        needs.setdefault(node_ids[int(owner[sensor])], ())
-        needs[node_ids[int(owner[sensor])]] += (int(sensor),)
-    table = windows.truth
-
-    def source(sensors: tuple[int, ...]) -> bytes | None:
-        if not sensors or any(int(owner[s]) != node for s in sensors):
-            return None
-        columns = table[:, list(sensors)]
-        data = columns.numpy() if hasattr(columns, "numpy") else columns
-        return bytes(np.ascontiguousarray(data, dtype=np.float32).tobytes())
-
-    return FeaturePlan(needs=needs, source=source, timeout=30.0)
+    return plan(task, node, node_ids, timeout=timeout)
 
 
 def _frozen_copy(state: dict[str, torch.Tensor]) -> StateDict:

@@ -13,6 +13,7 @@ supervised targets: training windows x own sensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,10 @@ from torch import nn
 from p2pfl.ml.metrics import ForecastMeter
 from p2pfl.ml.models import STGCN, STGCNConfig
 from p2pfl.ml.partition import CloudletPartition, partition_cloudlets
-from p2pfl.ml.readings import load_speeds
+from p2pfl.ml.readings import ReadingsError, load_speeds
 from p2pfl.ml.synthetic import STEPS_PER_DAY, SpeedModel, generate_speeds
 from p2pfl.ml.task import NodeData, Task
-from p2pfl.ml.traffic import SensorGraph, load_graph, scaled_laplacian
+from p2pfl.ml.traffic import ADJACENCIES, SensorGraph, load_graph, scaled_laplacian
 from p2pfl.ml.train import Batch, BatchSource, LossFn, TrainConfig
 
 __all__ = [
@@ -51,15 +52,18 @@ class SpeedWindows:
         n_his: int = 12,
         horizons: tuple[int, ...] = (3, 6, 12),
         start_weekday: int = 3,
+        stats: tuple[float, float] | None = None,
     ) -> None:
         steps = speeds.shape[0]
         self.n_his, self.horizons, self.start_weekday = n_his, horizons, start_weekday
         self.bounds = {k: (round(a * steps), round(b * steps)) for k, (a, b) in SPLITS.items()}
-        train = speeds[: self.bounds["train"][1]]
-        observed = train[~np.isnan(train)]
-        if observed.size == 0:
-            raise ValueError("the training split holds no observed reading")
-        self.mean, self.std = float(observed.mean()), float(observed.std()) or 1.0
+        if stats is None:
+            train = speeds[: self.bounds["train"][1]]
+            observed = train[~np.isnan(train)]
+            if observed.size == 0:
+                raise ValueError("the training split holds no observed reading")
+            stats = float(observed.mean()), float(observed.std()) or 1.0
+        self.mean, self.std = stats
         z = (speeds - self.mean) / self.std
         self.z = torch.from_numpy(np.nan_to_num(z, nan=0.0).astype(np.float32))
         self.truth = torch.from_numpy(speeds.astype(np.float32))  # mph, NaN = missing
@@ -151,7 +155,14 @@ class TrafficTask(Task):
     Options: ``graph`` (packaged name or folder), ``days`` of synthetic speeds (default 28),
     ``readings`` (a CSV/NPZ/HDF5 file of real speeds, replacing the synthetic ones),
     ``speed_model`` (:class:`~p2pfl.ml.synthetic.SpeedModel`), ``config`` (TrainConfig),
-    ``hops`` of the halo (2), ``range_km`` of the cloudlet neighbour graph.
+    ``hops`` of the halo (2), ``range_km`` of the cloudlet neighbour graph, ``adjacency``
+    (``"road"`` or ``"kernel"``, see :mod:`p2pfl.ml.traffic`) and ``kernel_radius_km``.
+
+    ``cloudlet`` (a daemon's view): the task holds the readings of that cloudlet's own sensors
+    only. A readings file may then hold just those (``p2pfl data split``); readings of other
+    sensors in it, or of the synthetic table, are dropped (``ignored_sensors`` names them), and
+    the z-score statistics are those of the own sensors' training readings. The halo's columns
+    stay missing (masked) until :meth:`put_readings` stores what their owners sent.
     """
 
     kind = "forecast"
@@ -172,12 +183,26 @@ class TrafficTask(Task):
         model_config: STGCNConfig | None = None,
         hops: int = 2,
         range_km: float | None = None,
+        adjacency: str = "road",
+        kernel_radius_km: float | None = None,
+        cloudlet: int | None = None,
     ) -> None:
         super().__init__(n_nodes=n_nodes, seed=seed)
         self.graph: SensorGraph = load_graph(graph)
         self.name = name or f"traffic-{self.graph.name}"
+        if adjacency not in ADJACENCIES:
+            raise ValueError(
+                f"adjacency {adjacency!r} is unknown; choose one of {', '.join(ADJACENCIES)}"
+            )
+        if kernel_radius_km is not None and adjacency != "kernel":
+            raise ValueError('kernel_radius_km applies to adjacency = "kernel" only')
+        self.adjacency, self.kernel_radius_km = adjacency, kernel_radius_km
         self.partition: CloudletPartition = partition_cloudlets(
-            self.graph, hops=hops, range_km=range_km
+            self.graph,
+            hops=hops,
+            range_km=range_km,
+            adjacency=adjacency,
+            kernel_radius_km=kernel_radius_km,
         )
         if n_nodes != len(self.graph.cloudlets):
             raise ValueError(
@@ -187,17 +212,69 @@ class TrafficTask(Task):
         self.model_config = model_config or STGCNConfig()
         self.config = config or TrainConfig(lr=2e-3, batch_size=8)
         speed_model = speed_model or SpeedModel()
+        if cloudlet is not None and not 0 <= cloudlet < n_nodes:
+            raise ValueError(f"cloudlet must be 0..{n_nodes - 1}, got {cloudlet}")
+        self.cloudlet = cloudlet
         if readings is not None:
-            speeds = load_speeds(Path(readings), self.graph)
+            speeds = load_speeds(Path(readings), self.graph, partial=cloudlet is not None)
         else:
             speeds = generate_speeds(self.graph, days=days, seed=seed, model=speed_model)
-        self.windows = SpeedWindows(
+        self.ignored_sensors: tuple[str, ...] = ()
+        stats = None
+        if cloudlet is not None:
+            own = np.zeros(self.graph.num_sensors, dtype=bool)
+            own[self.partition.members[cloudlet]] = True
+            held = ~np.isnan(speeds).all(axis=0)
+            missing = own & ~held
+            if missing.any():
+                shown = ", ".join(self.graph.sensor_ids[i] for i in np.flatnonzero(missing)[:5])
+                raise ReadingsError(
+                    f"{readings}: {int(missing.sum())} sensor(s) of cloudlet {cloudlet} have no "
+                    f"readings ({shown}); give this cloudlet the file `p2pfl data split` wrote "
+                    "for it"
+                )
+            if readings is not None:  # synthetic speeds are generated, not given
+                self.ignored_sensors = tuple(
+                    self.graph.sensor_ids[i] for i in np.flatnonzero(held & ~own)
+                )
+            speeds = np.where(own[None, :], speeds, np.nan).astype(np.float32)
+            split_end = round(SPLITS["train"][1] * speeds.shape[0])
+            observed = speeds[:split_end][~np.isnan(speeds[:split_end])]
+            if observed.size == 0:
+                raise ValueError(f"cloudlet {cloudlet}: its training split holds no reading")
+            stats = float(observed.mean()), float(observed.std()) or 1.0
+        self._start_weekday = speed_model.start_weekday
+        self.windows = self._windows(speeds, stats)
+        self._data: dict[int | None, CloudletData] = {}
+
+    def put_readings(self, sensors: Sequence[int], values: np.ndarray) -> None:
+        """Store readings of halo ``sensors`` ([time, len(sensors)], NaN = missing) an owner sent.
+
+        Only a cloudlet's view takes them, only for its halo, and only for its whole series; the
+        z-score statistics stay those of the own sensors. The cloudlet's data is rebuilt.
+        """
+        if self.cloudlet is None:
+            raise ValueError("readings are put into a cloudlet's view only (cloudlet option)")
+        halo = {int(s) for s in self.partition.halos[self.cloudlet]}
+        columns = [int(s) for s in sensors]
+        if not columns or any(s not in halo for s in columns):
+            raise ValueError(f"sensors {columns} are not all in cloudlet {self.cloudlet}'s halo")
+        raw = np.array(self.windows.raw, dtype=np.float32, copy=True)
+        expected = (raw.shape[0], len(columns))
+        if values.shape != expected:
+            raise ValueError(f"readings of shape {values.shape}; expected {expected}")
+        raw[:, columns] = values
+        self.windows = self._windows(raw, (self.windows.mean, self.windows.std))
+        self._data.clear()
+
+    def _windows(self, speeds: np.ndarray, stats: tuple[float, float] | None) -> SpeedWindows:
+        return SpeedWindows(
             speeds,
             n_his=self.model_config.n_his,
             horizons=self.model_config.horizons,
-            start_weekday=speed_model.start_weekday,
+            start_weekday=self._start_weekday,
+            stats=stats,
         )
-        self._data: dict[int | None, CloudletData] = {}
 
     def _build_model(self) -> nn.Module:
         return STGCN(self.model_config)
@@ -210,7 +287,9 @@ class TrafficTask(Task):
             else:
                 nodes = self.partition.subgraph(cloudlet)
                 n_own = len(self.partition.members[cloudlet])
-            adjacency = self.graph.adjacency()[np.ix_(nodes, nodes)]
+            adjacency = self.graph.adjacency(self.adjacency, self.kernel_radius_km)[
+                np.ix_(nodes, nodes)
+            ]
             index = torch.from_numpy(nodes)
             self._data[cloudlet] = CloudletData(
                 cloudlet=cloudlet,

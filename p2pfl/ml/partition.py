@@ -155,9 +155,17 @@ class CloudletPartition:
 
 
 def partition_cloudlets(
-    graph: SensorGraph, *, hops: int = 2, range_km: float | None = None
+    graph: SensorGraph,
+    *,
+    hops: int = 2,
+    range_km: float | None = None,
+    adjacency: str = "road",
+    kernel_radius_km: float | None = None,
 ) -> CloudletPartition:
     """Nearest cloudlet within ``graph.radius_km``; halo over the model's adjacency.
+
+    ``adjacency``/``kernel_radius_km`` name the graph (``SensorGraph.adjacency``): the halo is
+    taken over the same graph the model convolves over.
 
     Two cloudlets are neighbours (may talk directly) when their centres are within ``range_km``,
     by default twice the radius, i.e. their coverage disks touch.
@@ -173,9 +181,9 @@ def partition_cloudlets(
     owner = np.where(dist.min(axis=1) <= graph.radius_km, nearest, -1)
     # Left-out sensors leave the graph too: no cloudlet has their readings.
     covered = owner >= 0
-    adjacency = graph.adjacency() * (covered[:, None] & covered[None, :])
+    weights = graph.adjacency(adjacency, kernel_radius_km) * (covered[:, None] & covered[None, :])
     members = tuple(np.flatnonzero(owner == c) for c in range(len(graph.cloudlets)))
-    halos = tuple(k_hop_halo(adjacency, m, hops) for m in members)
+    halos = tuple(k_hop_halo(weights, m, hops) for m in members)
     range_km = 2 * graph.radius_km if range_km is None else range_km
     between = haversine_km(c_lat[:, None], c_lon[:, None], c_lat[None, :], c_lon[None, :])
     neighbours = tuple(

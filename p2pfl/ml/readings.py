@@ -106,8 +106,14 @@ def _read_h5(path: Path) -> tuple[list[str] | None, np.ndarray]:
     return ids, values
 
 
-def load_speeds(path: Path, graph: SensorGraph, *, zero_is_missing: bool = True) -> np.ndarray:
-    """[time, sensors] float32 speeds in the graph's sensor order, NaN where missing."""
+def load_speeds(
+    path: Path, graph: SensorGraph, *, zero_is_missing: bool = True, partial: bool = False
+) -> np.ndarray:
+    """[time, sensors] float32 speeds in the graph's sensor order, NaN where missing.
+
+    ``partial``: the file may hold a subset of the graph's sensors (by ``sensor_ids``, as
+    ``p2pfl data split`` writes one cloudlet's file); the others' columns are all NaN.
+    """
     path = Path(path)
     if not path.is_file():
         raise ReadingsError(f"{path}: file not found")
@@ -138,12 +144,20 @@ def load_speeds(path: Path, graph: SensorGraph, *, zero_is_missing: bool = True)
     else:
         position = {sid: i for i, sid in enumerate(ids)}
         missing = [sid for sid in graph.sensor_ids if sid not in position]
-        if missing:
+        if missing and partial:
+            if len(missing) == len(graph.sensor_ids):
+                raise ReadingsError(f"{path}: no column is a sensor of graph {graph.name!r}")
+            full = np.full((values.shape[0], expected), np.nan)
+            held = [i for i, sid in enumerate(graph.sensor_ids) if sid in position]
+            full[:, held] = values[:, [position[graph.sensor_ids[i]] for i in held]]
+            values = full
+        elif missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ReadingsError(
                 f"{path}: {len(missing)} sensor(s) of graph {graph.name!r} have no column: {shown}"
             )
-        values = values[:, [position[sid] for sid in graph.sensor_ids]]
+        else:
+            values = values[:, [position[sid] for sid in graph.sensor_ids]]
     if values.shape[0] < MIN_STEPS:
         raise ReadingsError(
             f"{path}: only {values.shape[0]} time steps; need at least {MIN_STEPS} (one day)"
@@ -152,6 +166,8 @@ def load_speeds(path: Path, graph: SensorGraph, *, zero_is_missing: bool = True)
         values = np.where(values == 0, np.nan, values)
     values = np.where(np.isfinite(values), values, np.nan)
     empty = np.flatnonzero(np.isnan(values).all(axis=0))
+    if partial and ids is not None:
+        empty = np.array([i for i in empty if graph.sensor_ids[i] in position], dtype=np.int64)
     if empty.size:
         shown = ", ".join(graph.sensor_ids[i] for i in empty[:5]) + (
             " ..." if empty.size > 5 else ""

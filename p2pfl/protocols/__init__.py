@@ -61,6 +61,7 @@ from ._messages import Message as Message
 from ._messages import MessageError as MessageError
 from ._messages import RoundUpdate as RoundUpdate
 from ._messages import decode_message as decode_message
+from ._ops import FeatureCheck as FeatureCheck
 from ._ops import FeaturePlan as FeaturePlan
 from ._ops import FeatureSource as FeatureSource
 from ._ops import ModelOps as ModelOps

@@ -200,6 +200,11 @@ class Learner(Generic[W]):
         """Completed rounds (gossip: completed local trainings)."""
         raise NotImplementedError
 
+    @property
+    def learning(self) -> bool:
+        """Whether learning has begun (the feature plan was satisfied or its deadline passed)."""
+        return self._learning
+
     def next_deadline(self) -> float | None:
         return min(self._deadlines.values(), default=None)
 
@@ -313,10 +318,22 @@ class Learner(Generic[W]):
         ]
 
     def _take_features(self, peer: str, reply: FeatureReply, now: float) -> list[Action[W]]:
+        needs = self._plan.needs
+        if peer not in needs:
+            return self._reject(peer, "features_not_owner")  # it owns none of our halo
         if peer not in self._features_pending:
-            return self._drop("unexpected_features")
-        if reply.sensors != self._plan.needs[peer]:
+            return self._drop("unexpected_features")  # already taken: a duplicate
+        planned = {s for owned in needs.values() for s in owned}
+        if any(s not in planned for s in reply.sensors):
+            return self._reject(peer, "features_unknown_sensor")
+        if any(s not in needs[peer] for s in reply.sensors):
+            return self._reject(peer, "features_not_owner")  # another owner's sensors
+        if reply.sensors != needs[peer]:
             return self._reject(peer, "wrong_features")
+        if self._plan.check is not None:
+            reason = self._plan.check(reply.sensors, reply.data)
+            if reason is not None:
+                return self._reject(peer, reason)
         self._features_pending.discard(peer)
         self.bytes_features_received += len(reply.data)
         actions: list[Action[W]] = [

@@ -67,6 +67,10 @@ def uniform_peer(peers: Sequence[str], rng: random.Random) -> str:
 FeatureSource = Callable[[tuple[int, ...]], bytes | None]
 """The readings of the given sensors, encoded; None if this node does not own all of them."""
 
+FeatureCheck = Callable[[tuple[int, ...], bytes], str | None]
+"""None if a reply's encoded readings of the given sensors are acceptable, else a reason slug
+(wrong length, values not finite or out of range): pure, like ``ModelOps``."""
+
 
 @dataclass(frozen=True, slots=True)
 class FeaturePlan:
@@ -74,9 +78,13 @@ class FeaturePlan:
 
     ``needs`` maps a peer to the sensors (its own) whose readings this node needs (its halo).
     Learning starts when every needed reply arrived, or ``timeout`` seconds after ``Start``
-    (missing halo readings then stay missing, as the task's masking allows).
+    (missing halo readings then stay missing, as the task's masking allows). A reply is taken
+    only from the owner it was asked of, for exactly the sensors asked, and only if ``check``
+    (when given) accepts its data; anything else is dropped with a reason and the owner stays
+    pending.
     """
 
     needs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     source: FeatureSource | None = None
     timeout: float = 30.0
+    check: FeatureCheck | None = None

@@ -103,3 +103,28 @@ def test_check_in_federation_mode_without_a_key_says_to_create_one_and_writes_no
     assert result.returncode == 3
     assert "p2pfl keys init --state-dir" in _one_line(result)
     assert not (short_tmp / "state").exists()
+
+
+def test_live_replay_without_a_graph_tasks_cloudlets_exits_2(short_tmp: Path) -> None:
+    config = _config(short_tmp, extra="[data]\nreplay_speed = 10.0\n")
+    result = _run(config, "--check")
+    assert result.returncode == 2
+    line = _one_line(result)
+    assert f"{config}:10: data.replay_speed: live replay needs a traffic task" in line
+
+
+def test_another_cloudlets_file_exits_4(short_tmp: Path) -> None:
+    from click.testing import CliRunner
+
+    from p2pfl.cli import main as cli_main
+
+    split = short_tmp / "split"
+    done = CliRunner().invoke(cli_main, ["data", "split", "--synthetic", "2", "--out", str(split)])
+    assert done.exit_code == 0, done.output
+    task = (
+        f'[task]\nname = "traffic-metr-la"\nn_nodes = 7\nnode_index = 1\n'
+        f'data = "{split / "cloudlet-0.npz"}"\n'
+    )
+    result = _run(_config(short_tmp, extra=task), "--check")
+    assert result.returncode == 4
+    assert "sensor(s) of cloudlet 1 have no readings" in _one_line(result)

@@ -231,3 +231,43 @@ def test_hdf5_without_h5py_says_how_to_get_it(
     (tmp_path / "metr-la.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     with pytest.raises(ReadingsError, match=r"metr-la.h5: reading HDF5 needs h5py"):
         load_speeds(tmp_path / "metr-la.h5", _small_graph(tmp_path))
+
+
+def test_kernel_adjacency_links_every_pair_within_its_radius_and_grows_the_halos() -> None:
+    from p2pfl.ml.traffic import load_graph
+
+    graph = load_graph("metr-la")
+    road, kernel = graph.adjacency("road"), graph.adjacency("kernel")
+    distances = graph.distances_km()
+    near = (distances <= graph.radius_km) & ~np.eye(graph.num_sensors, dtype=bool)
+    assert ((kernel > 0) <= near).all()  # nothing beyond the radius
+    assert (kernel[kernel > 0] >= 0.1).all()  # the benchmarks' cut
+    assert (kernel > 0).sum() > 10 * (road > 0).sum()
+    small = graph.adjacency("kernel", 2.0)
+    assert ((small > 0) <= (distances <= 2.0)).all() and (small > 0).sum() < (kernel > 0).sum()
+    on_roads = partition_cloudlets(graph)
+    on_kernel = partition_cloudlets(graph, adjacency="kernel")
+    for c in range(len(graph.cloudlets)):
+        assert len(on_kernel.halos[c]) > 5 * len(on_roads.halos[c])
+    with pytest.raises(ValueError, match="adjacency 'grid' is unknown"):
+        graph.adjacency("grid")
+
+
+def test_the_adjacency_option_changes_the_model_graph_and_the_halo() -> None:
+    from p2pfl.learning.features import feature_plan
+    from p2pfl.ml.forecast import TrafficTask
+
+    road = TrafficTask(days=2)
+    kernel = TrafficTask(days=2, adjacency="kernel")
+    assert len(kernel.node_data(0, 7).nodes) > len(road.node_data(0, 7).nodes)
+    ids = [f"n{i}" for i in range(7)]  # the halo asked of the owners follows the graph too
+    plans = [feature_plan(t, 0, ids) for t in (road, kernel)]
+    sizes = [sum(len(s) for s in p.needs.values()) for p in plans if p is not None]
+    assert sizes == [len(road.partition.halos[0]), len(kernel.partition.halos[0])]
+    assert sizes[1] > sizes[0]
+    central_road, central_kernel = road.central_data(), kernel.central_data()
+    assert not np.allclose(central_road.laplacian.numpy(), central_kernel.laplacian.numpy())
+    with pytest.raises(ValueError, match="adjacency"):
+        TrafficTask(days=2, adjacency="grid")
+    with pytest.raises(ValueError, match="kernel_radius_km applies"):
+        TrafficTask(days=2, kernel_radius_km=4.0)

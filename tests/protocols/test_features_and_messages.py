@@ -92,9 +92,39 @@ def test_unrequested_and_wrong_features_are_dropped(ops: Any) -> None:
     for _ in range(2):
         assert machine.handle(MessageReceived("b", FeatureReply((12,), b"x")), 1.0) == []
     assert machine.handle(MessageReceived("b", FeatureReply((12,), b"x")), 1.0) == [
-        Penalize("b", "wrong_features")
+        Penalize("b", "features_unknown_sensor")
     ]
+    assert machine.dropped["features_not_owner"] == 1
+
+
+def _refuse_short(sensors: tuple[int, ...], data: bytes) -> str | None:
+    return None if len(data) == 4 * len(sensors) else "features_wrong_length"
+
+
+def test_each_bad_reply_is_dropped_with_its_reason_and_the_owner_stays_pending(ops: Any) -> None:
+    plan = FeaturePlan(needs={"b": (11, 12), "c": (13, 14)}, timeout=3.0, check=_refuse_short)
+    machine = learner(ops, plan, peers=("b", "c", "d"))
+    machine.handle(Start(), 0.0)
+    bad = [
+        ("d", FeatureReply((11, 12), bytes(8)), "features_not_owner"),  # owns none of the halo
+        ("b", FeatureReply((11, 99), bytes(8)), "features_unknown_sensor"),
+        ("b", FeatureReply((11, 13), bytes(8)), "features_not_owner"),  # c's sensor
+        ("c", FeatureReply((13, 14), bytes(3)), "features_wrong_length"),
+        ("c", FeatureReply((13,), bytes(4)), "wrong_features"),  # not all it was asked
+    ]  # two strikes each: the third would penalize the peer
+    for peer, reply, reason in bad:
+        before = machine.dropped[reason]
+        actions = machine.handle(MessageReceived(peer, reply), 1.0)
+        assert not any(isinstance(a, UseFeatures) for a in actions)
+        assert machine.dropped[reason] == before + 1, reason
+    good = machine.handle(MessageReceived("b", FeatureReply((11, 12), bytes(8))), 1.5)
+    assert UseFeatures("b", (11, 12), bytes(8)) in good
+    # A duplicate of an accepted reply is dropped; c stays pending until the deadline.
+    assert machine.handle(MessageReceived("b", FeatureReply((11, 12), bytes(8))), 1.6) == []
     assert machine.dropped["unexpected_features"] == 1
+    assert machine.handle(TimerFired(), 3.0)[0] == Log(
+        "starting without features from c", "warning"
+    )
 
 
 MESSAGES = [
