@@ -36,13 +36,14 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "LinkSettings",
     "Reassembler",
     "RtcLink",
+    "ice_configuration",
     "ice_path",
     "split_frames",
 ]
@@ -93,6 +95,22 @@ def ice_path(local_type: str, remote_type: str) -> str:
     """
     paths = [ICE_PATHS.get(local_type, local_type), ICE_PATHS.get(remote_type, remote_type)]
     return max(paths, key=lambda path: _PATH_RANK.get(path, -1))
+
+
+def ice_configuration(settings: LinkSettings) -> RTCConfiguration:
+    """aiortc's configuration for one link: our servers only, TURN credentials on TURN URLs.
+
+    With ``relay_only`` aioice gathers no host or server-reflexive candidate and ignores the
+    peer's mDNS ones, so every packet of the link goes through the TURN server.
+    """
+    servers = [
+        RTCIceServer(urls=url, username=settings.turn_username, credential=settings.turn_credential)
+        if url.startswith("turn")
+        else RTCIceServer(urls=url)
+        for url in settings.ice_servers
+    ]
+    policy = RTCIceTransportPolicy.RELAY if settings.relay_only else RTCIceTransportPolicy.ALL
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
 
 def _digest(data: bytes | memoryview) -> bytes:
@@ -212,6 +230,9 @@ class Reassembler:
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
     ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.lan:3478",); empty: host candidates only
+    turn_username: str | None = None  # for the turn:/turns: URL in ice_servers
+    turn_credential: str | None = field(default=None, repr=False)
+    relay_only: bool = False  # gather and use TURN relayed candidates only (ICE policy "relay")
     frame_bytes: int = FRAME_LIMIT
     buffered_high: int = 4 * 1024 * 1024
     buffered_low: int = 1024 * 1024
@@ -250,9 +271,8 @@ class RtcLink:
         on_drop: Callable[[str], None],
     ) -> None:
         self.settings = settings
-        servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
         # Always our own ICE configuration: aiortc's default contacts a public STUN server.
-        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self._pc = RTCPeerConnection(ice_configuration(settings))
         self._channel: RTCDataChannel | None = None
         self._open = asyncio.Event()
         self._drained = asyncio.Event()

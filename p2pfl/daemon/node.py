@@ -36,7 +36,13 @@ import trio
 
 from p2pfl import __version__
 from p2pfl.daemon.checkpoint import Checkpoint, CheckpointStore
-from p2pfl.daemon.config import EXIT_CONFIG, Config, ConfigError, load_config
+from p2pfl.daemon.config import (
+    EXIT_CONFIG,
+    Config,
+    ConfigError,
+    load_config,
+    read_turn_credentials,
+)
 from p2pfl.daemon.control import CheckpointStatus, ControlServer, NodeStatus, PeerStatus
 from p2pfl.daemon.driver import NodeState, ProtocolDriver, rejected_from, rejected_messages
 from p2pfl.daemon.drops import DropLog
@@ -507,12 +513,16 @@ class Node:
         if config.discovery.interface:
             host = interface_address(config.discovery.interface)
         max_bytes = int(config.limits.max_message_mb * _MIB)
+        turn = read_turn_credentials(config)
         transport_config = TransportConfig(
             host=host,
             signaling_port=config.discovery.signaling_port,
             mdns=config.discovery.mdns,
             static_peers=config.discovery.static_peers,
             ice_servers=config.discovery.ice_servers,
+            turn_username=None if turn is None else turn.username,
+            turn_credential=None if turn is None else turn.credential,
+            relay_only=config.discovery.ice_transport_policy == "relay",
             path_mtu=config.discovery.path_mtu,
             peer_timeout_s=config.limits.peer_timeout_s,
             transfer_timeout_s=config.limits.transfer_timeout_s,
