@@ -14,6 +14,8 @@ where apt-get exists, and elsewhere this test skips saying so.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import shutil
 import socket
@@ -26,8 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
-from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
+from p2pfl.daemon.bridge import open_bridge
+from p2pfl.daemon.datachannel import LinkSettings, RtcLink
+from p2pfl.sim.netns import BridgedNetwork, SharedNetwork, can_create_namespaces
 
 TURNSERVER = shutil.which("turnserver")
 
@@ -132,9 +137,15 @@ def _refuse_udp_between(net: BridgedNetwork, a: int, b: int) -> None:
         probe.sendto(b"x", (net.addresses[b], 9))
 
 
-def _start_turn(net: BridgedNetwork, workdir: Path) -> subprocess.Popen[bytes]:
+def _start_turn(
+    command: list[str],
+    address: str,
+    workdir: Path,
+    inside: Callable[[], contextlib.AbstractContextManager[None]],
+) -> subprocess.Popen[bytes]:
+    """coturn on ``address`` (``command``: the prefix that runs it in its namespace); returns
+    once it accepts connections from ``inside()`` (a namespace its clients live in)."""
     assert TURNSERVER is not None
-    address = net.addresses[0]
     workdir.mkdir()
     argv = [
         TURNSERVER, "--listening-ip", address, "--relay-ip", address,
@@ -145,12 +156,12 @@ def _start_turn(net: BridgedNetwork, workdir: Path) -> subprocess.Popen[bytes]:
         "--log-file", "stdout", "--verbose",
     ]  # fmt: skip
     with (workdir / "turn.log").open("wb") as log:
-        process = subprocess.Popen(net.command(0, argv), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([*command, *argv], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:  # TURN also listens on TCP: ready when that accepts
         assert process.poll() is None, f"turnserver exited: {_tail(workdir / 'turn.log')}"
         try:
-            with net.enter(1):
+            with inside():
                 socket.create_connection((address, TURN_PORT), timeout=1).close()
         except OSError:
             time.sleep(0.2)
@@ -206,7 +217,9 @@ def test_two_sites_without_a_direct_path_learn_through_a_turn_relay(
 ) -> None:
     turn, a, b = network.addresses
     _refuse_udp_between(network, 1, 2)
-    turn_process = _start_turn(network, short_tmp / "turn")
+    turn_process = _start_turn(
+        network.command(0, []), turn, short_tmp / "turn", lambda: network.enter(1)
+    )
     federation = short_tmp / "federation"
     _cli("federation", "init", "--dir", str(federation))
     sites = [
@@ -260,3 +273,42 @@ def test_two_sites_without_a_direct_path_learn_through_a_turn_relay(
     assert codes == [0, 0], "\n".join(_tail(s.log) for s in sites)
     # The TURN server saw both nodes allocate relays with the configured credentials.
     assert TURN_USER in (short_tmp / "turn" / "turn.log").read_text(errors="replace")
+
+
+async def _offer_candidates(settings: LinkSettings) -> list[str]:
+    """The ICE candidate lines of the offer a link with ``settings`` makes."""
+    async with open_bridge() as bridge:
+
+        async def offer() -> str:
+            link = RtcLink(settings, on_message=print, on_down=lambda _r: None, on_drop=print)
+            try:
+                return await link.create_offer()
+            finally:
+                await link.close()
+
+        with trio.fail_after(30):
+            sdp = await bridge.call(offer)
+    return [line for line in sdp.splitlines() if line.startswith("a=candidate")]
+
+
+async def test_relay_policy_offers_only_the_turn_servers_relay_address(short_tmp: Path) -> None:
+    with SharedNetwork(2) as net:
+        turn, node = net.addresses
+        process = _start_turn(net.command([]), turn, short_tmp / "turn", net.enter)
+        try:
+            with net.enter():
+                settings = LinkSettings(
+                    ice_servers=(f"turn:{turn}:{TURN_PORT}?transport=udp",),
+                    turn_username=TURN_USER,
+                    turn_credential=TURN_SECRET,
+                )
+                every = await _offer_candidates(settings)
+                relay = await _offer_candidates(dataclasses.replace(settings, relay_only=True))
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+    # "all": the node's own addresses and a relay on the TURN server; "relay": only the relay,
+    # which does not give the node's address away either (raddr 0.0.0.0).
+    assert any(" typ host" in c and f" {node} " in c for c in every)
+    assert any(" typ relay" in c for c in every)
+    assert relay and all(f" {turn} " in c and " typ relay raddr 0.0.0.0 " in c for c in relay)
