@@ -33,6 +33,8 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import math
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +74,9 @@ KIND_PONG = 3
 PING = struct.Struct(">BQ")
 RTT_ALPHA = 1 / 8
 _transfer_ids = itertools.count(1)
+_RELAY_CANDIDATE = re.compile(r"^a=candidate:.* typ relay\b", re.MULTILINE)
+_TURN_WARNING_INTERVAL_S = 60.0
+_turn_warned_at = -math.inf
 log = logging.getLogger(__name__)
 
 
@@ -304,13 +309,35 @@ class RtcLink:
         self._attach(self._pc.createDataChannel("p2pfl", ordered=True))
         self._tune()
         await self._pc.setLocalDescription(await self._pc.createOffer())
+        self._check_relay(self._pc.localDescription.sdp)
         return self._pc.localDescription.sdp
 
     async def accept_offer(self, sdp: str) -> str:
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         self._tune()
         await self._pc.setLocalDescription(await self._pc.createAnswer())
+        self._check_relay(self._pc.localDescription.sdp)
         return self._pc.localDescription.sdp
+
+    def _check_relay(self, sdp: str) -> None:
+        """Say so when a TURN server is configured but gave this link no relay address (at most
+        once a minute: every link, and every retry of one, would say the same)."""
+        global _turn_warned_at
+        turn = next((url for url in self.settings.ice_servers if url.startswith("turn")), None)
+        if turn is None or _RELAY_CANDIDATE.search(sdp):
+            return
+        now = time.monotonic()
+        if now - _turn_warned_at < _TURN_WARNING_INTERVAL_S:
+            return
+        _turn_warned_at = now
+        log.warning(
+            "the TURN server gave this link no relay address: it is unreachable or refused the "
+            "[discovery] ice_credentials; %s",
+            "with ice_transport_policy = relay no link can open"
+            if self.settings.relay_only
+            else "only direct and STUN paths are tried",
+            extra={"turn": turn},
+        )
 
     async def accept_answer(self, sdp: str) -> None:
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))

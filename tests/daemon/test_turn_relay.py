@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from typing import Any
 import pytest
 import trio
 
+from p2pfl.daemon import datachannel
 from p2pfl.daemon.bridge import open_bridge
 from p2pfl.daemon.datachannel import LinkSettings, RtcLink
 from p2pfl.sim.netns import BridgedNetwork, SharedNetwork, can_create_namespaces
@@ -291,7 +293,10 @@ async def _offer_candidates(settings: LinkSettings) -> list[str]:
     return [line for line in sdp.splitlines() if line.startswith("a=candidate")]
 
 
-async def test_relay_policy_offers_only_the_turn_servers_relay_address(short_tmp: Path) -> None:
+async def test_relay_policy_offers_only_the_turn_servers_relay_address(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(datachannel, "_turn_warned_at", -math.inf)
     with SharedNetwork(2) as net:
         turn, node = net.addresses
         process = _start_turn(net.command([]), turn, short_tmp / "turn", net.enter)
@@ -304,6 +309,10 @@ async def test_relay_policy_offers_only_the_turn_servers_relay_address(short_tmp
                 )
                 every = await _offer_candidates(settings)
                 relay = await _offer_candidates(dataclasses.replace(settings, relay_only=True))
+                assert "no relay address" not in caplog.text
+                refused = await _offer_candidates(
+                    dataclasses.replace(settings, turn_credential="wrong", relay_only=True)
+                )
         finally:
             process.terminate()
             process.wait(timeout=20)
@@ -312,3 +321,7 @@ async def test_relay_policy_offers_only_the_turn_servers_relay_address(short_tmp
     assert any(" typ host" in c and f" {node} " in c for c in every)
     assert any(" typ relay" in c for c in every)
     assert relay and all(f" {turn} " in c and " typ relay raddr 0.0.0.0 " in c for c in relay)
+    # Refused credentials: no candidate at all, and the log says why.
+    assert refused == []
+    assert "the TURN server gave this link no relay address" in caplog.text
+    assert "no link can open" in caplog.text
