@@ -153,7 +153,9 @@ def _start_turn(
         TURNSERVER, "--listening-ip", address, "--relay-ip", address,
         "--listening-port", str(TURN_PORT), "--lt-cred-mech",
         "--user", f"{TURN_USER}:{TURN_SECRET}", "--realm", "p2pfl.test",
-        "--no-cli", "--no-tls", "--no-dtls", "--no-rfc5780",
+        # Relay to relay: both nodes' peers are relay addresses on this server itself.
+        "--allowed-peer-ip", address,
+        "--no-cli", "--no-tls", "--no-dtls",
         "--db", str(workdir / "turndb"), "--pidfile", str(workdir / "turn.pid"),
         "--log-file", "stdout", "--verbose",
     ]  # fmt: skip
