@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,14 @@ def test_a_missing_credential_file_is_named(tmp_path: Path) -> None:
     error = _error(tmp_path, _TURN + 'ice_credentials = "nowhere.toml"\n')
     assert (error.line, error.key) == (4, "discovery.ice_credentials")
     assert "nowhere.toml: no such file" in error.message
+
+
+def test_run_check_reports_an_ice_mistake_as_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'ice_servers = ["turn:t.lan"]\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "p2pfl", "run", "--check", "--config", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"p2pfl: {path}:3: discovery.ice_servers: ")
+    assert "ice_credentials" in done.stderr and len(done.stderr.strip().splitlines()) == 1
