@@ -696,6 +696,11 @@ class Node:
         for section in unchanged:
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("changed [%s] needs a restart to take effect", section)
+        live_discovery = dataclasses.replace(
+            new.discovery, static_peers=self.config.discovery.static_peers
+        )
+        if live_discovery != self.config.discovery:  # static peers apply now, the rest at start
+            log.warning("changed [discovery] keys other than static_peers need a restart")
         if (new.logging.file, new.logging.format) != (
             self.config.logging.file,
             self.config.logging.format,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,23 @@ def test_run_check_reports_an_ice_mistake_as_one_line_and_exit_2(tmp_path: Path)
     assert done.returncode == 2
     assert done.stderr.startswith(f"p2pfl: {path}:3: discovery.ice_servers: ")
     assert "ice_credentials" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_reload_says_that_changed_ice_keys_need_a_restart(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from p2pfl.daemon.node import Node, prepare
+
+    path = _write(short_tmp, _TURN + 'ice_credentials = "turn.toml"\n', _CREDENTIALS)
+    node_table = f'[node]\nstate_dir = "{short_tmp / "state"}"\nruntime_dir = "{short_tmp}"\n'
+    path.write_text(path.read_text().replace("[discovery]\n", node_table + "[discovery]\n"))
+    node = Node(prepare(load_config(path), check=True), config_path=path)
+    path.write_text(path.read_text().replace('"turn:turn.lan:3478', '"turn:other.lan:3478'))
+    with caplog.at_level(logging.WARNING):
+        node.reload()
+    assert "changed [discovery] keys other than static_peers need a restart" in caplog.text
+    caplog.clear()
+    path.write_text(path.read_text() + 'static_peers = ["192.0.2.10:7070"]\n')
+    with caplog.at_level(logging.WARNING):
+        node.reload()  # static peers alone apply without a restart
+    assert "[discovery]" not in caplog.text
