@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-deps lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,22 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The TURN relay test (tests/daemon/test_turn_relay.py) runs coturn's turnserver, a Debian
+# package: installed here (about 1 MB with its libraries) when this runs as root where apt-get
+# exists, as on CI; never fatal: without it that test skips and says why.
+test-deps:
+	@if ! command -v turnserver >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; \
+	then \
+		echo "installing coturn (the TURN server of the relay test) with apt-get"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends coturn >/dev/null 2>&1 \
+		|| { apt-get update -qq >/dev/null 2>&1 \
+		     && apt-get install -y -qq --no-install-recommends coturn >/dev/null 2>&1; } \
+		|| echo "coturn could not be installed: the TURN relay test will skip"; \
+	fi
+
 # pytest exits 5 when it collected nothing: that is a failure here, not a green run.
-test: lint
+test: lint test-deps
 	$(BIN)/pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -30,6 +30,7 @@ EXIT_CONFIG = 2
 
 TrustModeName = Literal["federation", "allowlist", "open"]
 PartitionName = Literal["iid", "dirichlet"]
+IcePolicyName = Literal["all", "relay"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["logfmt", "json"]
 ParamValue = str | int | float | bool
@@ -78,6 +79,12 @@ class DiscoverySection:
     listen_host: str = "0.0.0.0"
     signaling_port: int = 0
     ice_servers: tuple[str, ...] = ()
+    """STUN/TURN URLs: at most one "stun:" and one "turn:"/"turns:" (aiortc uses one of each)."""
+    ice_credentials: Path | None = None
+    """A TOML file with the TURN server's ``username`` and ``credential``: a secret, so it lives
+    in its own file, not readable by other users, rather than in this one."""
+    ice_transport_policy: IcePolicyName = "all"
+    """"relay": use TURN relayed candidates only (every packet through the TURN server)."""
     path_mtu: int = 1500
 
 
@@ -508,6 +515,7 @@ def _check_cross_fields(config: Config) -> None:
                 "discovery.static_peers",
                 f'"{peer}" is not host:port (for example "192.0.2.10:7070" or "[2001:db8::1]:70")',
             )
+    _check_ice(config)
     _check_neighbours(config)
     if config.task.node_ids and len(config.task.node_ids) != config.task.n_nodes:
         raise config.error(
@@ -519,6 +527,116 @@ def _check_cross_fields(config: Config) -> None:
             "task.node_index",
             f"node_index {config.task.node_index} must be below n_nodes {config.task.n_nodes}",
         )
+
+
+_ICE_URL = re.compile(
+    r"(?P<scheme>stuns?|turns?):(?P<host>[^?:/\[\]@\s]+)(?::(?P<port>\d{1,5}))?"
+    r"(?:\?transport=(?P<transport>udp|tcp))?"
+)
+_ICE_URL_FORM = (
+    'write "stun:HOST[:PORT]", "turn:HOST[:PORT][?transport=udp|tcp]" or '
+    '"turns:HOST[:PORT]" (a host name or IPv4 address)'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCredentials:
+    """The TURN server's long-term credentials, read from [discovery] ice_credentials."""
+
+    username: str
+    credential: str = field(repr=False)
+
+
+def _ice_url_problem(url: str) -> str | None:
+    match = _ICE_URL.fullmatch(url)
+    if match is None:
+        return f'"{url}" is not a STUN or TURN URL; {_ICE_URL_FORM}'
+    scheme, port, transport = match["scheme"], match["port"], match["transport"]
+    if scheme == "stuns":
+        return f'"{url}": stuns: is not supported by aiortc; use stun: (or a turns: TURN server)'
+    if scheme == "stun" and transport is not None:
+        return f'"{url}": a stun: URL takes no ?transport; {_ICE_URL_FORM}'
+    if scheme == "turns" and transport == "udp":
+        return f'"{url}": turns: runs over TCP (TLS) only; remove ?transport=udp'
+    if port is not None and not 1 <= int(port) <= 65535:
+        return f'"{url}": port {port} is not 1..65535'
+    return None
+
+
+def _check_ice(config: Config) -> None:
+    discovery = config.discovery
+    turn = [url for url in discovery.ice_servers if url.startswith("turn")]
+    for url in discovery.ice_servers:
+        if problem := _ice_url_problem(url):
+            raise config.error("discovery.ice_servers", problem)
+    stun = [url for url in discovery.ice_servers if url.startswith("stun")]
+    if len(stun) > 1 or len(turn) > 1:
+        raise config.error(
+            "discovery.ice_servers",
+            "aiortc uses one STUN and one TURN server per connection (it would ignore the rest): "
+            "list at most one stun: URL and one turn: or turns: URL",
+        )
+    if turn and discovery.ice_credentials is None:
+        raise config.error(
+            "discovery.ice_servers",
+            f'"{turn[0]}" needs credentials: ice_credentials = "PATH", a TOML file with '
+            'username = "..." and credential = "..." (chmod 600)',
+        )
+    if discovery.ice_credentials is not None:
+        if not turn:
+            raise config.error(
+                "discovery.ice_credentials",
+                "only a TURN server uses credentials: add a turn: URL to ice_servers or remove "
+                "this key",
+            )
+        read_turn_credentials(config)
+    if discovery.ice_transport_policy == "relay" and not turn:
+        raise config.error(
+            "discovery.ice_transport_policy",
+            '"relay" uses TURN relayed candidates only: add a turn: URL to ice_servers (with '
+            'ice_credentials), or set "all"',
+        )
+
+
+def read_turn_credentials(config: Config) -> TurnCredentials | None:
+    """The TURN credentials [discovery] ice_credentials names (None: the key is unset).
+
+    The file holds exactly ``username`` and ``credential`` (strings), is TOML, and must not be
+    readable by every user; problems name that file, its line and the key.
+    """
+    path = config.discovery.ice_credentials
+    if path is None:
+        return None
+    key = "discovery.ice_credentials"
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise config.error(key, f"{path}: no such file; write it (username, credential)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise config.error(key, f"{path}: cannot read it: {exc}") from None
+    if mode & 0o004:
+        raise config.error(
+            key, f"{path} holds the TURN credential and every user can read it: chmod o-r {path}"
+        )
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=path) from None
+    source = ConfigSource(path=path, text=text)
+    for name, value in raw.items():
+        if name not in ("username", "credential"):
+            raise source.error(name, "unknown key; the keys are username and credential")
+        if not isinstance(value, str) or not value:
+            raise source.error(name, f"expected a non-empty string, got {_describe(value)}")
+    for name in ("username", "credential"):
+        if name not in raw:
+            raise ConfigError(
+                f'{name} is missing; the file needs username = "..." and credential = "..."',
+                file=path,
+                key=name,
+            )
+    return TurnCredentials(raw["username"], raw["credential"])
 
 
 def _position_problem(value: tuple[float, ...]) -> str | None:

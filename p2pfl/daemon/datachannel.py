@@ -33,16 +33,19 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import math
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -58,6 +61,7 @@ __all__ = [
     "LinkSettings",
     "Reassembler",
     "RtcLink",
+    "ice_configuration",
     "ice_path",
     "split_frames",
 ]
@@ -70,6 +74,9 @@ KIND_PONG = 3
 PING = struct.Struct(">BQ")
 RTT_ALPHA = 1 / 8
 _transfer_ids = itertools.count(1)
+_RELAY_CANDIDATE = re.compile(r"^a=candidate:.* typ relay\b", re.MULTILINE)
+_TURN_WARNING_INTERVAL_S = 60.0
+_turn_warned_at = -math.inf
 log = logging.getLogger(__name__)
 
 
@@ -93,6 +100,22 @@ def ice_path(local_type: str, remote_type: str) -> str:
     """
     paths = [ICE_PATHS.get(local_type, local_type), ICE_PATHS.get(remote_type, remote_type)]
     return max(paths, key=lambda path: _PATH_RANK.get(path, -1))
+
+
+def ice_configuration(settings: LinkSettings) -> RTCConfiguration:
+    """aiortc's configuration for one link: our servers only, TURN credentials on TURN URLs.
+
+    With ``relay_only`` aioice gathers no host or server-reflexive candidate and ignores the
+    peer's mDNS ones, so every packet of the link goes through the TURN server.
+    """
+    servers = [
+        RTCIceServer(urls=url, username=settings.turn_username, credential=settings.turn_credential)
+        if url.startswith("turn")
+        else RTCIceServer(urls=url)
+        for url in settings.ice_servers
+    ]
+    policy = RTCIceTransportPolicy.RELAY if settings.relay_only else RTCIceTransportPolicy.ALL
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
 
 def _digest(data: bytes | memoryview) -> bytes:
@@ -212,6 +235,9 @@ class Reassembler:
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
     ice_servers: tuple[str, ...] = ()  # e.g. ("stun:stun.lan:3478",); empty: host candidates only
+    turn_username: str | None = None  # for the turn:/turns: URL in ice_servers
+    turn_credential: str | None = field(default=None, repr=False)
+    relay_only: bool = False  # gather and use TURN relayed candidates only (ICE policy "relay")
     frame_bytes: int = FRAME_LIMIT
     buffered_high: int = 4 * 1024 * 1024
     buffered_low: int = 1024 * 1024
@@ -250,9 +276,8 @@ class RtcLink:
         on_drop: Callable[[str], None],
     ) -> None:
         self.settings = settings
-        servers = [RTCIceServer(urls=url) for url in settings.ice_servers]
         # Always our own ICE configuration: aiortc's default contacts a public STUN server.
-        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self._pc = RTCPeerConnection(ice_configuration(settings))
         self._channel: RTCDataChannel | None = None
         self._open = asyncio.Event()
         self._drained = asyncio.Event()
@@ -284,13 +309,35 @@ class RtcLink:
         self._attach(self._pc.createDataChannel("p2pfl", ordered=True))
         self._tune()
         await self._pc.setLocalDescription(await self._pc.createOffer())
+        self._check_relay(self._pc.localDescription.sdp)
         return self._pc.localDescription.sdp
 
     async def accept_offer(self, sdp: str) -> str:
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         self._tune()
         await self._pc.setLocalDescription(await self._pc.createAnswer())
+        self._check_relay(self._pc.localDescription.sdp)
         return self._pc.localDescription.sdp
+
+    def _check_relay(self, sdp: str) -> None:
+        """Say so when a TURN server is configured but gave this link no relay address (at most
+        once a minute: every link, and every retry of one, would say the same)."""
+        global _turn_warned_at
+        turn = next((url for url in self.settings.ice_servers if url.startswith("turn")), None)
+        if turn is None or _RELAY_CANDIDATE.search(sdp):
+            return
+        now = time.monotonic()
+        if now - _turn_warned_at < _TURN_WARNING_INTERVAL_S:
+            return
+        _turn_warned_at = now
+        log.warning(
+            "the TURN server gave this link no relay address: it is unreachable or refused the "
+            "[discovery] ice_credentials; %s",
+            "with ice_transport_policy = relay no link can open"
+            if self.settings.relay_only
+            else "only direct and STUN paths are tried",
+            extra={"turn": turn},
+        )
 
     async def accept_answer(self, sdp: str) -> None:
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))

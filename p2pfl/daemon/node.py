@@ -37,7 +37,13 @@ import trio
 
 from p2pfl import __version__
 from p2pfl.daemon.checkpoint import Checkpoint, CheckpointStore
-from p2pfl.daemon.config import EXIT_CONFIG, Config, ConfigError, load_config
+from p2pfl.daemon.config import (
+    EXIT_CONFIG,
+    Config,
+    ConfigError,
+    load_config,
+    read_turn_credentials,
+)
 from p2pfl.daemon.control import (
     CheckpointStatus,
     ControlError,
@@ -554,12 +560,16 @@ class Node:
         if config.discovery.interface:
             host = interface_address(config.discovery.interface)
         max_bytes = int(config.limits.max_message_mb * _MIB)
+        turn = read_turn_credentials(config)
         transport_config = TransportConfig(
             host=host,
             signaling_port=config.discovery.signaling_port,
             mdns=config.discovery.mdns,
             static_peers=config.discovery.static_peers,
             ice_servers=config.discovery.ice_servers,
+            turn_username=None if turn is None else turn.username,
+            turn_credential=None if turn is None else turn.credential,
+            relay_only=config.discovery.ice_transport_policy == "relay",
             path_mtu=config.discovery.path_mtu,
             peer_timeout_s=config.limits.peer_timeout_s,
             transfer_timeout_s=config.limits.transfer_timeout_s,
@@ -779,6 +789,11 @@ class Node:
         for section in unchanged:
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("changed [%s] needs a restart to take effect", section)
+        live_discovery = dataclasses.replace(
+            new.discovery, static_peers=self.config.discovery.static_peers
+        )
+        if live_discovery != self.config.discovery:  # static peers apply now, the rest at start
+            log.warning("changed [discovery] keys other than static_peers need a restart")
         if (new.logging.file, new.logging.format) != (
             self.config.logging.file,
             self.config.logging.format,

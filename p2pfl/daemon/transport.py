@@ -128,6 +128,9 @@ class TransportConfig:
     mdns: bool = True
     static_peers: tuple[str, ...] = ()  # "host:port" of peers' signaling listeners
     ice_servers: tuple[str, ...] = ()  # our own STUN/TURN URLs only; empty: none
+    turn_username: str | None = None  # credentials for the turn:/turns: URL
+    turn_credential: str | None = field(default=None, repr=False)
+    relay_only: bool = False  # ICE transport policy "relay": every link goes through TURN
     frame_bytes: int = FRAME_LIMIT
     path_mtu: int = 1500  # largest IP packet between the nodes (sizes SCTP's DATA chunks)
     sack_every: int = SACK_EVERY  # data packets per SCTP SACK
@@ -150,6 +153,9 @@ class TransportConfig:
     def link_settings(self) -> LinkSettings:
         return LinkSettings(
             ice_servers=self.ice_servers,
+            turn_username=self.turn_username,
+            turn_credential=self.turn_credential,
+            relay_only=self.relay_only,
             frame_bytes=self.frame_bytes,
             path_mtu=self.path_mtu,
             sack_every=self.sack_every,

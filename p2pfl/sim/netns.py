@@ -18,7 +18,7 @@ namespaces created here. Two layouts:
 Privileges (what needs what):
 
 * root (CAP_SYS_ADMIN + CAP_NET_ADMIN, e.g. CI): everything below works directly. Namespaces are
-  named ``p2pfl-<pid>-<n>...`` and created with ``ip netns add``.
+  named ``p2pfl-<pid>-p<pid namespace inode>-<n>...`` and created with ``ip netns add``.
 * ordinary user: the kernel must allow unprivileged user namespaces
   (``user.max_user_namespaces`` > 0; on Debian/Ubuntu also ``kernel.unprivileged_userns_clone=1``
   and no AppArmor restriction). Run the whole command (pytest, a benchmark, the harness) under
@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 _PREFIX = "p2pfl"
-_NAME_RE = re.compile(rf"^{_PREFIX}-(\d+)-")
+_NAME_RE = re.compile(rf"^{_PREFIX}-(\d+)-(?:p(\d+)-)?")
 _CLONE_NEWNET = 0x40000000
 _counter = itertools.count()
 _live: set[_Network] = set()
@@ -154,14 +154,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> int:
+    """The inode of this process's PID namespace: a pid means something only inside it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def sweep_stale_namespaces() -> list[str]:
-    """Delete ``p2pfl-<pid>-*`` namespaces whose creating process is gone; return their names."""
+    """Delete ``p2pfl-<pid>-p<pidns>-*`` namespaces whose creating process is gone; return them.
+
+    Only namespaces made in our own PID namespace are judged: a process in another one (a
+    container, ``unshare --pid``) shares /run/netns but not pids, and its pid 42 is not ours.
+    """
     done = _ip("netns", "list", check=False)
     removed = []
+    own = str(_pid_namespace())
     for line in done.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match is None or (match.group(2) is not None and match.group(2) != own):
+            continue
+        if not _pid_alive(int(match.group(1))):
             _kill_pids_in(name)
             _ip("netns", "del", name, check=False)
             removed.append(name)
@@ -215,7 +230,7 @@ class _Network:
     def __init__(self) -> None:
         self._namespaces: list[str] = []
         self._closed = False
-        self.tag = f"{_PREFIX}-{os.getpid()}-{next(_counter)}"
+        self.tag = f"{_PREFIX}-{os.getpid()}-p{_pid_namespace()}-{next(_counter)}"
 
     def _add_namespace(self, suffix: str) -> str:
         name = f"{self.tag}{suffix}"
