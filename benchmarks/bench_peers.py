@@ -105,6 +105,8 @@ def run_once(
         for sub in ("local-superlink", "apps", "source"):
             shutil.rmtree(peers / "flwr_home" / sub, ignore_errors=True)
     env = _peers_env(peers) if system in ("plain", "flwr") else dict(os.environ)
+    if system == "flwr":  # `flwr run` starts `flower-superlink` from PATH, as run.sh has it
+        env["PATH"] = f"{peers / 'flwr-venv/bin'}:{env['PATH']}"
     env.setdefault("MONITOR_TIMEOUT", "900")
     mon = results / f"{system}_mon_{rep}.json"
     argv = [
@@ -112,6 +114,9 @@ def run_once(
         str(shared / "monitor.py"), str(mon), "--", *_command(system, peers, shared, out, baseline),
     ]  # fmt: skip
     cwd = shared / "flwr_app" if system == "flwr" else ROOT
+    if system == "p2pfl-processes-cold":
+        assert baseline is not None
+        cwd = baseline  # `python -m` puts the working directory first on sys.path
     with (results / f"{system}_{rep}.log").open("wb") as log:
         subprocess.run(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     try:
@@ -190,6 +195,13 @@ def main() -> None:
                 capture_output=True, check=True,
             ).stdout  # fmt: skip
             subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+            used = subprocess.run(
+                [sys.executable, "-c", "import p2pfl.sim.processes as p; print(p.__file__)"],
+                cwd=baseline, env={**os.environ, "PYTHONPATH": str(baseline)},
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            if not used.startswith(str(baseline)):
+                raise SystemExit(f"the baseline tree is not the one imported: {used}")
         samples: dict[str, list[dict]] = {s: [] for s in systems}
         for rep in range(1, args.reps + 1):
             for system in systems:
