@@ -425,8 +425,15 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
             "`python -m p2pfl.sim.netns -- p2pfl simulate SCENARIO --engine processes`"
         )
     sweep_stale_namespaces()
-    task = _load_task(scenario)
-    setups = [_run_setup(scenario, setup, progress, task) for setup in scenario.setups]
+    # The harness needs the task only to name the metric (and for node positions): it loads in
+    # a thread of its own while the first setup's fork server, network and daemons start.
+    loading = _Loading(_load_task, scenario)
+    needs_task = any(setup.neighbours == "range" for setup in scenario.setups)
+    setups = [
+        _run_setup(scenario, setup, progress, loading.result() if needs_task else None)
+        for setup in scenario.setups
+    ]
+    task = loading.result()
     return Results(
         scenario=scenario.name,
         engine="processes",
@@ -437,6 +444,28 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
         setups=setups,
         scenario_source=dict(scenario.raw),
     )
+
+
+class _Loading:
+    """``function(*args)`` run in a daemon thread; ``result()`` waits and returns or raises."""
+
+    def __init__(self, function: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = function(*args)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _load_task(scenario: Scenario) -> Any:
@@ -802,7 +831,7 @@ def _wait_ready(cluster: DaemonCluster, name: str, report: Progress) -> None:
                     f"{node.name} exited with status {node.process.returncode} while starting:\n"
                     + cluster.log_tail(node.index, 5)
                 )
-        time.sleep(1.0)
+        time.sleep(0.2)
     raise ProcessesEngineError(f"daemons not ready after {_READY_TIMEOUT_S:.0f} s")
 
 
