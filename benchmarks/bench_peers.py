@@ -6,6 +6,8 @@ runs, REPS times in turn, every system through that folder's ``monitor.py`` (the
 tree in a fresh PID namespace: wall, CPU-seconds of every descendant, peak summed RSS and PSS):
 
 - ``plain``: ``fedavg_plain.py``, the 40-line in-process FedAvg loop (the baseline);
+- ``plain-1thread``: the same loop with one torch thread (``OMP_NUM_THREADS=1``), as p2pfl trains
+  (on a loaded machine torch's default threads spin and the plain loop slows down several-fold);
 - ``flwr``: Flower's ``flwr run`` with its Ray simulation, 10 SuperNodes (as ``run.sh`` runs it);
 - ``p2pfl-virtual``: ``p2pfl simulate peers_digits_fedavg.toml --engine virtual``;
 - ``p2pfl-processes``: the same scenario with ``--engine processes``: 10 real daemons in their
@@ -18,9 +20,9 @@ plots. What differs from the peers task (the scenario is as near as p2pfl's sett
 digits split and Dirichlet partition are its own draws (same data, same alpha, other samples per
 node), its MLP is 64-128-64-10 (17,226 parameters, not 64-64-10) trained with Adam at its lr, not
 SGD with momentum, and the processes engine stops when every daemon reports round 20, polled
-every 0.2 s.
+every second.
 
-Run (root, for the namespaces; about 5 min per rep)::
+Run (root, for the namespaces; about 6 min per rep on 2 loaded cores)::
 
     export PEERS=/tmp/peers; bash ../shared/peers/setup.sh $PEERS   # Flower + base venvs, once
     .venv/bin/python benchmarks/bench_peers.py --peers $PEERS --reps 3
@@ -41,7 +43,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = Path(__file__).with_name("peers_digits_fedavg.toml")
 BASELINE = "d484d3c"  # the last commit that started every daemon cold
-SYSTEMS = ("plain", "flwr", "p2pfl-virtual", "p2pfl-processes", "p2pfl-processes-cold")
+SYSTEMS = (
+    "plain",
+    "plain-1thread",
+    "flwr",
+    "p2pfl-virtual",
+    "p2pfl-processes",
+    "p2pfl-processes-cold",
+)
 
 
 def _peers_env(peers: Path) -> dict[str, str]:
@@ -65,7 +74,7 @@ def _peers_env(peers: Path) -> dict[str, str]:
 
 def _command(system: str, peers: Path, shared: Path, out: Path, baseline: Path | None) -> list[str]:
     npz = peers / "data/digits_split.npz"
-    if system == "plain":
+    if system in ("plain", "plain-1thread"):
         return [str(peers / "base-venv/bin/python"), str(shared / "fedavg_plain.py"), str(out)]
     if system == "flwr":
         return [
@@ -84,7 +93,7 @@ def _command(system: str, peers: Path, shared: Path, out: Path, baseline: Path |
 def _accuracy(system: str, out: Path) -> tuple[float | None, int | None]:
     """Final accuracy and rounds reached."""
     try:
-        if system in ("plain", "flwr"):
+        if system in ("plain", "plain-1thread", "flwr"):
             accs = json.loads(out.read_text())["acc_per_round"]
             return float(accs[-1]), len(accs)
         result = json.loads((out / "results.json").read_text())
@@ -99,12 +108,14 @@ def run_once(
     system: str, rep: int, peers: Path, shared: Path, results: Path, baseline: Path | None
 ) -> dict:
     out = results / f"{system}_out_{rep}"
-    if system in ("plain", "flwr"):
+    if system in ("plain", "plain-1thread", "flwr"):
         out = results / f"{system}_acc_{rep}.json"
     if system == "flwr":
         for sub in ("local-superlink", "apps", "source"):
             shutil.rmtree(peers / "flwr_home" / sub, ignore_errors=True)
-    env = _peers_env(peers) if system in ("plain", "flwr") else dict(os.environ)
+    env = _peers_env(peers) if system in ("plain", "plain-1thread", "flwr") else dict(os.environ)
+    if system == "plain-1thread":
+        env["OMP_NUM_THREADS"] = "1"
     if system == "flwr":  # `flwr run` starts `flower-superlink` from PATH, as run.sh has it
         env["PATH"] = f"{peers / 'flwr-venv/bin'}:{env['PATH']}"
     env.setdefault("MONITOR_TIMEOUT", "900")

@@ -5,7 +5,9 @@ state and runtime directories and its own configuration file, and runs as a chil
 the private test network of :mod:`p2pfl.sim.netns` (a namespace per node on one bridge,
 addresses 10.77.0.2 and up), so discovery is real mDNS, connections are real WebRTC, every
 message is really signed, and nothing can leave the machine. The harness watches the daemons
-only through their control sockets, exactly as an operator's `p2pfl status` would.
+only through their control sockets, exactly as an operator's `p2pfl status` would. The daemons
+are forked from one fork server (:mod:`p2pfl.sim.forkserver`) that imported torch, aiortc and
+the daemon once, so N daemons do not pay N cold starts and share those pages copy-on-write.
 
 :class:`DaemonCluster` is the building block (the tests drive it directly: start, SIGKILL,
 restart); :func:`run_processes` runs a scenario with it for `p2pfl simulate --engine processes`.
