@@ -13,27 +13,37 @@ torch work itself runs is the ``mode``:
   back. The worker thread only waits on a queue. Starting it costs seconds (spawn, import
   torch, warm-up) and the child's memory; ``close()`` (or ``with``) ends it.
 
-Measured with ``benchmarks/bench_executor.py`` on this 2-core machine (shared with other jobs,
-so single runs varied up to 2x; medians of 3 interleaved runs), 1 torch thread, while a loopback
-aiortc data-channel transfer (both ends, 64 KiB messages) ran in the same process inside a
-private network namespace:
+Why ``"thread"`` is the default, from ``benchmarks/bench_executor.py`` on this 2-core machine
+(1 torch thread; a loopback aiortc data-channel transfer, both ends, 64 KiB messages, in the same
+process inside a private network namespace; medians of 3 interleaved runs), re-measured
+2026-11-30 for issue 16 with the shipped task sizes while other jobs kept the load average at 5-7:
 
 =========================  ===================  ===================  ==============
 workload                   thread + transfer    process + transfer   transfer alone
 =========================  ===================  ===================  ==============
-digits MLP, 10 epochs      4,156 /s, 1.8 MB/s   5,501 /s, 2.0 MB/s   4.8 MB/s
-STGCN cloudlet, 1/4 epoch  2,065 /s, 3.7 MB/s   1,960 /s, 4.0 MB/s   7.4 MB/s
+digits MLP, 10 epochs      2,466 /s, 0.5 MB/s   2,707 /s, 0.6 MB/s   1.3 MB/s
+STGCN cloudlet, 1/4 epoch  1,067 /s, 1.2 MB/s   1,129 /s, 1.1 MB/s   1.6 MB/s
 =========================  ===================  ===================  ==============
 
-(samples/s of training, MB/s of the transfer.) Those runs were taken while four other jobs
-loaded the two cores. Run again on the quiet machine (load average below 1), the advantage was
-gone: during a transfer the process trained 0.98x as fast as the thread on the MLP and 1.00x on
-STGCN, the transfer ran 0.92x / 1.02x, and ``benchmarks/bench_ml.py`` measured the executor's
-overhead over a bare torch loop at +2.8 % for the thread and +7.4 % for the process (target
-5 %). So ``"thread"`` is the default: as fast where the node is not starved, cheaper per job,
-no seconds of start-up (4-14 s here: spawn, import torch, warm-up), no second torch in memory,
-and no child left running if the daemon is killed. ``"process"`` stays for nodes whose CPU is
-contended, where it kept training off the GIL that the event loop, SCTP and heartbeats need.
+(samples/s of training, MB/s of the transfer.) The process trained 1.10x (MLP) and 1.06x (STGCN)
+as fast as the thread during a transfer, and moved the transfer 1.07x / 0.91x as fast: within
+the spread of single runs here (up to 1.3x). Earlier sittings went both ways: 1.32x for the
+process under four other jobs, 0.98x on a quiet machine, and 11x on a quiet one in the issue's
+report. Against that, each worker process costs 6-7 s to start (spawn, import torch, warm-up:
+"worker process ready in 7.0 s" in the same run) and a second torch in memory per daemon (the
+processes engine runs ten daemons on this machine), and outlives a SIGKILLed daemon. With ten
+daemons (``benchmarks/bench_rounds.py``) a client spent 13 ms of CPU per round in its training
+thread against 22 ms in its aiortc thread, and the aggregator's aiortc thread was busy 92 ms of a
+540 ms round: the GIL was not what held rounds back; the cores were. So ``"thread"`` stays the
+default; ``"process"`` stays for a node whose training is long enough for the worker's start-up
+to pay off and whose CPU is contended.
+
+Overhead over a bare torch loop (``benchmarks/bench_ml.py``: the digits MLP, 6 epochs, the same
+optimizer arithmetic as ``fit``), two runs: +8.1 % / +8.8 % for the thread and +17.5 % / +7.1 %
+for the process, against a 5 % target that this machine's load (4.7-6.5) did not let us confirm
+or refute; a one-batch job costs 13-17 ms (thread) and 6-7 ms (process). (The benchmark compared
+against ``torch.optim.Adam`` before, whose dispatch layers cost more than ``fit``'s own Adam: the
+executor then looked 7-8 % *faster* than the bare loop.)
 
 Call :meth:`Executor.warm_up` once before the event loop gets busy: the first training step of
 a process pages in torch's kernels and, on a loaded machine, held the GIL for up to a second in

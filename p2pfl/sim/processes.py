@@ -5,7 +5,9 @@ state and runtime directories and its own configuration file, and runs as a chil
 the private test network of :mod:`p2pfl.sim.netns` (a namespace per node on one bridge,
 addresses 10.77.0.2 and up), so discovery is real mDNS, connections are real WebRTC, every
 message is really signed, and nothing can leave the machine. The harness watches the daemons
-only through their control sockets, exactly as an operator's `p2pfl status` would.
+only through their control sockets, exactly as an operator's `p2pfl status` would. The daemons
+are forked from one fork server (:mod:`p2pfl.sim.forkserver`) that imported torch, aiortc and
+the daemon once, so N daemons do not pay N cold starts and share those pages copy-on-write.
 
 :class:`DaemonCluster` is the building block (the tests drive it directly: start, SIGKILL,
 restart); :func:`run_processes` runs a scenario with it for `p2pfl simulate --engine processes`.
@@ -38,6 +40,7 @@ from p2pfl.files import atomic_write
 from p2pfl.identity import NodeIdentity
 from p2pfl.learning.neighbours import task_positions, task_range_km
 from p2pfl.learning.setup import LearningSetup, daemon_tables, parse_setup, setup_values
+from p2pfl.sim.forkserver import ForkedProcess, ForkServer
 from p2pfl.sim.netns import BridgedNetwork
 from p2pfl.sim.network import build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
@@ -139,7 +142,7 @@ class DaemonNode:
     root: Path
     identity: NodeIdentity
     signaling_port: int = 0
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedProcess | None = None
     log_file: IO[bytes] | None = None
 
     @property
@@ -173,12 +176,33 @@ class DaemonCluster:
     ``network`` is a :class:`p2pfl.sim.netns.BridgedNetwork` (one namespace per node: every node
     has its own address, as on a LAN) or a ``SharedNetwork`` (loopback aliases in one namespace),
     with at least N nodes.
+
+    ``launcher`` says how a daemon process starts: ``"fork"`` (the default) forks it from a
+    :class:`p2pfl.sim.forkserver.ForkServer` that has imported everything once, so N daemons do
+    not pay N cold starts; ``"exec"`` runs ``python -m p2pfl run`` under ``ip netns exec``, as an
+    operator or systemd starts one. ``fork_server``: one started already (the caller closes it);
+    by default the cluster starts its own at the first start() and closes it. Either way each
+    daemon is its own process in its node's namespace, with its own configuration, keys, sockets
+    and log.
     """
 
-    def __init__(self, root: Path, spec: ClusterSpec, network: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        spec: ClusterSpec,
+        network: Any,
+        *,
+        launcher: str = "fork",
+        fork_server: ForkServer | None = None,
+    ) -> None:
+        if launcher not in ("fork", "exec"):
+            raise ValueError(f'launcher must be "fork" or "exec", not {launcher!r}')
         self.root = root
         self.spec = spec
         self.network = network
+        self.launcher = launcher
+        self._own_fork_server = fork_server is None
+        self._fork_server = fork_server
         addresses = network.addresses if network is not None else []
         if len(addresses) < spec.n_nodes:
             raise ValueError(f"the network has {len(addresses)} addresses, {spec.n_nodes} needed")
@@ -292,6 +316,16 @@ class DaemonCluster:
         node = self.nodes[index]
         if node.running:
             raise RuntimeError(f"{node.name} is already running")
+        if self.launcher == "fork":
+            if self._fork_server is None:
+                self._fork_server = ForkServer(self.root, self.root / "forkserver.log")
+            node.process = self._fork_server.spawn(
+                ["run", "--config", str(node.config_path)],
+                log=node.log_path,
+                netns=self._namespace_path(index),
+                name=node.name,
+            )
+            return node
         argv = [sys.executable, "-m", "p2pfl", "run", "--config", str(node.config_path)]
         if isinstance(self.network, BridgedNetwork):
             argv = self.network.command(index, argv)
@@ -305,6 +339,12 @@ class DaemonCluster:
         )
         return node
 
+    def _namespace_path(self, index: int) -> str | None:
+        if isinstance(self.network, BridgedNetwork):
+            return f"/run/netns/{self.network.nodes[index].namespace}"
+        name = getattr(self.network, "name", None)  # a SharedNetwork: one namespace for all
+        return f"/run/netns/{name}" if isinstance(name, str) and name else None
+
     def start_all(self) -> None:
         for node in self.nodes:
             self.start(node.index)
@@ -312,7 +352,7 @@ class DaemonCluster:
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[index]
         if node.process is not None and node.process.poll() is None:
-            # `ip netns exec` execs the daemon, so the pid is the daemon's own.
+            # `ip netns exec` execs the daemon, and a forked one is the daemon: the daemon's pid.
             node.process.send_signal(sig)
 
     def wait(self, index: int, timeout: float) -> int | None:
@@ -353,6 +393,9 @@ class DaemonCluster:
                 self.kill(node.index, signal.SIGKILL)
                 self.wait(node.index, 5)
             self._reap(node)
+        if self._fork_server is not None and self._own_fork_server:
+            self._fork_server.close()
+            self._fork_server = None
 
     def __enter__(self) -> DaemonCluster:
         return self
@@ -407,8 +450,15 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
             "`python -m p2pfl.sim.netns -- p2pfl simulate SCENARIO --engine processes`"
         )
     sweep_stale_namespaces()
-    task = _load_task(scenario)
-    setups = [_run_setup(scenario, setup, progress, task) for setup in scenario.setups]
+    # The harness needs the task only to name the metric (and for node positions): it loads in
+    # a thread of its own while the first setup's fork server, network and daemons start.
+    loading = _Loading(_load_task, scenario)
+    needs_task = any(setup.neighbours == "range" for setup in scenario.setups)
+    setups = [
+        _run_setup(scenario, setup, progress, loading.result() if needs_task else None)
+        for setup in scenario.setups
+    ]
+    task = loading.result()
     return Results(
         scenario=scenario.name,
         engine="processes",
@@ -439,6 +489,28 @@ def refuse_unapplied_training(scenario: Scenario) -> None:
                 "not applied by the daemons yet (each local training starts a fresh optimizer "
                 "at the task's learning rate); remove the key to run with --engine processes",
             )
+
+
+class _Loading:
+    """``function(*args)`` run in a daemon thread; ``result()`` waits and returns or raises."""
+
+    def __init__(self, function: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = function(*args)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _load_task(scenario: Scenario) -> Any:
@@ -634,8 +706,10 @@ def _run_setup(
     report = progress or (lambda _setup, _fraction, _status: None)
     with (
         _Teardown(root) as teardown,
+        # Started first: it imports torch, aiortc and the daemon while the network is built.
+        ForkServer(root, root / "forkserver.log") as fork_server,
         BridgedNetwork(spec.n_nodes) as network,
-        DaemonCluster(root, spec, network) as cluster,
+        DaemonCluster(root, spec, network, fork_server=fork_server) as cluster,
         teardown.begins(),
     ):
         if net.latency_ms > 0 or net.loss > 0:
@@ -794,7 +868,7 @@ def _wait_ready(cluster: DaemonCluster, name: str, report: Progress) -> None:
                     f"{node.name} exited with status {node.process.returncode} while starting:\n"
                     + cluster.log_tail(node.index, 5)
                 )
-        time.sleep(1.0)
+        time.sleep(0.2)
     raise ProcessesEngineError(f"daemons not ready after {_READY_TIMEOUT_S:.0f} s")
 
 
