@@ -17,6 +17,7 @@ from typing import Any
 
 from p2pfl.learning.factory import LearnerSetup, SetupError, check_setup
 from p2pfl.learning.neighbours import NEIGHBOURS
+from p2pfl.sim.attacks import AttackSpec, parse_attacks
 
 PROTOCOLS = ("centralized", "fedavg", "server-free", "gossip")
 TRAINING_PATHS = ("task", "vectorized")
@@ -134,6 +135,8 @@ class Scenario:
     source: str = "<memory>"
     description: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
+    attacks: tuple[AttackSpec, ...] = ()
+    """The ``[[attack]]`` tables (``p2pfl.sim.attacks``)."""
 
 
 class _Reader:
@@ -361,6 +364,8 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
     for i, s in enumerate(names):
         if s in names[:i]:
             raise ScenarioError(f"{source}: key 'setup[{i}].name': {s!r} is used twice")
+    top.used.add("attack")  # [[attack]]: its own module
+    attacks = parse_attacks(data, source, names, task.nodes, ScenarioError)
     top.done()
     return Scenario(
         name=name,
@@ -374,6 +379,7 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<memory>") -> Scenari
         source=source,
         description=description,
         raw=data,
+        attacks=attacks,
     )
 
 

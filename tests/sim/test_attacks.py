@@ -1,0 +1,110 @@
+"""[[attack]] in scenarios: parsed with file:line errors, applied by the virtual engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from p2pfl.learning.attacks import Attack
+from p2pfl.sim import virtual
+from p2pfl.sim.attacks import attackers
+from p2pfl.sim.scenario import Scenario, ScenarioError, load_scenario
+
+Tiny = Callable[..., Scenario]
+
+HEAD = """name = "a"
+[task]
+name = "digits-logreg"
+nodes = 6
+[stop]
+time = 10.0
+[[setup]]
+name = "g"
+protocol = "gossip"
+aggregation = "mean"
+[[setup]]
+name = "f"
+protocol = "fedavg"
+aggregation = "mean"
+"""
+
+
+def load(tmp_path: Path, attack: str) -> Scenario:
+    path = tmp_path / "s.toml"
+    path.write_text(HEAD + attack)
+    return load_scenario(path)
+
+
+@pytest.mark.parametrize(
+    ("attack", "line", "key", "problem"),
+    [
+        ('[[attack]]\nnodes = 0.2\nkind = "flood"\n', 17, "kind", "must be one of sign-flip"),
+        ("[[attack]]\nnodes = 0.2\n", 15, "kind", "is required"),
+        ('[[attack]]\nkind = "ipm"\n', 15, "nodes", "is required"),
+        ('[[attack]]\nkind = "ipm"\nnodes = 1.5\n', 17, "nodes", "fraction must be in (0, 1)"),
+        ('[[attack]]\nkind = "ipm"\nnodes = ["n009"]\n', 17, "nodes", "ids are n000..n005"),
+        ('[[attack]]\nkind = "ipm"\nnodes = 0.2\nepsilon = "big"\n', 18, "epsilon", "a number"),
+        ('[[attack]]\nkind = "ipm"\nnodes = 0.2\nstart = -1\n', 18, "start", ">= 0"),
+        ('[[attack]]\nkind = "ipm"\nnodes = 0.2\nspeed = 1\n', 18, "speed", "unknown key"),
+        (
+            '[[attack]]\nkind = "label-flip"\nnodes = 0.2\nstart_round = 2\n',
+            18,
+            "start_round",
+            "no start",
+        ),
+        (
+            '[[attack]]\nkind = "ipm"\nnodes = 0.2\nsetups = ["h"]\n',
+            18,
+            "setups",
+            "no setup named 'h'",
+        ),
+        (
+            '[[attack]]\nkind = "ipm"\nnodes = 0.2\n[[attack]]\nkind = "nan"\nnodes = 0.2\n'
+            'setups = ["f"]\n',
+            21,
+            "setups",
+            "already has attack[0]",
+        ),
+    ],
+)
+def test_bad_attack_tables_name_file_line_and_key(
+    tmp_path: Path, attack: str, line: int, key: str, problem: str
+) -> None:
+    with pytest.raises(ScenarioError) as info:
+        load(tmp_path, attack)
+    message = str(info.value)
+    index = 1 if "already has" in problem else 0
+    assert message.startswith(f"{tmp_path / 's.toml'}:{line}: attack[{index}].{key}: "), message
+    assert problem in message
+
+
+def test_a_fraction_is_drawn_by_seed_among_nodes_but_fedavgs_aggregator(tmp_path: Path) -> None:
+    scenario = load(tmp_path, '[[attack]]\nkind = "ipm"\nnodes = 0.34\nepsilon = 3\n')
+    for setup in scenario.setups:
+        chosen = attackers(scenario, setup)
+        assert len(chosen) == 2 and 0 not in chosen
+        assert set(chosen.values()) == {Attack("ipm", epsilon=3.0)}
+    explicit = load(tmp_path, '[[attack]]\nkind = "nan"\nnodes = ["n000", "n004"]\nsetups = ["g"]')
+    assert attackers(explicit, explicit.setups[0]) == {0: Attack("nan"), 4: Attack("nan")}
+    assert attackers(explicit, explicit.setups[1]) == {}
+
+
+@pytest.mark.slow
+def test_the_virtual_engine_wraps_attackers_and_evaluates_only_honest_nodes(tiny: Tiny) -> None:
+    setups = [
+        {"name": "mean", "protocol": "gossip", "period": 1.0, "aggregation": "mean"},
+        {"name": "clip", "protocol": "gossip", "period": 1.0, "aggregation": "clip"},
+    ]
+    clean = {s.name: s for s in virtual.run(tiny(setup=setups)).setups}
+    attack = [{"nodes": ["n002"], "kind": "scale", "factor": -50.0}]
+    attacked = {s.name: s for s in virtual.run(tiny(setup=setups, attack=attack)).setups}
+    for name in ("mean", "clip"):
+        assert [n.id for n in attacked[name].nodes] == ["n000", "n001", "n003", "n004", "n005"]
+        assert attacked[name].extra["attackers"] == ["n002"]
+        assert attacked[name].extra["attack"] == {"kind": "scale", "factor": -50.0}
+    assert clean["mean"].final["accuracy"] > 0.8
+    # Plain averaging follows the attacker; clipping around the own model does not.
+    assert attacked["mean"].final["accuracy"] < 0.5
+    assert attacked["clip"].final["accuracy"] > clean["clip"].final["accuracy"] - 0.05
