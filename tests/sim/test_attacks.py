@@ -108,3 +108,45 @@ def test_the_virtual_engine_wraps_attackers_and_evaluates_only_honest_nodes(tiny
     # Plain averaging follows the attacker; clipping around the own model does not.
     assert attacked["mean"].final["accuracy"] < 0.5
     assert attacked["clip"].final["accuracy"] > clean["clip"].final["accuracy"] - 0.05
+
+
+class _Addresses:
+    def __init__(self, n: int) -> None:
+        self.addresses = [f"10.77.0.{i + 2}" for i in range(n)]
+
+
+def test_the_processes_engine_runs_attackers_as_the_attacking_build_of_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from p2pfl.daemon import node as daemon_node
+    from p2pfl.daemon import trainer as daemon_trainer
+    from p2pfl.daemon.config import load_config
+    from p2pfl.learning.attacks import AttackingLearner
+    from p2pfl.sim import attacker, processes
+
+    scenario = load(tmp_path, '[[attack]]\nkind = "label-flip"\nnodes = ["n002", "n004"]\n')
+    spec = processes._cluster_spec(scenario, scenario.setups[0])
+    assert dict(spec.attackers) == {2: Attack("label-flip"), 4: Attack("label-flip")}
+    with processes.DaemonCluster(tmp_path / "c", spec, _Addresses(6)) as cluster:
+        attack_json, colluders_json = cluster._attack_args(2)
+        assert json.loads(colluders_json) == [cluster.nodes[4].identity.node_id]
+        # What the attacking build does to this process's daemon (undone after the test).
+        monkeypatch.setattr(daemon_node, "build_machine", daemon_node.build_machine)
+        monkeypatch.setattr(
+            daemon_trainer.NodeTrainer, "__init__", daemon_trainer.NodeTrainer.__init__
+        )
+        attacker.install(attack_json, colluders_json)
+        config = load_config(cluster.nodes[2].config_path)
+        machine = daemon_node.build_machine(config, cluster.nodes[2].identity.node_id, 1.0)
+        assert isinstance(machine, AttackingLearner) and machine.attack == Attack("label-flip")
+        from p2pfl.ml.task import DigitsTask
+
+        task = DigitsTask(n_nodes=6, seed=0)
+        trainer = daemon_trainer.NodeTrainer(task, 2)
+        try:
+            honest = task.node_data(2, 6).train_set.tensors[1]
+            assert (trainer.data.train_set.tensors[1] == 9 - honest).all()
+        finally:
+            trainer.close()
