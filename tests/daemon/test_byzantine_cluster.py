@@ -1,10 +1,11 @@
-"""A malicious member among four real daemons: the robust default holds, plain averaging falls.
+"""A malicious member among four real daemons: multi-Krum holds, plain averaging falls.
 
-Four daemons gossip on digits in a bridged private network; node 3 is an admitted member running
-the attacking build of the daemon (``p2pfl.sim.attacker``): every model it sends is its honest
-one times -100, signed with its own key. With the daemon's default rule (self-centred clipping)
-the three honest daemons end within 2 points of a clean run's accuracy; with ``mean`` configured
-explicitly they follow the attacker.
+Four daemons run FedAvg on digits in a bridged private network (node 0 aggregates); node 3 is an
+admitted member running the attacking build of the daemon (``p2pfl.sim.attacker``): every update
+it sends is its honest one times -100, signed with its own key. With multi-Krum told to expect one
+Byzantine input (``krum_f = 1``, a [protocol] parameter; the default f for four inputs is 0, as
+n >= 2f + 3 allows no more) the honest daemons end within 2 points of a clean run's accuracy;
+with ``mean`` configured explicitly they follow the attacker.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ ROUNDS = 20
 
 
 def _honest_accuracy(root: Path, aggregation: str | None, attack: Attack | None) -> float:
-    """The honest daemons' mean accuracy once each has trained ``ROUNDS`` times."""
+    """The honest daemons' mean accuracy once each has reached round ``ROUNDS``."""
     spec = ClusterSpec(
         n_nodes=4,
+        protocol="fedavg",
         epochs=0.5,
         aggregation=aggregation,
-        params={"period": 1.0},
+        params={"round_timeout": 3.0, "krum_f": 1},
+        aggregator_index=0,
         start_peers=3,
         peer_timeout_s=6.0,
         attackers={3: attack} if attack is not None else {},
@@ -61,12 +64,12 @@ def _honest_accuracy(root: Path, aggregation: str | None, attack: Attack | None)
         pytest.fail(f"honest daemons did not reach round {ROUNDS}: {statuses}\n{logs}")
 
 
-def test_one_insider_among_four_daemons_cannot_take_over_the_robust_default(
+def test_one_insider_among_four_daemons_cannot_take_over_multikrum_fedavg(
     short_tmp: Path,
 ) -> None:
     attack = Attack("scale", factor=-100.0)
-    clean = _honest_accuracy(short_tmp / "clean", None, None)
-    attacked = _honest_accuracy(short_tmp / "attacked", None, attack)
+    clean = _honest_accuracy(short_tmp / "clean", "multikrum", None)
+    attacked = _honest_accuracy(short_tmp / "attacked", "multikrum", attack)
     assert clean > 0.8
     assert attacked >= clean - 0.02, (clean, attacked)
     # The attack is real: the same insider takes plain averaging down.
