@@ -101,12 +101,15 @@ def test_the_virtual_engine_wraps_attackers_and_evaluates_only_honest_nodes(tiny
     attack = [{"nodes": ["n002"], "kind": "scale", "factor": -50.0}]
     attacked = {s.name: s for s in virtual.run(tiny(setup=setups, attack=attack)).setups}
     for name in ("mean", "clip"):
-        assert [n.id for n in attacked[name].nodes] == ["n000", "n001", "n003", "n004", "n005"]
+        assert [n.node for n in attacked[name].nodes] == ["n000", "n001", "n003", "n004", "n005"]
         assert attacked[name].extra["attackers"] == ["n002"]
         assert attacked[name].extra["attack"] == {"kind": "scale", "factor": -50.0}
     assert clean["mean"].final["accuracy"] > 0.8
     # Plain averaging follows the attacker; clipping around the own model does not.
-    assert attacked["mean"].final["accuracy"] < 0.5
+    assert attacked["mean"].final["accuracy"] < clean["mean"].final["accuracy"] - 0.2, (
+        clean,
+        attacked,
+    )
     assert attacked["clip"].final["accuracy"] > clean["clip"].final["accuracy"] - 0.05
 
 
