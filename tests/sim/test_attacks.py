@@ -153,3 +153,28 @@ def test_the_processes_engine_runs_attackers_as_the_attacking_build_of_the_daemo
             assert (trainer.data.train_set.tensors[1] == 9 - honest).all()
         finally:
             trainer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_the_processes_engine_evaluates_only_honest_daemons_under_a_real_attacker(
+    tmp_path: Path,
+) -> None:
+    from p2pfl.sim import processes
+    from p2pfl.sim.netns import can_create_namespaces
+
+    if not can_create_namespaces():
+        pytest.skip("cannot create network namespaces")
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'name = "p"\n[task]\nname = "digits"\nnodes = 4\n[training]\nepochs = 0.5\n'
+        "eval_interval = 5.0\n[network]\nlatency_ms = 0.0\nbandwidth_mbps = 1000.0\n"
+        '[stop]\ntime = 60.0\n[[setup]]\nname = "fedavg"\nprotocol = "fedavg"\n'
+        'aggregation = "mean"\nround_timeout = 3.0\n'
+        '[[attack]]\nnodes = ["n003"]\nkind = "scale"\nfactor = -100.0\n'
+    )
+    (setup,) = processes.run(load_scenario(path)).setups
+    assert len(setup.nodes) == 3 and setup.extra["attackers"] == ["node-3"]
+    assert setup.extra["attack"] == {"kind": "scale", "factor": -100.0}
+    # Plain averaging with the attacking daemon among them: the honest daemons collapse.
+    assert setup.final["accuracy"] < 0.5
