@@ -40,6 +40,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic
 
+import numpy as np
+
 from p2pfl.protocols import (
     Action,
     GlobalModel,
@@ -158,6 +160,13 @@ def attacked_model(attack: Attack, sent: Any, reference: Any, honest: Sequence[A
     ``reference``: the model the attacker's last training started from; ``honest``: the honest
     models it holds (``sent`` included).
     """
+    # A model that already diverged (plain averaging under attack) overflows to inf here: that
+    # is the attack's effect, not an error of ours, so numpy is told not to warn.
+    with np.errstate(all="ignore"):
+        return _attacked(attack, sent, reference, honest)
+
+
+def _attacked(attack: Attack, sent: Any, reference: Any, honest: Sequence[Any]) -> Any:
     kind = attack.kind
     if kind == "sign-flip":
         return _combine([sent], [-attack.magnitude])

@@ -206,3 +206,12 @@ def test_label_flip_maps_each_training_label_to_its_mirror_class() -> None:
 def test_bad_attacks_are_refused(kwargs: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         Attack(**kwargs)
+
+
+def test_a_diverged_numpy_model_is_attacked_without_warnings() -> None:
+    import numpy as np
+
+    huge = np.full(3, 3e38, dtype=np.float32)
+    honest = [huge, -huge]
+    alie = attacked_model(Attack("alie"), huge, np.zeros(3, dtype=np.float32), honest)
+    assert alie.shape == (3,)  # overflowed to inf or nan, quietly (warnings are errors here)
