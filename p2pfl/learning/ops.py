@@ -173,16 +173,27 @@ class TaskWorkload:
         self._n_nodes = scenario.task.nodes
         self._model = self.task.make_model()
         self._initial = _frozen_copy(self._model.state_dict())
-        self._data: dict[int | None, Any] = {}
+        self._data: dict[tuple[int | None, bool], Any] = {}
+        self.label_flipped: frozenset[int] = frozenset()
+        """Nodes that train on flipped labels (a label-flip attack, ``learning.attacks``)."""
 
     def _node_data(self, node: int | None) -> Any:
-        if node not in self._data:
-            self._data[node] = (
-                self.task.central_data()
-                if node is None
-                else self.task.node_data(node, self._n_nodes)
-            )
-        return self._data[node]
+        key = (node, node in self.label_flipped)
+        if key not in self._data:
+            if node is None:
+                self._data[key] = self.task.central_data()
+            elif key[1]:
+                from p2pfl.learning.attacks import flip_labels
+
+                self._data[key] = flip_labels(self._node_data_honest(node))
+            else:
+                self._data[key] = self.task.node_data(node, self._n_nodes)
+        return self._data[key]
+
+    def _node_data_honest(self, node: int) -> Any:
+        if (node, False) not in self._data:
+            self._data[(node, False)] = self.task.node_data(node, self._n_nodes)
+        return self._data[(node, False)]
 
     def initial(self) -> StateDict:
         return self._initial

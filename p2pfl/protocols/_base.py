@@ -158,8 +158,9 @@ class Learner(Generic[W]):
         # and a parameter set away from its default is refused rather than ignored.
         self._ops_takes_params = callable(getattr(ops, "distance", None))
         if not self._ops_takes_params:
+            defaults = {f.name: f.default for f in fields(config) if f.name in _RULE_DEFAULTS}
             changed = sorted(
-                name for name, default in _RULE_DEFAULTS.items() if getattr(config, name) != default
+                name for name, default in defaults.items() if getattr(config, name) != default
             )
             if changed:
                 raise ValueError(

@@ -56,6 +56,11 @@ class GossipConfig(LearnerSettings):
     inbox_size: int = INBOX_SIZE
     """Received models kept for the next merge (the oldest is dropped as ``inbox_overflow``)."""
     """A received age may exceed what this node can check (see the module) by this much."""
+    clip_scale: float = 4.0
+    """"clip": gossip's received models drift further from the own model than one own training
+    step (non-IID data, few models merged at a time), so its radius is 4 (not 2) x the median
+    recent distance: on 16 digits nodes, Dirichlet 0.5, a clean run reached 0.757 accuracy with 2,
+    0.925 with 4, 0.932 with plain "mean" (simulations/results/robustness-byzantine)."""
 
 
 class GossipLearner(Learner[W]):

@@ -16,6 +16,7 @@ restart); :func:`run_processes` runs a scenario with it for `p2pfl simulate --en
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from p2pfl.files import atomic_write
 from p2pfl.identity import NodeIdentity
 from p2pfl.learning.neighbours import task_positions, task_range_km
 from p2pfl.learning.setup import LearningSetup, daemon_tables, parse_setup, setup_values
+from p2pfl.sim.attacks import attackers, describe
 from p2pfl.sim.forkserver import ForkedProcess, ForkServer
 from p2pfl.sim.netns import BridgedNetwork
 from p2pfl.sim.network import build_topology
@@ -96,6 +98,9 @@ class ClusterSpec:
     """(lat, lon) of each node by index, for neighbours = "range"."""
     links: tuple[tuple[int, ...], ...] = ()
     """Each node's links by index, for neighbours = "topology"."""
+    attackers: Mapping[int, Any] = field(default_factory=dict)
+    """[[attack]]: node index -> ``learning.attacks.Attack``; those nodes run the test-only
+    attacking build of the daemon (``p2pfl.sim.attacker``) instead of ``p2pfl run``."""
 
     def learning(self) -> LearningSetup:
         """The setup written into every daemon's configuration (see ``setup``)."""
@@ -316,7 +321,9 @@ class DaemonCluster:
         node = self.nodes[index]
         if node.running:
             raise RuntimeError(f"{node.name} is already running")
-        if self.launcher == "fork":
+        # An attacking build (test-only, [[attack]]) starts cold: the fork server runs only
+        # what `p2pfl run` runs.
+        if self.launcher == "fork" and index not in self.spec.attackers:
             if self._fork_server is None:
                 self._fork_server = ForkServer(self.root, self.root / "forkserver.log")
             node.process = self._fork_server.spawn(
@@ -327,6 +334,8 @@ class DaemonCluster:
             )
             return node
         argv = [sys.executable, "-m", "p2pfl", "run", "--config", str(node.config_path)]
+        if index in self.spec.attackers:  # [[attack]] (sim.attacks): the attacking build
+            argv[2:4] = ["p2pfl.sim.attacker", *self._attack_args(index)]
         if isinstance(self.network, BridgedNetwork):
             argv = self.network.command(index, argv)
         elif self.network is not None:
@@ -344,6 +353,11 @@ class DaemonCluster:
             return f"/run/netns/{self.network.nodes[index].namespace}"
         name = getattr(self.network, "name", None)  # a SharedNetwork: one namespace for all
         return f"/run/netns/{name}" if isinstance(name, str) and name else None
+
+    def _attack_args(self, index: int) -> list[str]:
+        colluders = [self.nodes[i].identity.node_id for i in self.spec.attackers if i != index]
+        attack = dataclasses.asdict(self.spec.attackers[index])
+        return [json.dumps(attack), json.dumps(colluders)]
 
     def start_all(self) -> None:
         for node in self.nodes:
@@ -569,6 +583,7 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
         range_km=range_km,
         positions=positions,
         links=links,
+        attackers=attackers(scenario, setup),
     )
 
 
@@ -751,7 +766,9 @@ def _run_setup(
                 s or (old if node.running else None)
                 for s, old, node in zip(statuses, last, cluster.nodes, strict=True)
             ]
-            _record(elapsed, last, histories, curve, carried)
+            # Attackers are not evaluated: the figures are the honest daemons' ([[attack]]).
+            honest = [None if i in spec.attackers else s for i, s in enumerate(last)]
+            _record(elapsed, honest, histories, curve, carried)
             done = _stop_reached(stop, elapsed, last)
             report(setup.name, min(1.0, elapsed / stop.time), _live_line(last))
             if done:
@@ -763,6 +780,7 @@ def _run_setup(
         nodes = [
             _node_result(node, status, history, codes.get(node.index), carried[node.index])
             for node, status, history in zip(cluster.nodes, last, histories, strict=True)
+            if node.index not in spec.attackers
         ]
     if not curve:
         raise ProcessesEngineError(
@@ -773,6 +791,7 @@ def _run_setup(
     extra: dict[str, object] = {"run_time_s": curve[-1]["time"], "not_applied": not_applied}
     if churner.applied:
         extra["applied"] = churner.applied
+    extra.update(describe(spec.attackers, [n.name for n in cluster.nodes]))
     result = SetupResult(
         name=setup.name,
         protocol=setup.protocol,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.learning.setup import SETUP_KEYS, LearningSetup, SetupError, parse_setup
+from p2pfl.sim.attacks import AttackSpec, parse_attacks
 from p2pfl.tomlkeys import where
 
 PROTOCOLS = ("centralized", "fedavg", "server-free", "gossip")
@@ -163,6 +164,8 @@ class Scenario:
     raw: Mapping[str, Any] = field(default_factory=dict)
     text: str | None = field(default=None, repr=False, compare=False)
     """The file's text, for the lines of errors found after parsing."""
+    attacks: tuple[AttackSpec, ...] = ()
+    """The ``[[attack]]`` tables (``p2pfl.sim.attacks``)."""
 
 
 class _Reader:
@@ -373,6 +376,8 @@ def parse_scenario(
             raise scenario_error(
                 source, text, f"setup[{i}].name", f"{s!r} is used twice; names must differ"
             )
+    top.used.add("attack")  # [[attack]]: its own module
+    attacks = parse_attacks(data, source, names, task.nodes, ScenarioError, text=text)
     top.done()
     return Scenario(
         name=name,
@@ -387,6 +392,7 @@ def parse_scenario(
         description=description,
         raw=data,
         text=text,
+        attacks=attacks,
     )
 
 

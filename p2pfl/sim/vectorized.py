@@ -98,6 +98,8 @@ class VectorizedLogReg:
         self._test = (x_test.numpy(), y_test.numpy())
         self._data: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
         self._calls = 0
+        self.label_flipped: frozenset[int] = frozenset()
+        """Nodes that train on flipped labels (a label-flip attack, ``learning.attacks``)."""
 
     def _node_data(self, node: int | None) -> tuple[np.ndarray, np.ndarray]:
         if node not in self._data:
@@ -108,7 +110,10 @@ class VectorizedLogReg:
             )
             x, y = data.train_set.tensors
             self._data[node] = (x.numpy(), y.numpy())
-        return self._data[node]
+        x, y = self._data[node]
+        if node in self.label_flipped:
+            return x, self._classes - 1 - y
+        return x, y
 
     def use_stream(self, name: str) -> None:
         """Training shuffles from the stream ``name`` (see ``Task.use_stream``)."""

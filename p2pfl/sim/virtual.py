@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from p2pfl.learning.attacks import AttackingLearner
 from p2pfl.learning.codecs import decode_model, encode_model
 from p2pfl.learning.factory import SetupError, make_learner
 from p2pfl.learning.neighbours import Position, resolve, task_positions, task_range_km
@@ -50,6 +51,7 @@ from p2pfl.protocols import (
     TrainingDone,
     UseFeatures,
 )
+from p2pfl.sim.attacks import attackers, describe, poison_data
 from p2pfl.sim.network import NetworkModel, build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
 from p2pfl.sim.scenario import Scenario, ScenarioError, SetupSpec, scenario_error
@@ -230,6 +232,11 @@ class _SetupRun:
         k = scenario.training.eval_nodes
         self.eval_nodes = sorted(eval_rng.sample(range(n), k)) if 0 < k < n else list(range(n))
         self.curve: list[dict[str, float]] = []
+        # [[attack]] (sim.attacks): attackers' machines are wrapped in new_machine, their data
+        # poisoned for label-flip when the run starts, and they are not evaluated (the figures
+        # are the honest nodes').
+        self.attackers = attackers(scenario, setup)
+        self.eval_nodes = [i for i in self.eval_nodes if i not in self.attackers]
         if setup.learning is not None:
             self.learner = setup.learning
             self.peer_sets = self.resolve_neighbours()
@@ -244,7 +251,7 @@ class _SetupRun:
         """The node's learner, by the factory the daemon uses (a rejoining node: a new one)."""
         rng = random.Random(f"{self.scenario.seed}:{self.setup.name}:{node.id}:{node.session}")
         try:
-            return make_learner(
+            machine = make_learner(
                 self.learner,
                 node.id,
                 weights,
@@ -256,6 +263,10 @@ class _SetupRun:
             )
         except SetupError as exc:
             raise self.error(exc.key, exc.problem) from None
+        if node.index not in self.attackers:
+            return machine
+        colluders = [self.ids[i] for i in self.attackers if i != node.index]
+        return AttackingLearner(machine, self.attackers[node.index], colluders=colluders)
 
     def error(self, key: str, problem: str) -> ScenarioError:
         index = self.scenario.setups.index(self.setup)
@@ -350,6 +361,7 @@ class _SetupRun:
 
     def run(self) -> SetupResult:
         started = time.perf_counter()
+        poison_data(self.workload, self.attackers)  # [[attack]] label-flip (sim.attacks)
         if self.setup.protocol == "centralized":
             return self.run_centralized(started)
         self.schedule_churn_and_partitions()
@@ -582,6 +594,7 @@ class _SetupRun:
                 "model_bytes": self.workload.nbytes(self.workload.initial()),
                 # Only when not the default, so fp32 results stay what they were.
                 **({"codec": self.learner.codec} if self.learner.codec != "fp32" else {}),
+                **describe(self.attackers, self.ids),
             },
         )
 

@@ -35,7 +35,7 @@ from p2pfl.protocols._messages import MAX_ROUND
 
 from .conftest import FloatOps, LegacyOps, Report
 
-GOSSIP = GossipConfig(period=10.0, jitter=0.0, budget=2.0, max_age_lead=2)
+GOSSIP = GossipConfig(period=10.0, jitter=0.0, budget=2.0, max_age_lead=2, clip_scale=2.0)
 
 
 def gossip(ops: Any, config: GossipConfig = GOSSIP, peers: tuple[str, ...] = ("b", "c")) -> Any:
@@ -248,7 +248,7 @@ def test_an_explicit_radius_is_used_as_set() -> None:
 
 def test_an_age_inflated_model_cannot_push_the_own_model_out_of_a_clipped_merge() -> None:
     ops = FloatOps(max_distance=1e12)
-    config = GossipConfig(period=10.0, jitter=0.0, budget=2.0, staleness_window=1)
+    config = GossipConfig(period=10.0, jitter=0.0, budget=2.0, staleness_window=1, clip_scale=2.0)
     machine, tick = trained_once(ops, config)
     # Age 11 is within the default lead of 10 and makes the own age-1 model stale ...
     machine.handle(MessageReceived("b", GossipModel(-1e6, 11, 5)), tick - 1)
@@ -300,7 +300,9 @@ def test_fedavg_default_multikrum_leaves_a_scaled_update_out(report: Any) -> Non
 
 def test_ops_without_distance_get_rule_names_only() -> None:
     ops = LegacyOps()
-    machine, tick = trained_once(ops)
+    machine, tick = trained_once(
+        ops, GossipConfig(period=10.0, jitter=0.0, budget=2.0, max_age_lead=2)
+    )
     machine.handle(MessageReceived("b", GossipModel(2.5, 1, 5)), tick - 1)
     machine.handle(TimerFired(), tick)
     assert ops.calls == ["clip"] and machine.clip_radius() is None
