@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from p2pfl.ml.readings import MAX_MPH as MAX_MPH
 from p2pfl.protocols import FeaturePlan
 
 __all__ = [
@@ -46,9 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-MAX_MPH = 250.0
-"""Readings above this are not speeds: a reply holding one is refused."""
 
 DEFAULT_TIMEOUT_S = 30.0
 
