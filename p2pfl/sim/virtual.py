@@ -285,6 +285,8 @@ class _SetupRun:
                 node.penalized.append(action.peer)
             elif isinstance(action, UseFeatures):
                 node.feature_bytes_received += len(action.data)
+                # Stored and trained on, as a daemon's HaloStore does (one recipe).
+                self.workload.use_features(node.index, action.peer, action.sensors, action.data)
         machine = node.machine
         assert machine is not None
         deadline = machine.next_deadline()
