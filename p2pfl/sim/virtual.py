@@ -616,6 +616,11 @@ def run(
     scenario: Scenario, *, progress: Progress | None = None, workload: Workload | None = None
 ) -> Results:
     """Run every setup of ``scenario`` in virtual time; deterministic for the scenario's seed."""
+    if scenario.live.replay_speed > 0:
+        raise ScenarioError(
+            f"{scenario.source}: key 'live.replay_speed': live replay runs against the wall "
+            "clock, which the virtual engine does not have; run with --engine processes"
+        )
     workload = workload or make_workload(scenario)
     setups = [_SetupRun(scenario, s, workload, progress).run() for s in scenario.setups]
     return Results(
