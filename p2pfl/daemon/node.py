@@ -185,20 +185,20 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
             EXIT_DATA,
         )
     from p2pfl.daemon.trainer import NodeTrainer  # torch: only the daemon pays for it
-    from p2pfl.learning.ops import build_task
+    from p2pfl.learning.ops import is_graph_task, node_task
 
     if task_cfg.data is not None and task_cfg.name.startswith("digits"):
         raise config.error("task.data", f"task {task_cfg.name!r} has its data built in")
     options: dict[str, Any] = dict(task_cfg.options)
-    if task_cfg.name.startswith("traffic-"):
-        if "cloudlet" in options:
-            raise config.error(
-                "task.options.cloudlet", "a cloudlet daemon's cloudlet is [task] node_index"
-            )
-        options["cloudlet"] = task_cfg.node_index  # its own sensors' readings only
+    if is_graph_task(task_cfg.name) and "cloudlet" in options:
+        raise config.error(
+            "task.options.cloudlet", "a cloudlet daemon's cloudlet is [task] node_index"
+        )
     try:
-        task = build_task(
+        # Graph tasks: its own sensors' readings only (the engines build theirs the same way).
+        task = node_task(
             task_cfg.name,
+            task_cfg.node_index,
             n_nodes=task_cfg.n_nodes,
             partition=task_cfg.partition,
             alpha=task_cfg.alpha,

@@ -20,8 +20,9 @@ signed like every message. This module is everything between those bytes and the
   stay missing, which the task masks (inputs 0 after z-scoring, as missing readings are); the
   store says which in ``p2pfl status``.
 
-The virtual engine builds the same plan (same sensors, same check) from a task that holds every
-reading, so the halo values it trains on are those an owner would send.
+The virtual engine follows the same recipe: each virtual cloudlet's task is built by the daemon's
+call (:func:`p2pfl.learning.ops.node_task`), its plan by :func:`feature_plan`, and the replies its
+owners' tasks serve are stored by a :class:`HaloStore` (``TaskWorkload.use_features``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from p2pfl.ml.readings import MAX_MPH as MAX_MPH
 from p2pfl.protocols import FeaturePlan
 
 __all__ = [
@@ -46,9 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-MAX_MPH = 250.0
-"""Readings above this are not speeds: a reply holding one is refused."""
 
 DEFAULT_TIMEOUT_S = 30.0
 

@@ -8,6 +8,13 @@ daemon uses it as is. :func:`feature_plan` tells a graph task's node which halo 
 of whom, what it serves and how a reply is checked; the daemon and the virtual engine build
 their plans with it.
 
+Graph tasks follow one recipe in the daemon and the engines: a cloudlet trains on the task
+:func:`node_task` builds for it (its own sensors' readings only, z-scored with their training
+statistics) and on the halo readings its owners sent, stored by a
+:class:`~p2pfl.learning.features.HaloStore`. A daemon builds its task with :func:`node_task`;
+:class:`TaskWorkload` builds one per virtual cloudlet with the same call and stores what arrives
+(``use_features``) through the same store.
+
 Handles are never changed after creation: training copies, aggregators allocate their output.
 That lets many nodes share one handle (FedAvg participants adopting the same global model) and
 keeps per-node memory to the models a node actually holds.
@@ -73,6 +80,10 @@ class Workload(Protocol):
         setup's results do not depend on the setups run before it on this workload."""
         ...
 
+    def use_features(self, node: int, peer: str, sensors: tuple[int, ...], data: bytes) -> None:
+        """Store the halo readings ``peer`` sent ``node`` (the machine accepted them)."""
+        ...
+
 
 class TaskSpecLike(Protocol):
     """A scenario's ``[task]`` table as this module reads it (``p2pfl.sim.scenario.TaskSpec``)."""
@@ -130,6 +141,49 @@ def build_task(
     return load_task(name, n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, **kwargs)
 
 
+def is_graph_task(name: str) -> bool:
+    """Tasks with one node per cloudlet of a sensor graph (halo readings from the owners)."""
+    return name.startswith("traffic-")
+
+
+def node_task(
+    name: str,
+    node: int,
+    *,
+    n_nodes: int,
+    partition: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    readings: Path | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Any:
+    """The task node ``node`` of a deployment trains on: the daemon's and the engines' recipe.
+
+    Graph tasks: the cloudlet's view (``cloudlet=node``), its own sensors' readings only,
+    z-scored with their statistics; its halo stays masked until its owners' readings are stored
+    (:class:`~p2pfl.learning.features.HaloStore`). Other tasks: the whole task (the node picks
+    its share with ``node_data``). Raises what :func:`build_task` raises.
+    """
+    extra: dict[str, Any] = dict(options or {})
+    if is_graph_task(name):
+        if "cloudlet" in extra:
+            raise TypeError("a node's cloudlet is its node index, not an option ('cloudlet')")
+        extra["cloudlet"] = node
+    return build_task(
+        name,
+        n_nodes=n_nodes,
+        partition=partition,
+        alpha=alpha,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        readings=readings,
+        options=extra,
+    )
+
+
 def load_scenario_task(scenario: ScenarioLike) -> Any:
     """The learning core's task for a scenario's [task] table (lr/batch_size -> TrainConfig)."""
     spec = scenario.task
@@ -160,7 +214,12 @@ def _frozen_copy(state: dict[str, torch.Tensor]) -> StateDict:
 
 
 class TaskWorkload:
-    """A learning-core ``Task``: one shared module is loaded with a handle, trained, copied out."""
+    """A learning-core ``Task``: one shared module is loaded with a handle, trained, copied out.
+
+    Graph tasks: each node trains on its own :func:`node_task`, as a daemon does, and its halo
+    comes from what its owners' replies carry (``use_features``); evaluation and the centralized
+    baseline use the whole task.
+    """
 
     def __init__(self, scenario: ScenarioLike, *, threads: int = 1) -> None:
         # Tiny models, one process: one intra-op thread is fastest, and on a shared machine
@@ -170,12 +229,39 @@ class TaskWorkload:
         self.primary_metric = self.task.primary_metric
         self.higher_is_better = self.task.higher_is_better
         self.ops = StateDictOps()
+        self._scenario = scenario
         self._n_nodes = scenario.task.nodes
+        self._graph = is_graph_task(scenario.task.name)
         self._model = self.task.make_model()
         self._initial = _frozen_copy(self._model.state_dict())
         self._data: dict[tuple[int | None, bool], Any] = {}
+        self._tasks: dict[int, Any] = {}
+        self._halos: dict[int, Any] = {}
+        self._stream: str | None = None
         self.label_flipped: frozenset[int] = frozenset()
         """Nodes that train on flipped labels (a label-flip attack, ``learning.attacks``)."""
+
+    def node_task(self, node: int | None) -> Any:
+        """The task ``node`` trains on (None: the centralized baseline's, the whole task)."""
+        if node is None or not self._graph:
+            return self.task
+        if node not in self._tasks:
+            spec = self._scenario.task
+            task = node_task(
+                spec.name,
+                node,
+                n_nodes=spec.nodes,
+                partition=spec.partition,
+                alpha=spec.alpha,
+                seed=self._scenario.seed,
+                lr=spec.lr,
+                batch_size=spec.batch_size,
+                options=spec.options,
+            )
+            if self._stream is not None:
+                task.use_stream(self._stream)
+            self._tasks[node] = task
+        return self._tasks[node]
 
     def _node_data(self, node: int | None) -> Any:
         key = (node, node in self.label_flipped)
@@ -187,12 +273,12 @@ class TaskWorkload:
 
                 self._data[key] = flip_labels(self._node_data_honest(node))
             else:
-                self._data[key] = self.task.node_data(node, self._n_nodes)
+                self._data[key] = self._node_data_honest(node)
         return self._data[key]
 
     def _node_data_honest(self, node: int) -> Any:
         if (node, False) not in self._data:
-            self._data[(node, False)] = self.task.node_data(node, self._n_nodes)
+            self._data[(node, False)] = self.node_task(node).node_data(node, self._n_nodes)
         return self._data[(node, False)]
 
     def initial(self) -> StateDict:
@@ -208,7 +294,7 @@ class TaskWorkload:
         optimizer_state: dict[str, Any] | None = None,
     ) -> tuple[StateDict, Report]:
         self._model.load_state_dict(weights)
-        report = self.task.train(
+        report = self.node_task(node).train(
             self._model,
             self._node_data(node),
             epochs=epochs,
@@ -225,7 +311,33 @@ class TaskWorkload:
         return sum(t.numel() * t.element_size() for t in weights.values())
 
     def use_stream(self, name: str) -> None:
+        self._stream = name
         self.task.use_stream(name)
+        for task in self._tasks.values():
+            task.use_stream(name)
 
     def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
-        return feature_plan(self.task, node, node_ids)
+        """The node's plan from its own task (it serves its own sensors' readings), and a halo
+        store for what its owners send. Called for every new machine (a setup's start, a
+        rejoining node): graph tasks rebuild the node's task first, so its halo is masked until
+        its owners answer again, as for a daemon that starts from its own file."""
+        if self._graph:
+            self._tasks.pop(node, None)
+            self._data.pop((node, False), None)
+            self._data.pop((node, True), None)
+        plan = feature_plan(self.node_task(node), node, node_ids)
+        if plan is not None and self._graph:
+            from p2pfl.learning.features import HaloStore
+
+            def use(data: Any, node: int = node) -> None:
+                self._data[(node, False)] = data  # the node's next training runs on it
+                self._data.pop((node, True), None)
+
+            self._halos[node] = HaloStore(self.node_task(node), node, plan, use)
+        return plan
+
+    def use_features(self, node: int, peer: str, sensors: tuple[int, ...], data: bytes) -> None:
+        store = self._halos.get(node)
+        if store is None:
+            raise ValueError(f"node {node} asked for no halo readings")
+        store.use(peer, sensors, data)

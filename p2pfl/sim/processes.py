@@ -67,6 +67,8 @@ class ClusterSpec:
     task_options: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     exchange_features: bool = False
     """Graph tasks: give every daemon all node ids so halo features travel between them."""
+    replay_speed: float = 0.0
+    """Graph tasks: every daemon's ``[data] replay_speed`` (live replay and forecasts; 0: off)."""
     protocol: str = "gossip"
     aggregation: str | None = "mean"  # None: the protocol's robust default
     codec: str = "fp32"
@@ -281,6 +283,7 @@ class DaemonCluster:
                 **({"batch_size": spec.batch_size} if spec.batch_size is not None else {}),
             },
             "task.options": dict(spec.task_options),
+            **({"data": {"replay_speed": spec.replay_speed}} if spec.replay_speed > 0 else {}),
             "executor": {"threads": spec.threads, "mode": spec.executor_mode},
             "limits": {"peer_timeout_s": spec.peer_timeout_s},
             "logging": {"level": spec.log_level},
@@ -572,6 +575,7 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
         task_options=dict(scenario.task.options),
         exchange_features=scenario.task.name.startswith("traffic-"),
         setup=learner,
+        replay_speed=scenario.live.replay_speed,
         # Churn restarts daemons from their checkpoints: keep those recent.
         checkpoint_interval_s=5.0 if scenario.churn.fraction > 0 else 30.0,
         aggregator_index=_aggregator_index(setup, scenario.task.nodes),
@@ -971,6 +975,8 @@ def _node_result(
             "peers_connected": sum(p.state == "connected" for p in status.peers) if status else 0,
             "feature_bytes_sent": status.feature_bytes_sent if status else 0,
             "feature_bytes_received": status.feature_bytes_received if status else 0,
+            # [live] replay_speed: replay step, rolling forecast MAE by horizon, halo ages.
+            **({"live": status.live} if status is not None and status.live is not None else {}),
             # Whom it exchanged with (server-free neighbours): bytes sent to each peer.
             "bytes_out_by_peer": {p.node_id: p.bytes_out for p in status.peers} if status else {},
         },

@@ -99,6 +99,15 @@ class ChurnSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveSpec:
+    replay_speed: float = 0.0
+    """Graph tasks, processes engine: every daemon runs with ``[data] replay_speed`` (5-minute
+    steps per wall-clock second; 0: off): it replays its readings, pushes each new step to the
+    cloudlets that subscribed, forecasts its sensors live, and its rolling forecast MAE at the
+    end is in the results (node ``extra.live``). The virtual engine refuses it (no wall clock)."""
+
+
+@dataclass(frozen=True, slots=True)
 class StopSpec:
     time: float
     rounds: int | None = None
@@ -166,6 +175,7 @@ class Scenario:
     """The file's text, for the lines of errors found after parsing."""
     attacks: tuple[AttackSpec, ...] = ()
     """The ``[[attack]]`` tables (``p2pfl.sim.attacks``)."""
+    live: LiveSpec = field(default_factory=LiveSpec)
 
 
 class _Reader:
@@ -365,6 +375,14 @@ def parse_scenario(
         raise c.error("end", f"must not be before churn.start ({churn.start})")
     c.done()
 
+    lv = _Reader(source, top.table_of("live"), "live.", text)
+    live = LiveSpec(replay_speed=lv.number("replay_speed", 0.0, low=0.0))
+    if live.replay_speed > 0 and not task.name.startswith("traffic-"):
+        raise lv.error(
+            "replay_speed", f"live replay needs a graph task (traffic-*), not {task.name!r}"
+        )
+    lv.done()
+
     stop = _stop(source, text, top.get("stop", dict), "stop.")
     raw_setups = top.get("setup", list)
     if not raw_setups:
@@ -393,6 +411,7 @@ def parse_scenario(
         raw=data,
         text=text,
         attacks=attacks,
+        live=live,
     )
 
 

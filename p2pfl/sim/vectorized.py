@@ -195,3 +195,6 @@ class VectorizedLogReg:
 
     def feature_plan(self, node: int, node_ids: Sequence[str]) -> FeaturePlan | None:
         return None
+
+    def use_features(self, node: int, peer: str, sensors: tuple[int, ...], data: bytes) -> None:
+        raise ValueError(f"{self.task.name} has no node features (no plan asks for them)")

@@ -183,6 +183,8 @@ class _NodeHost:
 
     def use_features(self, action: UseFeatures) -> None:
         self.node.feature_bytes_received += len(action.data)
+        # Stored and trained on, as a daemon's HaloStore does (one recipe).
+        self.run.workload.use_features(self.node.index, action.peer, action.sensors, action.data)
 
     def metric(self, name: str, value: float) -> None:
         pass  # results come from evaluation points
@@ -648,6 +650,11 @@ def run(
     scenario: Scenario, *, progress: Progress | None = None, workload: Workload | None = None
 ) -> Results:
     """Run every setup of ``scenario`` in virtual time; deterministic for the scenario's seed."""
+    if scenario.live.replay_speed > 0:
+        raise ScenarioError(
+            f"{scenario.source}: key 'live.replay_speed': live replay runs against the wall "
+            "clock, which the virtual engine does not have; run with --engine processes"
+        )
     workload = workload or make_workload(scenario)
     setups = []
     for setup in scenario.setups:

@@ -255,7 +255,10 @@ def test_split_reads_the_published_layouts_and_refuses_bad_files(tmp_path: Path)
     speeds = np.nan_to_num(full.windows.raw)
     source = tmp_path / "metr-la.csv"
     lines = ["time," + ",".join(full.graph.sensor_ids)]
-    lines += [f"t{t}," + ",".join(f"{v:.3f}" for v in row) for t, row in enumerate(speeds)]
+    start, step = np.datetime64("2012-03-01T00:00"), np.timedelta64(5, "m")
+    lines += [
+        f"{start + t * step}," + ",".join(f"{v:.3f}" for v in row) for t, row in enumerate(speeds)
+    ]
     source.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     runner = CliRunner()

@@ -137,8 +137,10 @@ def test_csv_readings_are_matched_to_sensors_by_id(tmp_path: Path) -> None:
     ids = list(reversed(graph.sensor_ids))
     lines = ["timestamp," + ",".join(ids)]
     for t in range(300):
-        values = [str(float(int(sid) + t)) if t != 5 else "" for sid in ids]
-        lines.append(f"2012-03-01 00:{t:02d}:00," + ",".join(values))
+        values = [str(float(int(sid) + t % 100)) if t != 5 else "" for sid in ids]
+        lines.append(
+            f"{np.datetime64('2012-03-01T00:00') + np.timedelta64(5 * t, 'm')}," + ",".join(values)
+        )
     path = tmp_path / "speeds.csv"
     path.write_text("\n".join(lines) + "\n")
     speeds = load_speeds(path, graph)
@@ -162,7 +164,7 @@ def test_hdf5_readings_in_the_published_pandas_layout(tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
     graph = _small_graph(tmp_path)
     ids = np.array([int(sid) for sid in reversed(graph.sensor_ids)], dtype=np.int64)
-    table = np.array([[float(sid) + t for sid in ids] for t in range(300)])
+    table = np.array([[float(sid) + t % 100 for sid in ids] for t in range(300)])
     table[7, 0] = 0.0
     path = tmp_path / "metr-la.h5"
     with h5py.File(path, "w") as f:

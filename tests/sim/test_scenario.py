@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -58,3 +60,44 @@ def test_defaults_fill_what_is_left_out(tiny_dict: dict[str, Any]) -> None:
 def test_shipped_scenarios_are_valid(path: Path) -> None:
     scenario = load_scenario(path)
     assert scenario.setups and scenario.task.nodes >= 1
+
+
+def _traffic(tiny_dict: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    tiny_dict["task"] = {"name": "traffic-metr-la", "nodes": 7, "options": {"days": 2}}
+    tiny_dict["setup"] = [{"name": "gossip", "protocol": "gossip"}]
+    tiny_dict["live"] = live
+    return tiny_dict
+
+
+def test_live_replay_reaches_every_daemons_configuration(
+    tiny_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    from p2pfl.daemon.config import load_config
+    from p2pfl.sim import processes
+
+    scenario = parse_scenario(_traffic(tiny_dict, {"replay_speed": 12.0}), "live.toml")
+    assert scenario.live.replay_speed == 12.0
+    spec = processes._cluster_spec(scenario, scenario.setups[0])
+
+    addresses = SimpleNamespace(addresses=[f"10.77.0.{i + 2}" for i in range(7)])
+    with processes.DaemonCluster(tmp_path / "c", spec, addresses) as cluster:  # type: ignore[arg-type]
+        for node in cluster.nodes:
+            assert load_config(node.config_path).data.replay_speed == 12.0
+    off = parse_scenario(_traffic(copy.deepcopy(tiny_dict), {}), "off.toml")
+    spec = processes._cluster_spec(off, off.setups[0])
+    with processes.DaemonCluster(tmp_path / "d", spec, addresses) as cluster:  # type: ignore[arg-type]
+        assert load_config(cluster.nodes[0].config_path).data.replay_speed == 0.0
+
+
+def test_live_replay_is_refused_where_it_cannot_run(tiny_dict: dict[str, Any]) -> None:
+    from p2pfl.sim import virtual
+
+    digits = copy.deepcopy(tiny_dict)
+    digits["live"] = {"replay_speed": 12.0}
+    with pytest.raises(ScenarioError, match=r"key 'live.replay_speed': live replay needs a graph"):
+        parse_scenario(digits, "x.toml")
+    with pytest.raises(ScenarioError, match=r"key 'live.rplay_speed': unknown key"):
+        parse_scenario(_traffic(copy.deepcopy(tiny_dict), {"rplay_speed": 1.0}), "x.toml")
+    scenario = parse_scenario(_traffic(tiny_dict, {"replay_speed": 12.0}), "x.toml")
+    with pytest.raises(ScenarioError, match=r"key 'live.replay_speed': .*--engine processes"):
+        virtual.run(scenario)

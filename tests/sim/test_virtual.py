@@ -192,3 +192,62 @@ def test_a_setups_results_do_not_depend_on_the_setups_before_it(
     for setup in forward.setups:
         assert setup.final == by_name[setup.name].final, setup.name
         assert setup.curve == by_name[setup.name].curve, setup.name
+
+
+def test_virtual_cloudlets_follow_the_daemons_recipe(tiny: Tiny) -> None:
+    # Each virtual cloudlet trains on the task a daemon builds (learning.ops.node_task): its own
+    # sensors' readings, z-scored with their statistics, and a halo masked until its owners'
+    # replies are stored; what they store is what the owner served.
+    import numpy as np
+
+    from p2pfl.learning.ops import TaskWorkload, node_task
+
+    scenario = tiny(task={"name": "traffic-metr-la", "nodes": 7, "options": {"days": 2}})
+    workload = TaskWorkload(scenario)
+    ids = virtual.node_ids(7)
+    plans = {n: workload.feature_plan(n, ids) for n in range(7)}
+    partition = workload.task.partition
+    node = 3
+    daemon = node_task("traffic-metr-la", node, n_nodes=7, seed=scenario.seed, options={"days": 2})
+    mine = workload.node_task(node)
+    assert (mine.windows.mean, mine.windows.std) == (daemon.windows.mean, daemon.windows.std)
+    assert mine.windows.mean != workload.task.windows.mean  # not all sensors' statistics
+    halo = [int(s) for s in partition.halos[node]]
+    assert np.isnan(np.asarray(mine.windows.raw)[:, halo]).all()
+    x, _ = next(workload._node_data(node).train_set.in_order(4))
+    assert (x[:, :, len(partition.members[node]) :] == 0).all()  # masked until owners answer
+    plan = plans[node]
+    assert plan is not None
+    for peer, sensors in plan.needs.items():
+        owner_plan = plans[ids.index(peer)]
+        assert owner_plan is not None and owner_plan.source is not None
+        data = owner_plan.source(sensors)
+        assert data is not None
+        workload.use_features(node, peer, sensors, data)
+    stored = np.asarray(workload.node_task(node).windows.raw)[:, halo]
+    full = np.asarray(workload.task.windows.raw)[:, halo]
+    assert np.allclose(np.nan_to_num(stored), np.nan_to_num(full), atol=1e-4)
+    n_own = len(partition.members[node])
+    x, _ = next(workload._node_data(node).train_set.in_order(4))  # [batch, time, sensors, ...]
+    assert (x[:, :, n_own:] != 0).any()  # halo inputs now present (masked ones are 0)
+    # A new machine for the node (a rejoin, the next setup) starts masked again.
+    workload.feature_plan(node, ids)
+    assert np.isnan(np.asarray(workload.node_task(node).windows.raw)[:, halo]).all()
+
+
+def test_a_virtual_run_stores_every_owners_readings(tiny: Tiny) -> None:
+    from p2pfl.learning.ops import TaskWorkload
+
+    scenario = tiny(
+        task={"name": "traffic-metr-la", "nodes": 7, "options": {"days": 2}},
+        training={"epochs": 0.01},
+        stop={"time": 5.0, "rounds": 1},
+        setup=[{"name": "server-free", "protocol": "server-free"}],
+    )
+    workload = TaskWorkload(scenario)
+    results = virtual.run(scenario, workload=workload)
+    assert len(results.setups) == 1
+    for node in range(7):
+        store = workload._halos[node]
+        assert store.missing() == {}, node
+        assert store.status()["masked_sensors"] == 0
