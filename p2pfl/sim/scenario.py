@@ -353,6 +353,10 @@ def parse_scenario(
         lr_final=tr.number("lr_final", 0.1, low=0.0, high=1.0),
         keep_optimizer=tr.get("keep_optimizer", bool, False),
     )
+    if "lr_final" in tr.table and training.lr_schedule != "cosine":
+        raise tr.error(
+            "lr_final", 'applies only with lr_schedule = "cosine"; remove it or set that'
+        )
     tr.done()
 
     n = _Reader(source, top.table_of("network"), "network.", text)

@@ -74,7 +74,10 @@ def test_schedule_keys_are_checked(tiny_dict: dict[str, Any]) -> None:
     tiny_dict["training"].update(lr_schedule="cosine", lr_final=1.5)
     with pytest.raises(ScenarioError, match=r"training\.lr_final: must be in"):
         parse_scenario(tiny_dict, "exp.toml")
-    tiny_dict["training"].update(lr_final=0.2, keep_optimizer="yes")
+    tiny_dict["training"].update(lr_schedule="constant", lr_final=0.2)
+    with pytest.raises(ScenarioError, match=r"training\.lr_final: applies only with lr_sch"):
+        parse_scenario(tiny_dict, "exp.toml")
+    tiny_dict["training"].update(lr_schedule="cosine", lr_final=0.2, keep_optimizer="yes")
     with pytest.raises(ScenarioError, match=r"training\.keep_optimizer: must be bool"):
         parse_scenario(tiny_dict, "exp.toml")
 
