@@ -124,3 +124,14 @@ def test_kept_adam_state_gives_the_learning_cores_weights(mode: str) -> None:
         steps = (k + 1) * status["last_steps"]  # every training's steps, not the last one's
         assert status["optimizer_steps"] == status["session_steps"] == steps
     assert any(not torch.equal(done[-1][1][n], fresh[-1][n]) for n in fresh[-1])
+
+
+def test_the_training_count_comes_back_from_the_checkpoint_state() -> None:
+    """A restarted daemon's schedule goes on from the trainings its checkpoint records (an
+    older checkpoint: its rounds); a damaged entry starts the count at 0, never a crash."""
+    from p2pfl.daemon.node import _trainings_done
+
+    assert _trainings_done({"trainings": 5, "round": 3}) == 5
+    assert _trainings_done({"round": 3}) == 3
+    assert _trainings_done({"trainings": "5", "round": True}) == 0
+    assert _trainings_done({"trainings": -1}) == 0
