@@ -104,6 +104,9 @@ class NodeStatus:
     drops: dict[str, int] = field(default_factory=dict)
     """The same, by ``"stage/reason"``."""
     checkpoint: CheckpointStatus | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    """Local training (``NodeTrainer.status``): trainings done, the last one's learning-rate
+    factor and steps, this session's steps, the kept Adam moments' steps (keep_optimizer)."""
     peers: tuple[PeerStatus, ...] = ()
     feature_bytes_sent: int = 0
     feature_bytes_received: int = 0

@@ -237,6 +237,7 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
             device=executor.device,
             threads=executor.threads,
             mode=executor.mode,
+            setup=learner_setup(config),
         )
     except ValueError as exc:  # e.g. a CUDA device torch cannot see
         os.close(lock_fd)
@@ -244,6 +245,8 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
     try:
         checkpoints = CheckpointStore(state_dir / "checkpoints", keep=config.checkpoints.keep)
         resumed, weights = (None, trainer.initial()) if check else _resume(checkpoints, trainer)
+        if resumed is not None:  # the schedule goes on from where the last session left it
+            trainer.trainings = _trainings_done(resumed.state)
         plan = _feature_plan(config, task)
         halo = _halo_store(task, task_cfg.node_index, plan, trainer)
         if config.data.replay_speed > 0 and halo is None:
@@ -405,6 +408,15 @@ def machine_state(machine: Any, round_offset: int) -> dict[str, Any]:
     return state
 
 
+def _trainings_done(state: dict[str, Any]) -> int:
+    """Local trainings done before the restart (older checkpoints: the rounds done)."""
+    for key in ("trainings", "round"):
+        value = state.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return 0
+
+
 def _restore_machine(machine: Any, state: dict[str, Any]) -> None:
     # Gossip's age weighs our model against received ones; a restart must not reset it to 0.
     if isinstance(state.get("machine_age"), int) and hasattr(machine, "age"):
@@ -492,6 +504,7 @@ class Node:
             drops_by_stage=self.drops.stage_totals(),
             drops=self.drops.snapshot(),
             checkpoint=checkpoint,
+            training=self.prepared.trainer.status(),
             peers=tuple(peers),
             transport=dict(self.transport.counters) if self.transport is not None else {},
             revocation_serial=None if revocations is None else revocations.serial,
@@ -526,6 +539,7 @@ class Node:
         if model is None or model is self._checkpointed_model:
             return
         state = machine_state(self.prepared.machine, self.state.round_offset)
+        state["trainings"] = int(self.prepared.trainer.trainings)
 
         def write() -> Checkpoint:
             data = encode_state_dict(model, "fp32")

@@ -2,11 +2,15 @@
 
 :class:`LearningSetup` is everything that decides how a node learns: the protocol and its own
 parameters, the aggregation rule and the rule's parameters, the update norm bound, which peers a
-server-free node exchanges with, how models travel and how much it trains per round. A scenario's
-``[[setup]]`` table is one (flat keys); the daemon reads the same keys from its ``[protocol]``
-table (the protocol's own and the rule's parameters under ``[protocol.params]``, the training
-budget as ``[task] epochs``: see :data:`DAEMON_PLACES`), and the processes engine writes a setup
-into each daemon's configuration with :func:`daemon_tables`. Both are checked by this model only.
+server-free node exchanges with, how models travel, how much it trains per round and how its
+local trainings follow on from each other (a learning-rate schedule over its planned trainings,
+Adam moments kept between trainings). A scenario's ``[[setup]]`` table is one (flat keys; its
+``[training]`` lr_schedule, lr_final and keep_optimizer are every setup's default); the daemon
+reads the same keys from its ``[protocol]`` table (the protocol's own and the rule's parameters
+under ``[protocol.params]``, the training keys as ``[task] epochs``, ``lr_schedule``,
+``lr_final``, ``keep_optimizer``: see :data:`DAEMON_PLACES`), and the processes engine writes
+a setup into each daemon's configuration with :func:`daemon_tables`. Both are checked by this
+model only.
 
 A key left out (None) means the protocol's own default. A key that the chosen protocol or rule
 does not read is refused, never ignored: ``period`` on server-free, ``krum_f`` with "clip",
@@ -19,6 +23,7 @@ same field here; the factory, both engines, the daemon and the processes engine 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -39,6 +44,7 @@ from p2pfl.protocols import (
 ProtocolName = Literal["gossip", "server-free", "fedavg"]
 RuleName = Literal["mean", "median", "trimmed_mean", "clip", "krum", "multikrum"]
 NeighboursName = Literal["all", "topology", "range"]
+ScheduleName = Literal["constant", "cosine"]
 
 PROTOCOLS: dict[str, tuple[type[Learner[Any]], type[Any]]] = {
     "gossip": (GossipLearner, GossipConfig),
@@ -86,6 +92,14 @@ class LearningSetup(BaseModel):
     """Server-free: "all" live peers, "topology" links, or "range" (within range_km)."""
     range_km: float | None = _opt(gt=0)
     """For neighbours = "range"; None: the task's own range (graph tasks; the daemon needs it)."""
+    lr_schedule: ScheduleName = "constant"
+    """"cosine": the node's learning rate falls from the task's lr to lr * lr_final over its
+    planned trainings (max_rounds; a scenario without stop.rounds: over stop.time)."""
+    lr_final: float = Field(0.1, ge=0, le=1)
+    """The last factor of the cosine schedule (only with lr_schedule = "cosine")."""
+    keep_optimizer: bool = False
+    """Keep the node's Adam moments from one local training to the next (default: fresh).
+    A restarted node (daemon or churned virtual node) starts fresh moments."""
     max_norm: float | None = _opt(gt=0)
     """Refuse (drop, counted as ``norm_exceeded``) an update farther than this L2 distance from the
     receiver's model; None: no bound (clipping still bounds its effect)."""
@@ -137,6 +151,10 @@ class LearningSetup(BaseModel):
                 f"only server-free exchanges with a chosen set of peers; {self.protocol} needs "
                 '"all" (remove the key)',
             )
+        if "lr_final" in self.model_fields_set and self.lr_schedule != "cosine":
+            raise SetupError(
+                "lr_final", 'applies only with lr_schedule = "cosine"; remove it or set that'
+            )
         if self.range_km is not None and self.neighbours != "range":
             raise SetupError("range_km", 'applies only with neighbours = "range"; remove it')
         if (problem := codec_problem(self.codec)) is not None:
@@ -154,6 +172,17 @@ class LearningSetup(BaseModel):
             return self.aggregation
         _, config_cls = PROTOCOLS[self.protocol]
         return str(_default(config_cls, "aggregation"))
+
+    def lr_scale(self, trainings_done: int, progress: float | None = None) -> float:
+        """The factor on the learning rate of this node's next local training: by the share
+        of its planned trainings (``max_rounds``) done, or at ``progress`` (0..1) if given."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        if progress is None:
+            if self.max_rounds is None:
+                raise ValueError("a learning-rate schedule needs max_rounds (planned trainings)")
+            progress = training_progress(trainings_done, self.max_rounds)
+        return schedule_scale(self.lr_schedule, self.lr_final, progress)
 
     def params(self) -> dict[str, Any]:
         """The protocol's config fields this setup sets (rule and protocol parameters)."""
@@ -174,6 +203,22 @@ class LearningSetup(BaseModel):
         return config_cls(**params, budget=self.epochs, **rule)
 
 
+def training_progress(trainings_done: int, planned: int) -> float:
+    """A node's progress through its run at its next training: the middle of that training's
+    share of the ``planned`` trainings."""
+    return (trainings_done + 0.5) / planned
+
+
+def schedule_scale(schedule: str, lr_final: float, progress: float) -> float:
+    """The factor on the learning rate at ``progress`` (0..1, clamped) of a node's run: 1 for
+    "constant"; "cosine" falls from 1 to ``lr_final``. The daemon, both engines and the
+    centralized baselines compute every scale with this function."""
+    if schedule == "constant":
+        return 1.0
+    p = min(max(progress, 0.0), 1.0)
+    return lr_final + (1.0 - lr_final) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 def _fields(config_cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls)}
 
@@ -182,7 +227,18 @@ def _default(config_cls: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(config_cls) if f.name == name)
 
 
-GENERAL_KEYS = ("protocol", "aggregation", "epochs", "codec", "neighbours", "range_km", "max_norm")
+TRAINING_KEYS = ("lr_schedule", "lr_final", "keep_optimizer")
+"""How a node's local trainings follow on from each other (the daemon's [task] keys)."""
+GENERAL_KEYS = (
+    "protocol",
+    "aggregation",
+    "epochs",
+    "codec",
+    "neighbours",
+    "range_km",
+    "max_norm",
+    *TRAINING_KEYS,
+)
 """Keys of the setup that are not protocol config fields."""
 PARAMETER_KEYS = tuple(k for k in LearningSetup.model_fields if k not in GENERAL_KEYS)
 """Keys that are fields of a protocol's config (rule parameters and the protocols' own)."""
@@ -259,8 +315,14 @@ def _choices(key: str) -> tuple[str, ...]:
 
 
 def setup_values(setup: LearningSetup) -> dict[str, Any]:
-    """The keys a setup sets (None left out): what a ``[[setup]]`` table would say."""
-    return {k: v for k, v in setup.model_dump().items() if v is not None}
+    """The keys a setup sets (None and training keys at their defaults left out): what a
+    ``[[setup]]`` table would say."""
+    defaults = {k: LearningSetup.model_fields[k].default for k in TRAINING_KEYS}
+    return {
+        k: v
+        for k, v in setup.model_dump().items()
+        if v is not None and not (k in defaults and v == defaults[k])
+    }
 
 
 # -- the daemon's spelling -------------------------------------------------------------------
@@ -268,7 +330,12 @@ def setup_values(setup: LearningSetup) -> dict[str, Any]:
 DAEMON_PLACES: dict[str, str] = {
     "protocol": "protocol.name",
     "epochs": "task.epochs",
-    **{k: f"protocol.{k}" for k in GENERAL_KEYS if k not in ("protocol", "epochs")},
+    **{k: f"task.{k}" for k in TRAINING_KEYS},
+    **{
+        k: f"protocol.{k}"
+        for k in GENERAL_KEYS
+        if k not in ("protocol", "epochs") and k not in TRAINING_KEYS
+    },
     **{k: f"protocol.params.{k}" for k in PARAMETER_KEYS},
 }
 """Where the daemon's configuration holds each setup key (dotted TOML path)."""
@@ -313,6 +380,14 @@ def from_daemon(
     if isinstance(values.get("epochs"), int) and not isinstance(values["epochs"], bool):
         values["epochs"] = float(values["epochs"])
     try:
-        return parse_setup(values), "", ""
+        setup = parse_setup(values)
     except SetupError as exc:
         return None, places.get(exc.key, DAEMON_PLACES.get(exc.key, exc.key)), exc.problem
+    if setup.lr_schedule != "constant" and setup.max_rounds is None:
+        return (
+            None,
+            DAEMON_PLACES["lr_schedule"],
+            "a schedule runs over the node's planned trainings: set [protocol.params] "
+            'max_rounds, or remove the key (lr_schedule = "constant")',
+        )
+    return setup, "", ""

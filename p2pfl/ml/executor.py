@@ -81,7 +81,7 @@ def _serve(
     torch.set_num_threads(threads)
     data_by_id: dict[int, NodeData] = {}
     while (job := jobs.get()) is not None:
-        kind, data_id, data, epochs = job
+        kind, data_id, data, epochs, lr_scale, optimizer_state = job
         try:
             if data is not None:
                 data_by_id[data_id] = data
@@ -96,11 +96,13 @@ def _serve(
                     epochs=epochs,
                     device=device,
                     should_stop=stop.is_set,
+                    lr_scale=lr_scale,
+                    optimizer_state=optimizer_state,
                 )
                 with torch.no_grad():
                     for key, value in model.state_dict().items():
                         shared[key].copy_(value)
-                results.put(("ok", report))
+                results.put(("ok", (report, optimizer_state)))
             else:
                 results.put(("ok", task.evaluate(model.to(device), node_data, device=device)))
         except Exception:
@@ -136,6 +138,8 @@ class _WorkerProcess:
         data: NodeData | None,
         epochs: float,
         cancelled: threading.Event | None = None,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> Any:
         with self._lock:  # one job at a time: the shared weights are one buffer
             self.stop.clear()
@@ -149,12 +153,19 @@ class _WorkerProcess:
             if fresh:
                 assert data is not None and data_id is not None
                 self._sent[data_id] = data  # also keeps the id from being reused
-            self.jobs.put((kind, data_id, data if fresh else None, epochs))
+            # A kept optimizer state travels to the child and back with each job (torch's queues
+            # pass its tensors through shared memory): the caller's dict holds it, as in a thread.
+            job = (kind, data_id, data if fresh else None, epochs, lr_scale, optimizer_state)
+            self.jobs.put(job)
             status, payload = self._wait()
             if status != "ok":
                 raise ExecutorError(f"job {kind!r} failed in the worker process:\n{payload}")
             if kind == "train":
-                return {k: v.clone() for k, v in self.shared.items()}, payload
+                report, state = payload
+                if optimizer_state is not None:
+                    optimizer_state.clear()
+                    optimizer_state.update(state)
+                return {k: v.clone() for k, v in self.shared.items()}, report
             return payload
 
     def _wait(self) -> tuple[str, Any]:
@@ -241,14 +252,28 @@ class Executor:
         return model.to(self.device)
 
     def _train_job(
-        self, weights: StateDict, data: NodeData, epochs: float, stop: threading.Event
+        self,
+        weights: StateDict,
+        data: NodeData,
+        epochs: float,
+        stop: threading.Event,
+        lr_scale: float,
+        optimizer_state: dict[str, Any] | None,
     ) -> tuple[StateDict, TrainReport]:
         if self._worker is not None:
-            trained, report = self._worker.run("train", weights, data, epochs, stop)
+            trained, report = self._worker.run(
+                "train", weights, data, epochs, stop, lr_scale, optimizer_state
+            )
             return trained, report
         model = self._model(weights)
         report = self.task.train(
-            model, data, epochs=epochs, device=self.device, should_stop=stop.is_set
+            model,
+            data,
+            epochs=epochs,
+            device=self.device,
+            should_stop=stop.is_set,
+            lr_scale=lr_scale,
+            optimizer_state=optimizer_state,
         )
         trained = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return trained, report
@@ -260,9 +285,19 @@ class Executor:
         return self.task.evaluate(self._model(weights), data, device=self.device)
 
     async def train(
-        self, weights: StateDict, data: NodeData, *, epochs: float
+        self,
+        weights: StateDict,
+        data: NodeData,
+        *,
+        epochs: float,
+        lr_scale: float = 1.0,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> tuple[StateDict, TrainReport]:
         """Train from ``weights`` on ``data``: (new weights on CPU, report). Inputs unchanged.
+
+        The learning rate is the task's times ``lr_scale``; ``optimizer_state`` (a dict the
+        caller keeps, in either mode) carries Adam's moments from one job to the next, as in
+        :func:`p2pfl.ml.train.fit`.
 
         Cancelling the caller returns at once and tells the job to stop at its next optimizer
         step; the limiter's token stays held until the worker is really done (trio keeps it
@@ -276,6 +311,8 @@ class Executor:
                 data,
                 epochs,
                 stop,
+                lr_scale,
+                optimizer_state,
                 limiter=self.limiter,
                 abandon_on_cancel=True,
             )

@@ -48,6 +48,8 @@ class TrainReport:
     wall_s: float
     samples_per_s: float
     energy_j: float | None
+    steps: int = 0
+    """Optimizer steps taken."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +188,7 @@ def fit(
     started = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     samples = 0
+    taken = 0
 
     for batch in prefetch(source.batches(steps, config.batch_size, generator), device):
         if should_stop is not None and should_stop():
@@ -196,6 +199,7 @@ def fit(
         optimizer.step()
         loss_sum += loss.detach() * n  # stays on the device: no sync per step
         samples += n
+        taken += 1
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -209,4 +213,5 @@ def fit(
         wall_s=wall,
         samples_per_s=samples / wall if wall > 0 else math.inf,
         energy_j=energy.stop(),
+        steps=taken,
     )

@@ -40,7 +40,13 @@ from p2pfl.daemon.control import ControlError, NodeStatus, fetch_status
 from p2pfl.files import atomic_write
 from p2pfl.identity import NodeIdentity
 from p2pfl.learning.neighbours import task_positions, task_range_km
-from p2pfl.learning.setup import LearningSetup, daemon_tables, parse_setup, setup_values
+from p2pfl.learning.setup import (
+    LearningSetup,
+    daemon_tables,
+    parse_setup,
+    setup_values,
+    training_progress,
+)
 from p2pfl.sim.attacks import attackers, describe
 from p2pfl.sim.forkserver import ForkedProcess, ForkServer
 from p2pfl.sim.netns import BridgedNetwork
@@ -489,22 +495,22 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
 
 
 def refuse_unapplied_training(scenario: Scenario) -> None:
-    """Refuse [training] keys the daemons do not apply (their trainer runs a fresh optimizer at
-    the task's learning rate), rather than run another recipe than the virtual engine's."""
-    if all(setup.protocol == "centralized" for setup in scenario.setups):
-        return  # the baseline, in this process, applies both
-    training = scenario.training
-    for key, unapplied in (
-        ("keep_optimizer", training.keep_optimizer),
-        ("lr_schedule", training.lr_schedule != "constant"),
-    ):
-        if unapplied:
+    """Refuse what the daemons cannot apply as the virtual engine does: a learning-rate schedule
+    of a setup without stop.rounds (the virtual engine then follows stop.time; a daemon plans
+    its schedule over its max_rounds, which a scenario sets from stop.rounds)."""
+    for index, setup in enumerate(scenario.setups):
+        learning = setup.learning
+        if learning is None or learning.lr_schedule == "constant":
+            continue  # the centralized baseline runs in this process and applies both
+        if learning.max_rounds is None:
+            from_training = scenario.training.lr_schedule == learning.lr_schedule
             raise scenario_error(
                 scenario.source,
                 scenario.text,
-                f"training.{key}",
-                "not applied by the daemons yet (each local training starts a fresh optimizer "
-                "at the task's learning rate); remove the key to run with --engine processes",
+                "training.lr_schedule" if from_training else f"setup[{index}].lr_schedule",
+                f"setup {setup.name!r} has no stop.rounds: the daemons run the schedule over "
+                "their planned trainings (max_rounds, from stop.rounds), the virtual engine "
+                "over stop.time; set stop.rounds to run it with --engine processes",
             )
 
 
@@ -971,6 +977,7 @@ def _node_result(
             "running_at_end": status is not None,
             "exit_code": exit_code,
             "rejected": dict(status.rejected) if status else {},
+            "training": dict(status.training) if status else {},
             "transport": dict(status.transport) if status else {},
             "peers_connected": sum(p.state == "connected" for p in status.peers) if status else 0,
             "feature_bytes_sent": status.feature_bytes_sent if status else 0,
@@ -1009,7 +1016,11 @@ def _run_centralized(
             progress(setup.name, min(1.0, elapsed / stop.time), f"epoch {rounds}")
         if elapsed >= stop.time or (stop.rounds is not None and rounds >= stop.rounds):
             break
-        done = (rounds + 0.5) / stop.rounds if stop.rounds is not None else elapsed / stop.time
+        done = (
+            training_progress(rounds, stop.rounds)
+            if stop.rounds is not None
+            else elapsed / stop.time
+        )
         weights, _ = workload.train(
             None, weights, epochs, lr_scale=training.lr_scale(done), optimizer_state=state
         )

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pfl.learning.setup import SETUP_KEYS, LearningSetup, SetupError, parse_setup
+from p2pfl.learning.setup import (
+    SETUP_KEYS,
+    TRAINING_KEYS,
+    LearningSetup,
+    SetupError,
+    parse_setup,
+    schedule_scale,
+)
 from p2pfl.sim.attacks import AttackSpec, parse_attacks
 from p2pfl.tomlkeys import where
 
@@ -66,10 +73,16 @@ class TrainingSpec:
 
     def lr_scale(self, progress: float) -> float:
         """The factor on the learning rate at ``progress`` (0..1) of a node's run."""
-        if self.lr_schedule == "constant":
-            return 1.0
-        p = min(max(progress, 0.0), 1.0)
-        return self.lr_final + (1.0 - self.lr_final) * 0.5 * (1.0 + math.cos(math.pi * p))
+        return schedule_scale(self.lr_schedule, self.lr_final, progress)
+
+    def setup_keys(self) -> dict[str, Any]:
+        """These keys as learning setup keys (``[[setup]]`` defaults): those not at default."""
+        keys: dict[str, Any] = {}
+        if self.lr_schedule != "constant":
+            keys.update(lr_schedule=self.lr_schedule, lr_final=self.lr_final)
+        if self.keep_optimizer:
+            keys["keep_optimizer"] = True
+        return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +294,8 @@ def _setup(
     if protocol == "centralized":
         for key in sorted(keys):
             what = "sends no models" if key == "codec" else "has no such setting"
+            if key in TRAINING_KEYS:
+                raise r.error(key, "the baseline reads it from [training]; set it there")
             if key in SETUP_KEYS:
                 raise r.error(key, f"centralized training {what}; remove the key")
         r.done()
@@ -292,6 +307,7 @@ def _setup(
     rounds = (own_stop or stop).rounds
     values = {
         **SCENARIO_DEFAULTS[protocol],
+        **_training_defaults(training, keys),
         **keys,
         "protocol": protocol,
         "epochs": epochs if epochs is not None else training.epochs,
@@ -302,6 +318,15 @@ def _setup(
     except SetupError as exc:
         raise r.error(exc.key, exc.problem) from None
     return SetupSpec(name=name, protocol=protocol, learning=learning, epochs=epochs, stop=own_stop)
+
+
+def _training_defaults(training: TrainingSpec, keys: Mapping[str, Any]) -> dict[str, Any]:
+    """[training]'s schedule and optimizer keys as a setup's defaults; a setup that sets its
+    own lr_schedule takes its own lr_final too."""
+    defaults = training.setup_keys()
+    if "lr_schedule" in keys:
+        defaults.pop("lr_final", None)
+    return defaults
 
 
 def parse_scenario(
@@ -338,6 +363,10 @@ def parse_scenario(
         lr_final=tr.number("lr_final", 0.1, low=0.0, high=1.0),
         keep_optimizer=tr.get("keep_optimizer", bool, False),
     )
+    if "lr_final" in tr.table and training.lr_schedule != "cosine":
+        raise tr.error(
+            "lr_final", 'applies only with lr_schedule = "cosine"; remove it or set that'
+        )
     tr.done()
 
     n = _Reader(source, top.table_of("network"), "network.", text)

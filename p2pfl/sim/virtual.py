@@ -38,6 +38,7 @@ from p2pfl.learning.factory import SetupError, make_learner
 from p2pfl.learning.neighbours import Position, resolve, task_positions, task_range_km
 from p2pfl.learning.ops import Workload
 from p2pfl.learning.runtime import LearnerRuntime
+from p2pfl.learning.setup import training_progress
 from p2pfl.protocols import (
     FeatureReply,
     FeatureRequest,
@@ -308,16 +309,21 @@ class _SetupRun:
 
     def lr_scale(self, trainings_done: int) -> float:
         """The schedule's factor for a node's next training: by its share of the planned
-        trainings (stop.rounds: one training per round or gossip tick), else of stop.time."""
-        training = self.scenario.training
+        trainings (stop.rounds: one training per round or gossip tick; the setup's max_rounds,
+        as the daemon computes it), else of stop.time. The centralized baseline reads
+        [training]'s schedule, every other setup its own (``LearningSetup.lr_scale``)."""
         if self.stop.rounds is not None:
-            progress = (trainings_done + 0.5) / self.stop.rounds
+            progress = training_progress(trainings_done, self.stop.rounds)
         else:
             progress = self.now / self.stop.time
-        return training.lr_scale(progress)
+        if self.setup.learning is None:
+            return self.scenario.training.lr_scale(progress)
+        return self.setup.learning.lr_scale(trainings_done, progress)
 
     def optimizer_state(self, node: _Node) -> dict[str, Any] | None:
-        if not self.scenario.training.keep_optimizer:
+        learning = self.setup.learning
+        keep = (learning or self.scenario.training).keep_optimizer
+        if not keep:
             return None
         if node.optimizer_state is None:
             node.optimizer_state = {}

@@ -299,3 +299,26 @@ def test_the_setup_keys_reach_the_learner(tmp_path: Path) -> None:
         3.0,
     )
     assert setup.params() == {"krum_f": 1, "round_timeout": 4.0}
+
+
+def test_the_training_keys_are_task_keys_of_the_setup(tmp_path: Path) -> None:
+    """[task] lr_schedule, lr_final, keep_optimizer: the setup's keys, by its validator."""
+    head = '[trust]\nmode = "open"\n[protocol]\nname = "fedavg"\n'
+    rounds = "[protocol.params]\nmax_rounds = 8\n"
+    text = head + rounds + '[task]\nlr_schedule = "cosine"\nlr_final = 0.2\nkeep_optimizer = true\n'
+    setup = _parse(text, tmp_path).protocol.setup  # type: ignore[attr-defined]
+    assert (setup.lr_schedule, setup.lr_final, setup.keep_optimizer) == ("cosine", 0.2, True)
+    assert setup.lr_scale(0) < 1.0 and setup.lr_scale(7) == pytest.approx(0.2, abs=0.02)
+    plain = _parse(head, tmp_path).protocol.setup  # type: ignore[attr-defined]
+    assert (plain.lr_schedule, plain.keep_optimizer, plain.lr_scale(3)) == ("constant", False, 1.0)
+    cases = [
+        # (text, the line and key, the problem)
+        (head + '[task]\nlr_schedule = "cosine"\n', ":6: task.lr_schedule: a schedule runs over"),
+        (head + rounds + "[task]\nlr_final = 0.2\n", ":8: task.lr_final: applies only with lr_sc"),
+        (head + rounds + '[task]\nlr_schedule = "linear"\n', ":8: task.lr_schedule: must be one"),
+        (head + rounds + "[task]\nkeep_optimizer = 1\n", ":8: task.keep_optimizer: must be true"),
+    ]
+    for text, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            _parse(text, tmp_path)
+        assert expected in str(info.value), str(info.value)

@@ -3,7 +3,10 @@
 The processes engine writes each ``[[setup]]`` into every daemon's configuration by the setup
 description itself (``learning.setup.daemon_tables``); here one small run sets the keys whose
 effect a daemon shows in its status: the update norm bound (every peer's model is refused and
-counted as ``invalid_update:norm_exceeded``), next to a codec and a rule with its parameter
+counted as ``invalid_update:norm_exceeded``), the learning-rate schedule (the factor of each
+daemon's last training is the virtual engine's for as many trainings of the same plan) and the
+kept optimizer (the Adam moments have seen every step of the daemon's trainings, not only the
+last one's), next to a codec and a rule with its parameter
 (that the daemons read those back: tests/learning/test_setup_roundtrip.py, tests/sim/
 test_codec.py). The virtual engine's effects of every key: tests/learning/test_every_key.py.
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pfl.learning.setup import schedule_scale, training_progress
 from p2pfl.sim.netns import can_create_namespaces
 from p2pfl.sim.results import load_results
 
@@ -34,8 +38,12 @@ nodes = 3
 [training]
 epochs = 0.5
 eval_interval = 1.0
+lr_schedule = "cosine"
+lr_final = 0.0
+keep_optimizer = true
 [stop]
 time = 10.0
+rounds = 3
 [[setup]]
 name = "bounded"
 protocol = "server-free"
@@ -63,3 +71,8 @@ def test_the_daemons_apply_the_setup_keys(short_tmp: Path) -> None:
         # max_norm: every model from a peer is farther than 1e-6 from this node's own.
         assert node.extra["rejected"].get("invalid_update:norm_exceeded", 0) > 0, node.extra
         assert sum(node.extra["bytes_out_by_peer"].values()) > 0
+        training = node.extra["training"]
+        done = training["trainings"]
+        assert done >= 2, training
+        assert training["lr_scale"] == schedule_scale("cosine", 0.0, training_progress(done - 1, 3))
+        assert training["optimizer_steps"] == training["session_steps"] > training["last_steps"]

@@ -192,6 +192,16 @@ TABLE: dict[str, Row] = {
         scenario=SPREAD,
     ),
     "aggregator": Row("fedavg", {"aggregator": "n003"}, _check_aggregator),
+    # The training keys (tests/daemon/test_trainer_training_keys.py: the daemon's trainer gives
+    # the same factors and weights; test_the_daemons_apply_the_keys: real daemons apply them).
+    "lr_schedule": Row("fedavg", {"lr_schedule": "cosine", "lr_final": 0.0}, _differs),
+    "lr_final": Row(
+        "fedavg",
+        {"lr_schedule": "cosine", "lr_final": 0.0},
+        _differs,
+        {"lr_schedule": "cosine", "lr_final": 1.0},
+    ),
+    "keep_optimizer": Row("fedavg", {"keep_optimizer": True}, _differs),
 }
 
 

@@ -74,7 +74,10 @@ def test_schedule_keys_are_checked(tiny_dict: dict[str, Any]) -> None:
     tiny_dict["training"].update(lr_schedule="cosine", lr_final=1.5)
     with pytest.raises(ScenarioError, match=r"training\.lr_final: must be in"):
         parse_scenario(tiny_dict, "exp.toml")
-    tiny_dict["training"].update(lr_final=0.2, keep_optimizer="yes")
+    tiny_dict["training"].update(lr_schedule="constant", lr_final=0.2)
+    with pytest.raises(ScenarioError, match=r"training\.lr_final: applies only with lr_sch"):
+        parse_scenario(tiny_dict, "exp.toml")
+    tiny_dict["training"].update(lr_schedule="cosine", lr_final=0.2, keep_optimizer="yes")
     with pytest.raises(ScenarioError, match=r"training\.keep_optimizer: must be bool"):
         parse_scenario(tiny_dict, "exp.toml")
 
@@ -120,9 +123,16 @@ def test_engine_passes_each_node_its_state_and_its_schedule_step(tiny: Tiny) -> 
     assert any(n_keys > 0 for _, _, n_keys in calls)
 
 
-def test_the_processes_engine_refuses_training_keys_its_daemons_do_not_apply(
-    tmp_path: Path,
+def test_the_processes_engine_refuses_a_schedule_without_planned_rounds(
+    tmp_path: Path, tiny: Callable[..., Scenario]
 ) -> None:
+    """The daemons apply both keys (tests/daemon/test_setup_keys_processes.py); a schedule over
+    stop.time (no stop.rounds) is the one thing they cannot plan as the virtual engine does."""
+    from p2pfl.sim import processes
+
+    both = {"lr_schedule": "cosine", "keep_optimizer": True}
+    processes.refuse_unapplied_training(tiny(training=both, stop={"time": 5.0, "rounds": 2}))
+    processes.refuse_unapplied_training(tiny(training={"keep_optimizer": True}))
     from click.testing import CliRunner
 
     from p2pfl.cli import main
@@ -138,7 +148,9 @@ def test_the_processes_engine_refuses_training_keys_its_daemons_do_not_apply(
     )
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]  # after the engine's legend
-    assert last.startswith(f"p2pfl: {scenario}:6: training.lr_schedule: not applied by"), last
+    assert last.startswith(
+        f"p2pfl: {scenario}:6: training.lr_schedule: setup 'g' has no stop.rounds"
+    ), last
     assert "Traceback" not in result.output
 
 
