@@ -69,7 +69,10 @@ class Workload(Protocol):
         """
         ...
 
-    def evaluate(self, weights: Any) -> dict[str, float]: ...
+    def evaluate(self, weights: Any, node: int | None = None) -> dict[str, float]:
+        """Score ``weights`` as ``node`` does (a graph task's cloudlet: on its own sensors, as its
+        daemon scores itself); None: on the whole task."""
+        ...
 
     def nbytes(self, weights: Any) -> int: ...
 
@@ -303,9 +306,15 @@ class TaskWorkload:
         )
         return _frozen_copy(self._model.state_dict()), report
 
-    def evaluate(self, weights: StateDict) -> dict[str, float]:
+    def evaluate(self, weights: StateDict, node: int | None = None) -> dict[str, float]:
         self._model.load_state_dict(weights)
-        return {k: float(v) for k, v in self.task.evaluate(self._model).items()}
+        if node is None or not self._graph:
+            scores = self.task.evaluate(self._model)
+        else:
+            # What the node's daemon reports: its own sensors' test windows, with the halo its
+            # owners sent, scaled by its own statistics (daemon/trainer.py evaluates self.data).
+            scores = self.node_task(node).evaluate(self._model, self._node_data_honest(node))
+        return {k: float(v) for k, v in scores.items()}
 
     def nbytes(self, weights: StateDict) -> int:
         return sum(t.numel() * t.element_size() for t in weights.values())

@@ -36,7 +36,7 @@ from p2pfl.learning.attacks import AttackingLearner
 from p2pfl.learning.codecs import decode_model, encode_model
 from p2pfl.learning.factory import SetupError, make_learner
 from p2pfl.learning.neighbours import Position, resolve, task_positions, task_range_km
-from p2pfl.learning.ops import Workload
+from p2pfl.learning.ops import Workload, is_graph_task
 from p2pfl.learning.runtime import LearnerRuntime
 from p2pfl.learning.setup import training_progress
 from p2pfl.protocols import (
@@ -174,7 +174,7 @@ class _NodeHost:
         run.push(run.now + duration, _TRAINED, node.index, node.session, (new, report))
 
     def evaluate(self, weights: Any) -> dict[str, float]:
-        return self.run.workload.evaluate(weights)
+        return self.run.workload.evaluate(weights, self.node.index)
 
     def adopt(self, weights: Any) -> None:
         pass  # evaluation points read the machine's model
@@ -518,16 +518,20 @@ class _SetupRun:
         return f"t={self.now:.0f}s round {mean_round:.1f} {self.bytes_total / 1e6:.1f} MB {metric}"
 
     def evaluate_point(self, *, final: bool = False) -> None:
-        cache: dict[int, dict[str, float]] = {}
+        # Graph tasks score each node's model on its own sensors (as its daemon does), so two
+        # nodes holding the same model still get their own scores.
+        per_node = is_graph_task(self.scenario.task.name)
+        cache: dict[tuple[int, int], dict[str, float]] = {}
         rows = []
         for i in self.eval_nodes:
             node = self.nodes[i]
             if not (node.alive or final) or node.machine is None:
                 continue
             model = node.machine.model
-            if id(model) not in cache:
-                cache[id(model)] = self.workload.evaluate(model)
-            metrics = cache[id(model)]
+            key = (i if per_node else -1, id(model))
+            if key not in cache:
+                cache[key] = self.workload.evaluate(model, i if per_node else None)
+            metrics = cache[key]
             row = {
                 "time": self.now,
                 "round": float(self.rounds_of(node)),

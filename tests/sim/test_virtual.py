@@ -251,3 +251,24 @@ def test_a_virtual_run_stores_every_owners_readings(tiny: Tiny) -> None:
         store = workload._halos[node]
         assert store.missing() == {}, node
         assert store.status()["masked_sensors"] == 0
+
+
+def test_a_virtual_cloudlet_is_scored_as_its_daemon_scores_itself(tiny: Tiny) -> None:
+    # A daemon scores a model on its own sensors (its task from ops.node_task, its data); the
+    # virtual engine scores that node's model the same way, not on the whole graph with all
+    # sensors' statistics, so the two engines report the same measure.
+    from p2pfl.learning.ops import TaskWorkload, node_task
+
+    scenario = tiny(task={"name": "traffic-metr-la", "nodes": 7, "options": {"days": 2}})
+    workload = TaskWorkload(scenario)
+    weights = workload.initial()
+    node = 2
+    daemon_task = node_task(
+        "traffic-metr-la", node, n_nodes=7, seed=scenario.seed, options={"days": 2}
+    )
+    model = daemon_task.make_model()
+    model.load_state_dict(weights)
+    daemon_scores = daemon_task.evaluate(model, daemon_task.node_data(node, 7))
+    scores = workload.evaluate(weights, node)
+    assert scores == pytest.approx({k: float(v) for k, v in daemon_scores.items()})
+    assert scores != workload.evaluate(weights)  # the whole task's measure differs
