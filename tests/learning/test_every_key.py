@@ -229,9 +229,9 @@ class _Counting:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def evaluate(self, weights: Any) -> dict[str, float]:
+    def evaluate(self, weights: Any, node: int | None = None) -> dict[str, float]:
         self.evaluations += 1
-        return self.inner.evaluate(weights)
+        return self.inner.evaluate(weights, node)
 
 
 def _run(row: Row, setup: dict[str, Any], changes: dict[str, Any]) -> tuple[SetupResult, int]:
