@@ -661,9 +661,12 @@ def run(
 ) -> Results:
     """Run every setup of ``scenario`` in virtual time; deterministic for the scenario's seed."""
     if scenario.live.replay_speed > 0:
-        raise ScenarioError(
-            f"{scenario.source}: key 'live.replay_speed': live replay runs against the wall "
-            "clock, which the virtual engine does not have; run with --engine processes"
+        raise scenario_error(
+            scenario.source,
+            scenario.text,
+            "live.replay_speed",
+            "live replay runs against the wall clock, which the virtual engine does not have; "
+            "run with --engine processes",
         )
     workload = workload or make_workload(scenario)
     setups = []

@@ -94,10 +94,10 @@ def test_live_replay_is_refused_where_it_cannot_run(tiny_dict: dict[str, Any]) -
 
     digits = copy.deepcopy(tiny_dict)
     digits["live"] = {"replay_speed": 12.0}
-    with pytest.raises(ScenarioError, match=r"key 'live.replay_speed': live replay needs a graph"):
+    with pytest.raises(ScenarioError, match=r"live.replay_speed: live replay needs a graph"):
         parse_scenario(digits, "x.toml")
-    with pytest.raises(ScenarioError, match=r"key 'live.rplay_speed': unknown key"):
+    with pytest.raises(ScenarioError, match=r"live.rplay_speed: unknown key"):
         parse_scenario(_traffic(copy.deepcopy(tiny_dict), {"rplay_speed": 1.0}), "x.toml")
     scenario = parse_scenario(_traffic(tiny_dict, {"replay_speed": 12.0}), "x.toml")
-    with pytest.raises(ScenarioError, match=r"key 'live.replay_speed': .*--engine processes"):
+    with pytest.raises(ScenarioError, match=r"live.replay_speed: .*--engine processes"):
         virtual.run(scenario)
