@@ -142,14 +142,37 @@ def rejected_from(drops: DropLog, peer: str) -> int:
 class SideChannel(Protocol):
     """Daemon messages that are not the learning protocol's (e.g. revocation lists).
 
-    Frames of ``kinds`` are verified like every other, then handed to ``received`` instead of
-    the machine; ``peer_up`` hears of every link up. Send with ``ProtocolDriver.send_side``.
+    Frames of ``kinds`` are verified like every other, then handed to ``received`` with their
+    envelope kind instead of the machine; ``peer_up`` hears of every link up. Send with
+    ``ProtocolDriver.send_side``.
     """
 
     kinds: frozenset[str]
 
     def peer_up(self, peer: str) -> None: ...
-    def received(self, peer: str, body: Any) -> None: ...
+    def received(self, peer: str, kind: str, body: Any) -> None: ...
+
+
+class SideChannels:
+    """Several side channels behind the driver's one: their kinds united (they must not share a
+    kind), every link up told to each, and each message handed to the channel of its kind."""
+
+    def __init__(self, *channels: SideChannel) -> None:
+        self._by_kind: dict[str, SideChannel] = {}
+        for channel in channels:
+            for kind in channel.kinds:
+                if kind in self._by_kind:
+                    raise ValueError(f"two side channels take {kind!r}")
+                self._by_kind[kind] = channel
+        self._channels = channels
+        self.kinds = frozenset(self._by_kind)
+
+    def peer_up(self, peer: str) -> None:
+        for channel in self._channels:
+            channel.peer_up(peer)
+
+    def received(self, peer: str, kind: str, body: Any) -> None:
+        self._by_kind[kind].received(peer, kind, body)
 
 
 class FeatureSink(Protocol):
@@ -450,7 +473,7 @@ class ProtocolDriver:
         state.protocol_seconds += time.perf_counter() - started
         if isinstance(result, Envelope):
             assert self.side_channel is not None
-            self.side_channel.received(peer, result.body)
+            self.side_channel.received(peer, result.kind, result.body)
             return None
         if isinstance(result, tuple):
             stage, reason = result

@@ -130,7 +130,7 @@ class LiveFeed:
             self._outbox.add(peer)  # (re)subscribe: the owner forgets us when the link drops
             self._wake.set()
 
-    def received(self, peer: str, body: Any) -> None:
+    def received(self, peer: str, kind: str, body: Any) -> None:
         reason = self._take(peer, body)
         if reason is not None:
             self.drops.count("update", reason, peer)
@@ -356,23 +356,3 @@ class LiveFeed:
             "halo_age_s": self.halo_age_s(),
             "masked": self.forecast["masked_inputs"] > 0,
         }
-
-
-class SideChannels:
-    """Several side channels behind the driver's one: kinds united, link ups to all, and each
-    message to the channel whose bodies it carries (live messages name themselves: ``live``)."""
-
-    def __init__(self, revocations: Any, live: LiveFeed) -> None:
-        self.revocations = revocations
-        self.live = live
-        self.kinds = frozenset(revocations.kinds | live.kinds)
-
-    def peer_up(self, peer: str) -> None:
-        self.revocations.peer_up(peer)
-        self.live.peer_up(peer)
-
-    def received(self, peer: str, body: Any) -> None:
-        if isinstance(body, dict) and "live" in body:
-            self.live.received(peer, body)
-        else:
-            self.revocations.received(peer, body)

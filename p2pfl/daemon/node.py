@@ -51,7 +51,13 @@ from p2pfl.daemon.control import (
     NodeStatus,
     PeerStatus,
 )
-from p2pfl.daemon.driver import NodeState, ProtocolDriver, rejected_from, rejected_messages
+from p2pfl.daemon.driver import (
+    NodeState,
+    ProtocolDriver,
+    SideChannels,
+    rejected_from,
+    rejected_messages,
+)
 from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.metrics import NodeMetrics, set_log_level
 from p2pfl.daemon.notify import SystemdNotifier, systemd_unit
@@ -645,7 +651,7 @@ class Node:
                 self.revocations = RevocationKeeper(transport, config.state_dir, self.drops)
                 side_channel: Any = self.revocations
                 if config.data.replay_speed > 0:
-                    from p2pfl.daemon.live import LiveFeed, SideChannels
+                    from p2pfl.daemon.live import LiveFeed
 
                     self.live = LiveFeed(
                         self.prepared.trainer.task,

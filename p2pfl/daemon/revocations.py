@@ -147,7 +147,7 @@ class RevocationKeeper:
             self._outbox.add(peer)
             self._wake.set()
 
-    def received(self, peer: str, body: Any) -> None:
+    def received(self, peer: str, kind: str, body: Any) -> None:
         data = body.get("list") if isinstance(body, dict) else None
         if not isinstance(data, bytes):
             self.drops.count("update", "malformed_revocations", peer)

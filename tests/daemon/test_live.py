@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from p2pfl.cli import main as cli_main
 from p2pfl.daemon.drops import DropLog
-from p2pfl.daemon.live import LiveFeed, LiveMessage
+from p2pfl.daemon.live import LIVE_KIND, LiveFeed, LiveMessage
 from p2pfl.daemon.metrics import NodeMetrics
 from p2pfl.learning.features import feature_plan
 from p2pfl.ml.forecast import TrafficTask
@@ -40,7 +40,7 @@ def _wire(feeds: dict[str, LiveFeed]) -> Any:
     def sender(me: str) -> Any:
         async def send(peer: str, message: LiveMessage) -> None:
             if peer in feeds:
-                feeds[peer].received(me, message.to_body())
+                feeds[peer].received(me, LIVE_KIND, message.to_body())
 
         return send
 
@@ -119,10 +119,11 @@ def test_hostile_live_messages_are_dropped_and_counted(split: Path) -> None:
     ]
     for peer, body, reason in cases:
         before = drops.snapshot().get(f"update/{reason}", 0)
-        requester.received(peer, body)
+        requester.received(peer, LIVE_KIND, body)
         assert drops.snapshot().get(f"update/{reason}", 0) == before + 1, reason
     assert requester.pushes_received == 0 and requester.subscribers == {}
-    requester.received(owner_id, LiveMessage(sensors, step, good).to_body())
+    requester.received(owner_id, LIVE_KIND, LiveMessage(sensors, step, good).to_body())
     assert requester.pushes_received == 1
-    requester.received(owner_id, LiveMessage(sensors, step, good).to_body())  # replayed step
+    replayed = LiveMessage(sensors, step, good).to_body()
+    requester.received(owner_id, LIVE_KIND, replayed)  # the same step again
     assert drops.snapshot()["update/live_old_step"] == 1

@@ -8,10 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
-from p2pfl.daemon.driver import NodeState, ProtocolDriver
+from p2pfl.daemon.driver import NodeState, ProtocolDriver, SideChannels
 from p2pfl.daemon.drops import DropLog
 from p2pfl.daemon.revocations import REVOCATIONS_KIND, RevocationKeeper, RevocationsMessage
 from p2pfl.daemon.transport import MessageReceived, PeerUp
@@ -67,14 +68,14 @@ async def test_newer_list_is_stored_and_spread_to_every_other_peer(tmp_path: Pat
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keeper.run, outbox.send)
         keeper.peer_up("a")  # no list yet: nothing to send
-        keeper.received("a", {"list": new})
+        keeper.received("a", REVOCATIONS_KIND, {"list": new})
         assert await outbox.take(2) == [("b", new), ("c", new)]
         assert (tmp_path / "revocations.list").read_bytes() == new
         assert transport.rechecks == 1
-        keeper.received("b", {"list": old})  # older: ignored, not counted
-        keeper.received("b", {"list": new})  # the same: ignored
-        keeper.received("c", {"list": new.replace(b"x", b"y")})  # forged
-        keeper.received("c", {"list": "not bytes"})
+        keeper.received("b", REVOCATIONS_KIND, {"list": old})  # older: ignored, not counted
+        keeper.received("b", REVOCATIONS_KIND, {"list": new})  # the same: ignored
+        keeper.received("c", REVOCATIONS_KIND, {"list": new.replace(b"x", b"y")})  # forged
+        keeper.received("c", REVOCATIONS_KIND, {"list": "not bytes"})
         keeper.peer_up("d")  # a new link gets the current list
         assert await outbox.take(1) == [("d", new)]
         await trio.testing.wait_all_tasks_blocked()
@@ -90,7 +91,7 @@ async def test_newer_list_is_stored_and_spread_to_every_other_peer(tmp_path: Pat
 async def test_reloaded_policy_keeps_the_newer_list_learnt_from_peers(tmp_path: Path) -> None:
     transport = FakeTransport(["a"])
     keeper = RevocationKeeper(transport, tmp_path, DropLog())
-    keeper.received("a", {"list": AUTHORITY.revoke({MEMBER: None}, serial=5)})
+    keeper.received("a", REVOCATIONS_KIND, {"list": AUTHORITY.revoke({MEMBER: None}, serial=5)})
     reloaded = TrustPolicy.federation(AUTHORITY.public_key)
     reloaded.adopt_revocations(AUTHORITY.revoke({}, serial=3))  # an older configured file
     keeper.use_policy(reloaded)
@@ -104,14 +105,22 @@ class _Machine:
         self.dropped: dict[str, int] = {}
 
 
-async def test_driver_hands_revocation_messages_to_the_side_channel_not_the_machine() -> None:
-    sender = NodeIdentity.from_seed(b"S" * 32)
-    received: list[tuple[str, Any]] = []
-    ups: list[str] = []
-    side = SimpleNamespace(
-        kinds=frozenset({REVOCATIONS_KIND}),
+def _recording_channel(kind: str, ups: list[str], received: list[tuple[str, str, Any]]) -> Any:
+    return SimpleNamespace(
+        kinds=frozenset({kind}),
         peer_up=ups.append,
-        received=lambda peer, body: received.append((peer, body)),
+        received=lambda peer, kind, body: received.append((peer, kind, body)),
+    )
+
+
+async def test_driver_hands_side_messages_to_the_channel_of_their_kind_not_the_machine() -> None:
+    sender = NodeIdentity.from_seed(b"S" * 32)
+    revocations: list[tuple[str, str, Any]] = []
+    live: list[tuple[str, str, Any]] = []
+    ups: list[str] = []
+    side = SideChannels(
+        _recording_channel(REVOCATIONS_KIND, ups, revocations),
+        _recording_channel("features.live", ups, live),
     )
     driver = ProtocolDriver(
         _Machine(),  # type: ignore[arg-type]
@@ -122,22 +131,24 @@ async def test_driver_hands_revocation_messages_to_the_side_channel_not_the_mach
         decode_weights=lambda data: {},
         state=NodeState(),
         verifier=EnvelopeVerifier(is_trusted=lambda key: True),
-        side_channel=side,  # type: ignore[arg-type]
+        side_channel=side,
     )
-    frame = seal(
-        sender,
-        kind=REVOCATIONS_KIND,
-        body=RevocationsMessage(b"list bytes").to_body(),
-        seq=1,
-        now=time.time(),
-    )
+    now = time.time()
+    # The kind routes, not the body: a revocation body that looks like a live message and a
+    # live-kind body without the "live" key each reach the channel of their envelope's kind.
+    frames = [
+        seal(sender, kind=REVOCATIONS_KIND, body={"list": b"x", "live": "push"}, seq=1, now=now),
+        seal(sender, kind="features.live", body={"list": b"y"}, seq=2, now=now),
+    ]
     send, receive = trio.open_memory_channel[Any](10)
     await send.send(PeerUp(sender.node_id))
-    await send.send(MessageReceived(sender.node_id, frame))
+    for frame in frames:
+        await send.send(MessageReceived(sender.node_id, frame))
     await send.aclose()
     await driver._receive_loop(receive)
-    assert ups == [sender.node_id]
-    assert received == [(sender.node_id, {"list": b"list bytes"})]
+    assert ups == [sender.node_id, sender.node_id]  # every channel hears of the link
+    assert revocations == [(sender.node_id, REVOCATIONS_KIND, {"list": b"x", "live": "push"})]
+    assert live == [(sender.node_id, "features.live", {"list": b"y"})]
     inbox = []
     while True:
         try:
@@ -145,3 +156,11 @@ async def test_driver_hands_revocation_messages_to_the_side_channel_not_the_mach
         except trio.WouldBlock:
             break
     assert [type(e).__name__ for e in inbox] == ["PeerUp"]  # the machine saw no message
+
+
+def test_side_channels_refuse_two_channels_for_one_kind() -> None:
+    with pytest.raises(ValueError, match="two side channels"):
+        SideChannels(
+            _recording_channel(REVOCATIONS_KIND, [], []),
+            _recording_channel(REVOCATIONS_KIND, [], []),
+        )
