@@ -18,6 +18,8 @@ from pathlib import Path
 
 __all__ = ["PACKAGES", "provenance", "write_provenance"]
 
+MAX_PATHS = 50
+
 PACKAGES = ("p2pfl-edge", "torch", "numpy", "trio", "aiortc", "zeroconf", "msgpack", "cryptography")
 
 
@@ -36,6 +38,8 @@ def provenance(argv: list[str], *, source: Path | None = None) -> dict[str, obje
     where = source if source is not None else Path(__file__).resolve().parents[2]
     commit = _git("rev-parse", "HEAD", cwd=where)
     dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=where)
+    changed = _git("diff", "--name-only", "HEAD", cwd=where) if dirty else None
+    paths = sorted(changed.splitlines()) if changed else []
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
@@ -46,6 +50,10 @@ def provenance(argv: list[str], *, source: Path | None = None) -> dict[str, obje
         "command": shlex.join(["p2pfl", *argv]),
         "commit": commit,
         "uncommitted_changes": bool(dirty) if dirty is not None else None,
+        # which tracked files differed from the commit (a results folder written by an earlier
+        # run is harmless; a changed source file means the commit is not the whole story)
+        "uncommitted_paths": paths[:MAX_PATHS]
+        + ([f"... {len(paths) - MAX_PATHS} more"] if len(paths) > MAX_PATHS else []),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,
