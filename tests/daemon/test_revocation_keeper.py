@@ -118,8 +118,8 @@ async def test_driver_hands_revocation_messages_to_the_side_channel_not_the_mach
         identity=NodeIdentity.from_seed(b"D" * 32),
         sink=SimpleNamespace(),  # type: ignore[arg-type]
         trainer=SimpleNamespace(),  # type: ignore[arg-type]
-        encode_weights=lambda sd: b"",
-        decode_weights=lambda data: {},
+        encode_weights=lambda peer, sd: b"",
+        decode_weights=lambda peer, data: {},
         state=NodeState(),
         verifier=EnvelopeVerifier(is_trusted=lambda key: True),
         side_channel=side,  # type: ignore[arg-type]
