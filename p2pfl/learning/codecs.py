@@ -54,8 +54,8 @@ REFUSED = {
 """Codec names that are refused, with why and what to use instead."""
 
 
-def codec_problem(codec: object, protocol: str | None = None) -> str | None:
-    """What is wrong with ``codec`` as a setup's codec (for ``protocol``), or None."""
+def codec_problem(codec: object) -> str | None:
+    """What is wrong with ``codec`` as a setup's codec, or None if it is accepted."""
     if isinstance(codec, str) and codec in REFUSED:
         return REFUSED[codec]
     if codec not in CODECS:
