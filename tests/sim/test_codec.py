@@ -183,7 +183,7 @@ def test_a_codec_is_refused_by_scenarios_the_daemon_and_the_factory_with_the_sam
     assert reason is not None
     if codec == "topk":
         assert reason == REFUSED["topk"]
-        assert "destroys learning" in reason and '"int8"' in reason
+        assert "destroys learning" in reason and "results/codecs" in reason and '"int8"' in reason
     with pytest.raises(ScenarioError) as scenario_error:
         _scenario(codec)
     assert str(scenario_error.value) == f"codec.toml: setup[0].codec: {reason}"
