@@ -86,23 +86,26 @@ def main() -> None:
         figures[codec].pop("_")
     sign = 1.0 if info["higher"] else -1.0
     name = info["metric_name"]
-    print(f"\n| protocol | codec | {name} | vs fp32 (points) | MB | fewer bytes | target | met |")
+    # Accuracy: points behind fp32 (the targets' unit); any other metric: % worse than fp32.
+    unit = "points" if name == "accuracy" else "%"
+    columns = ["protocol", "codec", name, f"behind fp32 ({unit})", "MB", "fewer bytes"]
+    print(f"\n| {' | '.join(columns)} | target | met |")
     print("|---|---|---:|---:|---:|---:|---|---|")
     for protocol in protocols:
         base = figures["fp32"][protocol]
         for codec in chosen:
             got = figures[codec][protocol]
             behind = sign * (base["metric"] - got["metric"]) * 100
+            if unit != "points":
+                behind /= abs(base["metric"])
             fewer = base["bytes"] / got["bytes"]
-            target = TARGETS.get(codec)
-            met = (
-                ""
-                if target is None
-                else ("yes" if behind <= target[0] and fewer >= target[1] else "no")
-            )
+            target = TARGETS.get(codec) if unit == "points" else None
+            met = ""
+            if target is not None:
+                met = "yes" if behind <= target[0] and fewer >= target[1] else "no"
             goal = "" if target is None else f"<= {target[0]} pt, >= {target[1]}x"
             print(
-                f"| {protocol} | {codec} | {got['metric']:.4f} | {-behind:+.2f} | "
+                f"| {protocol} | {codec} | {got['metric']:.4f} | {behind:+.2f} | "
                 f"{got['bytes'] / 1e6:.2f} | {fewer:.2f}x | {goal} | {met} |"
             )
     if args.json:
