@@ -281,8 +281,8 @@ class ProtocolDriver:
         identity: NodeIdentity,
         sink: MessageSink,
         trainer: Trainer,
-        encode_weights: Callable[[StateDict], bytes],
-        decode_weights: Callable[[bytes], StateDict],
+        encode_weights: Callable[[str, StateDict], bytes],
+        decode_weights: Callable[[str, bytes], StateDict],
         state: NodeState,
         verifier: EnvelopeVerifier,
         observer: DriverObserver | None = None,
@@ -293,6 +293,7 @@ class ProtocolDriver:
         start_timeout_s: float = 30.0,
         side_channel: SideChannel | None = None,
         features: FeatureSink | None = None,
+        restart_link: Callable[[str], None] | None = None,
     ) -> None:
         self.machine = machine
         self.identity = identity
@@ -300,6 +301,9 @@ class ProtocolDriver:
         self.trainer = trainer
         self.encode_weights = encode_weights
         self.decode_weights = decode_weights
+        """Per link (peer, ...): the setup's codec (``learning.codecs.LinkCodecs``, the virtual
+        engine's too); ``restart_link(peer)`` starts a link over (a new session, a failed send)."""
+        self.restart_link = restart_link or (lambda peer: None)
         self.state = state
         self.verifier = verifier
         self.observer: DriverObserver = observer or _NoObserver()
@@ -424,6 +428,7 @@ class ProtocolDriver:
             now = time.time()
             if kind == "PeerUp":
                 self.state.peers[event.peer] = PeerState(event.peer, since=now, last_seen=now)
+                self.restart_link(event.peer)
                 log.info("peer up", extra={"peer": event.peer})
                 if self.side_channel is not None:
                     self.side_channel.peer_up(event.peer)
@@ -459,7 +464,9 @@ class ProtocolDriver:
             if self.side_channel is not None and envelope.kind in self.side_channel.kinds:
                 return envelope
             try:
-                return decode_message(envelope.kind, envelope.body, self.decode_weights)
+                return decode_message(
+                    envelope.kind, envelope.body, lambda data: self.decode_weights(peer, data)
+                )
             except MessageError as exc:
                 return "update", exc.reason
             except Exception as exc:  # whatever a peer's bytes provoke: a counted drop
@@ -497,7 +504,7 @@ class ProtocolDriver:
         async with lock:
 
             def encode_and_seal() -> bytes:
-                body = message.to_body(self.encode_weights)
+                body = message.to_body(lambda weights: self.encode_weights(peer, weights))
                 return seal(
                     self.identity,
                     kind=message.KIND,
@@ -526,6 +533,7 @@ class ProtocolDriver:
             except (ConnectionError, ValueError) as exc:
                 # Our own message, dropped because the link is down, full or refuses its size.
                 self.drops.count("link", "send_failed", peer)
+                self.restart_link(peer)  # the peer never got it: the next model goes whole
                 log.info("send failed", extra={"peer": peer, "error": str(exc)})
                 return
         self.state.bytes_out += len(frame)

@@ -572,7 +572,7 @@ class Node:
         from p2pfl.daemon.limits import raise_nofile_limit
         from p2pfl.daemon.signaling import SignalingLimits
         from p2pfl.daemon.transport import PeerTransport, TransportConfig
-        from p2pfl.learning.codecs import decode_model, encode_model
+        from p2pfl.learning.codecs import LinkCodecs
         from p2pfl.wire import DEFAULT_LIMITS, EnvelopeVerifier
 
         config = self.config
@@ -618,7 +618,7 @@ class Node:
         )
         if config.trust.mode == "open":
             log.warning("trust mode is OPEN: any machine on the network can join this federation")
-        codec = learner_setup(config).codec
+        links = LinkCodecs(learner_setup(config).codec, limits)
         async with trio.open_nursery() as nursery:
             control = ControlServer(
                 config.control_socket,
@@ -676,9 +676,10 @@ class Node:
                     identity=self.identity,
                     sink=transport,
                     trainer=self.prepared.trainer,
-                    # The setup's codec, by the functions the virtual engine uses too.
-                    encode_weights=lambda sd: encode_model(sd, codec),
-                    decode_weights=lambda data: decode_model(data, limits),
+                    # The setup's codec on every link, by the class the virtual engine uses.
+                    encode_weights=links.encode,
+                    decode_weights=links.decode,
+                    restart_link=links.restart,
                     state=self.state,
                     verifier=verifier,
                     observer=_MetricsObserver(self.metrics),

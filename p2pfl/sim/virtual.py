@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pfl.learning.attacks import AttackingLearner
-from p2pfl.learning.codecs import decode_model, encode_model
+from p2pfl.learning.codecs import LinkCodecs, encode_model
 from p2pfl.learning.factory import SetupError, make_learner
 from p2pfl.learning.neighbours import Position, resolve, task_positions, task_range_km
 from p2pfl.learning.ops import Workload, is_graph_task
@@ -57,6 +57,7 @@ from p2pfl.sim.network import NetworkModel, build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
 from p2pfl.sim.scenario import Scenario, ScenarioError, SetupSpec, scenario_error
 from p2pfl.sim.workload import make_workload
+from p2pfl.wire import WireError
 
 ENVELOPE_OVERHEAD = 160
 """Bytes a signed envelope adds to a body: Ed25519 signature and key, kind, seq, time, framing
@@ -78,6 +79,7 @@ class _Node:
     speed: float
     machine: Learner[Any] | None = None
     runtime: LearnerRuntime[Any] | None = None
+    links: LinkCodecs | None = None
     alive: bool = True
     session: int = 0
     timer_at: float | None = None
@@ -112,42 +114,57 @@ def feature_message_bytes(message: FeatureRequest | FeatureReply) -> int:
 
 
 class _Codec:
-    """The setup's codec on every model a node sends: what the receiver gets and the bytes.
+    """The setup's codec on every model a node sends: the bytes and what the receiver gets.
 
-    "fp32" is lossless (``decode_model(encode_model(w, "fp32"))`` is ``w`` bit for bit; see
-    tests/sim/test_codec.py), so its models are passed as they are and counted as their raw
-    tensor bytes. Any other codec encodes the model and decodes it for the receiver; the bytes
-    counted are the encoded length less the fp32 encoding's framing of the same model (the names
-    and shapes, which ``ENVELOPE_OVERHEAD`` stands for), so fp32 and the others compare on the
-    same footing. A flat numpy parameter vector (``training.path = "vectorized"``) travels as a
-    one-tensor state_dict.
+    Each node session holds a ``LinkCodecs`` (``learning.codecs``, the one the daemon's driver
+    holds): a model is encoded for its link when sent and decoded by the receiver's when
+    delivered (a lost message is never decoded, as on the wire). "fp32" is lossless
+    (``decode_model(encode_model(w, "fp32"))`` is ``w`` bit for bit; see tests/sim/test_codec.py),
+    so its models are passed as they are and counted as their raw tensor bytes. The bytes counted
+    for any other codec are the encoded length less the fp32 encoding's framing of the same model
+    (the names and shapes, which ``ENVELOPE_OVERHEAD`` stands for), so fp32 and the others compare
+    on the same footing. A flat numpy parameter vector (``training.path = "vectorized"``) travels
+    as a one-tensor state_dict.
     """
 
     def __init__(self, codec: str, workload: Workload) -> None:
         self.codec, self.workload = codec, workload
         self.framing: int | None = None
-        self.last: tuple[Any, Any, int] | None = None  # (weights, as received, payload bytes)
+        self.last_sent: tuple[Any, bytes] | None = None  # one model sent to several peers
+        self.last_received: tuple[bytes, Any] | None = None
+        self.vector = False
 
-    def carry(self, weights: Any) -> tuple[Any, int]:
-        """(the weights the receiver decodes, the payload bytes sent) for one model."""
+    def encode(self, links: LinkCodecs, peer: str, weights: Any) -> tuple[Any, int]:
+        """(what travels, the payload bytes counted) for one model sent to ``peer``."""
         nbytes = self.workload.nbytes(weights)
         if self.codec == "fp32":
             return weights, nbytes
-        if self.last is not None and self.last[0] is weights:  # one model sent to several peers
-            return self.last[1], self.last[2]
         import numpy as np
         import torch
 
-        vector = isinstance(weights, np.ndarray)
-        state = {"params": torch.from_numpy(weights)} if vector else weights
+        self.vector = isinstance(weights, np.ndarray)
+        state = {"params": torch.from_numpy(weights)} if self.vector else weights
         if self.framing is None:
             self.framing = len(encode_model(state, "fp32")) - nbytes
-        data = encode_model(state, self.codec)
-        received = decode_model(data)
-        if vector:
+        if not links.per_link and self.last_sent is not None and self.last_sent[0] is weights:
+            data = self.last_sent[1]
+        else:
+            data = links.encode(peer, state)
+            self.last_sent = (weights, data)
+        return data, len(data) - self.framing
+
+    def decode(self, links: LinkCodecs, peer: str, carried: Any) -> Any:
+        """The model the receiver rebuilds from what travelled; raises ``WireError``."""
+        if self.codec == "fp32":
+            return carried
+        last = self.last_received
+        if not links.per_link and last is not None and last[0] is carried:
+            return last[1]
+        received = links.decode(peer, carried)
+        if self.vector:
             received = received["params"].numpy()
-        self.last = (weights, received, len(data) - self.framing)
-        return received, len(data) - self.framing
+        self.last_received = (carried, received)
+        return received
 
 
 class _NodeHost:
@@ -333,9 +350,12 @@ class _SetupRun:
         """A new machine for ``node`` (at start, and on rejoin), run by the shared runtime."""
         node.machine = self.new_machine(node, weights)
         node.runtime = LearnerRuntime(node.machine, _NodeHost(self, node), lambda: self.now)
+        node.links = LinkCodecs(self.learner.codec)  # a restart: the links start over
 
     def handle(self, node: _Node, event: Any) -> None:
-        assert node.runtime is not None
+        assert node.runtime is not None and node.links is not None
+        if isinstance(event, PeerUp):  # a new session on the link, as the daemon's driver sees
+            node.links.restart(event.peer)
         node.runtime.handle(event)
 
     def send(self, src: _Node, peer: str, message: Message[Any]) -> None:
@@ -345,15 +365,16 @@ class _SetupRun:
             if isinstance(message, FeatureReply):
                 src.feature_bytes_sent += len(message.data)
         else:
+            assert src.links is not None
             try:
-                received, payload = self.codec.carry(message.weights)
+                carried, payload = self.codec.encode(src.links, peer, message.weights)
             except ValueError:
                 # The codec cannot carry this model (fp16 past 65504, NaN or inf with a lossy
                 # codec): not sent, counted, as the daemon's driver does.
                 src.messages_sent += 1
                 src.messages_lost["unencodable"] += 1
                 return
-            message = dataclasses.replace(message, weights=received)
+            message = dataclasses.replace(message, weights=carried)
             size = ENVELOPE_OVERHEAD + payload
             src.models_sent_to.add(peer)
         src.bytes_sent += size
@@ -411,6 +432,13 @@ class _SetupRun:
                 return
             node.bytes_received += size
             if not isinstance(message, FeatureRequest | FeatureReply):
+                assert node.links is not None
+                try:
+                    weights = self.codec.decode(node.links, src, message.weights)
+                except WireError:  # e.g. a delta on a reference lost with a message
+                    node.dropped["bad_weights"] += 1  # as the daemon's driver counts it
+                    return
+                message = dataclasses.replace(message, weights=weights)
                 node.models_received_from.add(src)
             self.handle(node, MessageReceived(src, message))
         elif kind == _LEAVE:

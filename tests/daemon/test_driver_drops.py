@@ -44,8 +44,8 @@ def _driver(drops: DropLog, me: NodeIdentity) -> tuple[ProtocolDriver, _Machine,
         identity=me,
         sink=None,  # type: ignore[arg-type]
         trainer=None,  # type: ignore[arg-type]
-        encode_weights=lambda sd: b"",
-        decode_weights=lambda data: {},
+        encode_weights=lambda peer, sd: b"",
+        decode_weights=lambda peer, data: {},
         state=state,
         verifier=EnvelopeVerifier(is_trusted=lambda key: True, own_key=me.public_key),
         drops=drops,
@@ -123,7 +123,7 @@ async def test_a_model_the_codec_cannot_carry_is_not_sent_and_is_counted() -> No
 
     drops = DropLog()
     driver, _, state = _driver(drops, NodeIdentity.generate())
-    driver.encode_weights = lambda sd: encode_model(sd, "fp16")
+    driver.encode_weights = lambda peer, sd: encode_model(sd, "fp16")
     too_large = {"w": torch.full((3,), 1e6)}  # past fp16's 65504
     await driver._send("peer", GossipModel(weights=too_large, age=1, samples=10))
     assert drops.snapshot() == {"link/unencodable": 1}

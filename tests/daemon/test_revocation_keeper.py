@@ -127,8 +127,8 @@ async def test_driver_hands_side_messages_to_the_channel_of_their_kind_not_the_m
         identity=NodeIdentity.from_seed(b"D" * 32),
         sink=SimpleNamespace(),  # type: ignore[arg-type]
         trainer=SimpleNamespace(),  # type: ignore[arg-type]
-        encode_weights=lambda sd: b"",
-        decode_weights=lambda data: {},
+        encode_weights=lambda peer, sd: b"",
+        decode_weights=lambda peer, data: {},
         state=NodeState(),
         verifier=EnvelopeVerifier(is_trusted=lambda key: True),
         side_channel=side,

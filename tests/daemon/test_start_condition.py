@@ -115,8 +115,8 @@ async def _drive(
         identity=NodeIdentity.generate(),
         sink=_Sink(),
         trainer=trainer,  # type: ignore[arg-type]
-        encode_weights=lambda w: b"",
-        decode_weights=lambda b: {},
+        encode_weights=lambda peer, w: b"",
+        decode_weights=lambda peer, b: {},
         state=NodeState(),
         verifier=None,  # type: ignore[arg-type]
         start_peers=start_peers,

@@ -174,8 +174,8 @@ async def test_bad_replies_through_the_driver_are_dropped_and_counted(split: Pat
         identity=me,
         sink=_Sink(),
         trainer=None,  # type: ignore[arg-type]
-        encode_weights=lambda sd: b"",
-        decode_weights=lambda data: {},
+        encode_weights=lambda peer, sd: b"",
+        decode_weights=lambda peer, data: {},
         state=state,
         verifier=EnvelopeVerifier(is_trusted=lambda key: True, own_key=me.public_key),
         drops=drops,
