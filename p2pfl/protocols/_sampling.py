@@ -82,8 +82,8 @@ class ShuffleRequest:
     KIND: ClassVar[str] = "sampling.shuffle"
     entries: tuple[Entry, ...]
 
-    def to_body(self) -> dict[str, object]:
-        return {"entries": [[node, age] for node, age in self.entries]}
+    def to_body(self, encode_weights: object = None) -> dict[str, object]:
+        return {"sampling": self.KIND, "entries": [[node, age] for node, age in self.entries]}
 
     @classmethod
     def from_body(cls, body: object) -> ShuffleRequest:
@@ -97,8 +97,8 @@ class ShuffleReply:
     KIND: ClassVar[str] = "sampling.reply"
     entries: tuple[Entry, ...]
 
-    def to_body(self) -> dict[str, object]:
-        return {"entries": [[node, age] for node, age in self.entries]}
+    def to_body(self, encode_weights: object = None) -> dict[str, object]:
+        return {"sampling": self.KIND, "entries": [[node, age] for node, age in self.entries]}
 
     @classmethod
     def from_body(cls, body: object) -> ShuffleReply:
@@ -110,7 +110,8 @@ SHUFFLE_KINDS: tuple[str, ...] = (ShuffleRequest.KIND, ShuffleReply.KIND)
 
 
 def decode_shuffle(kind: str, body: object) -> ShuffleMessage:
-    """The shuffle message of envelope ``kind``; raises ``MessageError`` if malformed."""
+    """The shuffle message of envelope ``kind`` (a body names its kind too, under "sampling",
+    for drivers that route bodies); raises ``MessageError`` if malformed."""
     if kind == ShuffleRequest.KIND:
         return ShuffleRequest.from_body(body)
     if kind == ShuffleReply.KIND:
