@@ -66,6 +66,7 @@ class SampledLinks:
         self._counted: Counter[str] = Counter()
         self._send: Callable[[str, Any], Awaitable[None]] | None = None
         self._nursery: trio.Nursery | None = None
+        self._was_up: set[str] = set()
 
     # -- what the transport asks ---------------------------------------------------------------
 
@@ -120,12 +121,22 @@ class SampledLinks:
             self._perform(self.machine.start(trio.current_time()))
             while True:
                 now = trio.current_time()
+                self._forget_lost(now)
                 self._perform(self.machine.discovered(self.transport.known_members(), now))
                 self._prune()
                 deadline = self.machine.next_deadline()
                 until = now + DISCOVERY_POLL_S if deadline is None else deadline
                 await trio.sleep_until(min(until, now + DISCOVERY_POLL_S))
                 self._perform(self.machine.tick(trio.current_time()))
+
+    def _forget_lost(self, now: float) -> None:
+        """A view member whose link was up and is gone (it died, or its link failed) leaves the
+        view now, not only when a shuffle with it times out; discovery may offer it again."""
+        up = set(self.transport.connected_peers())
+        for peer in sorted(self._was_up - up):
+            if peer in self.machine.view:
+                self._perform(self.machine.lost(peer, now))
+        self._was_up = up & self.machine.view.keys()
 
     def _perform(self, actions: list[SamplingAction], peer: str | None = None) -> None:
         for action in actions:

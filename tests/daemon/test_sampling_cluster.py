@@ -106,6 +106,9 @@ def test_sixteen_daemons_with_four_peers_learn_and_stay_connected(short_tmp: Pat
                 + logs
             )
         accuracy = {i: s.metric_value for i, s in statuses.items()}
+        # Honest shuffles are not refused (a full share or an unanswered request, at most).
+        refused = {k for s in statuses.values() for k in s.drops if k.startswith("update/shuffle")}
+        assert refused <= {"update/shuffle_entry_over_share", "update/shuffle_timeout"}, refused
         degrees = sorted(len(_links(s)) for s in statuses.values())
         assert degrees[-1] < N - 1, degrees  # not a full mesh
         # Kill four; wait until no survivor holds a link to them, then check the links.
