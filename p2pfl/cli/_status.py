@@ -228,6 +228,13 @@ def _summary(node: NodeStatus) -> str:
         lines.append(f"[bold]halo[/]        {_halo(node.halo)}")
     if node.live is not None:
         lines.append(f"[bold]live[/]        {_live(node.live)}")
+    if node.sampling is not None:
+        view = node.sampling.get("view", {})
+        members = ", ".join(f"{peer[:8]} (age {age})" for peer, age in view.items()) or "empty"
+        lines.append(
+            f"[bold]view[/]        {len(view)} of max_peers {node.sampling.get('max_peers')}: "
+            f"{members}; {node.sampling.get('shuffles', 0)} shuffles"
+        )
     dropped = sum(node.drops_by_stage.values())
     if dropped:
         # Per stage here; `--json` has every stage/reason.

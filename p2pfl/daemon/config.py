@@ -357,25 +357,19 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-_NOT_APPLIED = {
-    "limits.max_peers": "not applied yet: peer sampling is not implemented; remove the key",
-}
-"""Keys a configuration may still carry that nothing reads: refused, never silently ignored."""
-
-
 def _read_setup(raw: dict[str, Any], source: ConfigSource) -> LearningSetup:
     """The learning setup from its keys in [protocol], [protocol.params] and [task] (which are
     taken out of ``raw``: the sections keep only their own keys), by the setup's validator."""
-    tables = {name: raw.get(name, {}) for name in ("protocol", "task")}
+    tables = {name: raw.get(name, {}) for name in ("protocol", "task", "limits")}
     params = tables["protocol"].pop("params", {})
     if not isinstance(params, dict):
         raise source.error("protocol.params", f"must be a table, not a {_toml_type(params)}")
-    taken: dict[str, dict[str, Any]] = {"protocol": {}, "task": {}}
+    taken: dict[str, dict[str, Any]] = {"protocol": {}, "task": {}, "limits": {}}
     for place in DAEMON_PLACES.values():
         table, _, name = place.rpartition(".")
         if table in taken and name in tables[table]:
             taken[table][name] = tables[table].pop(name)
-    setup, key, problem = from_daemon(taken["protocol"], params, taken["task"])
+    setup, key, problem = from_daemon(taken["protocol"], params, taken["task"], taken["limits"])
     if setup is None:
         raise source.error(key, problem)
     return setup
@@ -389,8 +383,6 @@ def _build_section(
     values: dict[str, Any] = {}
     for key, value in raw.items():
         key_path = f"{table}.{key}"
-        if key_path in _NOT_APPLIED:
-            raise source.error(key_path, _NOT_APPLIED[key_path])
         if table == "protocol" and key in PARAMETER_KEYS:
             raise source.error(
                 key_path,

@@ -450,6 +450,7 @@ class Node:
         self.transport: Any = None
         self.revocations: RevocationKeeper | None = None
         self.live: Any = None  # p2pfl.daemon.live.LiveFeed with [data] replay_speed
+        self.links: Any = None  # p2pfl.daemon.sampling.SampledLinks with [limits] max_peers
         self._checkpointed_model: Any = None
         self._stop_requested = trio.Event()
 
@@ -527,6 +528,7 @@ class Node:
             if self.prepared.halo is None
             else self.prepared.halo.status(getattr(self.prepared.machine, "learning", None)),
             live=None if self.live is None else self.live.status(),
+            sampling=None if self.links is None else self.links.status(),
         )
 
     def _status_line(self) -> str:
@@ -640,12 +642,24 @@ class Node:
                     "metrics endpoint",
                     extra={"url": f"http://{config.metrics.host}:{port}/metrics"},
                 )
+            setup = learner_setup(config)
+            if setup.max_peers is not None:
+                from p2pfl.daemon.sampling import SampledLinks
+
+                # Shuffles once per gossip period, as the virtual engine's nodes do.
+                self.links = SampledLinks(
+                    self.identity.node_id,
+                    setup.max_peers,
+                    float(setup.config().period),
+                    self.drops,
+                )
             async with PeerTransport(
                 self.identity,
                 self.prepared.trust,
                 transport_config,
                 certificate=self.prepared.certificate,
                 drops=self.drops,
+                link_policy=self.links,
             ) as transport:
                 self.transport = transport
                 self.revocations = RevocationKeeper(transport, config.state_dir, self.drops)
@@ -664,6 +678,11 @@ class Node:
                         on_step=self._live_metrics,
                     )
                     side_channel = SideChannels(self.revocations, self.live)
+                if self.links is not None:
+                    from p2pfl.daemon.sampling import WithSampling
+
+                    self.links.transport = transport
+                    side_channel = WithSampling(side_channel, self.links)
                 connected = lambda key: True  # noqa: E731 (trust was proven in signaling)
                 verifier = EnvelopeVerifier(
                     is_trusted=connected,
@@ -704,6 +723,8 @@ class Node:
                     work.start_soon(self.revocations.run, driver.send_side)
                     if self.live is not None:
                         work.start_soon(self.live.run, driver.send_side)
+                    if self.links is not None:
+                        work.start_soon(self.links.run, driver.send_side)
                     work.start_soon(self._checkpoint_loop)
                     work.start_soon(self._status_loop)
                     work.start_soon(self.notifier.run_watchdog)

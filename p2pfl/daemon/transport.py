@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -203,6 +203,13 @@ class _Retry:
     delay: float = 0.0
 
 
+class LinkPolicy(Protocol):
+    """Which links to hold ([limits] max_peers: ``p2pfl.daemon.sampling.SampledLinks``)."""
+
+    def dial(self, peer: str) -> bool: ...
+    def accept(self, peer: str) -> bool: ...
+
+
 class PeerTransport:
     """Signed-signaling WebRTC transport to every trusted peer found (see module docstring)."""
 
@@ -214,6 +221,7 @@ class PeerTransport:
         *,
         certificate: bytes | None = None,
         drops: DropLog | None = None,
+        link_policy: LinkPolicy | None = None,
     ) -> None:
         self.identity = identity
         self.drops = drops if drops is not None else DropLog()
@@ -242,6 +250,9 @@ class PeerTransport:
         self._trust_changed = trio.Event()
         self._static = [parse_static_peer(entry) for entry in self.config.static_peers]
         self._retry: dict[str, _Retry] = {}
+        self.link_policy = link_policy
+        """[limits] max_peers: which members to dial and whose offers to accept (None: all)."""
+        self._invited: dict[str, float] = {}  # members that invited us to dial them, and when
         self._wake = trio.Event()
         self._bridge: AsyncioBridge | None = None
         self._nursery: trio.Nursery | None = None
@@ -313,6 +324,31 @@ class PeerTransport:
     # --- public API -----------------------------------------------------------------------------
     def connected_peers(self) -> list[str]:
         return sorted(self._peers)
+
+    def linked_peers(self) -> list[str]:
+        """Members with a link up or being set up."""
+        return sorted(self._peers.keys() | (self._pending & self._candidates.keys()))
+
+    def known_members(self) -> list[str]:
+        """Members whose address a signed advert or signaling request told us (discovery)."""
+        return sorted(self._candidates)
+
+    def sending(self, peer: str) -> bool:
+        """Whether a message to ``peer`` is being sent or waits to be."""
+        target = self._peers.get(peer)
+        return target is not None and (target.waiting > 0 or target.lock.locked())
+
+    def wake(self) -> None:
+        """Look at the candidates again now (the link policy changed)."""
+        self._wake.set()
+
+    def _wants(self, peer: str) -> bool:
+        policy = self.link_policy
+        if policy is None or policy.dial(peer):
+            return True
+        at = self._invited.get(peer)
+        fresh = at is not None and trio.current_time() - at < 2 * self.config.connect_timeout_s
+        return fresh and policy.accept(peer)
 
     def peer_public_key(self, peer: str) -> bytes | None:
         """The Ed25519 key that signed this peer's signaling (None if never seen)."""
@@ -548,6 +584,8 @@ class PeerTransport:
             for peer_id, candidate in list(self._candidates.items()):
                 if peer_id in self._peers or peer_id in self._pending or not self._due(peer_id):
                     continue
+                if not self._wants(peer_id):
+                    continue
                 if not self._may_open_link():
                     break
                 self._pending.add(peer_id)
@@ -660,6 +698,11 @@ class PeerTransport:
             PeerCandidate(request.host, request.port, request.sender_id, request.sender, "invite")
         )
         if request.kind == "invite":
+            if self.link_policy is not None:
+                if len(self._invited) >= self.config.max_candidates:
+                    self._invited.pop(next(iter(self._invited)))
+                self._invited.pop(request.sender_id, None)
+                self._invited[request.sender_id] = trio.current_time()
             if self.node_id < request.sender_id and request.sender_id not in self._peers:
                 self._retry.pop(request.sender_id, None)
                 self._wake.set()
@@ -670,6 +713,9 @@ class PeerTransport:
             older.on_down("replaced")
             self.drops.count("signaling", "offer_replaced", request.sender_id)
         if not self._may_open_link():
+            return None
+        if self.link_policy is not None and not self.link_policy.accept(request.sender_id):
+            self.drops.count("link", "max_peers", request.sender_id)
             return None
         peer = _Peer(request.sender_id, self)
         self._pending.add(request.sender_id)

@@ -124,6 +124,11 @@ class LearningSetup(BaseModel):
     round_timeout: float | None = _opt(gt=0)
     max_ahead: int | None = _opt(ge=0)
     aggregator: str | None = None
+    # -- links
+    max_peers: int | None = _opt(ge=1)
+    """Gossip: the most links a node keeps, chosen and refreshed by peer sampling
+    (``protocols.PeerSampling``: a view of this many members exchanged by signed shuffles);
+    gossip sends to a member of the view. None: no bound (a link to every member)."""
 
     @model_validator(mode="after")
     def _fits_protocol(self) -> LearningSetup:
@@ -157,6 +162,12 @@ class LearningSetup(BaseModel):
             )
         if self.range_km is not None and self.neighbours != "range":
             raise SetupError("range_km", 'applies only with neighbours = "range"; remove it')
+        if self.max_peers is not None and self.protocol != "gossip":
+            raise SetupError(
+                "max_peers",
+                f"bounds gossip's links by peer sampling; {self.protocol} exchanges with a fixed "
+                'set of peers (server-free: neighbours = "topology" or "range"); remove the key',
+            )
         if (problem := codec_problem(self.codec)) is not None:
             raise SetupError("codec", problem)
         try:
@@ -237,6 +248,7 @@ GENERAL_KEYS = (
     "neighbours",
     "range_km",
     "max_norm",
+    "max_peers",
     *TRAINING_KEYS,
 )
 """Keys of the setup that are not protocol config fields."""
@@ -330,11 +342,12 @@ def setup_values(setup: LearningSetup) -> dict[str, Any]:
 DAEMON_PLACES: dict[str, str] = {
     "protocol": "protocol.name",
     "epochs": "task.epochs",
+    "max_peers": "limits.max_peers",
     **{k: f"task.{k}" for k in TRAINING_KEYS},
     **{
         k: f"protocol.{k}"
         for k in GENERAL_KEYS
-        if k not in ("protocol", "epochs") and k not in TRAINING_KEYS
+        if k not in ("protocol", "epochs", "max_peers") and k not in TRAINING_KEYS
     },
     **{k: f"protocol.params.{k}" for k in PARAMETER_KEYS},
 }
@@ -347,14 +360,18 @@ def daemon_tables(setup: LearningSetup) -> dict[str, dict[str, Any]]:
     tables: dict[str, dict[str, Any]] = {"protocol": {}, "protocol.params": {}, "task": {}}
     for key, value in setup_values(setup).items():
         table, _, name = DAEMON_PLACES[key].rpartition(".")
-        tables[table][name] = value
+        tables.setdefault(table, {})[name] = value
     return tables
 
 
 def from_daemon(
-    protocol: Mapping[str, Any], params: Mapping[str, Any], task: Mapping[str, Any]
+    protocol: Mapping[str, Any],
+    params: Mapping[str, Any],
+    task: Mapping[str, Any],
+    limits: Mapping[str, Any] | None = None,
 ) -> tuple[LearningSetup | None, str, str]:
-    """Read the setup from a daemon's raw [protocol], [protocol.params] and [task] values.
+    """Read the setup from a daemon's raw [protocol], [protocol.params], [task] and [limits]
+    values.
 
     Returns (setup, "", "") or (None, dotted key, problem): the daemon's loader adds the file and
     line. Only the setup keys are read; the daemon's own keys of those tables are its business.
@@ -363,7 +380,12 @@ def from_daemon(
     places: dict[str, str] = {}
     for key, place in DAEMON_PLACES.items():
         table, _, name = place.rpartition(".")
-        source = {"protocol": protocol, "protocol.params": params, "task": task}[table]
+        source = {
+            "protocol": protocol,
+            "protocol.params": params,
+            "task": task,
+            "limits": limits or {},
+        }[table]
         if name in source:
             values[key] = source[name]
             places[key] = place

@@ -67,5 +67,14 @@ from ._ops import FeatureSource as FeatureSource
 from ._ops import ModelOps as ModelOps
 from ._ops import PeerSampler as PeerSampler
 from ._ops import uniform_peer as uniform_peer
+from ._sampling import SHUFFLE_KINDS as SHUFFLE_KINDS
+from ._sampling import PeerSampling as PeerSampling
+from ._sampling import SamplingAction as SamplingAction
+from ._sampling import SamplingConfig as SamplingConfig
+from ._sampling import SamplingSend as SamplingSend
+from ._sampling import ShuffleReply as ShuffleReply
+from ._sampling import ShuffleRequest as ShuffleRequest
+from ._sampling import ViewChange as ViewChange
+from ._sampling import decode_shuffle as decode_shuffle
 from ._server_free import ServerFreeConfig as ServerFreeConfig
 from ._server_free import ServerFreeLearner as ServerFreeLearner

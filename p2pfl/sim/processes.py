@@ -291,7 +291,7 @@ class DaemonCluster:
             "task.options": dict(spec.task_options),
             **({"data": {"replay_speed": spec.replay_speed}} if spec.replay_speed > 0 else {}),
             "executor": {"threads": spec.threads, "mode": spec.executor_mode},
-            "limits": {"peer_timeout_s": spec.peer_timeout_s},
+            "limits": {"peer_timeout_s": spec.peer_timeout_s, **setup.get("limits", {})},
             "logging": {"level": spec.log_level},
             "checkpoints": {"interval_s": spec.checkpoint_interval_s},
         }

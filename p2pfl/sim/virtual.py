@@ -46,7 +46,13 @@ from p2pfl.protocols import (
     Message,
     MessageReceived,
     PeerDown,
+    PeerSampling,
     PeerUp,
+    SamplingAction,
+    SamplingConfig,
+    SamplingSend,
+    ShuffleReply,
+    ShuffleRequest,
     Start,
     TimerFired,
     TrainingDone,
@@ -67,7 +73,7 @@ Progress = Callable[[str, float, str], None]
 """progress(setup name, fraction done in [0, 1], status line)."""
 
 # Event kinds, in the order they run when they fall on the same instant and were inserted together.
-_DELIVER, _TIMER, _TRAINED, _LEAVE, _JOIN, _PEER_UP, _PEER_DOWN, _EVAL = range(8)
+_DELIVER, _TIMER, _TRAINED, _LEAVE, _JOIN, _PEER_UP, _PEER_DOWN, _EVAL, _SHUFFLE = range(9)
 _ANY_SESSION = -2  # partition notices go to whichever session a node is in
 
 
@@ -80,6 +86,12 @@ class _Node:
     machine: Learner[Any] | None = None
     runtime: LearnerRuntime[Any] | None = None
     links: LinkCodecs | None = None
+    sampler: PeerSampling | None = None
+    """max_peers: the session's peer sampling; its view is the learner's peers."""
+    shuffle_at: float | None = None
+    largest_view: int = 0
+    shuffles: int = 0
+    sampling_dropped: Counter[str] = field(default_factory=Counter)
     alive: bool = True
     session: int = 0
     timer_at: float | None = None
@@ -104,6 +116,11 @@ class _Node:
 def node_ids(n: int) -> list[str]:
     width = max(3, len(str(n - 1)))
     return [f"n{i:0{width}d}" for i in range(n)]
+
+
+def shuffle_message_bytes(message: ShuffleRequest | ShuffleReply) -> int:
+    """A shuffle's wire size: the envelope and, per entry, the id and its age (msgpack)."""
+    return ENVELOPE_OVERHEAD + sum(len(node) + 8 for node, _ in message.entries)
 
 
 def feature_message_bytes(message: FeatureRequest | FeatureReply) -> int:
@@ -261,6 +278,13 @@ class _SetupRun:
             self.learner = setup.learning
             self.peer_sets = self.resolve_neighbours()
             self.codec = _Codec(self.learner.codec, workload)
+        self.max_peers = setup.learning.max_peers if setup.learning is not None else None
+        if self.max_peers is not None:
+            assert setup.learning is not None
+            # Discovery knows the topology's links; the view picks max_peers of them. A node
+            # shuffles once per gossip period (as the daemon does).
+            self.shuffle_period = float(setup.learning.config().period)
+            self.known = [frozenset(self.ids[j] for j in node.neighbours) for node in self.nodes]
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -351,6 +375,44 @@ class _SetupRun:
         node.machine = self.new_machine(node, weights)
         node.runtime = LearnerRuntime(node.machine, _NodeHost(self, node), lambda: self.now)
         node.links = LinkCodecs(self.learner.codec)  # a restart: the links start over
+        if self.max_peers is not None:
+            rng = random.Random(
+                f"{self.scenario.seed}:{self.setup.name}:{node.id}:{node.session}:sampling"
+            )
+            config = SamplingConfig(view_size=self.max_peers, period=self.shuffle_period)
+            node.sampler = PeerSampling(node.id, config, rng, self.known[node.index].__contains__)
+            node.shuffle_at = None
+
+    # -- links: every topology link, or the peer-sampling view (max_peers) ---------------------
+
+    def peer_up(self, node: _Node, peer: str) -> None:
+        if node.sampler is None:
+            self.handle(node, PeerUp(peer))
+        else:
+            self.sampled(node, node.sampler.discovered([peer], self.now))
+
+    def peer_down(self, node: _Node, peer: str) -> None:
+        if node.sampler is None:
+            self.handle(node, PeerDown(peer))
+        else:
+            self.sampled(node, node.sampler.lost(peer, self.now))
+
+    def sampled(self, node: _Node, actions: list[SamplingAction]) -> None:
+        """Perform the sampler's actions: shuffles go out, view changes become links."""
+        assert node.sampler is not None
+        for action in actions:
+            if isinstance(action, SamplingSend):
+                self.send(node, action.peer, action.message)
+            else:
+                for peer in action.removed:
+                    self.handle(node, PeerDown(peer))
+                for peer in action.added:
+                    self.handle(node, PeerUp(peer))
+        node.largest_view = max(node.largest_view, len(node.sampler.view))
+        at = node.sampler.next_deadline()
+        if at is not None and at != node.shuffle_at:
+            node.shuffle_at = at
+            self.push(max(at, self.now), _SHUFFLE, node.index, node.session, at)
 
     def handle(self, node: _Node, event: Any) -> None:
         assert node.runtime is not None and node.links is not None
@@ -358,9 +420,13 @@ class _SetupRun:
             node.links.restart(event.peer)
         node.runtime.handle(event)
 
-    def send(self, src: _Node, peer: str, message: Message[Any]) -> None:
+    def send(
+        self, src: _Node, peer: str, message: Message[Any] | ShuffleRequest | ShuffleReply
+    ) -> None:
         dst = self.by_id[peer]
-        if isinstance(message, FeatureRequest | FeatureReply):
+        if isinstance(message, ShuffleRequest | ShuffleReply):
+            size = shuffle_message_bytes(message)
+        elif isinstance(message, FeatureRequest | FeatureReply):
             size = feature_message_bytes(message)
             if isinstance(message, FeatureReply):
                 src.feature_bytes_sent += len(message.data)
@@ -398,8 +464,12 @@ class _SetupRun:
         for node in self.nodes:
             self.start_session(node, initial)
         for node in self.nodes:
-            for j in node.neighbours:
-                self.handle(node, PeerUp(self.ids[j]))
+            if node.sampler is not None:
+                self.sampled(node, node.sampler.discovered(self.known[node.index], 0.0))
+                self.sampled(node, node.sampler.start(0.0))
+            else:
+                for j in node.neighbours:
+                    self.handle(node, PeerUp(self.ids[j]))
             self.handle(node, Start())
         self.push(0.0, _EVAL, -1, 0)
         budget = None if self.stop.megabytes is None else self.stop.megabytes * 1e6
@@ -431,6 +501,10 @@ class _SetupRun:
                 self.by_id[src].messages_lost["receiver_down"] += 1
                 return
             node.bytes_received += size
+            if isinstance(message, ShuffleRequest | ShuffleReply):
+                if node.sampler is not None:
+                    self.sampled(node, node.sampler.received(src, message, self.now))
+                return
             if not isinstance(message, FeatureRequest | FeatureReply):
                 assert node.links is not None
                 try:
@@ -453,16 +527,20 @@ class _SetupRun:
                 self.handle(node, TimerFired())
         elif kind == _TRAINED:
             self.handle(node, TrainingDone(*payload))
+        elif kind == _SHUFFLE:
+            if node.sampler is not None and payload == node.sampler.next_deadline():
+                node.shuffle_at = None
+                self.sampled(node, node.sampler.tick(self.now))
         elif kind == _PEER_UP:
             peer = self.nodes[payload]
             if peer.alive and not self.network.separated(index, payload, self.now):
-                self.handle(node, PeerUp(peer.id))
+                self.peer_up(node, peer.id)
         elif kind == _PEER_DOWN:
             peer_index, peer_session = payload
             if self.nodes[peer_index].session == peer_session or self.network.separated(
                 index, peer_index, self.now
             ):
-                self.handle(node, PeerDown(self.ids[peer_index]))
+                self.peer_down(node, self.ids[peer_index])
 
     def schedule_churn_and_partitions(self) -> None:
         churn = self.scenario.churn
@@ -488,6 +566,10 @@ class _SetupRun:
         node.alive = False
         node.session += 1
         node.optimizer_state = None  # a restarted node starts a fresh optimizer
+        if node.sampler is not None:
+            node.shuffles += node.sampler.shuffles
+            node.sampling_dropped.update(node.sampler.dropped)
+            node.sampler = None
         for j in node.neighbours:
             peer = self.nodes[j]
             if peer.alive:
@@ -513,8 +595,10 @@ class _SetupRun:
         for j in node.neighbours:
             peer = self.nodes[j]
             if peer.alive and not self.network.separated(node.index, j, self.now):
-                self.handle(node, PeerUp(peer.id))
+                self.peer_up(node, peer.id)
                 self.push(self.now + latency, _PEER_UP, j, peer.session, node.index)
+        if node.sampler is not None:
+            self.sampled(node, node.sampler.start(self.now))
         self.handle(node, Start())
 
     def absorb_counters(self, node: _Node) -> None:
@@ -601,6 +685,13 @@ class _SetupRun:
                 "feature_bytes_sent": node.feature_bytes_sent,
                 "feature_bytes_received": node.feature_bytes_received,
             }
+            if self.max_peers is not None:  # the view and the shuffles' refusals
+                sampler = node.sampler
+                dropped = node.sampling_dropped + (sampler.dropped if sampler else Counter())
+                extra["view"] = sorted(sampler.view) if sampler else []
+                extra["largest_view"] = node.largest_view
+                extra["shuffles"] = node.shuffles + (sampler.shuffles if sampler else 0)
+                extra["sampling_dropped"] = dict(sorted(dropped.items()))
             if self.setup.protocol == "server-free":  # whom it exchanged models with
                 extra["models_sent_to"] = sorted(node.models_sent_to)
                 extra["models_received_from"] = sorted(node.models_received_from)

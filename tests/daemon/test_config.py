@@ -72,12 +72,31 @@ def test_boolean_is_not_accepted_as_a_number(tmp_path: Path) -> None:
         _parse('[trust]\nmode = "open"\n[limits]\npending_links = true\n', tmp_path)
 
 
-def test_a_key_nothing_applies_is_refused(tmp_path: Path) -> None:
+def test_max_peers_is_read_into_the_learning_setup(tmp_path: Path) -> None:
+    config = _parse('[trust]\nmode = "open"\n[limits]\nmax_peers = 8\n', tmp_path)
+    assert config.protocol.setup.max_peers == 8
+    assert _parse('[trust]\nmode = "open"\n', tmp_path).protocol.setup.max_peers is None
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("0", "limits.max_peers: must be >= 1; got 0"),
+        ("2.5", "limits.max_peers: must be an integer; got 2.5"),
+        ("true", "limits.max_peers: must be an integer; got True"),
+    ],
+)
+def test_max_peers_must_be_a_positive_integer(tmp_path: Path, value: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
-        _parse('[trust]\nmode = "open"\n[limits]\nmax_peers = 8\n', tmp_path)
-    assert str(info.value).endswith(
-        ":4: limits.max_peers: not applied yet: peer sampling is not implemented; remove the key"
-    )
+        _parse(f'[trust]\nmode = "open"\n[limits]\nmax_peers = {value}\n', tmp_path)
+    assert f":4: {problem}" in str(info.value)
+
+
+def test_max_peers_is_refused_for_protocols_with_fixed_peers(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\n[protocol]\nname = "fedavg"\n[limits]\nmax_peers = 4\n'
+    with pytest.raises(ConfigError) as info:
+        _parse(text, tmp_path)
+    assert ":6: limits.max_peers: bounds gossip's links by peer sampling" in str(info.value)
 
 
 def test_transfer_timeout_is_a_positive_number_of_seconds(tmp_path: Path) -> None:

@@ -192,6 +192,15 @@ TABLE: dict[str, Row] = {
         scenario=SPREAD,
     ),
     "aggregator": Row("fedavg", {"aggregator": "n003"}, _check_aggregator),
+    # Links from peer sampling: each view holds at most 2 of the 5 others, refreshed by shuffles.
+    "max_peers": Row(
+        "gossip",
+        {"max_peers": 2},
+        lambda on, off, _: _check(
+            all(n.extra["largest_view"] <= 2 and n.extra["shuffles"] >= 2 for n in on.nodes)
+            and not any("view" in n.extra for n in off.nodes)
+        ),
+    ),
     # The training keys (tests/daemon/test_trainer_training_keys.py: the daemon's trainer gives
     # the same factors and weights; test_the_daemons_apply_the_keys: real daemons apply them).
     "lr_schedule": Row("fedavg", {"lr_schedule": "cosine", "lr_final": 0.0}, _differs),
