@@ -32,13 +32,18 @@ last-fragment flag cannot complete any message (every message it belongs to stil
 last fragment, and any other complete one was delivered when it completed), so
 :class:`LinearInboundStream` skips the walk for it.
 
+**Cheap in-order bookkeeping.** For every DATA chunk aiortc adds its TSN to a set, sorts the
+set, and rebuilds the set and the duplicate list through filters, to learn that the chunk was
+simply the next one. :meth:`TunedSctp._mark_received` advances the cumulative TSN directly in
+that case (nothing missing, nothing duplicated) and leaves every other case to aiortc.
+
 **Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
 link whose 256 KiB frame takes seconds to complete on a lossy path is not declared silent.
 
 Applied per connection (:func:`tune`), by changing the class of the connection's own SCTP
 transport before its association starts: no module of aiortc is altered, other users of aiortc
 in the process are unaffected. The overrides replace private methods of aiortc
-(``_handle_data``, ``_send_sack``, ``_send``, ``_get_inbound_stream``,
+(``_handle_data``, ``_send_sack``, ``_send``, ``_get_inbound_stream``, ``_mark_received``,
 ``InboundStream.add_chunk``/``pop_messages``), extend the public ``stop`` (which ends the
 delayed-SACK timer and task with the association, so none outlives the link or fails unseen
 after it) and use private attributes; :func:`tune` checks
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 import typing
 from typing import Any
@@ -97,12 +103,37 @@ _REQUIRED = (
     "_outbound_queue",
     "_outbound_stream_seq",
     "_local_tsn",
+    "_mark_received",
+    "_last_received_tsn",
+    "_local_verification_tag",
+    "_remote_verification_tag",
+    "_local_port",
+    "_remote_port",
+    "_receive_data_chunk",
+    "_receive_sack_chunk",
+    "_send_chunk",
+    "_t3_expired",
+    "_t3_start",
+    "_t3_handle",
+    "_sent_queue",
+    "_flight_size",
+    "_cwnd",
+    "_fast_recovery_exit",
+    "_forward_tsn_chunk",
+    "transport",
 )
 _FIRST_FRAGMENT: int = getattr(_sctp, "SCTP_DATA_FIRST_FRAG", 0)
 _LAST_FRAGMENT: int = getattr(_sctp, "SCTP_DATA_LAST_FRAG", 0)
 _UNORDERED: int = getattr(_sctp, "SCTP_DATA_UNORDERED", 0)
 _InboundStream: Any = getattr(_sctp, "InboundStream", None)
 _AIORTC_CHUNK: int = getattr(_sctp, "USERDATA_MAX_LENGTH", 0)
+_crc32c: Any = getattr(_sctp, "crc32c", None)
+_COMMON_HEADER = struct.Struct("!HHL")  # source port, destination port, verification tag
+_CHECKSUM = struct.Struct("<L")
+_DATA_HEADER = struct.Struct("!BBHLHHL")  # type, flags, length, TSN, stream, sequence, PPID
+_DATA_PACKET_MIN = _COMMON_HEADER.size + _CHECKSUM.size + _DATA_HEADER.size
+_ZERO_CHECKSUM = bytes(4)
+_DATA_TYPE = 0
 
 
 def chunk_bytes(path_mtu: int) -> int:
@@ -148,7 +179,35 @@ class TunedSctp(RTCSctpTransport):
         # Every packet from the peer (DTLS has authenticated it) shows it is alive, also while
         # a large data-channel message is still incomplete on a slow, lossy path.
         self._p2pfl_heard = time.monotonic()
-        await super()._handle_data(data)
+        chunk = self._p2pfl_lone_data_chunk(data)
+        if chunk is None:
+            await super()._handle_data(data)
+            return
+        await self._receive_data_chunk(chunk)
+        if self._sack_needed:
+            await self._send_sack()
+
+    def _p2pfl_lone_data_chunk(self, data: bytes) -> Any:
+        """The DATA chunk of a packet that holds one DATA chunk and nothing else, checked as
+        aiortc checks it (length, checksum, verification tag); None for any other packet,
+        which aiortc's ``_handle_data`` then parses, checks and drops or handles itself."""
+        if len(data) < _DATA_PACKET_MIN or data[12] != _DATA_TYPE:
+            return None
+        _, flags, length, tsn, stream_id, stream_seq, protocol = _DATA_HEADER.unpack_from(data, 12)
+        if length < _DATA_HEADER.size or 12 + length + (-length % 4) != len(data):
+            return None
+        if _CHECKSUM.unpack_from(data, 8)[0] != _crc32c(data[:8] + _ZERO_CHECKSUM + data[12:]):
+            return None
+        if _COMMON_HEADER.unpack_from(data)[2] != self._local_verification_tag:
+            return None
+        chunk = _sctp.DataChunk()
+        chunk.flags = flags
+        chunk.tsn = tsn
+        chunk.stream_id = stream_id
+        chunk.stream_seq = stream_seq
+        chunk.protocol = protocol
+        chunk.user_data = data[_DATA_PACKET_MIN : 12 + length]
+        return chunk
 
     # --- receiving: fewer SACKs, one reassembly search per message -----------------------------
     async def _send_sack(self) -> None:
@@ -166,6 +225,19 @@ class TunedSctp(RTCSctpTransport):
                 self._p2pfl_timer = loop.call_later(ACK_DELAY_S, self._p2pfl_deadline)
             return
         await self._p2pfl_ack_now()
+
+    def _mark_received(self, tsn: int) -> bool:
+        # The common case, the next TSN with nothing missing or duplicated: aiortc's bookkeeping
+        # (a set, a sort and two filters per chunk) comes to advancing the cumulative TSN.
+        if (
+            not self._sack_misordered
+            and not self._sack_duplicates
+            and self._last_received_tsn is not None
+            and tsn == _sctp.tsn_plus_one(self._last_received_tsn)
+        ):
+            self._last_received_tsn = tsn
+            return False
+        return bool(super()._mark_received(tsn))
 
     def _get_inbound_stream(self, stream_id: int) -> Any:
         stream = super()._get_inbound_stream(stream_id)
@@ -199,6 +271,73 @@ class TunedSctp(RTCSctpTransport):
             task.cancel()
             await asyncio.wait([task])
         await super().stop()
+
+    # --- sending: lean packets, a retransmission scan only when one can be due -----------------
+    _p2pfl_scan = True  # a chunk in the sent queue may be marked for retransmission
+
+    async def _send_chunk(self, chunk: Any) -> None:
+        if type(chunk) is not _sctp.DataChunk:
+            await super()._send_chunk(chunk)
+            return
+        # serialize_packet's bytes, built without its intermediate copies and debug logging.
+        header = _COMMON_HEADER.pack(
+            self._local_port, self._remote_port, self._remote_verification_tag
+        )
+        user_data = chunk.user_data
+        length = _DATA_HEADER.size + len(user_data)
+        body = (
+            _DATA_HEADER.pack(
+                _DATA_TYPE,
+                chunk.flags,
+                length,
+                chunk.tsn,
+                chunk.stream_id,
+                chunk.stream_seq,
+                chunk.protocol,
+            )
+            + user_data
+            + bytes(-length % 4)
+        )
+        checksum = _crc32c(header + _ZERO_CHECKSUM + body)
+        await self.transport._send_data(header + _CHECKSUM.pack(checksum) + body)
+
+    async def _receive_sack_chunk(self, chunk: Any) -> None:
+        if chunk.gaps:  # only gap reports strike chunks for retransmission
+            self._p2pfl_scan = True
+        await super()._receive_sack_chunk(chunk)
+
+    def _t3_expired(self) -> None:
+        self._p2pfl_scan = True  # marks every outstanding chunk for retransmission
+        super()._t3_expired()
+
+    async def _transmit(self) -> None:
+        """aiortc's ``_transmit``, without its walk over the whole sent queue looking for chunks
+        to retransmit (per SACK: the sent queue holds a congestion window of chunks) while none
+        can be marked; aiortc's own whenever a retransmission, a FORWARD TSN or fast recovery
+        is under way."""
+        if (
+            self._p2pfl_scan
+            or self._forward_tsn_chunk is not None
+            or self._fast_recovery_exit is not None
+        ):
+            await super()._transmit()
+            self._p2pfl_scan = any(chunk._retransmit for chunk in self._sent_queue)
+            return
+        # aiortc's burst limit: four of its chunks beyond the flight size.
+        cwnd = min(self._flight_size + 4 * _AIORTC_CHUNK, self._cwnd)
+        outbound, sent = self._outbound_queue, self._sent_queue
+        now = time.time()
+        while outbound and self._flight_size < cwnd:
+            chunk = outbound.popleft()
+            sent.append(chunk)
+            if not chunk._in_flight:
+                chunk._in_flight = True
+                self._flight_size += chunk._book_size
+            chunk._sent_count += 1
+            chunk._sent_time = now
+            await self._send_chunk(chunk)
+            if not self._t3_handle:
+                self._t3_start()
 
     # --- sending: chunks sized for the path ----------------------------------------------------
     async def _send(
@@ -286,7 +425,7 @@ def tune(pc: RTCPeerConnection, *, sack_every: int = SACK_EVERY, path_mtu: int =
         hasattr(_InboundStream, name) for name in ("add_chunk", "pop_messages")
     ):
         return False
-    if not all(hasattr(_sctp, name) for name in ("DataChunk", "tsn_plus_one")):
+    if _crc32c is None or not all(hasattr(_sctp, name) for name in ("DataChunk", "tsn_plus_one")):
         return False
     sctp.__class__ = TunedSctp
     tuned = typing.cast(TunedSctp, sctp)

@@ -287,6 +287,7 @@ async def _fragment(
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(RTCSctpTransport, "_transmit", hold)
+            patch.setattr(sctp.TunedSctp, "_transmit", hold)
             for n, (length, ordered, expiry, retransmits) in enumerate(messages):
                 data = bytes([n % 256]) * length
                 await transport._send(1, 53, data, expiry, retransmits, ordered)
