@@ -33,7 +33,8 @@ Applied per connection (:func:`tune_datagrams`) by changing the class of the con
 DTLS transport, and, once the handshake is done, of its pyOpenSSL connection and its aioice host
 protocols: no module is altered. The overrides use private names of aiortc
 (``_write_ssl``, ``_set_state``, the transmit counters, ``transport._connection``), of aioice
-(``StunProtocol.receiver``/``local_candidate``, ``Connection._protocols``) and of pyOpenSSL
+(``StunProtocol.receiver``/``local_candidate``, ``Connection._protocols``/``_nominated``, which
+:class:`TunedDtls` sends through as aioice's ``Connection.send`` does) and of pyOpenSSL
 (``_lib``, ``_ffi``, ``Connection._ssl``/``_into_ssl``/``_from_ssl``/``_raise_ssl_error``);
 :func:`tune_datagrams` checks they exist and leaves everything as it is where a release has
 changed them.
@@ -127,8 +128,11 @@ class LeanStunProtocol(_StunProtocol or object):  # type: ignore[misc]
 class TunedDtls(_DtlsTransport):  # type: ignore[misc]
     """aiortc's DTLS transport with lean records once connected (see the module docstring)."""
 
+    _p2pfl_ice: Any = None  # aioice's Connection under the ICE transport
+
     def _set_state(self, state: Any) -> None:
         if state == _State.CONNECTED:
+            self._p2pfl_ice = self.transport._connection
             ssl = self._ssl
             if type(ssl) is SSL.Connection and all(hasattr(ssl, name) for name in _PYOPENSSL):
                 ssl.__class__ = LeanConnection
@@ -138,12 +142,16 @@ class TunedDtls(_DtlsTransport):  # type: ignore[misc]
 
     async def _write_ssl(self) -> None:
         ssl = self._ssl
-        if type(ssl) is not LeanConnection:
+        if type(ssl) is not LeanConnection or self._p2pfl_ice is None:
             await super()._write_ssl()
             return
         data = ssl.p2pfl_take(1500)  # aiortc's read size: one record per datagram
         if data:
-            await self.transport._send(data)
+            # aioice's Connection.send -> sendto -> the nominated pair's protocol, in one step.
+            pair = self._p2pfl_ice._nominated.get(1)
+            if pair is None:
+                raise ConnectionError("Cannot send data, not connected")
+            await pair.protocol.send_data(data, pair.remote_addr)
             self._RTCDtlsTransport__tx_bytes += len(data)
             self._RTCDtlsTransport__tx_packets += 1
 
@@ -207,6 +215,8 @@ def tune_datagrams(pc: RTCPeerConnection) -> bool:
     ):
         return False
     if not hasattr(getattr(dtls, "transport", None), "_connection"):
+        return False
+    if not hasattr(getattr(dtls.transport, "_connection", None), "_nominated"):
         return False
     dtls.__class__ = TunedDtls
     return True

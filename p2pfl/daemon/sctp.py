@@ -110,6 +110,7 @@ _REQUIRED = (
     "_local_port",
     "_remote_port",
     "_receive_data_chunk",
+    "_advertised_rwnd",
     "_receive_sack_chunk",
     "_send_chunk",
     "_t3_expired",
@@ -132,6 +133,8 @@ _COMMON_HEADER = struct.Struct("!HHL")  # source port, destination port, verific
 _CHECKSUM = struct.Struct("<L")
 _DATA_HEADER = struct.Struct("!BBHLHHL")  # type, flags, length, TSN, stream, sequence, PPID
 _DATA_PACKET_MIN = _COMMON_HEADER.size + _CHECKSUM.size + _DATA_HEADER.size
+_SACK = struct.Struct("!BBHLLHH")  # type, flags, length, cumulative TSN, a_rwnd, #gaps, #dups
+_SACK_TYPE = 3
 _ZERO_CHECKSUM = bytes(4)
 _DATA_TYPE = 0
 
@@ -250,7 +253,26 @@ class TunedSctp(RTCSctpTransport):
             self._p2pfl_timer.cancel()
             self._p2pfl_timer = None
         self._p2pfl_unacked = 0
-        await super()._send_sack()
+        await self._p2pfl_sack()
+
+    async def _p2pfl_sack(self) -> None:
+        """Send a SACK now: aiortc's ``_send_sack``."""
+        if self._sack_misordered or self._sack_duplicates:
+            await super()._send_sack()
+            return
+        # Nothing missing or duplicated (every SACK of a clean transfer): aiortc's SACK, with
+        # no gap or duplicate, packed directly.
+        sack = _SACK.pack(
+            _SACK_TYPE,
+            0,
+            _SACK.size,
+            self._last_received_tsn,
+            max(0, self._advertised_rwnd),
+            0,
+            0,
+        )
+        await self._p2pfl_send_packet(sack)
+        self._sack_needed = False
 
     def _p2pfl_deadline(self) -> None:
         self._p2pfl_timer = None
@@ -279,10 +301,6 @@ class TunedSctp(RTCSctpTransport):
         if type(chunk) is not _sctp.DataChunk:
             await super()._send_chunk(chunk)
             return
-        # serialize_packet's bytes, built without its intermediate copies and debug logging.
-        header = _COMMON_HEADER.pack(
-            self._local_port, self._remote_port, self._remote_verification_tag
-        )
         user_data = chunk.user_data
         length = _DATA_HEADER.size + len(user_data)
         body = (
@@ -298,8 +316,16 @@ class TunedSctp(RTCSctpTransport):
             + user_data
             + bytes(-length % 4)
         )
-        checksum = _crc32c(header + _ZERO_CHECKSUM + body)
-        await self.transport._send_data(header + _CHECKSUM.pack(checksum) + body)
+        await self._p2pfl_send_packet(body)
+
+    async def _p2pfl_send_packet(self, chunks: bytes) -> None:
+        """serialize_packet's bytes for ``chunks`` (serialized, padded), built without its
+        intermediate copies and debug logging, handed to DTLS as aiortc's ``_send_chunk`` does."""
+        header = _COMMON_HEADER.pack(
+            self._local_port, self._remote_port, self._remote_verification_tag
+        )
+        checksum = _crc32c(header + _ZERO_CHECKSUM + chunks)
+        await self.transport._send_data(header + _CHECKSUM.pack(checksum) + chunks)
 
     async def _receive_sack_chunk(self, chunk: Any) -> None:
         if chunk.gaps:  # only gap reports strike chunks for retransmission

@@ -224,6 +224,41 @@ def test_a_malformed_or_foreign_packet_is_left_to_aiortc_which_drops_it(corrupt:
     assert asyncio.run(check()) == [8]
 
 
+def test_lean_data_and_sack_packets_are_aiortcs_bytes() -> None:
+    async def check() -> None:
+        pc, transport = await _tuned_transport()
+        transport._local_port, transport._remote_port = 5000, 5001
+        transport._remote_verification_tag = 0xCAFEF00D
+        sent: list[bytes] = []
+
+        async def capture(data: bytes) -> None:
+            sent.append(data)
+
+        transport.transport._send_data = capture
+        rng = random.Random(5)
+        for size in (1, 2, 3, 4, 1356):
+            chunk = aiortc_sctp.DataChunk(flags=rng.randrange(16))
+            chunk.tsn, chunk.stream_id = rng.getrandbits(32), rng.getrandbits(16)
+            chunk.stream_seq, chunk.protocol = rng.getrandbits(16), rng.getrandbits(32)
+            chunk.user_data = rng.randbytes(size)
+            await transport._send_chunk(chunk)
+            assert sent.pop() == aiortc_sctp.serialize_packet(5000, 5001, 0xCAFEF00D, chunk)
+        transport._last_received_tsn = 2**32 - 1
+        for rwnd, misordered, duplicates in [(4096, set(), []), (-5, set(), []), (9, {3}, [7])]:
+            for send in (transport._p2pfl_sack, lambda: RTCSctpTransport._send_sack(transport)):
+                transport._advertised_rwnd = rwnd
+                transport._sack_misordered = set(misordered)
+                transport._sack_duplicates = list(duplicates)
+                transport._sack_needed = True
+                await send()
+                assert not transport._sack_needed
+                assert transport._sack_duplicates == []
+            assert sent.pop() == sent.pop()
+        await pc.close()
+
+    asyncio.run(check())
+
+
 def test_in_order_tsns_take_the_short_bookkeeping_and_gaps_aiortcs() -> None:
     """The cumulative TSN, gaps and duplicates come out as aiortc's own bookkeeping has them."""
     rng = random.Random(3)
