@@ -9,8 +9,9 @@ transfer, in the sender and the receiver. Baseline, same run: plain TCP between 
 namespaces. With the int8 codec (p2pfl.wire), the fp32-equivalent rate of a 64 MiB fp32 model =
 fp32 bytes / (encode + transfer + decode), with the encode and decode times a daemon pays every
 round (the median of three calls after the first); the first call of a process is printed too.
-Targets (issue 16 part 5): >= 50 MB/s raw; p99 lag < 10 ms; int8 >= 150 MB/s fp32-equivalent. The figures depend
-on how busy the CPU is: note the load.
+Targets (issue 16 part 5): >= 50 MB/s raw; p99 lag < 10 ms; int8 >= 150 MB/s fp32-equivalent.
+The figures depend on how busy the CPU is: note the load; MB per CPU-second of the busier end
+depends on it less.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ async def main() -> None:
             per_cpu = result["bytes"] / max(result["cpu_sender"], result["cpu_receiver"]) / MB
             print(
                 f"data channel {frame // 1024:3d} KiB frames: {rate:6.1f} MB/s raw "
-                f"(target >= {RAW_TARGET:.0f}: {_met(rate, RAW_TARGET)}); {per_cpu:.1f} MB per CPU-second of the busier end "
+                f"(target >= {RAW_TARGET:.0f}: {_met(rate, RAW_TARGET)}); "
+                f"{per_cpu:.1f} MB per CPU-second of the busier end "
                 f"(sender {result['cpu_sender']:.1f} s, receiver {result['cpu_receiver']:.1f} s)"
                 f"\n    {_lag(result)} (target p99 < 10)"
                 f"\n    receiver UDP: {result['udp_in']} datagrams, "
