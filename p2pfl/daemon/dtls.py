@@ -156,12 +156,32 @@ class TunedDtls(_DtlsTransport):  # type: ignore[misc]
             self._RTCDtlsTransport__tx_packets += 1
 
     async def _send_data(self, data: bytes) -> None:
+        """aiortc's ``_send_data`` (``send``, then ``_write_ssl``) in one step: every SCTP
+        packet passes here."""
         ssl = self._ssl
-        if type(ssl) is not LeanConnection or self._state != _State.CONNECTED:
+        ice = self._p2pfl_ice
+        if (
+            type(ssl) is not LeanConnection
+            or ice is None
+            or self._state != _State.CONNECTED
+            or type(data) is not bytes
+            or not data
+        ):
             await super()._send_data(data)  # aiortc's checks and errors
             return
-        ssl.send(data)
-        await self._write_ssl()
+        result = _lib.SSL_write(ssl._ssl, data, len(data))
+        if result <= 0:
+            ssl._raise_ssl_error(ssl._ssl, result)
+        result = _lib.BIO_read(ssl._from_ssl, ssl._p2pfl_buffer, 1500)
+        if result <= 0:
+            return
+        record = ssl._p2pfl_view[:result]
+        pair = ice._nominated.get(1)
+        if pair is None:
+            raise ConnectionError("Cannot send data, not connected")
+        await pair.protocol.send_data(record, pair.remote_addr)
+        self._RTCDtlsTransport__tx_bytes += result
+        self._RTCDtlsTransport__tx_packets += 1
 
 
 def _tune_ice(ice_transport: Any) -> None:
