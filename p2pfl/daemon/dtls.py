@@ -37,7 +37,7 @@ protocols: no module is altered. The overrides use private names of aiortc
 :class:`TunedDtls` sends through as aioice's ``Connection.send`` does) and of pyOpenSSL
 (``_lib``, ``_ffi``, ``Connection._ssl``/``_into_ssl``/``_from_ssl``/``_raise_ssl_error``);
 :func:`tune_datagrams` checks they exist and leaves everything as it is where a release has
-changed them.
+changed them, and applies nothing on an aiortc release they were not checked against.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from aioice import ice as _ice
 from aiortc import RTCPeerConnection
 from aiortc import rtcdtlstransport as _dtls
 from OpenSSL import SSL
+
+from p2pfl.daemon.sctp import aiortc_checked
 
 __all__ = [
     "SOCKET_BUFFER_BYTES",
@@ -210,11 +212,14 @@ def tune_datagrams(pc: RTCPeerConnection) -> bool:
     """Make ``pc``'s DTLS transport a :class:`TunedDtls`; False where it cannot.
 
     Call when the SCTP transport exists (as :func:`p2pfl.daemon.sctp.tune`), before the DTLS
-    handshake completes.
+    handshake completes. Only on an aiortc release the overrides were checked against
+    (:data:`p2pfl.daemon.sctp.LEAN_AIORTC`).
     """
     sctp: Any = pc.sctp
     dtls = getattr(sctp, "transport", None)
     if dtls is None or type(dtls) is not _DtlsTransport or _State is None:
+        return False
+    if not aiortc_checked():  # the overrides repeat parts of aiortc's DTLS logic
         return False
     if _StunProtocol is None or _lib is None or _ffi is None:
         return False

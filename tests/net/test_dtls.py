@@ -259,6 +259,62 @@ def test_lean_data_and_sack_packets_are_aiortcs_bytes() -> None:
     asyncio.run(check())
 
 
+def test_t3_fires_at_the_last_restart_s_deadline_and_not_after_a_cancel() -> None:
+    async def check() -> tuple[list[float], float, int]:
+        pc, transport = await _tuned_transport()
+        loop = asyncio.get_running_loop()
+        fired: list[float] = []
+        first = asyncio.Event()
+
+        def expired(self: Any) -> None:  # aiortc's, recorded instead of retransmitting
+            self._t3_handle = None
+            fired.append(loop.time())
+            first.set()
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(RTCSctpTransport, "_t3_expired", expired)
+            transport._rto = 0.05
+            transport._t3_start()
+            await asyncio.sleep(0.03)
+            transport._t3_restart()  # later: recorded, the timer re-arms when it fires
+            due = loop.time() + 0.05
+            assert transport._p2pfl_t3_due > 0
+            async with asyncio.timeout(5):
+                await first.wait()
+            transport._rto = 0.04
+            transport._t3_start()
+            transport._t3_restart()
+            transport._t3_cancel()
+            await asyncio.sleep(0.1)
+            count = len(fired)
+        await pc.close()
+        return fired, due, count
+
+    fired, due, count = asyncio.run(check())
+    assert fired[0] >= due - 0.002  # not at the first deadline (0.05 after the start)
+    assert count == 1  # the cancelled one never fired
+
+
+def test_the_fast_paths_are_on_for_a_checked_aiortc_only() -> None:
+    assert sctp.aiortc_checked()  # the aiortc these tests run against is one of them
+
+    async def check() -> tuple[bool, float]:
+        pc = RTCPeerConnection()
+        pc.createDataChannel("x")
+        await asyncio.sleep(0)
+        assert sctp.tune(pc, lean=False)
+        transport: Any = pc.sctp
+        transport._rto = 5.0
+        transport._t3_start()
+        transport._t3_restart()  # aiortc's: a new timer, no recorded deadline
+        transport._t3_cancel()
+        due = transport._p2pfl_t3_due
+        await pc.close()
+        return transport._p2pfl_lean, due
+
+    assert asyncio.run(check()) == (False, 0.0)
+
+
 def test_in_order_tsns_take_the_short_bookkeeping_and_gaps_aiortcs() -> None:
     """The cumulative TSN, gaps and duplicates come out as aiortc's own bookkeeping has them."""
     rng = random.Random(3)
