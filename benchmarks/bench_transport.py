@@ -4,7 +4,8 @@ Run: ``.venv/bin/python benchmarks/bench_transport.py`` (as root; as an ordinary
 re-executes itself under ``python -m p2pfl.sim.netns``). Two namespaces joined by a veth
 bridge (``BridgedNetwork``); one ``p2pfl.sim.testnode`` process in each. Per frame size
 (64/128/256 KiB) one 64 MiB message is sent; throughput = bytes / (arrival of the whole message
-at the receiver - start of send). Loop lag = how late a 5 ms trio sleep wakes during the
+at the receiver - start of send); CPU = what each node process spent meanwhile, less the test's own
+payload generation and digests. Loop lag = how late a 5 ms trio sleep wakes during the
 transfer, in the sender and the receiver. Baseline, same run: plain TCP between the same two
 namespaces. With the int8 codec (p2pfl.wire), the fp32-equivalent rate of a 64 MiB fp32 model =
 fp32 bytes / (encode + transfer + decode), with the encode and decode times a daemon pays every
@@ -134,9 +135,10 @@ async def data_channel(net: BridgedNetwork, frame_bytes: int, file: Path | None)
         "bytes": got["size"],
         "seconds": seconds,
         "lag_idle": idle,
-        # CPU seconds each process spent on the transfer (both threads; crypto, SCTP, framing)
-        "cpu_sender": lag_s["cpu_s"] - idle["cpu_s"],
-        "cpu_receiver": lag_r["cpu_s"] - reset_r["cpu_s"],
+        # CPU seconds each process spent on the transfer (all threads; crypto, SCTP, framing),
+        # less what the test node spent making the payload and digesting it for the check
+        "cpu_sender": lag_s["cpu_s"] - idle["cpu_s"] - sent.get("test_cpu_s", 0.0),
+        "cpu_receiver": lag_r["cpu_s"] - reset_r["cpu_s"] - got.get("test_cpu_s", 0.0),
         "lag_sender": lag_s,
         "lag_receiver": lag_r,
         "udp_in": udp_after["InDatagrams"] - udp_before["InDatagrams"],
