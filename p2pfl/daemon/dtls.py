@@ -27,12 +27,15 @@ STUN message never starts with such a byte).
 **Larger receive buffers.** A receiver busy in Python lets datagrams pile up in its socket;
 with the kernel's default buffer (208 KiB, ~140 full datagrams) the benchmark saw 6-60 drops per
 64 MiB, each an SCTP retransmission that halves the sender's congestion window. The ICE sockets
-ask for :data:`SOCKET_BUFFER_BYTES` (the kernel grants up to ``net.core.rmem_max``).
+ask for :data:`SOCKET_BUFFER_BYTES`; the kernel grants up to ``net.core.rmem_max`` (4 MiB on the
+benchmark machine, where the drops went to 0; 208 KiB by default on many distributions, where
+the request changes nothing unless an administrator raises it).
 
 Applied per connection (:func:`tune_datagrams`) by changing the class of the connection's own
 DTLS transport, and, once the handshake is done, of its pyOpenSSL connection and its aioice host
 protocols: no module is altered. The overrides use private names of aiortc
-(``_write_ssl``, ``_set_state``, the transmit counters, ``transport._connection``), of aioice
+(``_send_data``, ``_write_ssl``, ``_set_state``, the transmit counters,
+``transport._connection``), of aioice
 (``StunProtocol.receiver``/``local_candidate``, ``Connection._protocols``/``_nominated``, which
 :class:`TunedDtls` sends through as aioice's ``Connection.send`` does) and of pyOpenSSL
 (``_lib``, ``_ffi``, ``Connection._ssl``/``_into_ssl``/``_from_ssl``/``_raise_ssl_error``);
