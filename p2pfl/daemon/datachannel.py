@@ -51,6 +51,7 @@ from aiortc import (
 )
 
 from p2pfl.daemon.bridge import closes_with_bridge, sweeps_with_bridge
+from p2pfl.daemon.dtls import tune_datagrams
 from p2pfl.daemon.sctp import SACK_EVERY, last_packet_at, tune
 
 __all__ = [
@@ -345,6 +346,7 @@ class RtcLink:
     def _tune(self) -> None:
         # False (the transport left as aiortc made it) where an aiortc release changed it.
         tune(self._pc, sack_every=self.settings.sack_every, path_mtu=self.settings.path_mtu)
+        tune_datagrams(self._pc)
 
     async def wait_open(self) -> None:
         """Wait until the data channel is open, then start heartbeats and the liveness check."""

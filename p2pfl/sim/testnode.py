@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -55,6 +55,8 @@ from p2pfl.daemon.transport import (
 from p2pfl.identity import NodeIdentity
 from p2pfl.trust import TrustPolicy
 from p2pfl.wire import EnvelopeVerifier, WireError, seal
+
+T = TypeVar("T")
 
 
 def payload(size: int, seed: int) -> bytes:
@@ -163,7 +165,7 @@ def _prepare(transport: PeerTransport, command: dict[str, Any]) -> bytes:
 async def _send(transport: PeerTransport, command: dict[str, Any]) -> None:
     # Bulk CPU work (payload, signature, digests) off the trio thread, like a daemon must do,
     # so the loop-lag figures measure the transport.
-    data = await trio.to_thread.run_sync(_prepare, transport, command)
+    data, prepare_cpu_s = await trio.to_thread.run_sync(_timed, _prepare, transport, command)
     started = time.monotonic()
     try:
         await transport.send(command["peer"], data)
@@ -172,7 +174,7 @@ async def _send(transport: PeerTransport, command: dict[str, Any]) -> None:
         return
     elapsed = time.monotonic() - started
     started_at = time.time() - elapsed
-    digest = await trio.to_thread.run_sync(_sha256, data)
+    digest, digest_cpu_s = await trio.to_thread.run_sync(_timed, _sha256, data)
     _emit(
         event="sent",
         peer=command["peer"],
@@ -180,11 +182,20 @@ async def _send(transport: PeerTransport, command: dict[str, Any]) -> None:
         sha256=digest,
         started_at=started_at,
         elapsed_s=elapsed,
+        # CPU the test itself spent (payload, signature, the digest above): not the transport's
+        test_cpu_s=prepare_cpu_s + digest_cpu_s,
     )
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """``fn(*args)`` and the CPU seconds this thread spent on it."""
+    started = time.thread_time()
+    result = fn(*args)
+    return result, time.thread_time() - started
 
 
 def _verifies(verifier: EnvelopeVerifier, data: bytes) -> bool:
@@ -203,10 +214,13 @@ async def _events(transport: PeerTransport, verifier: EnvelopeVerifier | None) -
             _emit(event="down", peer=event.peer, reason=event.reason)
         elif isinstance(event, MessageReceived):
             arrived = time.time()
-            digest = await trio.to_thread.run_sync(_sha256, event.data)
-            verified = verifier is not None and await trio.to_thread.run_sync(
-                _verifies, verifier, event.data
-            )
+            digest, test_cpu_s = await trio.to_thread.run_sync(_timed, _sha256, event.data)
+            verified = False
+            if verifier is not None:
+                verified, verify_cpu_s = await trio.to_thread.run_sync(
+                    _timed, _verifies, verifier, event.data
+                )
+                test_cpu_s += verify_cpu_s
             _emit(
                 event="message",
                 peer=event.peer,
@@ -214,6 +228,7 @@ async def _events(transport: PeerTransport, verifier: EnvelopeVerifier | None) -
                 sha256=digest,
                 at=arrived,
                 verified=verified,
+                test_cpu_s=test_cpu_s,  # the digest and check above: not the transport's
             )
 
 

@@ -127,6 +127,7 @@ async def _ack_rule(sack_every: int) -> tuple[list[str], bool]:
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(RTCSctpTransport, "_send_sack", count)
+            patch.setattr(sctp.TunedSctp, "_p2pfl_sack", count)
             transport._association_state = RTCSctpTransport.State.ESTABLISHED
             log: list[str] = []
 
@@ -185,6 +186,7 @@ async def _recovery_rule() -> list[int]:
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(RTCSctpTransport, "_send_sack", count)
+            patch.setattr(sctp.TunedSctp, "_p2pfl_sack", count)
             transport._association_state = RTCSctpTransport.State.ESTABLISHED
             transport._sack_misordered.add(7)
             transport._sack_needed = True
@@ -287,6 +289,7 @@ async def _fragment(
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(RTCSctpTransport, "_transmit", hold)
+            patch.setattr(sctp.TunedSctp, "_transmit", hold)
             for n, (length, ordered, expiry, retransmits) in enumerate(messages):
                 data = bytes([n % 256]) * length
                 await transport._send(1, 53, data, expiry, retransmits, ordered)

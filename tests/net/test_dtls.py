@@ -1,0 +1,426 @@
+"""The lean per-datagram path (p2pfl.daemon.dtls, and sctp.py's packet fast paths) against
+aiortc, aioice and pyOpenSSL as they are.
+
+Records made by one side are read by the other, in both directions, through a real DTLS
+handshake in memory; errors are pyOpenSSL's. A tuned link and a stock aiortc link exchange
+messages over real ICE inside a private namespace, in both roles, also with datagrams lost in
+both directions (retransmissions, fast recovery, T3). Malformed SCTP packets take aiortc's path,
+which drops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aioice import ice
+from aiortc import RTCDtlsTransport, RTCPeerConnection, RTCSctpTransport
+from aiortc import rtcsctptransport as aiortc_sctp
+from aiortc.rtcdtlstransport import SRTP_PROFILES, RTCCertificate
+from OpenSSL import SSL
+
+from p2pfl.daemon import dtls, sctp
+from p2pfl.daemon.bridge import new_event_loop
+from p2pfl.daemon.datachannel import LinkSettings, RtcLink
+from p2pfl.sim.netns import SharedNetwork
+
+
+def _connected_pair() -> tuple[SSL.Connection, SSL.Connection]:
+    """A DTLS client and server connection in memory, handshake done."""
+    client, server = (
+        SSL.Connection(RTCCertificate.generateCertificate()._create_ssl_context(SRTP_PROFILES))
+        for _ in range(2)
+    )
+    client.set_connect_state()
+    server.set_accept_state()
+
+    def pump(source: SSL.Connection, sink: SSL.Connection) -> None:
+        while True:
+            try:
+                sink.bio_write(source.bio_read(65536))
+            except SSL.WantReadError:
+                return
+
+    for _ in range(20):
+        for end in (client, server):
+            with contextlib.suppress(SSL.WantReadError):
+                end.do_handshake()
+        pump(client, server)
+        pump(server, client)
+    return client, server
+
+
+def _lean(connection: SSL.Connection) -> dtls.LeanConnection:
+    connection.__class__ = dtls.LeanConnection
+    lean: Any = connection
+    lean.p2pfl_prepare()
+    return lean  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("lean_end", ["sender", "receiver", "both"])
+def test_lean_records_are_read_by_pyopenssl_and_the_other_way_round(lean_end: str) -> None:
+    sender, receiver = _connected_pair()
+    if lean_end in ("sender", "both"):
+        _lean(sender)
+    if lean_end in ("receiver", "both"):
+        _lean(receiver)
+    rng = random.Random(1)
+    for size in (1, 17, 1200, 1384, 4000):
+        payload = rng.randbytes(size)
+        assert sender.send(payload) == size
+        record = sender.bio_read(65536)
+        assert receiver.bio_write(record) == len(record)
+        assert receiver.recv(65536 if size > 1500 else 1500) == payload
+    # Nothing pending: the same errors as pyOpenSSL's, and a take that does not raise.
+    with pytest.raises(SSL.WantReadError):
+        receiver.recv(1500)
+    with pytest.raises(SSL.WantReadError):
+        receiver.bio_read(1500)
+    if isinstance(receiver, dtls.LeanConnection):
+        assert receiver.p2pfl_take(1500) == b""
+
+
+def test_a_tampered_record_is_refused_as_pyopenssl_refuses_it() -> None:
+    sender, receiver = _connected_pair()
+    lean = _lean(receiver)
+    sender.send(b"x" * 100)
+    record = bytearray(sender.bio_read(65536))
+    record[-1] ^= 1
+    lean.bio_write(bytes(record))
+    with pytest.raises(SSL.Error):  # DTLS discards it: nothing to read
+        lean.recv(1500)
+    sender.send(b"after")
+    lean.bio_write(sender.bio_read(65536))
+    assert lean.recv(1500) == b"after"
+
+
+def test_a_closed_connection_reads_as_pyopenssl_reads_it() -> None:
+    sender, receiver = _connected_pair()
+    lean = _lean(receiver)
+    sender.shutdown()
+    lean.bio_write(sender.bio_read(65536))
+    with pytest.raises(SSL.ZeroReturnError):
+        lean.recv(1500)
+
+
+class _Receiver:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.requests: list[object] = []
+
+    def data_received(self, data: bytes, component: int) -> None:
+        self.data.append(data)
+
+    def request_received(self, message: object, addr: object, protocol: object) -> None:
+        self.requests.append(message)
+
+
+def test_dtls_datagrams_skip_the_stun_parse_and_stun_still_parses() -> None:
+    receiver = _Receiver()
+
+    async def make() -> Any:  # aioice's protocol wants a running loop
+        return ice.StunProtocol(receiver)
+
+    protocol: Any = asyncio.run(make())
+    protocol.local_candidate = type("Candidate", (), {"component": 1})()
+    protocol.__class__ = dtls.LeanStunProtocol
+    record = bytes([23, 0xFE, 0xFD]) + os.urandom(40)  # DTLS application data
+    protocol.datagram_received(record, ("10.0.0.1", 5000))
+    request = ice.stun.Message(
+        message_method=ice.stun.Method.BINDING, message_class=ice.stun.Class.REQUEST
+    )
+    protocol.datagram_received(bytes(request), ("10.0.0.1", 5000))
+    protocol.datagram_received(b"\x80" + os.urandom(30), ("10.0.0.1", 5000))  # RTP: aioice's path
+    assert receiver.data[0] == record
+    assert len(receiver.requests) == 1
+    assert len(receiver.data) == 2
+
+
+def test_tune_datagrams_only_on_aiortc_transports() -> None:
+    async def check() -> None:
+        pc, other = RTCPeerConnection(), RTCPeerConnection()
+        assert not dtls.tune_datagrams(pc)  # no SCTP transport yet
+        pc.createDataChannel("x")
+        other.createDataChannel("y")
+        await asyncio.sleep(0)
+        assert dtls.tune_datagrams(pc)
+        sctp_transport: Any = pc.sctp
+        assert type(sctp_transport.transport) is dtls.TunedDtls
+        assert not dtls.tune_datagrams(pc)  # already tuned: left as it is
+        assert type(other.sctp.transport) is RTCDtlsTransport  # type: ignore[union-attr]
+        await asyncio.gather(pc.close(), other.close())
+
+    asyncio.run(check())
+
+
+# --- SCTP packets: the lone-DATA fast path and what it leaves to aiortc -----------------------
+
+
+async def _tuned_transport() -> tuple[RTCPeerConnection, Any]:
+    pc = RTCPeerConnection()
+    pc.createDataChannel("x")
+    await asyncio.sleep(0)
+    assert sctp.tune(pc)
+    transport: Any = pc.sctp
+    transport._local_verification_tag = 0x1234ABCD
+    return pc, transport
+
+
+def _data_packet(tag: int, tsn: int, user_data: bytes, *, corrupt: str = "") -> bytes:
+    chunk = aiortc_sctp.DataChunk(flags=aiortc_sctp.SCTP_DATA_FIRST_FRAG | 2)
+    chunk.tsn, chunk.stream_id, chunk.stream_seq, chunk.protocol = tsn, 1, 0, 53
+    chunk.user_data = user_data
+    packet = bytearray(aiortc_sctp.serialize_packet(5000, 5000, tag, chunk))
+    if corrupt == "checksum":
+        packet[-1] ^= 1
+    elif corrupt == "length":
+        struct.pack_into("!H", packet, 14, len(user_data) + 400)
+    elif corrupt == "trailing":
+        packet += b"\x00" * 8
+    return bytes(packet)
+
+
+def test_a_lone_data_chunk_parses_as_aiortc_parses_it() -> None:
+    async def check() -> None:
+        pc, transport = await _tuned_transport()
+        rng = random.Random(2)
+        for size in (1, 3, 4, 1356):
+            packet = _data_packet(0x1234ABCD, rng.getrandbits(32), rng.randbytes(size))
+            chunk = transport._p2pfl_lone_data_chunk(packet)
+            _, _, _, (expected,) = aiortc_sctp.parse_packet(packet)
+            assert vars(chunk) == vars(expected)
+        await pc.close()
+
+    asyncio.run(check())
+
+
+@pytest.mark.parametrize("corrupt", ["checksum", "length", "trailing", "tag", "short"])
+def test_a_malformed_or_foreign_packet_is_left_to_aiortc_which_drops_it(corrupt: str) -> None:
+    async def check() -> list[int]:
+        pc, transport = await _tuned_transport()
+        tag = 0x1234ABCD if corrupt != "tag" else 0x1234ABCE
+        packet = _data_packet(tag, 7, b"payload", corrupt="" if corrupt == "tag" else corrupt)
+        if corrupt == "short":
+            packet = packet[:20]
+        assert transport._p2pfl_lone_data_chunk(packet) is None
+        received: list[int] = []
+
+        async def count(chunk: Any) -> None:
+            received.append(chunk.tsn)
+
+        transport._receive_data_chunk = count
+        await transport._handle_data(packet)  # aiortc's path: no exception, nothing taken
+        # The same packet, intact and ours, is taken: the count above could have seen it.
+        await transport._handle_data(_data_packet(0x1234ABCD, 8, b"payload"))
+        await pc.close()
+        return received
+
+    assert asyncio.run(check()) == [8]
+
+
+def test_lean_data_and_sack_packets_are_aiortcs_bytes() -> None:
+    async def check() -> None:
+        pc, transport = await _tuned_transport()
+        transport._local_port, transport._remote_port = 5000, 5001
+        transport._remote_verification_tag = 0xCAFEF00D
+        sent: list[bytes] = []
+
+        async def capture(data: bytes) -> None:
+            sent.append(data)
+
+        transport.transport._send_data = capture
+        rng = random.Random(5)
+        for size in (1, 2, 3, 4, 1356):
+            chunk = aiortc_sctp.DataChunk(flags=rng.randrange(16))
+            chunk.tsn, chunk.stream_id = rng.getrandbits(32), rng.getrandbits(16)
+            chunk.stream_seq, chunk.protocol = rng.getrandbits(16), rng.getrandbits(32)
+            chunk.user_data = rng.randbytes(size)
+            await transport._send_chunk(chunk)
+            assert sent.pop() == aiortc_sctp.serialize_packet(5000, 5001, 0xCAFEF00D, chunk)
+        transport._last_received_tsn = 2**32 - 1
+        for rwnd, misordered, duplicates in [(4096, set(), []), (-5, set(), []), (9, {3}, [7])]:
+            for send in (transport._p2pfl_sack, lambda: RTCSctpTransport._send_sack(transport)):
+                transport._advertised_rwnd = rwnd
+                transport._sack_misordered = set(misordered)
+                transport._sack_duplicates = list(duplicates)
+                transport._sack_needed = True
+                await send()
+                assert not transport._sack_needed
+                assert transport._sack_duplicates == []
+            assert sent.pop() == sent.pop()
+        await pc.close()
+
+    asyncio.run(check())
+
+
+def test_t3_fires_at_the_last_restart_s_deadline_and_not_after_a_cancel() -> None:
+    async def check() -> tuple[list[float], float, int]:
+        pc, transport = await _tuned_transport()
+        loop = asyncio.get_running_loop()
+        fired: list[float] = []
+        first = asyncio.Event()
+
+        def expired(self: Any) -> None:  # aiortc's, recorded instead of retransmitting
+            self._t3_handle = None
+            fired.append(loop.time())
+            first.set()
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(RTCSctpTransport, "_t3_expired", expired)
+            transport._rto = 0.05
+            transport._t3_start()
+            await asyncio.sleep(0.03)
+            transport._t3_restart()  # later: recorded, the timer re-arms when it fires
+            due = loop.time() + 0.05
+            assert transport._p2pfl_t3_due > 0
+            async with asyncio.timeout(5):
+                await first.wait()
+            transport._rto = 0.04
+            transport._t3_start()
+            transport._t3_restart()
+            transport._t3_cancel()
+            await asyncio.sleep(0.1)
+            count = len(fired)
+        await pc.close()
+        return fired, due, count
+
+    fired, due, count = asyncio.run(check())
+    assert fired[0] >= due - 0.002  # not at the first deadline (0.05 after the start)
+    assert count == 1  # the cancelled one never fired
+
+
+def test_the_fast_paths_are_on_for_a_checked_aiortc_only() -> None:
+    assert sctp.aiortc_checked()  # the aiortc these tests run against is one of them
+
+    async def check() -> tuple[bool, float]:
+        pc = RTCPeerConnection()
+        pc.createDataChannel("x")
+        await asyncio.sleep(0)
+        assert sctp.tune(pc, lean=False)
+        transport: Any = pc.sctp
+        transport._rto = 5.0
+        transport._t3_start()
+        transport._t3_restart()  # aiortc's: a new timer, no recorded deadline
+        transport._t3_cancel()
+        due = transport._p2pfl_t3_due
+        await pc.close()
+        return transport._p2pfl_lean, due
+
+    assert asyncio.run(check()) == (False, 0.0)
+
+
+def test_in_order_tsns_take_the_short_bookkeeping_and_gaps_aiortcs() -> None:
+    """The cumulative TSN, gaps and duplicates come out as aiortc's own bookkeeping has them."""
+    rng = random.Random(3)
+    start = 2**32 - 20  # across the wrap-around
+    arrivals = [(start + i) % 2**32 for i in range(60)]
+    for _ in range(10):
+        i = rng.randrange(len(arrivals) - 1)
+        arrivals[i], arrivals[i + 1] = arrivals[i + 1], arrivals[i]
+    arrivals[30:30] = [arrivals[5], arrivals[29]]  # duplicates
+    state = ("_last_received_tsn", "_sack_misordered", "_sack_duplicates")
+
+    async def check() -> None:
+        pc, tuned = await _tuned_transport()
+        stock: Any = RTCSctpTransport.__new__(RTCSctpTransport)
+        for transport in (tuned, stock):
+            transport._last_received_tsn = (start - 1) % 2**32
+            transport._sack_misordered = set()
+            transport._sack_duplicates = []
+        for tsn in arrivals:
+            assert tuned._mark_received(tsn) == RTCSctpTransport._mark_received(stock, tsn)
+            assert [getattr(tuned, name) for name in state] == [
+                getattr(stock, name) for name in state
+            ]
+        await pc.close()
+
+    asyncio.run(check())
+
+
+# --- a tuned end and a stock aiortc end -------------------------------------------------------
+
+
+class _StockLink(RtcLink):
+    """A link on aiortc as it is: no SCTP, DTLS or ICE tuning."""
+
+    def _tune(self) -> None:
+        pass
+
+
+async def _exchange(tuned_offers: bool, drop: float) -> None:
+    got: dict[str, list[bytes]] = {"tuned": [], "stock": []}
+    arrived = {"tuned": asyncio.Event(), "stock": asyncio.Event()}
+    drops: list[str] = []
+
+    def link(kind: str) -> RtcLink:
+        cls = RtcLink if kind == "tuned" else _StockLink
+
+        def on_message(message: bytes) -> None:
+            got[kind].append(message)
+            arrived[kind].set()
+
+        return cls(
+            LinkSettings(),
+            on_message=on_message,
+            on_down=lambda reason: None,
+            on_drop=drops.append,
+        )
+
+    tuned, stock = link("tuned"), link("stock")
+    offerer, answerer = (tuned, stock) if tuned_offers else (stock, tuned)
+    try:
+        answer = await answerer.accept_offer(await offerer.create_offer())
+        await offerer.accept_answer(answer)
+        async with asyncio.timeout(30):
+            await asyncio.gather(tuned.wait_open(), stock.wait_open())
+        tuned_pc: Any = tuned._pc
+        stock_pc: Any = stock._pc
+        assert type(tuned_pc.sctp) is sctp.TunedSctp
+        assert type(tuned_pc.sctp.transport) is dtls.TunedDtls
+        assert type(tuned_pc.sctp.transport._ssl) is dtls.LeanConnection
+        assert type(stock_pc.sctp) is RTCSctpTransport
+        assert type(stock_pc.sctp.transport) is RTCDtlsTransport
+        assert type(stock_pc.sctp.transport._ssl) is SSL.Connection
+        if drop:
+            rng = random.Random(4)
+            original = ice.StunProtocol.send_data
+
+            async def lossy(self: Any, data: bytes, addr: tuple[str, int]) -> None:
+                if rng.random() >= drop:
+                    await original(self, data, addr)
+
+            ice.StunProtocol.send_data = lossy  # type: ignore[method-assign]
+        size = 600_000 if drop else 3_000_000
+        messages = {"tuned": os.urandom(size), "stock": os.urandom(size // 3)}
+        try:
+            async with asyncio.timeout(120):
+                await asyncio.gather(
+                    tuned.send_message(messages["tuned"]), stock.send_message(messages["stock"])
+                )
+                await arrived["stock"].wait()
+                await arrived["tuned"].wait()
+        finally:
+            if drop:
+                ice.StunProtocol.send_data = original  # type: ignore[method-assign]
+        assert got["stock"] == [messages["tuned"]]
+        assert got["tuned"] == [messages["stock"]]
+        assert drops == []
+    finally:
+        await asyncio.gather(tuned.close(), stock.close())
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("tuned_offers", [True, False], ids=["tuned-offers", "stock-offers"])
+@pytest.mark.parametrize("drop", [0.0, 0.03], ids=["clean", "lossy"])
+def test_a_tuned_end_and_a_stock_aiortc_end_exchange_messages(
+    shared_net: Callable[[int], SharedNetwork], tuned_offers: bool, drop: float
+) -> None:
+    shared_net(2)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_exchange(tuned_offers, drop))
