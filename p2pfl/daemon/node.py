@@ -663,7 +663,7 @@ class Node:
             ) as transport:
                 self.transport = transport
                 self.revocations = RevocationKeeper(transport, config.state_dir, self.drops)
-                side_channel: Any = self.revocations
+                side_channels: list[Any] = [self.revocations]
                 if config.data.replay_speed > 0:
                     from p2pfl.daemon.live import LiveFeed
 
@@ -677,12 +677,10 @@ class Node:
                         model=lambda: self.state.model,
                         on_step=self._live_metrics,
                     )
-                    side_channel = SideChannels(self.revocations, self.live)
+                    side_channels.append(self.live)
                 if self.links is not None:
-                    from p2pfl.daemon.sampling import WithSampling
-
                     self.links.transport = transport
-                    side_channel = WithSampling(side_channel, self.links)
+                    side_channels.append(self.links)
                 connected = lambda key: True  # noqa: E731 (trust was proven in signaling)
                 verifier = EnvelopeVerifier(
                     is_trusted=connected,
@@ -706,7 +704,7 @@ class Node:
                     primary_metric=self.prepared.trainer.task.primary_metric,
                     start_peers=config.protocol.start_peers,
                     start_timeout_s=config.protocol.start_timeout_s,
-                    side_channel=side_channel,
+                    side_channel=SideChannels(*side_channels),
                     features=self.prepared.halo,
                 )
                 log.info(

@@ -93,10 +93,9 @@ class SampledLinks:
     def peer_up(self, peer: str) -> None:
         pass
 
-    def received(self, peer: str, body: Any) -> None:
-        kind = body.get("sampling") if isinstance(body, dict) else None
+    def received(self, peer: str, kind: str, body: Any) -> None:
         try:
-            message = decode_shuffle(str(kind), body)
+            message = decode_shuffle(kind, body)
         except MessageError as exc:
             self.drops.count("update", exc.reason, peer)
             return
@@ -166,21 +165,3 @@ class SampledLinks:
         for peer in inbound[self.max_peers :]:
             if not self.transport.sending(peer):
                 self.transport.close_peer(peer, "over_max_peers")
-
-
-class WithSampling:
-    """The driver's one side channel: shuffles to ``links``, everything else to ``inner``."""
-
-    def __init__(self, inner: Any, links: SampledLinks) -> None:
-        self.inner, self.links = inner, links
-        self.kinds = frozenset(inner.kinds | links.kinds)
-
-    def peer_up(self, peer: str) -> None:
-        self.inner.peer_up(peer)
-        self.links.peer_up(peer)
-
-    def received(self, peer: str, body: Any) -> None:
-        if isinstance(body, dict) and "sampling" in body:
-            self.links.received(peer, body)
-        else:
-            self.inner.received(peer, body)

@@ -110,8 +110,8 @@ SHUFFLE_KINDS: tuple[str, ...] = (ShuffleRequest.KIND, ShuffleReply.KIND)
 
 
 def decode_shuffle(kind: str, body: object) -> ShuffleMessage:
-    """The shuffle message of envelope ``kind`` (a body names its kind too, under "sampling",
-    for drivers that route bodies); raises ``MessageError`` if malformed."""
+    """The shuffle message of envelope ``kind`` (the body also names it under "sampling"; only the
+    signed envelope's kind is read); raises ``MessageError`` if malformed."""
     if kind == ShuffleRequest.KIND:
         return ShuffleRequest.from_body(body)
     if kind == ShuffleReply.KIND:
