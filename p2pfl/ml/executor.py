@@ -6,12 +6,14 @@ at a time by default) and hands back a copy of the new weights with a
 torch work itself runs is the ``mode``:
 
 - ``"thread"``: in the worker thread. ``torch.set_num_threads`` is called inside that thread
-  at the start of every job (in a fresh thread torch otherwise ran 2-3x slower here).
+  at the start of every job (in a fresh thread torch otherwise ran 2-3x slower here). Models
+  are kept between jobs and loaded with each job's weights.
 - ``"process"``: in one spawned worker process per executor, which receives the task once and
   each node's data once (tensors through shared memory); the weights travel both ways through
-  one shared-memory state_dict that the parent writes and the child trains from and writes
-  back. The worker thread only waits on a queue. Starting it costs seconds (spawn, import
-  torch, warm-up) and the child's memory; ``close()`` (or ``with``) ends it.
+  one shared-memory state_dict that the parent writes and the child loads into the one model
+  it keeps, trains and writes back. The worker thread only waits on a queue. Starting it costs
+  seconds (spawn, import torch, warm-up) and the child's memory; ``close()`` (or ``with``) ends
+  it.
 
 Why ``"thread"`` is the default, from ``benchmarks/bench_executor.py`` on this 2-core machine
 (1 torch thread; a loopback aiortc data-channel transfer, both ends, 64 KiB messages, in the same
@@ -39,11 +41,20 @@ default; ``"process"`` stays for a node whose training is long enough for the wo
 to pay off and whose CPU is contended.
 
 Overhead over a bare torch loop (``benchmarks/bench_ml.py``: the digits MLP, 6 epochs, the same
-optimizer arithmetic as ``fit``), two runs: +8.1 % / +8.8 % for the thread and +17.5 % / +7.1 %
-for the process, against a 5 % target that this machine's load (4.7-6.5) did not let us confirm
-or refute; a one-batch job costs 13-17 ms (thread) and 6-7 ms (process). (The benchmark compared
-against ``torch.optim.Adam`` before, whose dispatch layers cost more than ``fit``'s own Adam: the
-executor then looked 7-8 % *faster* than the bare loop.)
+optimizer arithmetic as ``fit``, weights in and trained weights out; 21 interleaved repeats, each
+job's time divided by the bare loop's of the same repeat, median), two runs on 2026-11-30 at load
+average 9-10: thread -2.9 % / -0.6 % by wall time (-2.2 % / -0.3 % by CPU time), process
+-5.8 % / +3.7 % (-6.5 % / +4.1 %). Under that load single repeats spread by +-15 %, so these
+place the overhead within the 5 % target, not to the per cent. What a thread job adds by
+construction, measured alone: it loads the weights into a model kept from the previous job
+(0.16 ms), copies the trained weights out (0.08 ms) and pays ``fit``'s set-up (optimizer, shuffle
+generator): about 0.5 ms CPU per job, against ~1.2 ms per training step of this MLP; per step,
+``fit`` adds the batch hand-off and the loss bookkeeping, ~5 us. Before issue 16's part 4 a job
+built a new model (1.1 ms: ``torch.manual_seed`` seeds every device's generator and records a
+stack trace for each) and ``fit`` spent two tensor operations per step on its loss sum (30 us,
+2.4 % of a step): about 3 points of the +8 % measured then, the rest being the machine's
+load. A one-batch job costs 6-8 ms (thread) and 8-9 ms
+(process) end to end at that load.
 
 Call :meth:`Executor.warm_up` once before the event loop gets busy: the first training step of
 a process pages in torch's kernels and, on a loaded machine, held the GIL for up to a second in
