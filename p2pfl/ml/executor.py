@@ -42,18 +42,19 @@ to pay off and whose CPU is contended.
 
 Overhead over a bare torch loop (``benchmarks/bench_ml.py``: the digits MLP, 6 epochs, the same
 optimizer arithmetic as ``fit``, weights in and trained weights out; 21 interleaved repeats, each
-job's time divided by the bare loop's of the same repeat, median), three runs on 2026-11-30 at load
-average 7-10: thread -2.9 % / -0.6 % / -0.5 % by wall time (-2.2 % / -0.3 % / +4.7 % by CPU time),
-process -5.8 % / +3.7 % / +1.6 % (-6.5 % / +4.1 % / +2.1 %). Under that load single repeats spread
-by +-15-20 %, so these place the overhead within the 5 % target, not to the per cent. What a thread
-job adds by construction, measured alone: it loads the weights into a model kept from the previous
-job (0.16 ms), copies the trained weights out (0.08 ms) and pays ``fit``'s set-up (optimizer,
-shuffle generator): about 0.5 ms CPU per job, against ~1.2 ms per training step of this MLP; per
-step, ``fit`` adds the batch hand-off and the loss bookkeeping, ~5 us. Before issue 16's part 4 a
-job built a new model (1.1 ms: ``torch.manual_seed`` seeds every device's generator and records a
-stack trace for each) and ``fit`` spent two tensor operations per step on its loss sum (30 us, 2.4 %
-of a step): about 3 points of the +8 % measured then, the rest being the machine's load. A one-batch
-job costs 2-8 ms (thread) and 3-9 ms (process) end to end at that load.
+job's time divided by the bare loop's of the same repeat, median), four runs on 2026-11-30 at load
+average 7-10 (the fourth 3-5): thread -2.9 % / -0.6 % / -0.5 % / -2.1 % by wall time (-2.2 % / -0.3
+% / +4.7 % / -6.1 % by CPU time), process -5.8 % / +3.7 % / +1.6 % / -0.6 % (-6.5 % / +4.1 % / +2.1
+% / -1.2 %). Under that load single repeats spread by +-15-20 %, so these place the overhead within
+the 5 % target, not to the per cent. What a thread job adds by construction, measured alone: it
+loads the weights into a model kept from the previous job (0.16 ms), copies the trained weights out
+(0.08 ms) and pays ``fit``'s set-up (optimizer, shuffle generator): about 0.5 ms CPU per job,
+against ~1.2 ms per training step of this MLP; per step, ``fit`` adds the batch hand-off and the
+loss bookkeeping, ~5 us. Before issue 16's part 4 a job built a new model (1.1 ms:
+``torch.manual_seed`` seeds every device's generator and records a stack trace for each) and ``fit``
+spent two tensor operations per step on its loss sum (30 us, 2.4 % of a step): about 3 points of the
++8 % measured then, the rest being the machine's load. A one-batch job costs 2-8 ms (thread) and 3-9
+ms (process) end to end at that load.
 
 Call :meth:`Executor.warm_up` once before the event loop gets busy: the first training step of
 a process pages in torch's kernels and, on a loaded machine, held the GIL for up to a second in
