@@ -20,9 +20,12 @@ Each tree runs twice per round: *source*, from a copy without ``__pycache__`` an
 daemon compiles p2pfl's modules again); and *compiled*, after ``python -m compileall`` on the copy,
 as a wheel install has it (pip compiles at install). The interpreter and the installed packages
 (torch, aiortc, ...) are the same for all: only p2pfl's own tree differs. Each round also runs
-``python -c "import torch"``, the floor under any daemon that builds a model. Last, one run per
-variant with ``-X importtime`` prints the packages that cost the most import time (the sum of
-their modules' own times; importtime's bookkeeping inflates all figures: read them as shares).
+``python -c "import torch"`` (its CPU time when the import is done), the floor under any
+daemon that builds a model. Then one run per variant with ``-X importtime`` prints the packages
+that cost the most import time (the sum of their modules' own times; importtime's bookkeeping
+inflates all figures: read them as shares). Last, without importtime's bookkeeping, the CPU time
+each group of imports adds in the order a daemon first needs it (torch first), in fresh
+processes of the current compiled tree (``--marginal-only``: just this, in about 20 s).
 
 Target (issue 16): ready in <= 1.5 CPU-seconds and <= 300 MiB RSS, idle.
 
@@ -236,13 +239,66 @@ def import_report(path: Path, top: int) -> list[tuple[str, float]]:
 
 
 def bare_torch() -> tuple[float, float]:
-    """(CPU-seconds, peak RSS MiB) of ``python -c "import torch"``: the floor under a daemon."""
-    child = subprocess.Popen([sys.executable, "-c", "import torch"], cwd="/")
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit("python -c 'import torch' failed")
-    return float(usage.ru_utime + usage.ru_stime), usage.ru_maxrss / 1024
+    """(CPU-seconds, peak RSS MiB) of ``python -c "import torch"`` when the import is done (not at
+    exit: torch's teardown costs CPU a daemon has not spent at READY): the floor under a daemon."""
+    code = "import resource, time, torch; print(time.process_time(), resource.getrusage(0)[2])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True
+    ).stdout.split()
+    return float(out[0]), int(out[1]) / 1024
+
+
+# What a digits daemon imports before READY, in the order it first needs it, after torch: each
+# step's CPU time in one fresh process is what that step adds to what is already loaded.
+MARGINAL_STEPS = (
+    ("torch", "import torch"),
+    ("numpy.random (the partition)", "import numpy.random"),
+    ("trio", "import trio"),
+    ("cryptography (Ed25519)", "from cryptography.hazmat.primitives.asymmetric import ed25519"),
+    ("pydantic", "import pydantic"),
+    ("p2pfl.learning.setup: its models, protocols", "import p2pfl.learning.setup"),
+    ("click, p2pfl.cli", "import p2pfl.cli, p2pfl.cli._run"),
+    ("prometheus_client", "import prometheus_client"),
+    (
+        "p2pfl daemon node, trainer, ml",
+        "import p2pfl.daemon.node, p2pfl.daemon.trainer, p2pfl.learning.ops, p2pfl.ml.executor",
+    ),
+    ("av (imported by aiortc)", "import av"),
+    ("aiortc, aioice, dnspython", "import aiortc"),
+    (
+        "p2pfl transport, signaling, wire",
+        "import p2pfl.daemon.transport, p2pfl.daemon.signaling, p2pfl.wire, p2pfl.learning.codecs",
+    ),
+    ("(zeroconf: only with mdns on)", "import zeroconf, zeroconf.asyncio"),
+)
+
+
+def marginal_imports(tree: Path, runs: int) -> None:
+    """Print each step of MARGINAL_STEPS: min and median CPU ms over ``runs`` fresh processes."""
+    code = "import time\nout = []\nt = time.process_time()\n" + "".join(
+        f"{statement}\nn = time.process_time(); out.append(n - t); t = n\n"
+        for _, statement in MARGINAL_STEPS
+    )
+    code += "print(*out)"
+    samples = []
+    for _ in range(runs):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tree.parent,
+            env=_env(tree),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        samples.append([float(x) for x in out.split()])
+    print(f"\n== CPU ms each import adds, in order, {runs} fresh processes ({tree.name}), "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    for i, (label, _) in enumerate(MARGINAL_STEPS):
+        values = [s[i] * 1000 for s in samples]
+        print(f"  {label:<46}{min(values):>7.0f} min{statistics.median(values):>7.0f} median")
+    beyond = [sum(s[1:-1]) * 1000 for s in samples]
+    print(f"  {'all of it after torch (mdns off)':<46}{min(beyond):>7.0f} min"
+          f"{statistics.median(beyond):>7.0f} median")  # fmt: skip
 
 
 def _row(label: str, samples: list[Sample], torch_cpu: float) -> str:
@@ -263,7 +319,14 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=3.0, help="seconds idle after READY")
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the baseline")
     parser.add_argument("--top", type=int, default=12, help="packages in the importtime list")
+    parser.add_argument(
+        "--marginal-only", action="store_true", help="only the per-import CPU of the current tree"
+    )
     args = parser.parse_args()
+    if args.marginal_only:
+        with tempfile.TemporaryDirectory(prefix="p2pfl-bench-startup-", dir="/tmp") as tmp:
+            marginal_imports(_compiled_copy(_copy_working_tree(Path(tmp))), max(args.runs, 3))
+        return
 
     with tempfile.TemporaryDirectory(prefix="p2pfl-bench-startup-", dir="/tmp") as tmp:
         trees = {
@@ -319,6 +382,8 @@ def main() -> None:
                 rows = reports[label]
                 cells.append(f"{rows[i][0]:<22}{rows[i][1]:>7.0f}" if i < len(rows) else "")
             print("".join(f"{c:<34}" for c in cells))
+        current = next(v for v in variants if v.label == "current (compiled)")
+        marginal_imports(current.tree, max(args.runs, 3))
 
 
 if __name__ == "__main__":

@@ -37,10 +37,9 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import trio
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from p2pfl.daemon.adverts import (
     ADVERT_REFRESH_S,
@@ -56,6 +55,10 @@ from p2pfl.daemon.bridge import AsyncioBridge
 from p2pfl.daemon.drops import DropLog
 from p2pfl.identity import NodeIdentity
 from p2pfl.trust import TrustPolicy
+
+if TYPE_CHECKING:  # zeroconf is imported when mDNS starts: a node with mdns = false never loads it
+    from zeroconf import ServiceStateChange, Zeroconf
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -144,6 +147,8 @@ class MdnsDiscovery:
 
     def _service_info(self) -> AsyncServiceInfo:
         """Our service record with a freshly signed TXT (the A records are the signed set)."""
+        from zeroconf.asyncio import AsyncServiceInfo
+
         return AsyncServiceInfo(
             SERVICE_TYPE,
             self._name,
@@ -154,6 +159,9 @@ class MdnsDiscovery:
         )
 
     async def _start(self) -> None:
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
+
         self._addresses = addresses = self._local_addresses()
         if not addresses:
             raise DiscoveryError("no_address", "no IPv4 address to advertise on; check the host")
@@ -184,6 +192,8 @@ class MdnsDiscovery:
         name: str,
         state_change: ServiceStateChange,
     ) -> None:
+        from zeroconf import ServiceStateChange
+
         if state_change is ServiceStateChange.Removed or name == self._name:
             return  # liveness is the transport's business; our own advert is no candidate
         task = asyncio.ensure_future(self._resolve(service_type, name))
@@ -200,6 +210,9 @@ class MdnsDiscovery:
     async def _resolve(self, service_type: str, name: str) -> None:
         if self._zc is None:
             return
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncServiceInfo
+
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self._zc.zeroconf, _RESOLVE_TIMEOUT_MS):
             self._bridge.to_trio(self.drops.count, "discovery", "unresolved", None)

@@ -6,12 +6,14 @@ at a time by default) and hands back a copy of the new weights with a
 torch work itself runs is the ``mode``:
 
 - ``"thread"``: in the worker thread. ``torch.set_num_threads`` is called inside that thread
-  at the start of every job (in a fresh thread torch otherwise ran 2-3x slower here).
+  at the start of every job (in a fresh thread torch otherwise ran 2-3x slower here). Models
+  are kept between jobs and loaded with each job's weights.
 - ``"process"``: in one spawned worker process per executor, which receives the task once and
   each node's data once (tensors through shared memory); the weights travel both ways through
-  one shared-memory state_dict that the parent writes and the child trains from and writes
-  back. The worker thread only waits on a queue. Starting it costs seconds (spawn, import
-  torch, warm-up) and the child's memory; ``close()`` (or ``with``) ends it.
+  one shared-memory state_dict that the parent writes and the child loads into the one model
+  it keeps, trains and writes back. The worker thread only waits on a queue. Starting it costs
+  seconds (spawn, import torch, warm-up) and the child's memory; ``close()`` (or ``with``) ends
+  it.
 
 Why ``"thread"`` is the default, from ``benchmarks/bench_executor.py`` on this 2-core machine
 (1 torch thread; a loopback aiortc data-channel transfer, both ends, 64 KiB messages, in the same
@@ -39,11 +41,20 @@ default; ``"process"`` stays for a node whose training is long enough for the wo
 to pay off and whose CPU is contended.
 
 Overhead over a bare torch loop (``benchmarks/bench_ml.py``: the digits MLP, 6 epochs, the same
-optimizer arithmetic as ``fit``), two runs: +8.1 % / +8.8 % for the thread and +17.5 % / +7.1 %
-for the process, against a 5 % target that this machine's load (4.7-6.5) did not let us confirm
-or refute; a one-batch job costs 13-17 ms (thread) and 6-7 ms (process). (The benchmark compared
-against ``torch.optim.Adam`` before, whose dispatch layers cost more than ``fit``'s own Adam: the
-executor then looked 7-8 % *faster* than the bare loop.)
+optimizer arithmetic as ``fit``, weights in and trained weights out; 21 interleaved repeats, each
+job's time divided by the bare loop's of the same repeat, median), four runs on 2026-11-30 at load
+average 7-10 (the fourth 3-5): thread -2.9 % / -0.6 % / -0.5 % / -2.1 % by wall time (-2.2 % / -0.3
+% / +4.7 % / -6.1 % by CPU time), process -5.8 % / +3.7 % / +1.6 % / -0.6 % (-6.5 % / +4.1 % / +2.1
+% / -1.2 %). Under that load single repeats spread by +-15-20 %, so these place the overhead within
+the 5 % target, not to the per cent. What a thread job adds by construction, measured alone: it
+loads the weights into a model kept from the previous job (0.16 ms), copies the trained weights out
+(0.08 ms) and pays ``fit``'s set-up (optimizer, shuffle generator): about 0.5 ms CPU per job,
+against ~1.2 ms per training step of this MLP; per step, ``fit`` adds the batch hand-off and the
+loss bookkeeping, ~5 us. Before issue 16's part 4 a job built a new model (1.1 ms:
+``torch.manual_seed`` seeds every device's generator and records a stack trace for each) and ``fit``
+spent two tensor operations per step on its loss sum (30 us, 2.4 % of a step): about 3 points of the
++8 % measured then, the rest being the machine's load. A one-batch job costs 2-8 ms (thread) and 3-9
+ms (process) end to end at that load.
 
 Call :meth:`Executor.warm_up` once before the event loop gets busy: the first training step of
 a process pages in torch's kernels and, on a loaded machine, held the GIL for up to a second in
@@ -80,18 +91,18 @@ def _serve(
     """Worker-process main loop: one job at a time from ``jobs``, answers on ``results``."""
     torch.set_num_threads(threads)
     data_by_id: dict[int, NodeData] = {}
+    model = task.make_model().to(device)  # one job at a time: one model, reloaded per job
     while (job := jobs.get()) is not None:
         kind, data_id, data, epochs, lr_scale, optimizer_state = job
         try:
             if data is not None:
                 data_by_id[data_id] = data
             node_data = None if data_id is None else data_by_id[data_id]
-            model = task.make_model()
             model.load_state_dict(shared)
             if kind == "train":
                 assert node_data is not None
                 report = task.train(
-                    model.to(device),
+                    model,
                     node_data,
                     epochs=epochs,
                     device=device,
@@ -104,7 +115,7 @@ def _serve(
                         shared[key].copy_(value)
                 results.put(("ok", (report, optimizer_state)))
             else:
-                results.put(("ok", task.evaluate(model.to(device), node_data, device=device)))
+                results.put(("ok", task.evaluate(model, node_data, device=device)))
         except Exception:
             results.put(("error", traceback.format_exc()))
 
@@ -219,6 +230,7 @@ class Executor:
         self.mode = mode
         self.limiter = limiter or trio.CapacityLimiter(1)
         self._worker = _WorkerProcess(task, threads, device) if mode == "process" else None
+        self._models: list[torch.nn.Module] = []  # idle models of thread mode, one per job
 
     @property
     def worker_pid(self) -> int | None:
@@ -242,14 +254,29 @@ class Executor:
             self._worker.run("train", self.task.make_model().state_dict(), data, 1e-9)
             return
         torch.set_num_threads(self.threads)
-        model = self.task.make_model()
-        self.task.train(model, data, epochs=1e-9, device=self.device)  # one batch
+        model = self._model(None)
+        try:
+            self.task.train(model, data, epochs=1e-9, device=self.device)  # one batch
+        finally:
+            self._models.append(model)
 
-    def _model(self, weights: StateDict) -> torch.nn.Module:
+    def _model(self, weights: StateDict | None) -> torch.nn.Module:
+        """An idle model holding ``weights``; give it back to ``_models`` when the job ends.
+
+        Models are kept between jobs (building one cost ~1 ms, a tenth of a small job) and
+        reloaded from the job's weights: ``load_state_dict`` sets every parameter and buffer,
+        so a job's result does not depend on which model it got (the virtual engine reuses one
+        model the same way). Jobs that overlap (a limiter shared with capacity > 1) get their
+        own models; list pop/append are atomic.
+        """
         torch.set_num_threads(self.threads)  # per worker thread; see the module docstring
-        model = self.task.make_model()
-        model.load_state_dict(weights)
-        return model.to(self.device)
+        try:
+            model = self._models.pop()
+        except IndexError:
+            model = self.task.make_model().to(self.device)
+        if weights is not None:
+            model.load_state_dict(weights)
+        return model
 
     def _train_job(
         self,
@@ -266,23 +293,30 @@ class Executor:
             )
             return trained, report
         model = self._model(weights)
-        report = self.task.train(
-            model,
-            data,
-            epochs=epochs,
-            device=self.device,
-            should_stop=stop.is_set,
-            lr_scale=lr_scale,
-            optimizer_state=optimizer_state,
-        )
-        trained = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        try:
+            report = self.task.train(
+                model,
+                data,
+                epochs=epochs,
+                device=self.device,
+                should_stop=stop.is_set,
+                lr_scale=lr_scale,
+                optimizer_state=optimizer_state,
+            )
+            trained = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        finally:
+            self._models.append(model)
         return trained, report
 
     def _evaluate_job(self, weights: StateDict, data: NodeData | None) -> dict[str, float]:
         if self._worker is not None:
             metrics: dict[str, float] = self._worker.run("evaluate", weights, data, 0.0)
             return metrics
-        return self.task.evaluate(self._model(weights), data, device=self.device)
+        model = self._model(weights)
+        try:
+            return self.task.evaluate(model, data, device=self.device)
+        finally:
+            self._models.append(model)
 
     async def train(
         self,

@@ -66,6 +66,27 @@ async def test_executor_leaves_the_given_weights_untouched() -> None:
     assert not torch.equal(trained["linear.weight"], weights["linear.weight"])
 
 
+async def test_a_job_on_a_kept_model_equals_one_on_a_fresh_model() -> None:
+    # The thread executor keeps its models between jobs; a job's result must not show it.
+    first, second = (load_task("digits", n_nodes=2) for _ in range(2))
+    data = first.node_data(0, 2)
+    w1 = first.make_model().state_dict()
+    w2 = {k: v + 0.01 for k, v in w1.items()}
+    executor = Executor(first, mode="thread")
+    executor.warm_up(data)
+    await executor.train(w1, data, epochs=2)
+    await executor.evaluate(w1, data)
+    kept, kept_report = await executor.train(w2, data, epochs=2)
+    assert len(executor._models) == 1  # the same model served all four
+    second.train(second.make_model(), data, epochs=1e-9)  # as warm_up: the shuffle counter
+    for weights in (w1, w2):  # the same calls on fresh models
+        model = second.make_model()
+        model.load_state_dict(weights)
+        fresh_report = second.train(model, data, epochs=2)
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+    assert kept_report.loss == fresh_report.loss and kept_report.steps == fresh_report.steps
+
+
 async def test_cancelling_a_job_stops_the_worker_at_its_next_step() -> None:
     task = load_task("digits-logreg", n_nodes=1)
     executor = Executor(task, mode="thread")
