@@ -219,8 +219,9 @@ async def test_rogue_adverts_next_to_real_nodes_are_counted_and_members_stay_con
             )
             for i, identity in enumerate(members)
         ]
-        with trio.fail_after(20):
+        with trio.fail_after(20):  # each side announces the link when its end is open
             assert await _wait_up(nodes[0], {members[1].node_id}) == {members[1].node_id}
+            assert await _wait_up(nodes[1], {members[0].node_id}) == {members[0].node_id}
         drops = nodes[0].drops
         for reason in ("unsigned", "bad_signature"):
             await _until(lambda r=reason: drops.get("discovery", r) >= 1, f"a {reason} drop")
