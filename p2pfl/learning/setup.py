@@ -56,6 +56,7 @@ RULE_KEYS: dict[str, tuple[str, ...]] = {
     "clip_radius": ("clip",),
     "clip_scale": ("clip",),
     "clip_window": ("clip",),
+    "clip_iterations": ("clip",),
     "krum_f": ("krum", "multikrum"),
     "krum_m": ("multikrum",),
     "trim_fraction": ("trimmed_mean",),
@@ -83,7 +84,7 @@ class LearningSetup(BaseModel):
 
     protocol: ProtocolName
     aggregation: RuleName | None = None
-    """None: the protocol's robust default ("clip" for gossip/server-free, "multikrum" FedAvg)."""
+    """None: the protocol's robust default ("clip")."""
     epochs: float = Field(1.0, gt=0)
     """Local training per round (gossip: per tick), in epochs: the learner's budget."""
     codec: str = "fp32"
@@ -107,6 +108,7 @@ class LearningSetup(BaseModel):
     clip_radius: float | None = _opt(ge=0)
     clip_scale: float | None = _opt(gt=0)
     clip_window: int | None = _opt(ge=1)
+    clip_iterations: int | None = _opt(ge=1)
     krum_f: int | None = _opt(ge=0)
     krum_m: int | None = _opt(ge=1)
     trim_fraction: float | None = _opt(ge=0, lt=0.5)

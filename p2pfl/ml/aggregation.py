@@ -28,6 +28,7 @@ __all__ = [
     "StateDict",
     "StateDictOps",
     "aggregate",
+    "centred_clip",
     "clip_toward",
     "coordinate_median",
     "default_krum_f",
@@ -265,6 +266,24 @@ def self_centred_clip(
     return out
 
 
+def centred_clip(
+    reference: StateDict,
+    states: Sequence[StateDict],
+    weights: Sequence[float],
+    radius: float,
+    iterations: int = 1,
+) -> StateDict:
+    """Centred clipping (Karimireddy et al., 2021): ``v <- v + sum_i w_i clip(x_i - v, radius) /
+    sum_i w_i`` ``iterations`` times from ``v = reference``; one iteration is
+    :func:`self_centred_clip`. Each step moves ``v`` by at most ``radius``."""
+    if iterations < 1:
+        raise ValueError(f"clip_iterations must be at least 1, got {iterations}")
+    centre = reference
+    for _ in range(iterations):
+        centre = self_centred_clip(centre, states, weights, radius)
+    return centre
+
+
 def default_krum_f(n: int) -> int:
     """The number of Byzantine inputs Krum assumes when none is configured: the most that
     n >= 2f + 3 allows, and at least 1 once there are three inputs to choose from."""
@@ -299,7 +318,7 @@ RULE_PARAMS: dict[str, frozenset[str]] = {
     "mean": frozenset(),
     "median": frozenset(),
     "trimmed_mean": frozenset({"trim_fraction"}),
-    "clip": frozenset({"clip_radius"}),
+    "clip": frozenset({"clip_radius", "clip_iterations"}),
     "krum": frozenset({"krum_f"}),
     "multikrum": frozenset({"krum_f", "krum_m"}),
 }
@@ -320,6 +339,7 @@ def aggregate(
       values (trim_fraction, default 0.2).
     - "clip": self-centred clipping around ``reference`` (the receiver's own model) to
       ``clip_radius``; without a radius, the median distance of the inputs (stateless).
+      ``clip_iterations`` > 1 repeats it around the previous result (centred clipping, CClip).
     - "krum": the one state with the lowest Krum score; "multikrum": the weighted mean of the
       ``krum_m`` lowest (default n - krum_f). krum_f defaults to :func:`default_krum_f`.
     """
@@ -344,7 +364,9 @@ def aggregate(
         if radius is None:
             norms = sorted(state_norm(s, reference) for s in states)
             radius = norms[(len(norms) - 1) // 2]
-        return self_centred_clip(reference, states, weights, float(radius))
+        return centred_clip(
+            reference, states, weights, float(radius), int(params.get("clip_iterations", 1))
+        )
     n = len(states)
     f = int(params.get("krum_f", default_krum_f(n)))
     f = min(f, n - 1)

@@ -6,8 +6,9 @@ injected ``ModelOps`` (``p2pfl.ml.StateDictOps`` for torch state_dicts: it has t
 and rule ``params`` that self-centred clipping with an adaptive radius needs). No I/O, no clock, no
 torch: the daemon, the virtual-time engine and the unit tests drive the very same machines.
 
-Robust by default: gossip and server-free merge with self-centred clipping ("clip"), FedAvg with
-multi-Krum; plain "mean" only when configured. Ages, rounds and sample counts from peers are
+Robust by default: every protocol merges with clipping ("clip"): gossip around its own model,
+server-free and FedAvg by centred clipping (3 steps) around the round's starting model; plain
+"mean" only when configured. Ages, rounds and sample counts from peers are
 bounded claims; what fails a bound is counted in ``machine.dropped``, never adopted.
 
 Driving one (what the daemon and ``p2pfl.sim.virtual`` do)::

@@ -24,6 +24,8 @@ Invariants:
   the merged models' distances, each capped at the radius in force), so a minority of far-away
   models can neither move the model by more than the radius nor grow it. No history yet: the
   radius is 0 (peers' models wait for this node's first training to set the scale).
+  ``clip_iterations`` > 1 repeats the clipping around each step's result (centred clipping,
+  Karimireddy et al. 2021); each step moves the model by at most the radius.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class LearnerSettings:
     """"clip" with an adaptive radius: the radius as a multiple of the median recent distance."""
     clip_window: int = 32
     """"clip" with an adaptive radius: how many recent distances the median is taken over."""
+    clip_iterations: int = 1
+    """"clip": clipping steps, each around the previous one's result (centred clipping, CClip);
+    1 clips around this node's model only."""
     krum_f: int | None = None
     """"krum"/"multikrum": inputs assumed Byzantine; None: the most that n >= 2f + 3 allows."""
     krum_m: int | None = None
@@ -98,7 +103,16 @@ class LearnerSettings:
 _RULE_DEFAULTS = {
     f.name: f.default
     for f in fields(LearnerSettings)
-    if f.name in ("clip_radius", "clip_scale", "clip_window", "krum_f", "krum_m", "trim_fraction")
+    if f.name
+    in (
+        "clip_radius",
+        "clip_scale",
+        "clip_window",
+        "clip_iterations",
+        "krum_f",
+        "krum_m",
+        "trim_fraction",
+    )
 }
 """The rule parameters and their defaults (what an ops object without params gets)."""
 
@@ -111,6 +125,8 @@ def _check_rule_settings(config: LearnerSettings) -> None:
         raise ValueError(f"clip_scale must be positive, got {config.clip_scale}")
     if config.clip_window < 1:
         raise ValueError(f"clip_window must be at least 1, got {config.clip_window}")
+    if config.clip_iterations < 1:
+        raise ValueError(f"clip_iterations must be at least 1, got {config.clip_iterations}")
     if config.krum_f is not None and config.krum_f < 0:
         raise ValueError(f"krum_f must be >= 0, got {config.krum_f}")
     if config.krum_m is not None and config.krum_m < 1:
@@ -411,6 +427,8 @@ class Learner(Generic[W]):
                     if model is not reference:
                         distance = self._ops.distance(reference, model)
                         self._distances.append(min(distance, radius))
+            if s.clip_iterations > 1:
+                return {"clip_radius": radius, "clip_iterations": s.clip_iterations}
             return {"clip_radius": radius}
         if rule == "trimmed_mean":
             return {"trim_fraction": s.trim_fraction}

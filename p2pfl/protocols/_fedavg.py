@@ -21,8 +21,8 @@ Invariants:
   ``round_timeout`` has passed since its ``Start`` (the chosen aggregator had that long to
   speak first). A configured aggregator thus closes the window entirely.
 - The aggregator weighs updates by sample counts capped at ``max_sample_ratio`` x the lower
-  median of the round's counts; its default rule is "multikrum" (clipping, median and trimmed
-  mean are available), centred on the round's global model.
+  median of the round's counts; its default rule is "clip" (centred clipping; Krum, multi-Krum,
+  median and trimmed mean are available), centred on the round's global model.
 - Participants send updates only to the node they follow; the aggregator takes updates only for
   its current round, only from peers it sent that round to, once per peer, after validation
   against that round's global model.
@@ -51,7 +51,13 @@ class FedAvgConfig(LearnerSettings):
     """Seconds the aggregator waits for updates after broadcasting a round."""
     aggregator: str | None = None
     """Node id of the configured aggregator; None: the smallest live node id."""
-    aggregation: str = "multikrum"
+    aggregation: str = "clip"
+    """Centred clipping around the global model (3 steps, radius 1 x the median recent
+    distance): under label skew it kept the clean accuracy where multi-Krum, which leaves out
+    the most distant honest updates, lost 1-2.5 points
+    (simulations/results/robustness-byzantine)."""
+    clip_scale: float = 1.0
+    clip_iterations: int = 3
 
 
 class FedAvgLearner(Learner[W]):

@@ -15,9 +15,10 @@ Invariants:
   neighbours, so a node that was away (or restarted from a checkpoint at round 0) rejoins its
   neighbours instead of lagging forever, while one lying peer among two or more cannot move it
   (a node with a single neighbour follows it: nothing else can tell it the live round).
-- Aggregation (own model included) is centred on this node's own trained model: with "clip"
-  (the default) each neighbour's difference from it is clipped to the radius. Sample counts
-  weigh at most ``max_sample_ratio`` x the lower median of the round's counts.
+- Aggregation (own model included) is centred on the model this round's training started from:
+  with "clip" (the default: centred clipping, 3 steps, radius 1 x the median recent distance)
+  each model's difference from the centre is clipped to the radius, own model included. Sample
+  counts weigh at most ``max_sample_ratio`` x the lower median of the round's counts.
 - Every received model is validated against the current model before it is buffered.
 - Neighbours: all live peers, or the given set (e.g. cloudlets within communication range);
   models from outside that set are dropped.
@@ -40,6 +41,8 @@ _ROUND = "round"
 
 @dataclass(frozen=True, slots=True)
 class ServerFreeConfig(LearnerSettings):
+    clip_scale: float = 1.0
+    clip_iterations: int = 3
     round_timeout: float = 10.0
     """Seconds to wait for neighbours' models after sending ours."""
     max_ahead: int = 2
@@ -135,7 +138,10 @@ class ServerFreeLearner(Learner[W]):
         own = self._own[0]
         models = [own] + [received[p][0] for p in sorted(received)]
         samples = self._capped_samples([self._own[1]] + [received[p][1] for p in sorted(received)])
-        self._model = self._aggregate(models, samples, reference=own)
+        # Centred on the model this round's training started from (this node's last merge), as
+        # FedAvg's clipping is centred on the global model: every input, own included, is then
+        # one round's progress, and the radius a multiple of one training step.
+        self._model = self._aggregate(models, samples, reference=self._model)
         self._own = None
         actions: list[Action[W]] = [
             Adopt(self._model),

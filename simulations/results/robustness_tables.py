@@ -1,13 +1,18 @@
 """The Byzantine experiment's table and plot (protocol x attack x rule) from results.json.
 
 Usage: .venv/bin/python simulations/results/robustness_tables.py \
-    simulations/results/robustness-byzantine
-Prints a markdown table (honest nodes' accuracy; in brackets the change from the clean run of the
-same protocol with plain "mean") and writes ``accuracy_by_attack.png`` into the folder.
+    simulations/results/robustness-byzantine [simulations/results/robustness-byzantine/seed1 ...]
+One folder: prints a markdown table (honest nodes' accuracy; in brackets the change in points
+from the clean run of the same protocol with plain "mean"). Several folders (one per seed):
+each cell is the mean over the seeds +- the sample standard deviation, and the change is the
+mean of each seed's change from its own clean "mean" run; a robust cell is marked * where that
+mean change is within 2 points (>= -2.0). Writes ``accuracy_by_attack.png`` into the first
+folder (bars: mean over seeds; whiskers: lowest and highest seed).
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -17,7 +22,7 @@ PROTOCOLS = ("gossip", "server-free", "fedavg")
 RULES = ("mean", "robust")
 
 
-def main(folder: Path) -> None:
+def _accuracies(folder: Path) -> tuple[dict[str, float], list[str]]:
     results = load_results(folder / "results.json")
     acc = {s.name: s.final["accuracy"] for s in results.setups}
     attacks: list[str] = []
@@ -26,26 +31,43 @@ def main(folder: Path) -> None:
         kind = kind.removeprefix("free-")  # "server-free-..." splits one dash further
         if kind not in attacks:
             attacks.append(kind)
+    return acc, attacks
+
+
+def main(folders: list[Path]) -> None:
+    runs = [_accuracies(f) for f in folders]
+    attacks = runs[0][1]
+    accs = [acc for acc, _ in runs]
+    several = len(accs) > 1
     header = " | ".join(f"{p} {r}" for p in PROTOCOLS for r in RULES)
     print(f"| attack | {header} |")
     print("|---|" + "---:|" * (len(PROTOCOLS) * len(RULES)))
+    met, missed = [], []
     for attack in attacks:
         cells = []
         for p in PROTOCOLS:
-            clean = acc[f"{p}-clean-mean"]
             for r in RULES:
-                value = acc[f"{p}-{attack}-{r}"]
-                delta = 100 * (value - clean)
-                cells.append(
-                    f"{value:.3f}"
-                    if attack == "clean" and r == "mean"
-                    else f"{value:.3f} ({delta:+.1f})"
-                )
+                name = f"{p}-{attack}-{r}"
+                values = [acc[name] for acc in accs]
+                deltas = [100 * (acc[name] - acc[f"{p}-clean-mean"]) for acc in accs]
+                mean, delta = statistics.fmean(values), statistics.fmean(deltas)
+                text = f"{mean:.3f}"
+                if several:
+                    text += f" ± {statistics.stdev(values):.3f}"
+                if not (attack == "clean" and r == "mean"):
+                    mark = "*" if several and r == "robust" and delta >= -2.0 else ""
+                    text += f" ({delta:+.1f}){mark}"
+                if r == "robust" and attack != "clean":
+                    (met if delta >= -2.0 else missed).append(f"{p} {attack} {delta:+.1f}")
+                cells.append(text)
         print(f"| {attack} | " + " | ".join(cells) + " |")
-    _plot(folder, acc, attacks)
+    print(f"\nrobust within 2 points of clean: {len(met)} of {len(met) + len(missed)}")
+    print("met:    " + "; ".join(met))
+    print("missed: " + "; ".join(missed))
+    _plot(folders[0], accs, attacks)
 
 
-def _plot(folder: Path, acc: dict[str, float], attacks: list[str]) -> None:
+def _plot(folder: Path, accs: list[dict[str, float]], attacks: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,19 +78,31 @@ def _plot(folder: Path, acc: dict[str, float], attacks: list[str]) -> None:
     for ax, p in zip(axes, PROTOCOLS, strict=True):
         xs = range(len(attacks))
         for k, r in enumerate(RULES):
-            values = [acc[f"{p}-{a}-{r}"] for a in attacks]
-            ax.bar([x + (k - 0.5) * width for x in xs], values, width, label=r)
-        ax.axhline(acc[f"{p}-clean-mean"], color="k", lw=0.8, ls="--", label="clean, mean")
+            per_seed = [[acc[f"{p}-{a}-{r}"] for acc in accs] for a in attacks]
+            means = [statistics.fmean(v) for v in per_seed]
+            low = [m - min(v) for m, v in zip(means, per_seed, strict=True)]
+            high = [max(v) - m for m, v in zip(means, per_seed, strict=True)]
+            ax.bar(
+                [x + (k - 0.5) * width for x in xs],
+                means,
+                width,
+                yerr=[low, high] if len(accs) > 1 else None,
+                capsize=2,
+                label=r,
+            )
+        clean = statistics.fmean(acc[f"{p}-clean-mean"] for acc in accs)
+        ax.axhline(clean, color="k", lw=0.8, ls="--", label="clean, mean")
         ax.set_xticks(list(xs), attacks, rotation=40, ha="right")
         ax.set_title(p)
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("honest nodes' accuracy")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", ncol=3, fontsize=9)
-    fig.suptitle("16 nodes, digits Dirichlet 0.5, 3 insiders: plain mean vs robust rule")
+    seeds = f", {len(accs)} seeds (whiskers: lowest / highest)" if len(accs) > 1 else ""
+    fig.suptitle(f"16 nodes, digits Dirichlet 0.5, 3 insiders: plain mean vs robust rule{seeds}")
     fig.tight_layout()
     fig.savefig(folder / "accuracy_by_attack.png", dpi=110)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main([Path(a) for a in sys.argv[1:]])

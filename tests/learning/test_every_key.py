@@ -131,6 +131,12 @@ TABLE: dict[str, Row] = {
         _differs,
         {"aggregation": "clip", "clip_scale": 1.0},
     ),
+    "clip_iterations": Row(
+        "gossip",
+        {"aggregation": "clip", "clip_scale": 1.0, "clip_iterations": 3},
+        _differs,
+        {"aggregation": "clip", "clip_scale": 1.0},
+    ),
     "krum_f": Row(
         "fedavg", {"aggregation": "multikrum", "krum_f": 0}, _differs, {"aggregation": "multikrum"}
     ),

@@ -53,7 +53,7 @@ def test_a_rejoining_gossip_node_does_only_its_remaining_trainings() -> None:
         ({"protocol": "fedavg", "aggregation": "bulyan"}, "aggregation", "'bulyan'"),
         ({"protocol": "gossip", "max_rounds": 0}, "max_rounds", "must be >= 1; got 0"),
         ({"protocol": "gossip", "krum_f": 1}, "krum_f", 'the rule "clip" does not read it'),
-        ({"protocol": "fedavg", "clip_radius": 1.0}, "clip_radius", '"multikrum" does not'),
+        ({"protocol": "fedavg", "krum_f": 1}, "krum_f", 'the rule "clip" does not read it'),
         (
             {"protocol": "gossip", "aggregation": "median", "trim_fraction": 0.1},
             "trim_fraction",

@@ -13,6 +13,7 @@ from p2pfl.ml.aggregation import (
     StateDict,
     StateDictOps,
     aggregate,
+    centred_clip,
     clip_toward,
     coordinate_median,
     default_krum_f,
@@ -172,6 +173,30 @@ def test_self_centred_clip_moves_the_result_by_at_most_the_radius_per_attacker()
             self_centred_clip(reference, near, [1.0, 3.0], radius)[key],
             weighted_mean(near, [1.0, 3.0])[key],
         )
+
+
+def test_centred_clip_iterates_around_its_previous_result() -> None:
+    reference, states = _honest_and_attacker(4)
+    weights = [1.0] * len(states)
+    tau = 0.05
+    once = self_centred_clip(reference, states, weights, tau)
+    twice = self_centred_clip(once, states, weights, tau)
+    out = centred_clip(reference, states, weights, tau, iterations=2)
+    for key in reference:
+        torch.testing.assert_close(out[key], twice[key])
+    assert centred_clip(reference, states, weights, tau, iterations=1).keys() == once.keys()
+    # Each step moves the centre by at most tau; three steps end closer to the honest mean
+    # than one does, and the attacker (1e6 away) still moves the result by tau / n per step.
+    three = centred_clip(reference, states, weights, tau, iterations=3)
+    assert state_norm(three, reference) <= 3 * tau + 1e-5
+    honest = weighted_mean(states[:4], [1.0] * 4)
+    assert state_norm(three, honest) < state_norm(once, honest)
+    params = {"clip_radius": tau, "clip_iterations": 3}
+    via_rule = aggregate("clip", states, weights, reference, params)
+    for key in reference:
+        torch.testing.assert_close(via_rule[key], three[key])
+    with pytest.raises(ValueError, match="clip_iterations"):
+        centred_clip(reference, states, weights, tau, iterations=0)
 
 
 def test_self_centred_clip_with_the_own_model_only_returns_it() -> None:

@@ -51,10 +51,11 @@ class FloatOps:
             return ordered[len(ordered) // 2]
         if rule == "clip":
             radius = (params or {})["clip_radius"]
-            moved = [max(-radius, min(radius, m - reference)) for m in models]
-            return reference + sum(d * w for d, w in zip(moved, weights, strict=True)) / sum(
-                weights
-            )
+            centre = reference
+            for _ in range(int((params or {}).get("clip_iterations", 1))):
+                moved = [max(-radius, min(radius, m - centre)) for m in models]
+                centre += sum(d * w for d, w in zip(moved, weights, strict=True)) / sum(weights)
+            return centre
         if rule in ("krum", "multikrum"):
             n = len(models)
             f = int((params or {}).get("krum_f", 1 if n >= 3 else 0))

@@ -203,10 +203,12 @@ def test_fedavg_caps_a_stated_sample_count(report: Any) -> None:
 # -- part 2: robust merging by default --------------------------------------------------------
 
 
-def test_defaults_are_clip_for_gossip_and_server_free_and_multikrum_for_fedavg() -> None:
+def test_defaults_are_clip_for_every_protocol_centred_clipping_for_rounds() -> None:
     assert GossipConfig().aggregation == "clip" and GossipConfig().clip_radius is None
-    assert ServerFreeConfig().aggregation == "clip"
-    assert FedAvgConfig().aggregation == "multikrum"
+    assert GossipConfig().clip_iterations == 1
+    for config in (ServerFreeConfig(), FedAvgConfig()):
+        assert config.aggregation == "clip" and config.clip_radius is None
+        assert (config.clip_scale, config.clip_iterations) == (1.0, 3)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -266,27 +268,46 @@ def test_plain_mean_only_when_configured() -> None:
     assert machine.model == (1.0 + 1e6) / 2 and ops.calls == [("mean", {})]
 
 
-def test_server_free_clips_neighbours_around_its_own_trained_model(report: Any) -> None:
+def test_server_free_clips_every_model_around_the_rounds_starting_model(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
     machine = ServerFreeLearner("a", 1.0, ops, random.Random(0), ServerFreeConfig())
-    for peer in ("b", "c"):
+    for peer in ("b", "c", "d"):
         machine.handle(PeerUp(peer), 0.0)
     machine.handle(Start(), 0.0)
-    machine.handle(TrainingDone(2.0, report(10)), 1.0)  # step 1.0: radius 2.0
-    machine.handle(MessageReceived("b", RU(0, 3.0, 10)), 2.0)
-    actions = machine.handle(MessageReceived("c", RU(0, -1e6, 10)), 3.0)
-    # Around 2.0: b's +1.0 is kept, c's is clipped to -2.0: (0 + 1 - 2) / 3.
+    machine.handle(TrainingDone(2.0, report(10)), 1.0)  # step 1.0: radius 1 x 1.0
+    machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
+    machine.handle(MessageReceived("c", RU(0, -1e6, 10)), 2.0)
+    actions = machine.handle(MessageReceived("d", RU(0, 3.0, 10)), 3.0)
+    # Centred on 1.0 (the round's start), every difference clipped to 1.0, three steps:
+    # 1.0 -> 1.5 (+1 +1 -1 +1) -> 1.875 (+0.5 +1 -1 +1) -> 2.0625 (+0.125 +0.625 -1 +1).
     assert actions[:3] == [
-        Adopt(2.0 - 1.0 / 3),
+        Adopt(2.0625),
         Metric("round_completed", 0),
-        Metric("round_models_merged", 3),
+        Metric("round_models_merged", 4),
     ]
-    assert ops.calls == [("clip", {"clip_radius": 2.0})]
+    assert ops.calls == [("clip", {"clip_radius": 1.0, "clip_iterations": 3})]
 
 
-def test_fedavg_default_multikrum_leaves_a_scaled_update_out(report: Any) -> None:
+def test_fedavg_default_centred_clipping_bounds_a_sign_flipped_update(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
     machine = FedAvgLearner("a", 1.0, ops, random.Random(0), FedAvgConfig(round_timeout=5.0))
+    for peer in ("b", "c", "d"):
+        machine.handle(PeerUp(peer), 0.0)
+    machine.handle(Start(), 0.0)
+    machine.handle(TrainingDone(2.0, report(10)), 1.0)
+    machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
+    machine.handle(MessageReceived("c", RU(0, -1e6, 10)), 2.0)
+    actions = machine.handle(MessageReceived("d", RU(0, 3.0, 10)), 2.0)
+    # Around the global 1.0 with radius 1.0 (the aggregator's own step), as server-free above.
+    assert actions[0] == Adopt(2.0625)
+    assert ops.calls == [("clip", {"clip_radius": 1.0, "clip_iterations": 3})]
+    assert Send("c", GlobalModel(1, 2.0625)) in actions
+
+
+def test_fedavg_multikrum_leaves_a_scaled_update_out(report: Any) -> None:
+    ops = FloatOps(max_distance=1e12)
+    config = FedAvgConfig(round_timeout=5.0, aggregation="multikrum")
+    machine = FedAvgLearner("a", 1.0, ops, random.Random(0), config)
     for peer in ("b", "c", "d"):
         machine.handle(PeerUp(peer), 0.0)
     machine.handle(Start(), 0.0)
@@ -338,6 +359,7 @@ def test_rule_parameters_an_ops_without_params_would_ignore_are_refused() -> Non
         ({"clip_radius": -1.0}, "clip_radius"),
         ({"clip_scale": 0.0}, "clip_scale"),
         ({"clip_window": 0}, "clip_window"),
+        ({"clip_iterations": 0}, "clip_iterations"),
         ({"krum_f": -1}, "krum_f"),
         ({"krum_m": 0}, "krum_m"),
         ({"trim_fraction": 0.5}, "trim_fraction"),

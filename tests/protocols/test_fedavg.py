@@ -173,7 +173,8 @@ def test_update_to_a_participant_is_dropped(ops: Any) -> None:
 
 
 def test_final_round_is_broadcast_and_participants_stop(ops: Any, report: Any) -> None:
-    agg = node(ops, "a", ("b",), config=FedAvgConfig(round_timeout=5.0, max_rounds=1))
+    config = FedAvgConfig(round_timeout=5.0, max_rounds=1, aggregation="mean")
+    agg = node(ops, "a", ("b",), config=config)
     agg.handle(Start(), 0.0)
     agg.handle(TrainingDone(2.0, report(10)), 1.0)
     actions = agg.handle(MessageReceived("b", RU(0, 4.0, 10)), 2.0)

@@ -163,7 +163,7 @@ def test_max_rounds_stops_training(ops: Any, report: Any) -> None:
 
 
 def test_evaluation_follows_the_round_that_completes_it(ops: Any, report: Any) -> None:
-    config = ServerFreeConfig(round_timeout=5.0, evaluate_every=1)
+    config = ServerFreeConfig(round_timeout=5.0, evaluate_every=1, aggregation="mean")
     machine = in_round(ops, report, peers=("b",), config=config)
     assert machine.handle(MessageReceived("b", RU(0, 4.0, 10)), 2.0) == [
         *closed(3.0, 0, 2),
