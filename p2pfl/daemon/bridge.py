@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -49,6 +51,7 @@ __all__ = [
     "closes_with_bridge",
     "new_event_loop",
     "open_bridge",
+    "owning_datagram_endpoints",
     "sweeps_with_bridge",
 ]
 
@@ -57,13 +60,77 @@ _DRAIN_ROUNDS = 5
 _this_thread = threading.local()  # .bridge: the AsyncioBridge whose loop runs in this thread
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop where it is installed, else asyncio's."""
+_ENDPOINTS: contextvars.ContextVar[set[asyncio.BaseTransport] | None] = contextvars.ContextVar(
+    "p2pfl_datagram_endpoints", default=None
+)
+
+
+@contextlib.contextmanager
+def owning_datagram_endpoints(owner: set[asyncio.BaseTransport]) -> Iterator[None]:
+    """On a bridge's loop: every UDP endpoint opened in this context (and in the tasks it
+    starts, which copy the context) is added to ``owner`` as soon as it exists.
+
+    aioice gathers a link's host candidates one address at a time and hands the sockets to its
+    connection only when the last one is open; a gathering cancelled in between (a dial timing
+    out) drops the ones already open, and nothing would close them. The link closes what it
+    owns instead (``RtcLink.close``).
+    """
+    token = _ENDPOINTS.set(owner)
+    try:
+        yield
+    finally:
+        _ENDPOINTS.reset(token)
+
+
+class _OwnedEndpoints:
+    """Mixin for an event loop class: datagram endpoints are recorded with their owner, from the
+    moment the socket is connected (a cancelled ``create_datagram_endpoint`` may still have
+    opened it, and the loop does not close it then)."""
+
+    async def create_datagram_endpoint(
+        self, protocol_factory: Callable[[], Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        owner = _ENDPOINTS.get()
+        if owner is not None:
+            protocol_factory = functools.partial(_owned_protocol, protocol_factory, owner)
+        return await super().create_datagram_endpoint(  # type: ignore[misc]
+            protocol_factory, *args, **kwargs
+        )
+
+
+def _owned_protocol(factory: Callable[[], Any], owner: set[asyncio.BaseTransport]) -> Any:
+    protocol = factory()
+    connection_made = protocol.connection_made
+
+    def made(transport: asyncio.BaseTransport) -> None:
+        owner.add(transport)
+        connection_made(transport)
+
+    protocol.connection_made = made
+    return protocol
+
+
+class _AsyncioLoop(_OwnedEndpoints, asyncio.SelectorEventLoop):
+    pass
+
+
+@functools.cache
+def _loop_class() -> type[asyncio.AbstractEventLoop]:
     try:
         import uvloop
     except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+        return _AsyncioLoop
+
+    class _Uvloop(_OwnedEndpoints, uvloop.Loop):  # type: ignore[misc]
+        pass
+
+    return _Uvloop
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed, else asyncio's; either records the UDP
+    endpoints it opens with their owner (``owning_datagram_endpoints``)."""
+    return _loop_class()()
 
 
 class BridgeClosed(RuntimeError):

@@ -50,7 +50,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 
-from p2pfl.daemon.bridge import closes_with_bridge, sweeps_with_bridge
+from p2pfl.daemon.bridge import closes_with_bridge, owning_datagram_endpoints, sweeps_with_bridge
 from p2pfl.daemon.dtls import tune_datagrams
 from p2pfl.daemon.sctp import SACK_EVERY, last_packet_at, tune
 
@@ -279,6 +279,7 @@ class RtcLink:
         self.settings = settings
         # Always our own ICE configuration: aiortc's default contacts a public STUN server.
         self._pc = RTCPeerConnection(ice_configuration(settings))
+        self._endpoints: set[asyncio.BaseTransport] = set()  # every UDP socket ICE opened
         self._channel: RTCDataChannel | None = None
         self._open = asyncio.Event()
         self._drained = asyncio.Event()
@@ -309,14 +310,16 @@ class RtcLink:
     async def create_offer(self) -> str:
         self._attach(self._pc.createDataChannel("p2pfl", ordered=True))
         self._tune()
-        await self._pc.setLocalDescription(await self._pc.createOffer())
+        with owning_datagram_endpoints(self._endpoints):  # candidate gathering opens sockets
+            await self._pc.setLocalDescription(await self._pc.createOffer())
         self._check_relay(self._pc.localDescription.sdp)
         return self._pc.localDescription.sdp
 
     async def accept_offer(self, sdp: str) -> str:
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         self._tune()
-        await self._pc.setLocalDescription(await self._pc.createAnswer())
+        with owning_datagram_endpoints(self._endpoints):
+            await self._pc.setLocalDescription(await self._pc.createAnswer())
         self._check_relay(self._pc.localDescription.sdp)
         return self._pc.localDescription.sdp
 
@@ -517,6 +520,10 @@ class RtcLink:
                 transport = getattr(protocol, "transport", None)
                 if transport is not None and not transport.is_closing():
                     transport.close()
+        # Also those a cancelled gathering opened and never handed to aioice's connection.
+        for endpoint in self._endpoints:
+            if not endpoint.is_closing():
+                endpoint.close()
 
     def _owners(self) -> list[object]:
         """The objects behind this link whose methods aiortc and aioice run as tasks."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -258,3 +260,43 @@ async def test_peer_info_names_the_federation_member_and_measures_rtt_from_heart
     assert after_a is not None and after_a.bytes_out >= before + 1000
     assert seen_by_b.bytes_in >= 1000 and seen_by_b.last_seen is not None
     assert abs(seen_by_b.last_seen - time.time()) < 5
+
+
+@pytest.mark.netns
+async def test_a_dial_cancelled_while_gathering_leaves_no_socket_open(
+    shared_net: Callable[[int], SharedNetwork], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aioice opens a link's host sockets one address at a time and hands them to its
+    connection only after the last: a dial cancelled in between (its connect timeout) used to
+    leave the sockets already open to nobody. The link closes every socket its gathering
+    opened."""
+    from aioice import ice
+
+    net = shared_net(1)
+    address = net.addresses[0]
+    monkeypatch.setattr(ice, "get_host_addresses", lambda **_: [address, address])
+    opened: list[asyncio.BaseTransport] = []
+    made = ice.StunProtocol.connection_made
+
+    async with open_bridge() as bridge:
+
+        async def cancelled_offer() -> list[bool]:
+            link = RtcLink(LinkSettings(), on_message=print, on_down=lambda _r: None, on_drop=print)
+            offer = asyncio.ensure_future(link.create_offer())
+
+            def connection_made(protocol: Any, transport: Any) -> None:
+                made(protocol, transport)
+                opened.append(transport)
+                if len(opened) == 1:  # the first socket is open; cancel before the second
+                    offer.cancel()
+
+            monkeypatch.setattr(ice.StunProtocol, "connection_made", connection_made)
+            with contextlib.suppress(asyncio.CancelledError):
+                await offer
+            assert opened and not all(t.is_closing() for t in opened)  # open, aioice forgot it
+            await link.close()
+            return [t.is_closing() for t in opened]
+
+        with trio.fail_after(10):
+            closing = await bridge.call(cancelled_offer)
+    assert closing and all(closing)
