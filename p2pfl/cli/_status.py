@@ -229,11 +229,20 @@ def _summary(node: NodeStatus) -> str:
     if node.live is not None:
         lines.append(f"[bold]live[/]        {_live(node.live)}")
     if node.sampling is not None:
-        view = node.sampling.get("view", {})
-        members = ", ".join(f"{peer[:8]} (age {age})" for peer, age in view.items()) or "empty"
+        sampling = node.sampling
+        active = sampling.get("active", [])
+        reserved = sampling.get("reserved", [])
+        passive = sampling.get("passive", {})
+        links = ", ".join(peer[:8] for peer in active) or "none"
+        opening = f", {len(reserved)} opening" if reserved else ""
         lines.append(
-            f"[bold]view[/]        {len(view)} of max_peers {node.sampling.get('max_peers')}: "
-            f"{members}; {node.sampling.get('shuffles', 0)} shuffles"
+            f"[bold]active[/]      {len(active)} of max_peers {sampling.get('max_peers')}"
+            f"{opening}: {links}"
+        )
+        members = ", ".join(f"{peer[:8]} (age {age})" for peer, age in passive.items()) or "empty"
+        lines.append(
+            f"[bold]passive[/]     {len(passive)}: {members}; "
+            f"{sampling.get('shuffles', 0)} shuffles"
         )
     dropped = sum(node.drops_by_stage.values())
     if dropped:

@@ -118,8 +118,9 @@ class NodeStatus:
     """Graph tasks: the halo readings received from each owner and those masked because their
     owner did not answer (``p2pfl.learning.features.HaloStore.status``); None: no halo."""
     sampling: dict[str, Any] | None = None
-    """[limits] max_peers: the peer-sampling view (member id -> age), its bound and the shuffles
-    started (``p2pfl.daemon.sampling.SampledLinks.status``); None: no bound."""
+    """[limits] max_peers: the active view (the links), the links being opened, the passive view
+    (member id -> age), the bound, the links the transport holds now and at most, the shuffles
+    started and link events (``p2pfl.daemon.sampling.SampledLinks.status``); None: no bound."""
     transport: dict[str, int] = field(default_factory=dict)
     """Transport counters (dial failures, refused signaling, dropped frames...) by name."""
     revocation_serial: int | None = None

@@ -109,6 +109,9 @@ class SignalingRequest:
     host: str  # where to reach the sender: its signed ``host``, else the TCP source address
     name: str | None = None  # the sender's federation member name (from trust), if any
     cert: bytes | None = None  # the certificate trust accepted (re-checked on live links)
+    priority: bool = (
+        False  # [limits] max_peers: the sender has no open link (p2pfl.daemon.sampling)
+    )
 
 
 class RateLimiter:
@@ -202,18 +205,24 @@ class SignalingGuard:
         return frame, nonce
 
     def seal_offer(
-        self, peer_key: bytes, peer_id: str, sdp: str, port: int, now: float
+        self, peer_key: bytes, peer_id: str, sdp: str, port: int, now: float, priority: bool = False
     ) -> tuple[bytes, bytes]:
-        return self._seal("sdp-offer", {"to": peer_id, "sdp": sdp, "port": port}, peer_key, now)
+        body: dict[str, Any] = {"to": peer_id, "sdp": sdp, "port": port}
+        if priority:
+            body["priority"] = True
+        return self._seal("sdp-offer", body, peer_key, now)
 
     def seal_answer(self, offer: SignalingRequest, sdp: str, now: float) -> tuple[bytes, bytes]:
         body = {"to": offer.sender_id, "reply_to": offer.nonce, "sdp": sdp}
         return self._seal("sdp-answer", body, offer.sender, now)
 
     def seal_invite(
-        self, peer_key: bytes | None, peer_id: str, port: int, now: float
+        self, peer_key: bytes | None, peer_id: str, port: int, now: float, priority: bool = False
     ) -> tuple[bytes, bytes]:
-        return self._seal("invite", {"to": peer_id, "port": port}, peer_key, now)
+        body: dict[str, Any] = {"to": peer_id, "port": port}
+        if priority:
+            body["priority"] = True
+        return self._seal("invite", body, peer_key, now)
 
     def seal_invite_ack(
         self, invite: SignalingRequest, port: int, now: float
@@ -280,6 +289,8 @@ class SignalingGuard:
         port = body.get("port")
         if type(port) is not int or not 0 < port < 65536:
             raise self._refuse("malformed_body", "bad port")
+        if type(body.get("priority", False)) is not bool:
+            raise self._refuse("malformed_body", "bad priority")
         sdp = ""
         if envelope.kind == "sdp-offer":
             if envelope.sender_id >= self.identity.node_id:
@@ -298,6 +309,7 @@ class SignalingGuard:
             body.get("host") or source,
             name,
             body["cert"],
+            body.get("priority", False),
         )
 
     def check_reply(

@@ -204,10 +204,14 @@ class _Retry:
 
 
 class LinkPolicy(Protocol):
-    """Which links to hold ([limits] max_peers: ``p2pfl.daemon.sampling.SampledLinks``)."""
+    """Which links to hold ([limits] max_peers: ``p2pfl.daemon.sampling.SampledLinks``). An offer
+    or invite is the policy's neighbour request: it carries ``priority(peer)``, the receiver's
+    ``accept`` admits it (else no reply), and a request that gets no link is ``failed``."""
 
     def dial(self, peer: str) -> bool: ...
-    def accept(self, peer: str) -> bool: ...
+    def priority(self, peer: str) -> bool: ...
+    def accept(self, peer: str, priority: bool) -> bool: ...
+    def failed(self, peer: str) -> None: ...
 
 
 class PeerTransport:
@@ -252,7 +256,6 @@ class PeerTransport:
         self._retry: dict[str, _Retry] = {}
         self.link_policy = link_policy
         """[limits] max_peers: which members to dial and whose offers to accept (None: all)."""
-        self._invited: dict[str, float] = {}  # members that invited us to dial them, and when
         self._wake = trio.Event()
         self._bridge: AsyncioBridge | None = None
         self._nursery: trio.Nursery | None = None
@@ -343,12 +346,14 @@ class PeerTransport:
         self._wake.set()
 
     def _wants(self, peer: str) -> bool:
-        policy = self.link_policy
-        if policy is None or policy.dial(peer):
-            return True
-        at = self._invited.get(peer)
-        fresh = at is not None and trio.current_time() - at < 2 * self.config.connect_timeout_s
-        return fresh and policy.accept(peer)
+        return self.link_policy is None or self.link_policy.dial(peer)
+
+    def _priority(self, peer: str | None) -> bool:
+        return self.link_policy is not None and peer is not None and self.link_policy.priority(peer)
+
+    def _failed(self, peer: str | None) -> None:
+        if self.link_policy is not None and peer is not None:
+            self.link_policy.failed(peer)
 
     def peer_public_key(self, peer: str) -> bytes | None:
         """The Ed25519 key that signed this peer's signaling (None if never seen)."""
@@ -441,6 +446,7 @@ class PeerTransport:
         if target is None:
             return False
         target.on_down(reason)
+        self._finish(target, reason)  # not a link from now on ([limits] max_peers counts them)
         return True
 
     async def _watch_trust(self) -> None:
@@ -634,7 +640,11 @@ class PeerTransport:
     async def _invite(self, candidate: PeerCandidate, key: str) -> None:
         try:
             frame, nonce = self.guard.seal_invite(
-                candidate.public_key, candidate.node_id or "", self.signaling_port, time.time()
+                candidate.public_key,
+                candidate.node_id or "",
+                self.signaling_port,
+                time.time(),
+                self._priority(candidate.node_id),
             )
             reply = await exchange(
                 candidate.host,
@@ -647,6 +657,7 @@ class PeerTransport:
             self._remember_name(ack)
         except (OSError, trio.TooSlowError, SignalingRefused) as exc:  # expected: named reasons
             self.counters[f"invite_failed_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+            self._failed(candidate.node_id)
             return
         finally:
             self._pending.discard(key)
@@ -670,7 +681,12 @@ class PeerTransport:
                 peer.link = await self._bridge.call(self._new_link, peer)
                 sdp = await self._bridge.call(peer.link.create_offer)
                 frame, nonce = self.guard.seal_offer(
-                    candidate.public_key, peer_id, sdp, self.signaling_port, time.time()
+                    candidate.public_key,
+                    peer_id,
+                    sdp,
+                    self.signaling_port,
+                    time.time(),
+                    self._priority(peer_id),
                 )
                 reply = await exchange(
                     candidate.host, candidate.port, frame, local_address=self._local_address
@@ -682,6 +698,7 @@ class PeerTransport:
             opened = True
         except (OSError, trio.TooSlowError, SignalingRefused, LinkDown, ValueError) as exc:
             self.counters[f"dial_failed_{getattr(exc, 'reason', type(exc).__name__)}"] += 1
+            self._failed(peer_id)
             return  # anything else is counted by the contained scope around us
         finally:
             self._pending.discard(peer_id)
@@ -698,11 +715,14 @@ class PeerTransport:
             PeerCandidate(request.host, request.port, request.sender_id, request.sender, "invite")
         )
         if request.kind == "invite":
-            if self.link_policy is not None:
-                if len(self._invited) >= self.config.max_candidates:
-                    self._invited.pop(next(iter(self._invited)))
-                self._invited.pop(request.sender_id, None)
-                self._invited[request.sender_id] = trio.current_time()
+            # An invite we answer with an offer is a neighbour request ([limits] max_peers).
+            if (
+                self.link_policy is not None
+                and self.node_id < request.sender_id
+                and not self.link_policy.accept(request.sender_id, request.priority)
+            ):
+                self.drops.count("link", "max_peers", request.sender_id)
+                return None
             if self.node_id < request.sender_id and request.sender_id not in self._peers:
                 self._retry.pop(request.sender_id, None)
                 self._wake.set()
@@ -714,7 +734,9 @@ class PeerTransport:
             self.drops.count("signaling", "offer_replaced", request.sender_id)
         if not self._may_open_link():
             return None
-        if self.link_policy is not None and not self.link_policy.accept(request.sender_id):
+        if self.link_policy is not None and not self.link_policy.accept(
+            request.sender_id, request.priority
+        ):
             self.drops.count("link", "max_peers", request.sender_id)
             return None
         peer = _Peer(request.sender_id, self)

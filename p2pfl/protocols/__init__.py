@@ -69,6 +69,8 @@ from ._ops import ModelOps as ModelOps
 from ._ops import PeerSampler as PeerSampler
 from ._ops import uniform_peer as uniform_peer
 from ._sampling import SHUFFLE_KINDS as SHUFFLE_KINDS
+from ._sampling import Connect as Connect
+from ._sampling import Disconnect as Disconnect
 from ._sampling import PeerSampling as PeerSampling
 from ._sampling import SamplingAction as SamplingAction
 from ._sampling import SamplingConfig as SamplingConfig

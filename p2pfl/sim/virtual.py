@@ -40,6 +40,8 @@ from p2pfl.learning.ops import Workload, is_graph_task
 from p2pfl.learning.runtime import LearnerRuntime
 from p2pfl.learning.setup import training_progress
 from p2pfl.protocols import (
+    Connect,
+    Disconnect,
     FeatureReply,
     FeatureRequest,
     Learner,
@@ -73,7 +75,20 @@ Progress = Callable[[str, float, str], None]
 """progress(setup name, fraction done in [0, 1], status line)."""
 
 # Event kinds, in the order they run when they fall on the same instant and were inserted together.
-_DELIVER, _TIMER, _TRAINED, _LEAVE, _JOIN, _PEER_UP, _PEER_DOWN, _EVAL, _SHUFFLE = range(9)
+(
+    _DELIVER,
+    _TIMER,
+    _TRAINED,
+    _LEAVE,
+    _JOIN,
+    _PEER_UP,
+    _PEER_DOWN,
+    _EVAL,
+    _SHUFFLE,
+    _NEIGHBOUR_REQUEST,
+    _NEIGHBOUR_ANSWER,
+    _LINK_CLOSED,
+) = range(12)
 _ANY_SESSION = -2  # partition notices go to whichever session a node is in
 
 
@@ -87,7 +102,8 @@ class _Node:
     runtime: LearnerRuntime[Any] | None = None
     links: LinkCodecs | None = None
     sampler: PeerSampling | None = None
-    """max_peers: the session's peer sampling; its view is the learner's peers."""
+    """max_peers: the session's peer sampling; its active view (the links) is the learner's
+    peers."""
     shuffle_at: float | None = None
     largest_view: int = 0
     shuffles: int = 0
@@ -121,6 +137,11 @@ def node_ids(n: int) -> list[str]:
 def shuffle_message_bytes(message: ShuffleRequest | ShuffleReply) -> int:
     """A shuffle's wire size: the envelope and, per entry, the id and its age (msgpack)."""
     return ENVELOPE_OVERHEAD + sum(len(node) + 8 for node, _ in message.entries)
+
+
+NEIGHBOUR_MESSAGE_BYTES = ENVELOPE_OVERHEAD + 8
+"""A neighbour request or its answer (the daemon's signed offer or invite and its reply; the
+WebRTC session it sets up, SDP and ICE, is not modelled)."""
 
 
 def feature_message_bytes(message: FeatureRequest | FeatureReply) -> int:
@@ -403,6 +424,11 @@ class _SetupRun:
         for action in actions:
             if isinstance(action, SamplingSend):
                 self.send(node, action.peer, action.message)
+            elif isinstance(action, Connect):
+                # The neighbour request travels to the peer, its answer back (_NEIGHBOUR_*).
+                self.signal(node, action.peer, _NEIGHBOUR_REQUEST, action.priority)
+            elif isinstance(action, Disconnect):
+                self.signal(node, action.peer, _LINK_CLOSED, action.reason)
             else:
                 for peer in action.removed:
                     self.handle(node, PeerDown(peer))
@@ -413,6 +439,58 @@ class _SetupRun:
         if at is not None and at != node.shuffle_at:
             node.shuffle_at = at
             self.push(max(at, self.now), _SHUFFLE, node.index, node.session, at)
+
+    def signal(self, src: _Node, peer: str, kind: int, value: Any) -> None:
+        """A link's signaling from ``src`` to ``peer`` (request, answer, close): one small
+        message after the network's latency, lost with the network's loss as any message is
+        (a lost request is then given up at the sampler's join timeout)."""
+        dst = self.by_id[peer]
+        src.bytes_sent += NEIGHBOUR_MESSAGE_BYTES
+        src.messages_sent += 1
+        self.bytes_total += NEIGHBOUR_MESSAGE_BYTES
+        sent = self.network.transmit(src.index, dst.index, NEIGHBOUR_MESSAGE_BYTES, self.now)
+        if sent.lost is not None:
+            src.messages_lost[sent.lost] += 1
+            return
+        payload = (src.index, src.session, value)
+        self.push(sent.arrival, kind, dst.index, dst.session, payload)
+
+    def on_signal(self, node: _Node, kind: int, session: int, payload: Any) -> None:
+        """A link's signaling arrives (see ``signal``); the link exists once both ends admitted
+        it: the answer's arrival opens it on both ends at once."""
+        src_index, src_session, value = payload
+        src = self.nodes[src_index]
+        current = src.alive and src.session == src_session and src.sampler is not None
+        if not node.alive or node.session != session or node.sampler is None:
+            if kind == _NEIGHBOUR_REQUEST and current:
+                assert src.sampler is not None
+                self.sampled(src, src.sampler.refused(node.id, self.now))
+            return
+        if kind == _NEIGHBOUR_REQUEST:
+            if not current:
+                return
+            admitted, actions = node.sampler.neighbour_request(src.id, value, self.now)
+            self.sampled(node, actions)
+            self.signal(node, src.id, _NEIGHBOUR_ANSWER, admitted)
+        elif kind == _NEIGHBOUR_ANSWER:
+            if not current and value:
+                return  # answered a session that ended: the request times out at the peer
+            if not value or not current:
+                self.sampled(node, node.sampler.refused(src.id, self.now))
+                return
+            assert src.sampler is not None
+            if not node.sampler.wants(src.id):  # given up meanwhile: nobody holds the link
+                self.sampled(src, src.sampler.link_down(node.id, self.now))
+                return
+            self.sampled(node, node.sampler.link_up(src.id, self.now))
+            if node.sampler.wants(src.id):
+                self.sampled(src, src.sampler.link_up(node.id, self.now))
+                if not src.sampler.wants(node.id):
+                    self.sampled(node, node.sampler.link_down(src.id, self.now))
+            else:
+                self.sampled(src, src.sampler.link_down(node.id, self.now))
+        elif current:  # _LINK_CLOSED
+            self.sampled(node, node.sampler.link_down(src.id, self.now))
 
     def handle(self, node: _Node, event: Any) -> None:
         assert node.runtime is not None and node.links is not None
@@ -502,7 +580,7 @@ class _SetupRun:
                 return
             node.bytes_received += size
             if isinstance(message, ShuffleRequest | ShuffleReply):
-                if node.sampler is not None:
+                if node.sampler is not None and node.sampler.wants(src):
                     self.sampled(node, node.sampler.received(src, message, self.now))
                 return
             if not isinstance(message, FeatureRequest | FeatureReply):
@@ -515,6 +593,8 @@ class _SetupRun:
                 message = dataclasses.replace(message, weights=weights)
                 node.models_received_from.add(src)
             self.handle(node, MessageReceived(src, message))
+        elif kind in (_NEIGHBOUR_REQUEST, _NEIGHBOUR_ANSWER, _LINK_CLOSED):
+            self.on_signal(node, kind, session, payload)
         elif kind == _LEAVE:
             self.leave(node)
         elif kind == _JOIN:
@@ -688,7 +768,8 @@ class _SetupRun:
             if self.max_peers is not None:  # the view and the shuffles' refusals
                 sampler = node.sampler
                 dropped = node.sampling_dropped + (sampler.dropped if sampler else Counter())
-                extra["view"] = sorted(sampler.view) if sampler else []
+                extra["view"] = sorted(sampler.active) if sampler else []
+                extra["passive"] = sorted(sampler.passive) if sampler else []
                 extra["largest_view"] = node.largest_view
                 extra["shuffles"] = node.shuffles + (sampler.shuffles if sampler else 0)
                 extra["sampling_dropped"] = dict(sorted(dropped.items()))

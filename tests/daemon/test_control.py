@@ -392,18 +392,26 @@ async def _run_cli(args: list[str], *, task_status: trio.TaskStatus[trio.Process
     )
 
 
-async def test_status_shows_the_peer_sampling_view_under_max_peers(short_tmp: Path) -> None:
+async def test_status_shows_the_active_and_passive_views_under_max_peers(short_tmp: Path) -> None:
     path = short_tmp / "control.sock"
-    view = {"b7" * 16: 0, "c1" * 16: 3}
-    node = dataclasses.replace(_status(), sampling={"max_peers": 4, "view": view, "shuffles": 17})
+    passive = {"b7" * 16: 0, "c1" * 16: 3}
+    sampling = {
+        "max_peers": 4,
+        "active": ["a0" * 16, "d2" * 16],
+        "reserved": ["e3" * 16],
+        "passive": passive,
+        "shuffles": 17,
+    }
+    node = dataclasses.replace(_status(), sampling=sampling)
     async with trio.open_nursery() as nursery:
         await _serve(nursery, path, node)
         result = await _cli("status", "--socket", str(path))
         as_json = await _cli("status", "--socket", str(path), "--json")
         nursery.cancel_scope.cancel()
     out = result.stdout.decode()
-    assert "view        2 of max_peers 4: b7b7b7b7 (age 0), c1c1c1c1 (age 3); 17 shuffles" in out
-    assert json.loads(as_json.stdout)["sampling"]["view"] == view
+    assert "active      2 of max_peers 4, 1 opening: a0a0a0a0, d2d2d2d2" in out
+    assert "passive     2: b7b7b7b7 (age 0), c1c1c1c1 (age 3); 17 shuffles" in out
+    assert json.loads(as_json.stdout)["sampling"]["passive"] == passive
     # Without a bound there is no view line.
     assert "max_peers" not in (await _cli_status_text(short_tmp / "plain.sock"))
 

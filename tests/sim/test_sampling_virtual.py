@@ -36,9 +36,11 @@ def test_views_stay_bounded_through_churn_and_gossip_still_learns() -> None:
     assert all(0 < len(n.extra["view"]) <= 4 for n in bounded.nodes)
     assert all(n.node not in n.extra["view"] for n in bounded.nodes)
     assert all(n.extra["shuffles"] >= 30 for n in bounded.nodes)
-    # Honest shuffles are not refused (a peer's share is sometimes full; churned targets time out).
+    # Honest shuffles are not refused (a peer's share is sometimes full; churned targets time
+    # out); honest neighbour requests are refused only by full nodes.
     reasons = set().union(*(n.extra["sampling_dropped"] for n in bounded.nodes))
-    assert reasons <= {"shuffle_entry_over_share", "shuffle_timeout"}
+    assert reasons <= {"shuffle_entry_over_share", "shuffle_timeout", "neighbour_full"}
+    assert all(len(n.extra["passive"]) > 0 for n in bounded.nodes)
     assert "view" not in results["full"].nodes[0].extra
     initial = bounded.curve[0]["accuracy"]
     assert bounded.final["accuracy"] > initial + 0.3
