@@ -140,12 +140,15 @@ class SampledLinks:
 
     def status(self) -> dict[str, Any]:
         """For ``p2pfl status``: the active view (open links), the links being opened, the
-        passive view (member id -> age), the bound, and the counts of shuffles and link events."""
+        passive view (member id -> age) and who placed its third-party entries, the bound, the
+        links the transport holds (now, and the most at any check), and the counts of shuffles
+        and link events."""
         return {
             "max_peers": self.max_peers,
             "active": sorted(self.machine.active),
             "reserved": sorted(self.machine.reserved),
             "passive": dict(sorted(self.machine.passive.items())),
+            "placed": dict(sorted(self.machine.placed().items())),
             "links": len(self.transport.linked_peers()) if self.transport is not None else 0,
             "largest": self.largest,
             "shuffles": self.machine.shuffles,

@@ -289,6 +289,11 @@ class PeerSampling:
         """What the links may be: the active view and its reserved slots."""
         return frozenset(self._active | self._reserved.keys())
 
+    def placed(self) -> dict[str, int]:
+        """Per peer, the third-party entries it placed in the passive view (at most
+        ``config.share`` each)."""
+        return dict(Counter(s for p, s in self._source.items() if s != p))
+
     def wants(self, peer: str) -> bool:
         """Whether a link to ``peer`` is open or being opened (what a transport may dial)."""
         return peer in self._active or peer in self._reserved

@@ -410,7 +410,7 @@ def test_one_peer_cannot_place_more_than_its_share_of_the_passive_view() -> None
         m.received("m09", ShuffleRequest((("m09", 0), *offered)), now)
         check(m)
     placed = [p for p in m.passive if p in colluders]
-    assert len(placed) == 3
+    assert len(placed) == 3 and m.placed() == {"m09": 3}
     assert m.dropped["shuffle_entry_over_share"] > 0
     # Nor the active view: it holds one slot itself, whatever it names.
     assert not m.active & set(colluders)
