@@ -41,6 +41,10 @@ def test_views_stay_bounded_through_churn_and_gossip_still_learns() -> None:
     reasons = set().union(*(n.extra["sampling_dropped"] for n in bounded.nodes))
     assert reasons <= {"shuffle_entry_over_share", "shuffle_timeout", "neighbour_full"}
     assert all(len(n.extra["passive"]) > 0 for n in bounded.nodes)
+    # Links are both ways: the two ends of every link name each other.
+    views = {n.node: set(n.extra["view"]) for n in bounded.nodes if n.extra["alive"]}
+    one_way = [(a, b) for a, peers in views.items() for b in peers if a not in views.get(b, {a})]
+    assert one_way == [] and sum(len(peers) for peers in views.values()) > 24
     assert "view" not in results["full"].nodes[0].extra
     initial = bounded.curve[0]["accuracy"]
     assert bounded.final["accuracy"] > initial + 0.3
