@@ -16,6 +16,15 @@ How it drives the machines (the same ``p2pfl.protocols`` machines the daemon dri
   neighbours get ``PeerDown`` after ``detect_s``; on rejoin a new machine starts from the node's
   last adopted model, as a daemon restarting from its checkpoint would.
 - Timers: after every ``handle`` the engine reads ``next_deadline()`` and (re)schedules.
+- ``max_peers``: each node runs ``protocols.PeerSampling`` as the daemon does
+  (``daemon.sampling``), and its active view is the learner's peers. Discovery is the topology's
+  links (``discovered``; a churned or partitioned peer is ``lost``). A ``Connect`` is a
+  neighbour request that travels to the peer with the network's latency and loss (the daemon's
+  signed offer or invite); the peer's ``neighbour_request`` decides and the answer travels back:
+  refused (or the peer gone) is ``refused``, admitted opens the link on both ends at once
+  (``link_up``, as a data channel opens on both). A ``Disconnect`` reaches the other end as
+  ``link_down``. Shuffles are taken only over a link. The daemon's join timeout is longer
+  (25 s: real signaling and ICE); here it is the machine's default, four periods.
 Deterministic: every random draw comes from a ``random.Random`` seeded from the scenario seed and
 a purpose string, and ties in time break by insertion order.
 """
