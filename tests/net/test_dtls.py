@@ -387,6 +387,22 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
         assert type(stock_pc.sctp) is RTCSctpTransport
         assert type(stock_pc.sctp.transport) is RTCDtlsTransport
         assert type(stock_pc.sctp.transport._ssl) is SSL.Connection
+        # A tuned end takes a DTLS datagram already queued straight from aioice's queue, not
+        # through Connection.recv/recvfrom (TunedDtls._recv_next): count what still goes there.
+        tuned_ice = tuned_pc.sctp.transport.transport._connection
+        through_recvfrom = [0]
+        recvfrom = ice.Connection.recvfrom
+
+        async def counted(self: Any) -> tuple[bytes, int]:
+            if self is tuned_ice:
+                through_recvfrom[0] += 1
+            return await recvfrom(self)
+
+        ice.Connection.recvfrom = counted  # type: ignore[method-assign]
+        # Records that do not decrypt (a DTLS first byte, random bytes) are dropped as aiortc
+        # drops them, on either path; the transfer goes on.
+        for _ in range(3):
+            tuned_ice.data_received(bytes([23, 0xFE, 0xFD]) + os.urandom(60), 1)
         if drop:
             rng = random.Random(4)
             original = ice.StunProtocol.send_data
@@ -406,11 +422,16 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
                 await arrived["stock"].wait()
                 await arrived["tuned"].wait()
         finally:
+            ice.Connection.recvfrom = recvfrom  # type: ignore[method-assign]
             if drop:
                 ice.StunProtocol.send_data = original  # type: ignore[method-assign]
         assert got["stock"] == [messages["tuned"]]
         assert got["tuned"] == [messages["stock"]]
         assert drops == []
+        received = tuned_pc.sctp.transport._get_stats()
+        packets = next(s.packetsReceived for s in received.values() if s.type == "transport")
+        if not drop:  # a clean transfer queues datagrams faster than one wake-up each
+            assert through_recvfrom[0] < packets / 2, (through_recvfrom[0], packets)
     finally:
         await asyncio.gather(tuned.close(), stock.close())
 
