@@ -224,6 +224,52 @@ def test_a_malformed_or_foreign_packet_is_left_to_aiortc_which_drops_it(corrupt:
     assert asyncio.run(check()) == [8]
 
 
+def _sack_packet(tag: int, tsn: int, rwnd: int, gaps: int = 0, duplicates: int = 0) -> bytes:
+    chunk = aiortc_sctp.SackChunk()
+    chunk.cumulative_tsn, chunk.advertised_rwnd = tsn, rwnd
+    chunk.gaps = [(2 + 4 * i, 3 + 4 * i) for i in range(gaps)]
+    chunk.duplicates = [tsn - 1 - i for i in range(duplicates)]
+    return bytes(aiortc_sctp.serialize_packet(5000, 5000, tag, chunk))
+
+
+def test_a_clean_sack_parses_as_aiortc_parses_it_and_any_other_is_left_to_aiortc() -> None:
+    async def check() -> None:
+        pc, transport = await _tuned_transport()
+        rng = random.Random(6)
+        for _ in range(20):
+            packet = _sack_packet(0x1234ABCD, rng.getrandbits(32), rng.getrandbits(32))
+            chunk = transport._p2pfl_lone_sack(packet)
+            _, _, _, (expected,) = aiortc_sctp.parse_packet(packet)
+            assert type(chunk) is aiortc_sctp.SackChunk
+            assert vars(chunk) == vars(expected)
+        corrupt = bytearray(_sack_packet(0x1234ABCD, 9, 4096))
+        corrupt[-1] ^= 1
+        for other in (
+            _sack_packet(0x1234ABCD, 9, 4096, gaps=1),  # a loss: aiortc's gap handling
+            _sack_packet(0x1234ABCD, 9, 4096, duplicates=1),
+            _sack_packet(0x1234ABCE, 9, 4096),  # not our verification tag
+            bytes(corrupt),  # bad checksum
+            _sack_packet(0x1234ABCD, 9, 4096) + b"\x00" * 4,
+            _data_packet(0x1234ABCD, 9, b"data"),
+        ):
+            assert transport._p2pfl_lone_sack(other) is None
+        # Through _handle_data: a clean SACK reaches _receive_sack_chunk parsed in place, one with
+        # a gap through aiortc's parse, one with a bad tag nowhere.
+        seen: list[tuple[int, list[tuple[int, int]]]] = []
+
+        async def record(chunk: Any) -> None:
+            seen.append((chunk.cumulative_tsn, chunk.gaps))
+
+        transport._receive_sack_chunk = record
+        await transport._handle_data(_sack_packet(0x1234ABCD, 11, 4096))
+        await transport._handle_data(_sack_packet(0x1234ABCD, 12, 4096, gaps=1))
+        await transport._handle_data(_sack_packet(0x1234ABCE, 13, 4096))
+        assert seen == [(11, []), (12, [(2, 3)])]
+        await pc.close()
+
+    asyncio.run(check())
+
+
 def test_lean_data_and_sack_packets_are_aiortcs_bytes() -> None:
     async def check() -> None:
         pc, transport = await _tuned_transport()
