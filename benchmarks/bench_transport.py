@@ -232,7 +232,7 @@ def _frame_line(label: str, results: list[dict[str, Any]]) -> str:
         f"busier end ({min(per_cpu):.1f}-{max(per_cpu):.1f}; sender {sender:.2f} s, receiver "
         f"{receiver:.2f} s)"
         f"\n               {_lag(last)} (target p99 < 10)"
-        f"\n             receiver UDP: {last['udp_in']} datagrams, {last['udp_dropped']} dropped "
+        f"\n               receiver UDP: {last['udp_in']} datagrams, {last['udp_dropped']} dropped "
         "on a full socket buffer (each one an SCTP retransmission)"
     )
 
