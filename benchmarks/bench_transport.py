@@ -13,16 +13,22 @@ round (the median of three calls after the first); the first call of a process i
 Targets (issue 16 part 5): >= 50 MB/s raw; p99 lag < 10 ms; int8 >= 150 MB/s fp32-equivalent.
 The figures depend on how busy the CPU is: note the load; MB per CPU-second of the busier end
 depends on it less.
+
+``--baseline REV`` (a git revision) also runs every transfer and the int8 codec with that
+revision's p2pfl (exported with ``git archive``; both test nodes of a transfer run the same
+tree), alternating with the working tree's, ``--rounds`` times; the medians of each are printed
+side by side. ``--frames 128`` limits the frame sizes (KiB).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +94,26 @@ async def _last(node: NodeProcess, kind: str, mark: int) -> dict[str, Any]:
     return await node.wait_for(lambda e: e["event"] == kind, start=mark)
 
 
-async def data_channel(net: BridgedNetwork, frame_bytes: int, file: Path | None) -> dict[str, Any]:
+def _in_tree(argv: list[str], tree: Path | None) -> list[str]:
+    """``argv`` run with ``tree``'s p2pfl first on the path (None: the working tree's)."""
+    return argv if tree is None else ["env", f"PYTHONPATH={tree}", *argv]
+
+
+async def data_channel(
+    net: BridgedNetwork, frame_bytes: int, file: Path | None, tree: Path | None = None
+) -> dict[str, Any]:
     """One 64 MiB message (or ``file``) from node 0 to node 1; throughput and loop lag."""
     extra = ("--no-mdns", "--frame-bytes", str(frame_bytes))
     udp_before = udp_counters(net, 1)
-    sender = NodeProcess(net.command(0, node_argv(0, net.addresses[0], *extra)), 0)
+    sender_argv = _in_tree(node_argv(0, net.addresses[0], *extra), tree)
+    sender = NodeProcess(net.command(0, sender_argv), 0)
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.run)
         with trio.fail_after(30):
             ready = await sender.wait_for(lambda e: e["event"] == "ready")
         static = ("--static", f"{net.addresses[0]}:{ready['port']}")
-        receiver = NodeProcess(net.command(1, node_argv(1, net.addresses[1], *extra, *static)), 1)
+        receiver_argv = _in_tree(node_argv(1, net.addresses[1], *extra, *static), tree)
+        receiver = NodeProcess(net.command(1, receiver_argv), 1)
         await nursery.start(receiver.run)
         with trio.fail_after(30):
             await sender.wait_for(lambda e: e["event"] == "up")
@@ -146,35 +161,38 @@ async def data_channel(net: BridgedNetwork, frame_bytes: int, file: Path | None)
     }
 
 
-def int8_model() -> tuple[bytes, dict[str, float], int] | None:
-    """The int8 encoding of a 64 MiB fp32 model and the encode/decode seconds: the first call in
-    this process ("cold": page faults on fresh buffers, lazy initialisation) and the median of
-    three after it ("warm": what a daemon pays every round after its first)."""
-    try:
-        import torch
+INT8_CODE = """
+import json, statistics, sys, time
+import torch
+from p2pfl.wire import decode_state_dict, encode_state_dict
+torch.manual_seed(0)
+# 16 Mi float32 parameters = 64 MiB, shaped like an MLP's layers.
+state = {f"layer{i}.weight": torch.randn(1024, 1024) for i in range(16)}
+encodes, decodes = [], []
+for _ in range(4):
+    started = time.perf_counter()
+    encoded = encode_state_dict(state, "int8")
+    encodes.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    decode_state_dict(encoded)
+    decodes.append(time.perf_counter() - started)
+open(sys.argv[1], "wb").write(encoded)
+print(json.dumps({
+    "encode_cold": encodes[0], "decode_cold": decodes[0],
+    "encode": statistics.median(encodes[1:]), "decode": statistics.median(decodes[1:]),
+    "fp32_bytes": sum(t.numel() * 4 for t in state.values()), "bytes": len(encoded),
+}))
+"""
 
-        from p2pfl.wire import decode_state_dict, encode_state_dict  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    # 16 Mi float32 parameters = 64 MiB, shaped like an MLP's layers.
-    state = {f"layer{i}.weight": torch.randn(1024, 1024) for i in range(16)}
-    fp32_bytes = sum(t.numel() * 4 for t in state.values())
-    encodes, decodes = [], []
-    for _ in range(4):
-        started = time.perf_counter()
-        encoded = encode_state_dict(state, "int8")
-        encodes.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        decode_state_dict(encoded)
-        decodes.append(time.perf_counter() - started)
-    seconds = {
-        "encode_cold": encodes[0],
-        "decode_cold": decodes[0],
-        "encode": statistics.median(encodes[1:]),
-        "decode": statistics.median(decodes[1:]),
-    }
-    return encoded, seconds, fp32_bytes
+
+def int8_model(out: Path, tree: Path | None = None) -> dict[str, float]:
+    """Encode a 64 MiB fp32 model with int8 into ``out`` in a fresh process of ``tree``'s p2pfl;
+    the encode/decode seconds of the first call ("cold": page faults on fresh buffers, lazy
+    initialisation) and the median of three after it ("warm": what a daemon pays every round
+    after its first)."""
+    argv = _in_tree([sys.executable, "-c", INT8_CODE, str(out)], tree)
+    result = subprocess.run(argv, capture_output=True, text=True, check=True, cwd="/")
+    return dict(json.loads(result.stdout))
 
 
 def _met(value: float, target: float) -> str:
@@ -190,52 +208,91 @@ def _lag(result: dict[str, Any]) -> str:
     )
 
 
-async def main() -> None:
+def _export(revision: str, into: Path) -> Path:
+    tree = into / "baseline"
+    tree.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", revision, "p2pfl"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def _frame_line(label: str, results: list[dict[str, Any]]) -> str:
+    rates = [r["bytes"] / r["seconds"] / MB for r in results]
+    per_cpu = [r["bytes"] / max(r["cpu_sender"], r["cpu_receiver"]) / MB for r in results]
+    rate, efficiency = statistics.median(rates), statistics.median(per_cpu)
+    sender = statistics.median(r["cpu_sender"] for r in results)
+    receiver = statistics.median(r["cpu_receiver"] for r in results)
+    last = results[-1]
+    return (
+        f"  {label:<11}{rate:6.1f} MB/s raw ({min(rates):.1f}-{max(rates):.1f}; target >= "
+        f"{RAW_TARGET:.0f}: {_met(rate, RAW_TARGET)}); {efficiency:.1f} MB per CPU-second of the "
+        f"busier end ({min(per_cpu):.1f}-{max(per_cpu):.1f}; sender {sender:.2f} s, receiver "
+        f"{receiver:.2f} s)"
+        f"\n               {_lag(last)} (target p99 < 10)"
+        f"\n               receiver UDP: {last['udp_in']} datagrams, {last['udp_dropped']} dropped "
+        "on a full socket buffer (each one an SCTP retransmission)"
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
     print(f"load average before: {os.getloadavg()}  (cores: {os.cpu_count()})")
-    with BridgedNetwork(2) as net:
-        tcp = plain_tcp(net)
-        print(f"baseline  plain TCP, same two namespaces: {tcp:8.1f} MB/s  (64 MiB)")
-        for frame in (64 * 1024, 128 * 1024, 256 * 1024):
-            result = await data_channel(net, frame, None)
-            rate = result["bytes"] / result["seconds"] / MB
-            per_cpu = result["bytes"] / max(result["cpu_sender"], result["cpu_receiver"]) / MB
+    frames = [int(k) * 1024 for k in args.frames.split(",")]
+    with tempfile.TemporaryDirectory(prefix="p2pfl-bench-transport-") as tmp:
+        trees: dict[str, Path | None] = {"now": None}
+        if args.baseline:
+            trees = {f"{args.baseline[:9]}": _export(args.baseline, Path(tmp)), "now": None}
+            print(f"baseline: {args.baseline} (alternating with the working tree, "
+                  f"{args.rounds} rounds)")  # fmt: skip
+        results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        int8: dict[str, list[tuple[dict[str, float], float]]] = {label: [] for label in trees}
+        with BridgedNetwork(2) as net:
+            tcp = plain_tcp(net)
+            print(f"baseline  plain TCP, same two namespaces: {tcp:8.1f} MB/s  (64 MiB)")
+            for _ in range(args.rounds):
+                for frame in frames:
+                    for label, tree in trees.items():
+                        result = await data_channel(net, frame, None, tree)
+                        results.setdefault((label, frame), []).append(result)
+                for label, tree in trees.items():
+                    encoded = Path(tmp) / f"model-{label}.int8"
+                    codec_s = int8_model(encoded, tree)
+                    result = await data_channel(net, 256 * 1024, encoded, tree)
+                    int8[label].append((codec_s, result["seconds"]))
+        for frame in frames:
+            print(f"data channel, {frame // 1024} KiB frames, medians of {args.rounds}:")
+            for label in trees:
+                print(_frame_line(label, results[(label, frame)]))
+        print("int8 model (64 MB fp32), medians:")
+        for label, runs in int8.items():
+            codec = {k: statistics.median(c[k] for c, _ in runs) for k in runs[0][0]}
+            transfer = statistics.median(t for _, t in runs)
+            fp32 = codec["fp32_bytes"]
+            warm = codec["encode"] + transfer + codec["decode"]
+            cold = codec["encode_cold"] + transfer + codec["decode_cold"]
             print(
-                f"data channel {frame // 1024:3d} KiB frames: {rate:6.1f} MB/s raw "
-                f"(target >= {RAW_TARGET:.0f}: {_met(rate, RAW_TARGET)}); "
-                f"{per_cpu:.1f} MB per CPU-second of the busier end "
-                f"(sender {result['cpu_sender']:.1f} s, receiver {result['cpu_receiver']:.1f} s)"
-                f"\n    {_lag(result)} (target p99 < 10)"
-                f"\n    receiver UDP: {result['udp_in']} datagrams, "
-                f"{result['udp_dropped']} dropped "
-                "on a full socket buffer (each one an SCTP retransmission)"
-            )
-        model = int8_model()
-        if model is None:
-            print("int8: p2pfl.wire has no encode_state_dict here; skipped")
-        else:
-            encoded, codec_s, fp32_bytes = model
-            with tempfile.NamedTemporaryFile(suffix=".int8") as handle:
-                handle.write(encoded)
-                handle.flush()
-                result = await data_channel(net, 256 * 1024, Path(handle.name))
-            transfer = result["seconds"]
-            warm = codec_s["encode"] + transfer + codec_s["decode"]
-            cold = codec_s["encode_cold"] + transfer + codec_s["decode_cold"]
-            print(
-                f"int8 model: {fp32_bytes / MB:.0f} MB fp32 -> {len(encoded) / MB:.1f} MB; "
-                f"encode {codec_s['encode']:.2f} s + transfer {transfer:.2f} s + decode "
-                f"{codec_s['decode']:.2f} s = {fp32_bytes / warm / MB:.1f} MB/s fp32-equivalent "
-                f"(target >= {INT8_TARGET:.0f}: {_met(fp32_bytes / warm / MB, INT8_TARGET)})"
-                "\n    with the first encode/decode of a fresh process "
-                f"({codec_s['encode_cold']:.2f} s / {codec_s['decode_cold']:.2f} s): "
-                f"{fp32_bytes / cold / MB:.1f} MB/s"
+                f"  {label:<11}{fp32 / MB:.0f} MB fp32 -> {codec['bytes'] / MB:.1f} MB; encode "
+                f"{codec['encode']:.2f} s + transfer {transfer:.2f} s + decode "
+                f"{codec['decode']:.2f} s = {fp32 / warm / MB:.1f} MB/s fp32-equivalent "
+                f"(target >= {INT8_TARGET:.0f}: {_met(fp32 / warm / MB, INT8_TARGET)})"
+                "\n             with the first encode/decode of a fresh process "
+                f"({codec['encode_cold']:.2f} s / {codec['decode_cold']:.2f} s): "
+                f"{fp32 / cold / MB:.1f} MB/s"
             )
     print(f"load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
-    if "--size-mb" in sys.argv:  # a smaller message for a quick check of the script itself
-        SIZE = int(sys.argv[sys.argv.index("--size-mb") + 1]) * 1024 * 1024
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", help="git revision measured alternately with the tree")
+    parser.add_argument("--rounds", type=int, default=1, help="transfers per frame size and tree")
+    parser.add_argument("--frames", default="64,128,256", help="frame sizes, KiB, comma-separated")
+    parser.add_argument("--size-mb", type=int, help="a smaller message, for a quick check")
+    arguments = parser.parse_args()
+    if arguments.size_mb:
+        SIZE = arguments.size_mb * 1024 * 1024
     if not can_create_namespaces():
         sys.exit(run_in_private_userns([sys.executable, *sys.argv]))
-    trio.run(main)
+    trio.run(main, arguments)

@@ -39,20 +39,12 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-from aiortc import (
-    RTCConfiguration,
-    RTCDataChannel,
-    RTCIceServer,
-    RTCIceTransportPolicy,
-    RTCPeerConnection,
-    RTCSessionDescription,
-)
+from typing import TYPE_CHECKING, Any
 
 from p2pfl.daemon.bridge import closes_with_bridge, owning_datagram_endpoints, sweeps_with_bridge
-from p2pfl.daemon.dtls import tune_datagrams
-from p2pfl.daemon.sctp import SACK_EVERY, last_packet_at, tune
+
+if TYPE_CHECKING:
+    from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
 
 __all__ = [
     "FRAME_LIMIT",
@@ -68,6 +60,9 @@ __all__ = [
 ]
 
 FRAME_LIMIT = 256 * 1024  # aiortc's maximum message size
+# Data packets per SCTP SACK, at most (aiortc: 1). Defined here, not in sctp.py (which uses and
+# re-exports it), so the link settings need no aiortc: see _aiortc().
+SACK_EVERY = 4
 HEADER = struct.Struct(">BQIIQ16s")
 KIND_DATA = 1
 KIND_HEARTBEAT = 2
@@ -109,14 +104,35 @@ def ice_configuration(settings: LinkSettings) -> RTCConfiguration:
     With ``relay_only`` aioice gathers no host or server-reflexive candidate and ignores the
     peer's mDNS ones, so every packet of the link goes through the TURN server.
     """
+    rtc = _aiortc()
     servers = [
-        RTCIceServer(urls=url, username=settings.turn_username, credential=settings.turn_credential)
+        rtc.RTCIceServer(
+            urls=url, username=settings.turn_username, credential=settings.turn_credential
+        )
         if url.startswith("turn")
-        else RTCIceServer(urls=url)
+        else rtc.RTCIceServer(urls=url)
         for url in settings.ice_servers
     ]
-    policy = RTCIceTransportPolicy.RELAY if settings.relay_only else RTCIceTransportPolicy.ALL
-    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+    policy = (
+        rtc.RTCIceTransportPolicy.RELAY if settings.relay_only else rtc.RTCIceTransportPolicy.ALL
+    )
+    configuration: RTCConfiguration = rtc.RTCConfiguration(
+        iceServers=servers, iceTransportPolicy=policy
+    )
+    return configuration
+
+
+def _aiortc() -> Any:
+    """aiortc, imported on the first link rather than with this module.
+
+    aiortc and what it imports (aioice, dnspython, pyOpenSSL and PyAV, which its ``__init__``
+    loads for its media classes) cost about 0.2 CPU-seconds; a daemon listens for signaling and
+    reports ready without any of it, so it is paid when the first link is made.
+    tests/ml/test_lazy_imports.py checks that a ready daemon has not imported it.
+    """
+    import aiortc
+
+    return aiortc
 
 
 def _digest(data: bytes | memoryview) -> bytes:
@@ -278,7 +294,7 @@ class RtcLink:
     ) -> None:
         self.settings = settings
         # Always our own ICE configuration: aiortc's default contacts a public STUN server.
-        self._pc = RTCPeerConnection(ice_configuration(settings))
+        self._pc: RTCPeerConnection = _aiortc().RTCPeerConnection(ice_configuration(settings))
         self._endpoints: set[asyncio.BaseTransport] = set()  # every UDP socket ICE opened
         self._channel: RTCDataChannel | None = None
         self._open = asyncio.Event()
@@ -316,7 +332,7 @@ class RtcLink:
         return self._pc.localDescription.sdp
 
     async def accept_offer(self, sdp: str) -> str:
-        await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await self._pc.setRemoteDescription(_aiortc().RTCSessionDescription(sdp=sdp, type="offer"))
         self._tune()
         with owning_datagram_endpoints(self._endpoints):
             await self._pc.setLocalDescription(await self._pc.createAnswer())
@@ -344,9 +360,12 @@ class RtcLink:
         )
 
     async def accept_answer(self, sdp: str) -> None:
-        await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+        await self._pc.setRemoteDescription(_aiortc().RTCSessionDescription(sdp=sdp, type="answer"))
 
     def _tune(self) -> None:
+        from p2pfl.daemon.dtls import tune_datagrams
+        from p2pfl.daemon.sctp import tune
+
         # False (the transport left as aiortc made it) where an aiortc release changed it.
         tune(self._pc, sack_every=self.settings.sack_every, path_mtu=self.settings.path_mtu)
         tune_datagrams(self._pc)
@@ -448,6 +467,8 @@ class RtcLink:
             self.bytes_out += len(frame)
 
     async def _watch(self) -> None:
+        from p2pfl.daemon.sctp import last_packet_at
+
         interval = self.settings.heartbeat_interval_s
         while not self._closed.is_set():
             self._send(PING.pack(KIND_HEARTBEAT, time.monotonic_ns()))

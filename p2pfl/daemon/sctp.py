@@ -43,13 +43,14 @@ generic chunk loop and a list of chunk objects, every chunk and SACK serialized 
 intermediate copies with a debug log call, a walk over the whole sent queue (a congestion
 window of chunks) on every SACK looking for chunks to retransmit, a cancelled and rescheduled
 T3 timer on every SACK. :class:`TunedSctp` takes the common case directly and leaves every
-other to aiortc: a packet holding one DATA chunk and nothing else is checked (length,
-checksum, verification tag) and parsed in place; DATA chunks and SACKs without gaps or
-duplicates are packed directly (the same bytes: tests/net/test_dtls.py); the retransmission
-walk runs only while a chunk can be marked for it (after a SACK reporting gaps or a T3
-expiry, until none is); a T3 restart that moves the deadline later is recorded and the timer
-re-arms for the rest when it fires. These repeat parts of aiortc's logic, so they are on
-only where the installed aiortc is a release they were checked against (:data:`LEAN_AIORTC`).
+other to aiortc: a packet holding one DATA chunk and nothing else, or one SACK reporting no
+gap and no duplicate, is checked (length, checksum, verification tag) and parsed in place;
+DATA chunks and SACKs without gaps or duplicates are packed directly (the same bytes:
+tests/net/test_dtls.py); the retransmission walk runs only while a chunk can be marked for
+it (after a SACK reporting gaps or a T3 expiry, until none is); a T3 restart that moves the
+deadline later is recorded and the timer re-arms for the rest when it fires. These repeat
+parts of aiortc's logic, so they are on only where the installed aiortc is a release they
+were checked against (:data:`LEAN_AIORTC`).
 The DTLS and ICE layers below get the same treatment in :mod:`p2pfl.daemon.dtls`. Together:
 17 MB per CPU-second of the busier end before, 20-22 after (benchmarks/README.md).
 
@@ -85,6 +86,8 @@ from aiortc import RTCPeerConnection, RTCSctpTransport
 from aiortc import rtcsctptransport as _sctp
 from aiortc.utils import uint16_add, uint32_gt
 
+from p2pfl.daemon.datachannel import SACK_EVERY
+
 __all__ = [
     "ACK_DELAY_S",
     "LEAN_AIORTC",
@@ -100,7 +103,8 @@ __all__ = [
 ]
 
 LEAN_AIORTC = ("1.16",)  # aiortc releases whose SCTP code the fast paths were checked against
-SACK_EVERY = 4  # data packets per SACK, at most (aiortc: 1; RFC 9260 6.2 asks for >= every 2nd)
+# SACK_EVERY (from datachannel, which needs it without aiortc): data packets per SACK, at most
+# (aiortc: 1; RFC 9260 6.2 asks for >= every 2nd).
 ACK_DELAY_S = 0.005  # a lone packet is acknowledged this late at most (the RFC allows 500 ms)
 MIN_PATH_MTU = 1280  # IPv6's minimum: aiortc's own chunk size assumes it
 RECOVERY_PACKETS = 256  # after a gap or a duplicate, this many packets get a SACK per two
@@ -162,6 +166,7 @@ _DATA_HEADER = struct.Struct("!BBHLHHL")  # type, flags, length, TSN, stream, se
 _DATA_PACKET_MIN = _COMMON_HEADER.size + _CHECKSUM.size + _DATA_HEADER.size
 _SACK = struct.Struct("!BBHLLHH")  # type, flags, length, cumulative TSN, a_rwnd, #gaps, #dups
 _SACK_TYPE = 3
+_SACK_PACKET = _COMMON_HEADER.size + _CHECKSUM.size + _SACK.size  # one SACK, no gap or duplicate
 _ZERO_CHECKSUM = bytes(4)
 _DATA_TYPE = 0
 _TSN_MODULO = 2**32
@@ -211,13 +216,38 @@ class TunedSctp(RTCSctpTransport):
         # Every packet from the peer (DTLS has authenticated it) shows it is alive, also while
         # a large data-channel message is still incomplete on a slow, lossy path.
         self._p2pfl_heard = time.monotonic()
-        chunk = self._p2pfl_lone_data_chunk(data) if self._p2pfl_lean else None
-        if chunk is None:
+        if not self._p2pfl_lean:
             await super()._handle_data(data)
             return
-        await self._receive_data_chunk(chunk)
+        chunk = self._p2pfl_lone_data_chunk(data)
+        if chunk is not None:
+            await self._receive_data_chunk(chunk)
+        else:
+            sack = self._p2pfl_lone_sack(data)
+            if sack is None:
+                await super()._handle_data(data)
+                return
+            await self._receive_sack_chunk(sack)
         if self._sack_needed:
             await self._send_sack()
+
+    def _p2pfl_lone_sack(self, data: bytes) -> Any:
+        """The SACK chunk of a packet that holds one SACK reporting no gap and no duplicate
+        (every SACK of a clean transfer) and nothing else, checked as aiortc checks it; None
+        for any other packet, which aiortc's ``_handle_data`` then parses and handles."""
+        if len(data) != _SACK_PACKET or data[12] != _SACK_TYPE:
+            return None
+        _, flags, length, cumulative_tsn, rwnd, gaps, duplicates = _SACK.unpack_from(data, 12)
+        if length != _SACK.size or gaps or duplicates:
+            return None
+        if _CHECKSUM.unpack_from(data, 8)[0] != _crc32c(data[:8] + _ZERO_CHECKSUM + data[12:]):
+            return None
+        if _COMMON_HEADER.unpack_from(data)[2] != self._local_verification_tag:
+            return None
+        sack = _sctp.SackChunk(flags)
+        sack.cumulative_tsn = cumulative_tsn
+        sack.advertised_rwnd = rwnd
+        return sack
 
     def _p2pfl_lone_data_chunk(self, data: bytes) -> Any:
         """The DATA chunk of a packet that holds one DATA chunk and nothing else, checked as
@@ -520,7 +550,9 @@ def tune(
         hasattr(_InboundStream, name) for name in ("add_chunk", "pop_messages")
     ):
         return False
-    if _crc32c is None or not all(hasattr(_sctp, name) for name in ("DataChunk", "tsn_plus_one")):
+    if _crc32c is None or not all(
+        hasattr(_sctp, name) for name in ("DataChunk", "SackChunk", "tsn_plus_one")
+    ):
         return False
     sctp.__class__ = TunedSctp
     tuned = typing.cast(TunedSctp, sctp)

@@ -61,6 +61,8 @@ PRELOAD = (
     "p2pfl.daemon.control",
     "p2pfl.daemon.datachannel",
     "p2pfl.daemon.discovery",
+    "p2pfl.daemon.dtls",  # with aiortc: a daemon imports them at its first link
+    "p2pfl.daemon.sctp",
     "p2pfl.daemon.limits",
     "p2pfl.daemon.metrics",
     "p2pfl.daemon.node",

@@ -144,8 +144,11 @@ def _encode_tensor(
             return _bytes_of(tensor.view(torch.int16).numpy()), None
         return _bytes_of(tensor.numpy()), None
     work = tensor if tensor.dtype == torch.float64 else tensor.to(torch.float32)
-    low, high = torch.aminmax(work) if work.numel() else (work.new_zeros(()), work.new_zeros(()))
-    peak = max(-float(low), float(high))  # one pass; NaN or inf anywhere makes this non-finite
+    if work.numel():
+        array = work.numpy()  # numpy, single-threaded: see _quantize_int8
+        peak = max(-float(array.min()), float(array.max()))  # NaN or inf make it non-finite
+    else:
+        peak = 0.0
     if not math.isfinite(peak):
         raise ValueError(f"{name}: non-finite values cannot use the lossy codec {encoding!r}")
     if encoding == "fp16":
@@ -158,8 +161,7 @@ def _encode_tensor(
         scale = peak / 127.0
         if scale == 0.0:
             return _bytes_of(torch.zeros(work.shape, dtype=torch.int8).numpy()), 0.0
-        quantized = work.mul(1.0 / scale).round_().clamp_(-127, 127).to(torch.int8)
-        return _bytes_of(quantized.numpy()), scale
+        return _bytes_of(_quantize_int8(work, scale)), scale
     # topk
     flat = tensor.reshape(-1)
     k = min(flat.numel(), max(1, math.ceil(topk_ratio * flat.numel())))
@@ -181,6 +183,27 @@ def _encode_tensor(
     else:
         value_bytes = _bytes_of(values.numpy())
     return value_bytes, _bytes_of(indices.to(torch.int32).numpy().astype("<u4"))
+
+
+def _quantize_int8(work: torch.Tensor, scale: float) -> np.ndarray[Any, Any]:
+    """``round(x * (1 / scale))`` clamped to [-127, 127], as int8; rounding half to even, in the
+    tensor's precision (float32, or float64 for a float64 tensor).
+
+    numpy, not torch: torch runs each of these element-wise passes on its intra-op thread pool,
+    whose threads wait for one another; on a busy machine (other processes on the same cores)
+    a 64 MiB model's passes took 0.6-1.5 s that way and 0.03 s in one thread
+    (benchmarks/README.md, the transport section). The bytes are those torch's
+    ``mul(1 / scale).round_().clamp_(-127, 127).to(torch.int8)`` gives
+    (tests/wire/test_tensors.py compares them).
+    """
+    import numpy as np
+
+    values = work.numpy()
+    buffer = np.empty(values.shape, values.dtype)  # an array also for a 0-d tensor
+    np.multiply(values, values.dtype.type(1.0 / scale), out=buffer)
+    np.rint(buffer, out=buffer)
+    np.clip(buffer, -127, 127, out=buffer)
+    return buffer.astype(np.int8)
 
 
 def decode_state_dict(
@@ -286,7 +309,11 @@ def _decode_entry(
         if not 0.0 <= scale <= float(np.finfo(work).max) / 127:  # also refuses NaN
             raise WireError("bad_tensor", f"{where}: int8 scale {scale} out of range")
         expect(numel, "data")
-        values = np.frombuffer(data, "i1", count=numel).astype(work) * np.array(scale, work)
+        # One pass: each int8 is cast to the working precision and multiplied, as
+        # astype(work) * scale would in two.
+        values = np.multiply(
+            np.frombuffer(data, "i1", count=numel), np.array(scale, work), dtype=work
+        )
         return name, _cast(torch.from_numpy(values), dtype).reshape(shape), None
     # topk
     indices_view = reader.bin_()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -71,3 +74,35 @@ def test_a_forked_command_gets_its_exit_status_and_its_own_log(tmp_path: Path) -
         assert version.wait(60) == 0
     assert "missing.toml" in (tmp_path / "a").read_text()
     assert "p2pfl, version" in (tmp_path / "b").read_text()
+
+
+def test_what_a_daemon_imports_at_its_first_link_is_preloaded() -> None:
+    # A daemon imports aiortc and the tuned SCTP/DTLS modules when it makes its first link,
+    # not before READY; a forked daemon must find them preloaded, not import them itself.
+    code = textwrap.dedent(
+        """
+        import asyncio, importlib, sys
+        from p2pfl.sim.forkserver import PRELOAD
+        for name in PRELOAD:
+            importlib.import_module(name)
+        before = set(sys.modules)
+        from p2pfl.daemon.bridge import new_event_loop
+        from p2pfl.daemon.datachannel import LinkSettings, RtcLink
+
+        async def first_link() -> None:
+            quiet = lambda _: None
+            link = RtcLink(LinkSettings(), on_message=quiet, on_down=quiet, on_drop=quiet)
+            await link.create_offer()
+            await link.close()
+
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(first_link())
+        ours = ("p2pfl", "aiortc", "aioice", "av", "OpenSSL")
+        print(",".join(sorted(m for m in set(sys.modules) - before if m.startswith(ours))))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""

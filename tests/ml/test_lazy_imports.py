@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,9 @@ NOT_FOR_DIGITS = (
 )
 # Never imported by a node with mDNS off (it finds peers through static entries only).
 NOT_WITHOUT_MDNS = ("zeroconf",)
+# Not imported before the first link is made (p2pfl.daemon.datachannel imports aiortc then):
+# listening for signaling needs none of it.
+NOT_BEFORE_A_LINK = ("aiortc", "aioice", "av", "OpenSSL", "p2pfl.daemon.sctp", "p2pfl.daemon.dtls")
 
 
 def test_type_checking_block_lists_the_same_names_as_the_lazy_table() -> None:
@@ -89,9 +93,72 @@ def test_a_digits_daemon_prepares_and_loads_its_runtime_without_unused_modules(
         import p2pfl.daemon.transport, p2pfl.daemon.signaling, p2pfl.daemon.limits, p2pfl.wire
         prepared = prepare(load_config(Path({str(tmp_path / "p2pfl.toml")!r})))
         close_prepared(prepared)
-        print(",".join(m for m in {NOT_FOR_DIGITS + NOT_WITHOUT_MDNS!r} if m in sys.modules))
+        unwanted = {NOT_FOR_DIGITS + NOT_WITHOUT_MDNS + NOT_BEFORE_A_LINK!r}
+        print(",".join(m for m in unwanted if m in sys.modules))
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_a_ready_daemon_has_no_aiortc_and_a_frozen_start_up(tmp_path: Path) -> None:
+    # A real `p2pfl run` to READY (signaling listening, model built): by then it has imported
+    # none of NOT_BEFORE_A_LINK, the collector was off while prepare() built the node, and what
+    # start-up built is frozen (out of the collector's passes) with the collector on again.
+    (tmp_path / "p2pfl.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [node]
+            state_dir = "{tmp_path}/state"
+            runtime_dir = "{tmp_path}/run"
+            [trust]
+            mode = "open"
+            [discovery]
+            mdns = false
+            listen_host = "127.0.0.1"
+            [protocol.params]
+            period = 3600.0
+            [task]
+            name = "digits"
+            n_nodes = 3
+            """
+        )
+    )
+    code = textwrap.dedent(
+        f"""
+        import gc, json, os, sys
+        import p2pfl.daemon.node as node
+        from p2pfl.cli import main
+        from p2pfl.daemon.notify import SystemdNotifier
+
+        seen = {{}}
+        prepare = node.prepare
+
+        def watched_prepare(*args, **kwargs):
+            seen["gc_in_prepare"] = gc.isenabled()
+            return prepare(*args, **kwargs)
+
+        def ready(self, status=""):
+            seen["gc_at_ready"] = gc.isenabled()
+            seen["frozen"] = gc.get_freeze_count()
+            seen["loaded"] = [m for m in {NOT_BEFORE_A_LINK!r} if m in sys.modules]
+            seen["signaling"] = "p2pfl.daemon.signaling" in sys.modules
+            print(json.dumps(seen), flush=True)
+            os._exit(0)  # all there is to see is seen
+
+        node.prepare = watched_prepare
+        SystemdNotifier.ready = ready
+        main(["run", "--config", {str(tmp_path / "p2pfl.toml")!r}])
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["loaded"] == []
+    assert seen["signaling"]
+    assert seen["gc_in_prepare"] is False
+    assert seen["gc_at_ready"] is True
+    assert seen["frozen"] > 50_000  # torch's and p2pfl's objects, not a handful

@@ -224,6 +224,52 @@ def test_a_malformed_or_foreign_packet_is_left_to_aiortc_which_drops_it(corrupt:
     assert asyncio.run(check()) == [8]
 
 
+def _sack_packet(tag: int, tsn: int, rwnd: int, gaps: int = 0, duplicates: int = 0) -> bytes:
+    chunk = aiortc_sctp.SackChunk()
+    chunk.cumulative_tsn, chunk.advertised_rwnd = tsn, rwnd
+    chunk.gaps = [(2 + 4 * i, 3 + 4 * i) for i in range(gaps)]
+    chunk.duplicates = [tsn - 1 - i for i in range(duplicates)]
+    return bytes(aiortc_sctp.serialize_packet(5000, 5000, tag, chunk))
+
+
+def test_a_clean_sack_parses_as_aiortc_parses_it_and_any_other_is_left_to_aiortc() -> None:
+    async def check() -> None:
+        pc, transport = await _tuned_transport()
+        rng = random.Random(6)
+        for _ in range(20):
+            packet = _sack_packet(0x1234ABCD, rng.getrandbits(32), rng.getrandbits(32))
+            chunk = transport._p2pfl_lone_sack(packet)
+            _, _, _, (expected,) = aiortc_sctp.parse_packet(packet)
+            assert type(chunk) is aiortc_sctp.SackChunk
+            assert vars(chunk) == vars(expected)
+        corrupt = bytearray(_sack_packet(0x1234ABCD, 9, 4096))
+        corrupt[-1] ^= 1
+        for other in (
+            _sack_packet(0x1234ABCD, 9, 4096, gaps=1),  # a loss: aiortc's gap handling
+            _sack_packet(0x1234ABCD, 9, 4096, duplicates=1),
+            _sack_packet(0x1234ABCE, 9, 4096),  # not our verification tag
+            bytes(corrupt),  # bad checksum
+            _sack_packet(0x1234ABCD, 9, 4096) + b"\x00" * 4,
+            _data_packet(0x1234ABCD, 9, b"data"),
+        ):
+            assert transport._p2pfl_lone_sack(other) is None
+        # Through _handle_data: a clean SACK reaches _receive_sack_chunk parsed in place, one with
+        # a gap through aiortc's parse, one with a bad tag nowhere.
+        seen: list[tuple[int, list[tuple[int, int]]]] = []
+
+        async def record(chunk: Any) -> None:
+            seen.append((chunk.cumulative_tsn, chunk.gaps))
+
+        transport._receive_sack_chunk = record
+        await transport._handle_data(_sack_packet(0x1234ABCD, 11, 4096))
+        await transport._handle_data(_sack_packet(0x1234ABCD, 12, 4096, gaps=1))
+        await transport._handle_data(_sack_packet(0x1234ABCE, 13, 4096))
+        assert seen == [(11, []), (12, [(2, 3)])]
+        await pc.close()
+
+    asyncio.run(check())
+
+
 def test_lean_data_and_sack_packets_are_aiortcs_bytes() -> None:
     async def check() -> None:
         pc, transport = await _tuned_transport()
@@ -387,6 +433,22 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
         assert type(stock_pc.sctp) is RTCSctpTransport
         assert type(stock_pc.sctp.transport) is RTCDtlsTransport
         assert type(stock_pc.sctp.transport._ssl) is SSL.Connection
+        # A tuned end takes a DTLS datagram already queued straight from aioice's queue, not
+        # through Connection.recv/recvfrom (TunedDtls._recv_next): count what still goes there.
+        tuned_ice = tuned_pc.sctp.transport.transport._connection
+        through_recvfrom = [0]
+        recvfrom = ice.Connection.recvfrom
+
+        async def counted(self: Any) -> tuple[bytes, int]:
+            if self is tuned_ice:
+                through_recvfrom[0] += 1
+            return await recvfrom(self)
+
+        ice.Connection.recvfrom = counted  # type: ignore[method-assign]
+        # Records that do not decrypt (a DTLS first byte, random bytes) are dropped as aiortc
+        # drops them, on either path; the transfer goes on.
+        for _ in range(3):
+            tuned_ice.data_received(bytes([23, 0xFE, 0xFD]) + os.urandom(60), 1)
         if drop:
             rng = random.Random(4)
             original = ice.StunProtocol.send_data
@@ -406,11 +468,16 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
                 await arrived["stock"].wait()
                 await arrived["tuned"].wait()
         finally:
+            ice.Connection.recvfrom = recvfrom  # type: ignore[method-assign]
             if drop:
                 ice.StunProtocol.send_data = original  # type: ignore[method-assign]
         assert got["stock"] == [messages["tuned"]]
         assert got["tuned"] == [messages["stock"]]
         assert drops == []
+        received = tuned_pc.sctp.transport._get_stats()
+        packets = next(s.packetsReceived for s in received.values() if s.type == "transport")
+        if not drop:  # a clean transfer queues datagrams faster than one wake-up each
+            assert through_recvfrom[0] < packets / 2, (through_recvfrom[0], packets)
     finally:
         await asyncio.gather(tuned.close(), stock.close())
 

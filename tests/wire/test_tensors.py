@@ -196,3 +196,36 @@ def test_state_dict_travels_in_an_envelope(state: dict[str, torch.Tensor]) -> No
     envelope = EnvelopeVerifier(is_trusted=lambda k: True).open(frame, now=5.0)
     decoded = decode_state_dict(envelope.body["w"])
     assert all(torch.equal(decoded[k], v) for k, v in big.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_int8_bytes_and_values_are_torchs_elementwise_formula(dtype: torch.dtype) -> None:
+    # The int8 codec quantizes and dequantizes in numpy (one thread); the bytes must be those of
+    # torch's mul(1 / scale).round_().clamp_(-127, 127) in the working precision, ties (x.5,
+    # rounded half to even) and both extremes included, and decoding int8 * scale in it.
+    torch.manual_seed(3)
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ties = torch.arange(-127, 128, dtype=torch.float64) + 0.5  # x.5 after the division
+    tensors = {
+        "randn": torch.randn(3000, dtype=torch.float64) * 7,
+        "ties": torch.cat([ties.clamp(-127, 127), torch.tensor([127.0, -127.0])]),
+        "one_sided": torch.rand(513, dtype=torch.float64) * 1e-3,
+        "tiny": torch.randn(64, dtype=torch.float64) * 1e-30,
+        "scalar": torch.tensor(-2.5, dtype=torch.float64),
+    }
+    for name, values in tensors.items():
+        tensor = values.to(dtype)
+        encoded = encode_state_dict({name: tensor}, "int8")
+        work = tensor.to(work_dtype)
+        low, high = torch.aminmax(work)
+        scale = max(-float(low), float(high)) / 127.0
+        if scale == 0.0:  # e.g. 1e-30 in float16: all zeros, tested above
+            continue
+        expected = work.mul(1.0 / scale).round_().clamp_(-127, 127).to(torch.int8)
+        entry = unpack(encoded)[3][0]
+        assert entry[3] == "int8" and entry[5] == scale, name
+        assert bytes(entry[4]) == expected.numpy().tobytes(), name
+        decoded = decode_state_dict(encoded)[name]
+        assert decoded.dtype == dtype
+        reference = (expected.to(work_dtype) * torch.tensor(scale, dtype=work_dtype)).to(dtype)
+        assert torch.equal(decoded, reference), name
