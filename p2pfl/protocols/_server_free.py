@@ -22,10 +22,7 @@ Invariants:
   with "clip" (the default: centred clipping, 3 steps, radius 1 x the median recent distance)
   each model's difference from the centre is clipped to the radius, own model included. Sample
   counts weigh at most ``max_sample_ratio`` x the lower median of the round's counts.
-- Every received model is validated against the current model before it is buffered. With
-  ``clip_outlier`` set, an outlier counts as arrived (the round does not wait for it) and is a
-  strike against its sender, as is a late model that is an outlier: an insider penalized by
-  others lags behind, and its late models must not keep this node waiting for it.
+- Every received model is validated against the current model before it is buffered.
 - Neighbours: all live peers, or the given set (e.g. cloudlets within communication range);
   models from outside that set are dropped.
 """
@@ -109,13 +106,6 @@ class ServerFreeLearner(Learner[W]):
             return self._drop("not_neighbour")
         k = message.round
         if k < self.round:
-            # Too late to merge, but still evidence about its sender: with clip_outlier, a
-            # far-away late model is a strike, so an insider that lags (it is penalized by
-            # others and waits for their models) cannot keep this node waiting for it.
-            if self._ops.validate(self._model, message.weights) is None:
-                outlier, actions = self._outlier(peer, message.weights)
-                if outlier:
-                    return actions
             return self._drop("late")
         if peer in self._pending.get(k, {}):
             return self._drop("duplicate")
