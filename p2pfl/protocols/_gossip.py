@@ -64,13 +64,6 @@ class GossipConfig(LearnerSettings):
     step (non-IID data, few models merged at a time), so its radius is 4 (not 2) x the median
     recent distance: on 16 digits nodes, Dirichlet 0.5, a clean run reached 0.757 accuracy with 2,
     0.925 with 4, 0.932 with plain "mean" (simulations/results/robustness-byzantine)."""
-    clip_outlier: float = 4.0
-    """"clip": a received model farther than 4 x the median received distance is rejected (a
-    strike). Clipping alone bounds each far model's pull to the radius, but gossip merges at
-    most 3 models at a time, so three attackers sending -w still pulled every honest model
-    toward the origin (sign-flip: -10 points over 3 seeds). The honest models on 16 digits
-    nodes, Dirichlet 0.5, were almost never that far (0-2 of about 3,200 per run), the negated
-    and scaled ones almost always (simulations/results/robustness-byzantine)."""
 
 
 class GossipLearner(Learner[W]):

@@ -5,6 +5,7 @@ Exact actions on scripted scenarios, with a float clock and float models (``Floa
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -217,10 +218,12 @@ def test_fedavg_caps_a_stated_sample_count(report: Any) -> None:
 
 def test_defaults_are_clip_for_every_protocol_centred_clipping_for_rounds() -> None:
     assert GossipConfig().aggregation == "clip" and GossipConfig().clip_radius is None
-    assert GossipConfig().clip_iterations == 1 and GossipConfig().clip_outlier == 4.0
+    assert GossipConfig().clip_iterations == 1
     for config in (ServerFreeConfig(), FedAvgConfig()):
         assert config.aggregation == "clip" and config.clip_radius is None
         assert (config.clip_scale, config.clip_iterations) == (1.0, 3)
+    for config in (GossipConfig(), ServerFreeConfig(), FedAvgConfig()):
+        assert config.clip_outlier == 4.0
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -343,7 +346,9 @@ def test_plain_mean_only_when_configured() -> None:
 
 def test_server_free_clips_every_model_around_the_rounds_starting_model(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
-    machine = ServerFreeLearner("a", 1.0, ops, random.Random(0), ServerFreeConfig())
+    # Clipping alone: the default would reject c's model as an outlier first (tested below).
+    config = ServerFreeConfig(clip_outlier=math.inf)
+    machine = ServerFreeLearner("a", 1.0, ops, random.Random(0), config)
     for peer in ("b", "c", "d"):
         machine.handle(PeerUp(peer), 0.0)
     machine.handle(Start(), 0.0)
@@ -363,7 +368,8 @@ def test_server_free_clips_every_model_around_the_rounds_starting_model(report: 
 
 def test_fedavg_default_centred_clipping_bounds_a_sign_flipped_update(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
-    machine = FedAvgLearner("a", 1.0, ops, random.Random(0), FedAvgConfig(round_timeout=5.0))
+    config = FedAvgConfig(round_timeout=5.0, clip_outlier=math.inf)  # clipping alone
+    machine = FedAvgLearner("a", 1.0, ops, random.Random(0), config)
     for peer in ("b", "c", "d"):
         machine.handle(PeerUp(peer), 0.0)
     machine.handle(Start(), 0.0)
