@@ -95,7 +95,7 @@ def test_one_insider_among_four_daemons_cannot_take_over_default_fedavg(
 
 def test_one_insider_among_four_daemons_cannot_take_over_default_gossip(short_tmp: Path) -> None:
     def run(name: str, attack: Attack | None) -> float:
-        return _honest_accuracy(short_tmp / name, "gossip", None, attack, 30, {"period": 0.5})
+        return _honest_accuracy(short_tmp / name, "gossip", None, attack, 60, {"period": 0.25})
 
     clean = run("clean", None)
     attacked = run("attacked", Attack("sign-flip"))
