@@ -129,10 +129,10 @@ def _plot(folder: Path, accs: list[dict[str, float]], attacks: list[str]) -> Non
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("honest nodes' accuracy")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=4, fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9)
     seeds = f", {len(accs)} seeds (whiskers: lowest / highest)" if len(accs) > 1 else ""
     fig.suptitle(f"16 nodes, digits Dirichlet 0.5, 3 insiders: plain mean vs robust rule{seeds}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(folder / "accuracy_by_attack.png", dpi=110)
 
 
