@@ -22,6 +22,8 @@ fellow attackers; deltas are taken from ``r``):
 - ``label-flip``: no change to what is sent; the training labels are ``classes - 1 - y``.
 - ``inflation``: the honest model with its claim raised by ``lead``: a gossip age, a round.
 - ``nan`` / ``inf``: every floating-point weight NaN / +inf.
+- ``absent``: not an attack but its reference: the nodes are not there at all (they neither
+  train nor send; the engines never start them), so a run is the honest-only federation.
 
 ``start`` (seconds after the machine's ``Start``) and ``start_round`` (the honest machine's
 completed rounds) delay the attack; before both are reached the attacker is honest. Label flipping
@@ -56,7 +58,17 @@ from p2pfl.protocols import (
 from p2pfl.protocols._base import W
 from p2pfl.protocols._messages import MAX_ROUND
 
-ATTACK_KINDS = ("sign-flip", "scale", "alie", "ipm", "label-flip", "inflation", "nan", "inf")
+ATTACK_KINDS = (
+    "sign-flip",
+    "scale",
+    "alie",
+    "ipm",
+    "label-flip",
+    "inflation",
+    "nan",
+    "inf",
+    "absent",
+)
 
 RECENT_MODELS = 8
 """How many received honest models ALIE and IPM estimate the honest spread from."""
@@ -89,8 +101,8 @@ class Attack:
             raise ValueError(f"start must be finite and >= 0, got {self.start}")
         if self.start_round < 0:
             raise ValueError(f"start_round must be >= 0, got {self.start_round}")
-        if self.kind == "label-flip" and (self.start or self.start_round):
-            raise ValueError("label-flip poisons the data from the first training; no start")
+        if self.kind in ("label-flip", "absent") and (self.start or self.start_round):
+            raise ValueError(f"{self.kind} applies from the first training; no start")
         if self.lead < 1:
             raise ValueError(f"lead must be at least 1, got {self.lead}")
         for name in ("magnitude", "factor", "z", "epsilon"):
@@ -100,7 +112,7 @@ class Attack:
     @property
     def tampers(self) -> bool:
         """Whether the attack changes what is sent (label-flip changes the data instead)."""
-        return self.kind != "label-flip"
+        return self.kind not in ("label-flip", "absent")
 
 
 # -- arithmetic on model handles ----------------------------------------------------------
@@ -200,6 +212,8 @@ class AttackingLearner(Learner[W], Generic[W]):
     def __init__(
         self, inner: Learner[W], attack: Attack, *, colluders: Collection[str] = ()
     ) -> None:
+        if attack.kind == "absent":
+            raise ValueError("an absent node runs no machine; the engines do not start it")
         # The base class's state belongs to ``inner``; this wrapper keeps only its own.
         self._inner = inner
         self.attack = attack

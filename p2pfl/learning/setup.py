@@ -57,6 +57,7 @@ RULE_KEYS: dict[str, tuple[str, ...]] = {
     "clip_scale": ("clip",),
     "clip_window": ("clip",),
     "clip_iterations": ("clip",),
+    "clip_outlier": ("clip",),
     "krum_f": ("krum", "multikrum"),
     "krum_m": ("multikrum",),
     "trim_fraction": ("trimmed_mean",),
@@ -109,6 +110,7 @@ class LearningSetup(BaseModel):
     clip_scale: float | None = _opt(gt=0)
     clip_window: int | None = _opt(ge=1)
     clip_iterations: int | None = _opt(ge=1)
+    clip_outlier: float | None = _opt(ge=1)
     krum_f: int | None = _opt(ge=0)
     krum_m: int | None = _opt(ge=1)
     trim_fraction: float | None = _opt(ge=0, lt=0.5)

@@ -26,6 +26,12 @@ Invariants:
   radius is 0 (peers' models wait for this node's first training to set the scale).
   ``clip_iterations`` > 1 repeats the clipping around each step's result (centred clipping,
   Karimireddy et al. 2021); each step moves the model by at most the radius.
+- With "clip" and a finite ``clip_outlier``, a received model farther from this node's model
+  than ``clip_outlier`` x the median distance of the recent received models is rejected on
+  arrival (``clip_outlier``, a strike): the limit follows what peers send, not this node's own
+  steps, so a node that drifted from every peer still merges them, while a minority that keeps
+  sending far-away models (a negated or scaled model) is dropped and, after
+  ``strikes_to_penalize`` such models, penalized. What stays within the limit is clipped.
 """
 
 from __future__ import annotations
@@ -85,6 +91,15 @@ class LearnerSettings:
     clip_iterations: int = 1
     """"clip": clipping steps, each around the previous one's result (centred clipping, CClip);
     1 clips around this node's model only."""
+    clip_outlier: float = 4.0
+    """"clip": a received model farther from this node's model than this many times the median
+    distance of the last ``clip_window`` received models (itself included) is rejected on
+    arrival as an outlier (counted ``clip_outlier``, a strike); inf: never (clipped only).
+    Clipping alone bounds each far model's pull to the radius, but a same-direction minority
+    adds up: three of 16 digits nodes sending -w cost gossip 10 points, server-free 3.1 and
+    FedAvg 2.4 over 3 seeds. Honest models were almost never 4 x the median received distance
+    away (0-2 of about 3,200 per gossip run), negated and scaled ones almost always
+    (simulations/results/robustness-byzantine)."""
     krum_f: int | None = None
     """"krum"/"multikrum": inputs assumed Byzantine; None: the most that n >= 2f + 3 allows."""
     krum_m: int | None = None
@@ -109,6 +124,7 @@ _RULE_DEFAULTS = {
         "clip_scale",
         "clip_window",
         "clip_iterations",
+        "clip_outlier",
         "krum_f",
         "krum_m",
         "trim_fraction",
@@ -127,6 +143,8 @@ def _check_rule_settings(config: LearnerSettings) -> None:
         raise ValueError(f"clip_window must be at least 1, got {config.clip_window}")
     if config.clip_iterations < 1:
         raise ValueError(f"clip_iterations must be at least 1, got {config.clip_iterations}")
+    if not config.clip_outlier >= 1:
+        raise ValueError(f"clip_outlier must be >= 1 (radii), got {config.clip_outlier}")
     if config.krum_f is not None and config.krum_f < 0:
         raise ValueError(f"krum_f must be >= 0, got {config.krum_f}")
     if config.krum_m is not None and config.krum_m < 1:
@@ -184,6 +202,8 @@ class Learner(Generic[W]):
                     "and takes no rule parameters; give it p2pfl.ml.StateDictOps"
                 )
         self._distances: deque[float] = deque(maxlen=config.clip_window)
+        self._received: deque[float] = deque(maxlen=config.clip_window)
+        """Distances of the last received models from their merge's centre (clip_outlier)."""
         self._train_input: W | None = None
         self._plan = features or FeaturePlan()
         self._now = -math.inf
@@ -440,6 +460,27 @@ class Learner(Generic[W]):
                 params["krum_m"] = min(s.krum_m, len(models))
             return params
         return {}
+
+    def _outlier(self, peer: str, model: W) -> tuple[bool, list[Action[W]]]:
+        """Whether ``peer``'s ``model`` is an outlier under ``clip_outlier``; an outlier is a
+        rejected update (counted, a strike against the peer: see ``strikes_to_penalize``).
+
+        Its distance from this node's model (the centre of the merge it would enter) joins the
+        window first; the limit is ``clip_outlier`` x the window's median, so it follows what
+        peers send, not this node's own steps: a node that drifted from all its peers still
+        merges them, while a minority sending far-away models is dropped before it takes an
+        inbox place or a merge weight.
+        """
+        if self._aggregation != "clip" or math.isinf(self._settings.clip_outlier):
+            return False, []
+        if not self._ops_takes_params:
+            return False, []
+        distance = self._ops.distance(self._model, model)
+        self._received.append(distance)
+        ordered = sorted(self._received)
+        if distance <= self._settings.clip_outlier * ordered[(len(ordered) - 1) // 2]:
+            return False, []
+        return True, self._reject(peer, "clip_outlier")
 
     def _aggregate(self, models: list[W], weights: list[float], reference: W | None = None) -> W:
         """Merge ``models`` by the configured rule around ``reference`` (default: the model).

@@ -84,7 +84,7 @@ class FedAvgLearner(Learner[W]):
         self._waiting_global: tuple[int, W] | None = None
         # Aggregator state for the current round.
         self._participants: set[str] = set()
-        self._updates: dict[str, tuple[W, int]] = {}
+        self._updates: dict[str, tuple[W, int] | None] = {}
         self._own: tuple[W, int] | None = None
 
     @property
@@ -128,7 +128,7 @@ class FedAvgLearner(Learner[W]):
 
     def _close_round(self, now: float) -> list[Action[W]]:
         own = [self._own] if self._own is not None else []
-        arrived = own + [self._updates[p] for p in sorted(self._updates)]
+        arrived = own + [u for _, u in sorted(self._updates.items()) if u is not None]
         if arrived:
             weights = self._capped_samples([n for _, n in arrived])
             self._model = self._aggregate([w for w, _ in arrived], weights)
@@ -248,8 +248,12 @@ class FedAvgLearner(Learner[W]):
         ok, actions = self._validated(peer, self._model, message.weights)
         if not ok:
             return actions
-        self._updates[peer] = (message.weights, message.samples)
-        return self._close_if_complete(now)
+        # An outlier (clip_outlier) counts as arrived, so the round does not wait for it (a peer
+        # penalized for it has left the round already).
+        outlier, actions = self._outlier(peer, message.weights)
+        if not outlier or peer in self._participants:
+            self._updates[peer] = None if outlier else (message.weights, message.samples)
+        return actions + self._close_if_complete(now)
 
     def _on_timer(self, name: str, now: float) -> list[Action[W]]:
         return self._close_round(now)

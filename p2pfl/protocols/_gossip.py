@@ -20,9 +20,12 @@ Invariants:
   ``max_age_lead`` above the highest of (a) this node's own age, (b) the last age accepted from
   that peer plus the ticks that could have passed since (elapsed / (period x (1 - jitter)),
   rounded up), and (c) the upper median of this node's age and the latest ages the *other* live
-  peers claimed. Above that the model is dropped (``age_inflated``, no strike: an honest peer
-  may simply be ahead), so one peer cannot vouch for itself, an age of 2**53 is never adopted,
-  and a node that joins an older federation catches up once a second peer states a like age.
+  peers claimed. Above that the claim is rejected (``age_clamped``, no strike: an honest peer
+  may simply be ahead) and the model counts at the checkable age, the highest of (a)-(c) without
+  the lead: no more weight, and no newer age, than an honest peer's, and its training is not
+  lost (a model whose checkable age is not above the peer's last one is a ``duplicate``). So one
+  peer cannot vouch for itself, an age of 2**53 is never adopted, and a node that joins an
+  older federation catches up once a second peer states a like age.
 - A tick while training is skipped (``skipped_ticks``); sending happens only after training.
 - ``rounds`` counts completed trainings; at ``max_rounds`` the node stops (``finished``).
 """
@@ -53,9 +56,9 @@ class GossipConfig(LearnerSettings):
     staleness_window: int = 10
     """Models more than this many trainings older than the newest one are not merged."""
     max_age_lead: int = 10
+    """A received age may exceed what this node can check (see the module) by this much."""
     inbox_size: int = INBOX_SIZE
     """Received models kept for the next merge (the oldest is dropped as ``inbox_overflow``)."""
-    """A received age may exceed what this node can check (see the module) by this much."""
     clip_scale: float = 4.0
     """"clip": gossip's received models drift further from the own model than one own training
     step (non-IID data, few models merged at a time), so its radius is 4 (not 2) x the median
@@ -141,12 +144,22 @@ class GossipLearner(Learner[W]):
             return actions
         bound = self.age_bound(peer, now)
         self._claimed[peer] = message.age
-        if message.age > bound:
-            return self._drop("age_inflated")
-        self._last_age[peer] = (message.age, now)
+        age = message.age
+        if age > bound:
+            # The claim is rejected, the model is not: it counts at the age this node can check
+            # (no more than an honest peer's), so an inflated age buys nothing, and the sender's
+            # training is not lost to the federation.
+            self.dropped["age_clamped"] += 1
+            age = bound - self.config.max_age_lead
+            if age <= last_age:
+                return self._drop("duplicate")
+        self._last_age[peer] = (age, now)
+        outlier, actions = self._outlier(peer, message.weights)
+        if outlier:
+            return actions
         if len(self._inbox) == self.config.inbox_size:
             self.dropped["inbox_overflow"] += 1
-        self._inbox.append((peer, message.weights, message.age))
+        self._inbox.append((peer, message.weights, age))
         return []
 
     def age_bound(self, peer: str, now: float) -> int:

@@ -8,8 +8,11 @@ Invariants:
 - The expected set of round ``r`` is fixed when the node sends: live neighbours at that moment,
   minus those that go down before the round closes. A missing neighbour delays nobody past the
   deadline; one that comes up mid-round takes part from the next round.
-- Models for a later round (up to ``max_ahead`` rounds ahead) are buffered; further ahead,
-  earlier rounds, or a second model from one peer for one round are dropped and counted.
+- Models for a later round (up to ``max_ahead`` rounds ahead) are buffered. A round further
+  ahead is a claim this node cannot check: it is rejected (``round_clamped``) and the model is
+  buffered as the peer's model for round + ``max_ahead`` (what the peer could have sent
+  honestly), so an inflated round buys no influence and the peer's training is not lost.
+  Earlier rounds, or a second model from one peer for one round, are dropped and counted.
 - Catch-up: every valid model tells the round its sender is in. After closing round ``r`` the
   node continues with ``max(r + 1, m)``, ``m`` the lower median of the latest rounds of its live
   neighbours, so a node that was away (or restarted from a checkpoint at round 0) rejoins its
@@ -46,7 +49,8 @@ class ServerFreeConfig(LearnerSettings):
     round_timeout: float = 10.0
     """Seconds to wait for neighbours' models after sending ours."""
     max_ahead: int = 2
-    """Models up to this many rounds ahead are buffered; further ahead only inform catch-up."""
+    """Models up to this many rounds ahead are buffered; further ahead, they count for the
+    furthest buffered round (the claim is rejected, counted as ``round_clamped``)."""
 
 
 class ServerFreeLearner(Learner[W]):
@@ -67,7 +71,7 @@ class ServerFreeLearner(Learner[W]):
         self.round = 0
         self._own: tuple[W, int] | None = None
         self._expected: set[str] = set()
-        self._pending: dict[int, dict[str, tuple[W, int]]] = {}
+        self._pending: dict[int, dict[str, tuple[W, int] | None]] = {}
         self._latest: dict[str, int] = {}
 
     @property
@@ -110,11 +114,21 @@ class ServerFreeLearner(Learner[W]):
             return actions
         self._latest[peer] = max(k, self._latest.get(peer, 0))
         if k > self.round + self.config.max_ahead:
-            return self._drop("too_far_ahead")
-        self._pending.setdefault(k, {})[peer] = (message.weights, message.samples)
+            # The claim is rejected, the model is not: it counts as the peer's model for the
+            # furthest round this node buffers, as if sent for that round (one per peer).
+            self.dropped["round_clamped"] += 1
+            k = self.round + self.config.max_ahead
+            if peer in self._pending.get(k, {}):
+                return self._drop("duplicate")
+        # An outlier (clip_outlier) counts as arrived, so the round does not wait for it (a peer
+        # penalized for it has left the round already).
+        outlier, actions = self._outlier(peer, message.weights)
+        if not outlier or peer in self._peers:
+            update = None if outlier else (message.weights, message.samples)
+            self._pending.setdefault(k, {})[peer] = update
         if k == self.round:
-            return self._close_if_complete(now)
-        return []
+            return actions + self._close_if_complete(now)
+        return actions
 
     def _on_peer_down(self, peer: str, now: float) -> list[Action[W]]:
         self._expected.discard(peer)
@@ -134,7 +148,11 @@ class ServerFreeLearner(Learner[W]):
 
     def _close_round(self, now: float) -> list[Action[W]]:
         assert self._own is not None
-        received = self._pending.pop(self.round, {})
+        received = {
+            p: update
+            for p, update in self._pending.pop(self.round, {}).items()
+            if update is not None
+        }
         own = self._own[0]
         models = [own] + [received[p][0] for p in sorted(received)]
         samples = self._capped_samples([self._own[1]] + [received[p][1] for p in sorted(received)])

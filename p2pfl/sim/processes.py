@@ -108,7 +108,12 @@ class ClusterSpec:
     """Each node's links by index, for neighbours = "topology"."""
     attackers: Mapping[int, Any] = field(default_factory=dict)
     """[[attack]]: node index -> ``learning.attacks.Attack``; those nodes run the test-only
-    attacking build of the daemon (``p2pfl.sim.attacker``) instead of ``p2pfl run``."""
+    attacking build of the daemon (``p2pfl.sim.attacker``) instead of ``p2pfl run``, except
+    kind = "absent": those daemons are never started (nor listed as anyone's static peer)."""
+
+    @property
+    def absent(self) -> frozenset[int]:
+        return frozenset(i for i, a in self.attackers.items() if a.kind == "absent")
 
     def learning(self) -> LearningSetup:
         """The setup written into every daemon's configuration (see ``setup``)."""
@@ -249,7 +254,7 @@ class DaemonCluster:
         static = [
             f"{other.address}:{other.signaling_port}"
             for other in self.nodes
-            if other is not node and spec.static_peers
+            if other is not node and spec.static_peers and other.index not in spec.absent
         ]
         tables: dict[str, dict[str, object]] = {
             "node": {
@@ -370,7 +375,8 @@ class DaemonCluster:
 
     def start_all(self) -> None:
         for node in self.nodes:
-            self.start(node.index)
+            if node.index not in self.spec.absent:
+                self.start(node.index)
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         node = self.nodes[index]
@@ -693,7 +699,7 @@ class _Churner:
         return sig.name
 
     def _join(self, index: int) -> bool:
-        if self.cluster.nodes[index].running:
+        if self.cluster.nodes[index].running or index in self.cluster.spec.absent:
             return False
         self.cluster.start(index)  # resumes from its newest valid checkpoint
         return True
@@ -886,10 +892,11 @@ def _p2pfl_command() -> str:
 
 def _wait_ready(cluster: DaemonCluster, name: str, report: Progress) -> None:
     deadline = time.monotonic() + _READY_TIMEOUT_S
+    present = [i for i in range(len(cluster.nodes)) if i not in cluster.spec.absent]
     while time.monotonic() < deadline:
-        ready = sum(cluster.status(i, timeout=2.0) is not None for i in range(len(cluster.nodes)))
-        report(name, 0.0, f"starting daemons: {ready}/{len(cluster.nodes)} ready")
-        if ready == len(cluster.nodes):
+        ready = sum(cluster.status(i, timeout=2.0) is not None for i in present)
+        report(name, 0.0, f"starting daemons: {ready}/{len(present)} ready")
+        if ready == len(present):
             return
         for node in cluster.nodes:
             if node.process is not None and node.process.poll() is not None:

@@ -304,6 +304,8 @@ class _SetupRun:
         # are the honest nodes').
         self.attackers = attackers(scenario, setup)
         self.eval_nodes = [i for i in self.eval_nodes if i not in self.attackers]
+        # kind = "absent": those nodes are never started (no machine, no links, no traffic).
+        self.absent = frozenset(i for i, a in self.attackers.items() if a.kind == "absent")
         if setup.learning is not None:
             self.learner = setup.learning
             self.peer_sets = self.resolve_neighbours()
@@ -314,7 +316,10 @@ class _SetupRun:
             # Discovery knows the topology's links; the view picks max_peers of them. A node
             # shuffles once per gossip period (as the daemon does).
             self.shuffle_period = float(setup.learning.config().period)
-            self.known = [frozenset(self.ids[j] for j in node.neighbours) for node in self.nodes]
+            self.known = [
+                frozenset(self.ids[j] for j in node.neighbours if j not in self.absent)
+                for node in self.nodes
+            ]
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -548,15 +553,20 @@ class _SetupRun:
             return self.run_centralized(started)
         self.schedule_churn_and_partitions()
         initial = self.workload.initial()
+        present = [node for node in self.nodes if node.index not in self.absent]
         for node in self.nodes:
-            self.start_session(node, initial)
-        for node in self.nodes:
+            if node.index in self.absent:
+                node.alive = False
+            else:
+                self.start_session(node, initial)
+        for node in present:
             if node.sampler is not None:
                 self.sampled(node, node.sampler.discovered(self.known[node.index], 0.0))
                 self.sampled(node, node.sampler.start(0.0))
             else:
                 for j in node.neighbours:
-                    self.handle(node, PeerUp(self.ids[j]))
+                    if j not in self.absent:
+                        self.handle(node, PeerUp(self.ids[j]))
             self.handle(node, Start())
         self.push(0.0, _EVAL, -1, 0)
         budget = None if self.stop.megabytes is None else self.stop.megabytes * 1e6
@@ -671,7 +681,7 @@ class _SetupRun:
                 )
 
     def join(self, node: _Node) -> None:
-        if node.alive:
+        if node.alive or node.index in self.absent:
             return
         assert node.machine is not None
         checkpoint = node.machine.model

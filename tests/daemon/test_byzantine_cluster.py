@@ -1,17 +1,22 @@
-"""A malicious member among four real daemons: multi-Krum holds, plain averaging falls.
+"""A malicious member among four real daemons: the default rules hold, plain averaging falls.
 
-Four daemons run FedAvg on digits in a bridged private network (node 0 aggregates); node 3 is an
-admitted member running the attacking build of the daemon (``p2pfl.sim.attacker``): every update
-it sends is its honest one times -100, signed with its own key. With multi-Krum told to expect one
-Byzantine input (``krum_f = 1``, a [protocol] parameter; the default f for four inputs is 0, as
-n >= 2f + 3 allows no more) the honest daemons end within 2 points of a clean run's accuracy;
-with ``mean`` configured explicitly they follow the attacker.
+Four daemons learn digits in a bridged private network; node 3 is an admitted member running
+the attacking build of the daemon (``p2pfl.sim.attacker``): every model it sends is replaced by
+the attack's, signed with its own key. With each protocol's default rule (no aggregation
+configured), the honest daemons end within 2 points of a clean run's accuracy:
+
+- FedAvg (node 0 aggregates), centred clipping around the global model: the insider's updates
+  are its honest ones times -100.
+- Gossip, self-centred clipping with outlier rejection: the insider sends its model negated.
+
+With ``mean`` configured explicitly, the same FedAvg insider takes the honest daemons down.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,19 +32,24 @@ pytestmark = [
 ]
 
 HONEST = [0, 1, 2]
-ROUNDS = 20
 
 
-def _honest_accuracy(root: Path, aggregation: str | None, attack: Attack | None) -> float:
-    """The honest daemons' mean accuracy once each has reached round ``ROUNDS``."""
+def _honest_accuracy(
+    root: Path,
+    protocol: str,
+    aggregation: str | None,
+    attack: Attack | None,
+    rounds: int,
+    params: dict[str, Any],
+) -> float:
+    """The honest daemons' mean accuracy once each has reached ``rounds`` (gossip: trainings)."""
     spec = ClusterSpec(
         n_nodes=4,
-        protocol="fedavg",
+        protocol=protocol,
         epochs=0.5,
         aggregation=aggregation,
-        # krum_f only where the rule reads it: the setup validator refuses it with "mean".
-        params={"round_timeout": 3.0, **({"krum_f": 1} if aggregation == "multikrum" else {})},
-        aggregator_index=0,
+        params=params,
+        aggregator_index=0 if protocol == "fedavg" else None,
         start_peers=3,
         peer_timeout_s=6.0,
         attackers={3: attack} if attack is not None else {},
@@ -51,7 +61,7 @@ def _honest_accuracy(root: Path, aggregation: str | None, attack: Attack | None)
         while time.monotonic() < deadline:
             statuses = {i: cluster.status(i) for i in HONEST}
             if all(
-                s is not None and s.round >= ROUNDS and s.metric_value is not None
+                s is not None and s.round >= rounds and s.metric_value is not None
                 for s in statuses.values()
             ):
                 values = [s.metric_value for s in statuses.values() if s is not None]
@@ -62,17 +72,32 @@ def _honest_accuracy(root: Path, aggregation: str | None, attack: Attack | None)
                     pytest.fail(f"node-{i} exited: {cluster.log_tail(i, 40)}")
             time.sleep(1.0)
         logs = "\n".join(f"--- node-{i}\n{cluster.log_tail(i)}" for i in range(4))
-        pytest.fail(f"honest daemons did not reach round {ROUNDS}: {statuses}\n{logs}")
+        pytest.fail(f"honest daemons did not reach round {rounds}: {statuses}\n{logs}")
 
 
-def test_one_insider_among_four_daemons_cannot_take_over_multikrum_fedavg(
+def test_one_insider_among_four_daemons_cannot_take_over_default_fedavg(
     short_tmp: Path,
 ) -> None:
+    def run(name: str, aggregation: str | None, attack: Attack | None) -> float:
+        return _honest_accuracy(
+            short_tmp / name, "fedavg", aggregation, attack, 20, {"round_timeout": 3.0}
+        )
+
     attack = Attack("scale", factor=-100.0)
-    clean = _honest_accuracy(short_tmp / "clean", "multikrum", None)
-    attacked = _honest_accuracy(short_tmp / "attacked", "multikrum", attack)
+    clean = run("clean", None, None)
+    attacked = run("attacked", None, attack)
     assert clean > 0.8
     assert attacked >= clean - 0.02, (clean, attacked)
     # The attack is real: the same insider takes plain averaging down.
-    collapsed = _honest_accuracy(short_tmp / "mean", "mean", attack)
+    collapsed = run("mean", "mean", attack)
     assert collapsed < 0.5, (clean, collapsed)
+
+
+def test_one_insider_among_four_daemons_cannot_take_over_default_gossip(short_tmp: Path) -> None:
+    def run(name: str, attack: Attack | None) -> float:
+        return _honest_accuracy(short_tmp / name, "gossip", None, attack, 60, {"period": 0.25})
+
+    clean = run("clean", None)
+    attacked = run("attacked", Attack("sign-flip"))
+    assert clean > 0.8
+    assert attacked >= clean - 0.02, (clean, attacked)

@@ -119,7 +119,7 @@ def test_non_finite_models_are_struck_by_an_honest_receiver(kind: str) -> None:
     assert victim.dropped == {"invalid_update:not_finite": 1}
 
 
-def test_an_inflated_age_is_dropped_by_the_honest_receiver_not_adopted() -> None:
+def test_an_inflated_age_is_clamped_by_the_honest_receiver_not_adopted() -> None:
     machine, tick = attacker(Attack("inflation", lead=10**6))
     machine.handle(TimerFired(), tick)
     (_, send) = machine.handle(TrainingDone(1.5, Report(5)), tick + 1)
@@ -128,7 +128,9 @@ def test_an_inflated_age_is_dropped_by_the_honest_receiver_not_adopted() -> None
     victim.handle(PeerUp("a"), 0.0)
     victim.handle(Start(), 0.0)
     victim.handle(MessageReceived("a", send.message), tick + 1)
-    assert victim.dropped == {"age_inflated": 1} and victim.model == 1.0
+    assert victim.dropped == {"age_clamped": 1} and victim.model == 1.0
+    # The model is kept at the age the victim can check (its own, 0), not 1 + 10**6.
+    assert [age for _, _, age in victim._inbox] == [0]
 
 
 def test_round_claims_are_inflated_in_server_free_and_fedavg() -> None:

@@ -124,6 +124,13 @@ TABLE: dict[str, Row] = {
     "clip_scale": Row(
         "gossip", {"aggregation": "clip", "clip_scale": 0.05}, _differs, {"aggregation": "clip"}
     ),
+    # 1 x the median received distance: about half the received models are outliers.
+    "clip_outlier": Row(
+        "gossip",
+        {"aggregation": "clip", "clip_outlier": 1.0},
+        _more_drops("clip_outlier"),
+        {"aggregation": "clip", "clip_outlier": float("inf")},
+    ),
     # A radius that binds (the default scale, 4 median distances, rarely does in this small run).
     "clip_window": Row(
         "gossip",
@@ -177,7 +184,7 @@ TABLE: dict[str, Row] = {
     "max_age_lead": Row(
         "gossip",
         {"max_age_lead": 0, "period": 0.5},
-        _more_drops("age_inflated"),
+        _more_drops("age_clamped"),
         {"period": 0.5},
         scenario=SPREAD,
     ),
@@ -193,7 +200,7 @@ TABLE: dict[str, Row] = {
     "max_ahead": Row(
         "server-free",
         {"max_ahead": 0, "round_timeout": 0.3},
-        _more_drops("too_far_ahead"),
+        _more_drops("round_clamped"),
         {"round_timeout": 0.3},
         scenario=SPREAD,
     ),

@@ -5,6 +5,7 @@ Exact actions on scripted scenarios, with a float clock and float models (``Floa
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -21,6 +22,7 @@ from p2pfl.protocols import (
     MessageReceived,
     Metric,
     PeerUp,
+    Penalize,
     Send,
     ServerFreeConfig,
     ServerFreeLearner,
@@ -58,13 +60,18 @@ def trained_once(ops: Any, config: GossipConfig = GOSSIP) -> tuple[Any, float]:
 # -- part 1: ages, rounds and sample counts are bounded claims --------------------------------
 
 
-def test_an_age_of_2_pow_53_is_a_counted_drop_never_an_adoption() -> None:
+def test_an_age_of_2_pow_53_is_a_counted_rejection_never_an_adoption() -> None:
     machine, tick = trained_once(FloatOps(max_distance=1e12))
     assert machine.handle(MessageReceived("b", GossipModel(-1e6, MAX_ROUND, 5)), tick - 1) == []
-    assert machine.dropped["age_inflated"] == 1
-    # The next tick has nothing to merge: the own model trains on, at its own age.
-    assert machine.handle(TimerFired(), tick) == [Train(1.5, 2.0), SetTimer(tick + 10.0)]
-    assert machine.age == 1 and machine.model == 1.5
+    assert machine.dropped["age_clamped"] == 1
+    # The model counts at the age this node can check (its own, 1), clipped as any other:
+    # own 1.5 and b's clipped to 1.5 - 1.0, equal weights. The age stays 1.
+    assert machine.handle(TimerFired(), tick) == [
+        Adopt(1.0),
+        Train(1.0, 2.0),
+        SetTimer(tick + 10.0),
+    ]
+    assert machine.age == 1
 
 
 def test_a_peers_age_may_grow_by_the_ticks_elapsed_since_its_last_one(ops: Any) -> None:
@@ -74,28 +81,34 @@ def test_a_peers_age_may_grow_by_the_ticks_elapsed_since_its_last_one(ops: Any) 
     # 30 s later: at most 3 ticks of 10 s (jitter 0) have passed for b, plus the lead.
     assert machine.age_bound("b", 31.0) == 2 + 3 + 2
     assert machine.handle(MessageReceived("b", GossipModel(2.0, 8, 5)), 31.0) == []
-    assert machine.dropped["age_inflated"] == 1
+    # 8 is past the bound: the claim is clamped to the checkable 2 + 3 = 5.
+    assert machine.dropped["age_clamped"] == 1 and machine.age_bound("b", 31.0) == 5 + 2
     assert machine.handle(MessageReceived("b", GossipModel(2.0, 7, 5)), 31.0) == []
-    assert machine.dropped["age_inflated"] == 1 and machine.age_bound("b", 31.0) == 9
+    assert machine.dropped["age_clamped"] == 1 and machine.age_bound("b", 31.0) == 9
 
 
 def test_one_peer_cannot_vouch_for_its_own_age(ops: Any) -> None:
     machine = gossip(ops)
     machine.handle(MessageReceived("b", GossipModel(2.0, 50, 5)), 1.0)
     machine.handle(MessageReceived("b", GossipModel(2.0, 51, 5)), 2.0)
-    assert machine.dropped["age_inflated"] == 2
-    assert machine.age_bound("b", 2.0) == 2
+    assert machine.dropped["age_clamped"] == 2
+    # Counted at 0 (own age), then 1 (one tick later): its bound grows by ticks, not by claims.
+    assert [age for _, _, age in machine._inbox] == [0, 1]
+    assert machine.age_bound("b", 2.0) == 1 + 2
+    # The same inflated claim again at once has no checkable age above the last: a duplicate.
+    machine.handle(MessageReceived("b", GossipModel(2.0, 52, 5)), 2.0)
+    assert machine.dropped["age_clamped"] == 3 and machine.dropped["duplicate"] == 1
 
 
 def test_a_joiner_catches_up_once_a_second_peer_states_a_like_age(ops: Any) -> None:
     machine = gossip(ops)
     machine.handle(MessageReceived("b", GossipModel(2.0, 50, 5)), 1.0)
-    assert machine.dropped["age_inflated"] == 1
+    assert machine.dropped["age_clamped"] == 1
     # c's claim is checked against b's: the upper median of (own 0, b 50) is 50.
     assert machine.age_bound("c", 1.5) == 52
     machine.handle(MessageReceived("c", GossipModel(3.0, 51, 5)), 1.5)
     machine.handle(MessageReceived("b", GossipModel(2.0, 52, 5)), 2.0)
-    assert machine.dropped["age_inflated"] == 1
+    assert machine.dropped["age_clamped"] == 1
     actions = machine.handle(TimerFired(), machine.next_deadline())
     # The age catches up; the model waits for a first training to set the clipping radius.
     assert actions[0] == Adopt(1.0) and machine.age == 52
@@ -209,6 +222,8 @@ def test_defaults_are_clip_for_every_protocol_centred_clipping_for_rounds() -> N
     for config in (ServerFreeConfig(), FedAvgConfig()):
         assert config.aggregation == "clip" and config.clip_radius is None
         assert (config.clip_scale, config.clip_iterations) == (1.0, 3)
+    for config in (GossipConfig(), ServerFreeConfig(), FedAvgConfig()):
+        assert config.clip_outlier == 4.0
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -259,6 +274,67 @@ def test_an_age_inflated_model_cannot_push_the_own_model_out_of_a_clipped_merge(
     assert machine.model == 0.5 and machine.dropped["stale_model"] == 1
 
 
+def test_gossip_drops_a_model_far_beyond_what_peers_send_as_an_outlier() -> None:
+    ops = FloatOps(max_distance=1e12)
+    config = GossipConfig(period=10.0, jitter=0.0, budget=2.0, clip_scale=2.0, clip_outlier=4.0)
+    machine, tick = trained_once(ops, config)
+    # Distances from the own 1.5: 0.5, then 0.7 (limit 4 x median(0.5, 0.7) = 2.0), then
+    # 10.0 (limit 4 x median(0.5, 0.7, 10) = 2.8): dropped on arrival, counted, a strike.
+    for peer, value, age in [("b", 2.0, 2), ("c", 0.8, 3), ("c", 11.5, 4)]:
+        assert machine.handle(MessageReceived(peer, GossipModel(value, age, 5)), tick - 5) == []
+    assert machine.dropped["clip_outlier"] == 1 and dict(machine._strikes) == {"c": 1}
+    # The inbox holds b's and c's first models; the merge clips each to the radius 1.0.
+    assert [w for _, w, _ in machine._inbox] == [2.0, 0.8]
+    machine.handle(TimerFired(), tick)
+    assert machine.model == pytest.approx((1.5 * 1 + 2.0 * 2 + 0.8 * 3) / 6)
+
+
+def test_a_peer_that_keeps_sending_outliers_is_penalized() -> None:
+    ops = FloatOps(max_distance=1e12)
+    config = GossipConfig(period=10.0, jitter=0.0, budget=2.0, clip_outlier=4.0)
+    machine, tick = trained_once(ops, config)
+    for age in (2, 3, 4, 5, 6):
+        machine.handle(MessageReceived("b", GossipModel(2.0, age, 5)), tick - 5)
+    actions = []
+    for age in (2, 3, 4):  # c sends the negated model, 3.0 away against b's 0.5
+        actions += machine.handle(MessageReceived("c", GossipModel(-1.5, age, 5)), tick - 4)
+    assert actions == [Penalize("c", "clip_outlier")]
+    assert machine.dropped["clip_outlier"] == 3 and machine.peers == {"b"}
+
+
+def test_a_node_far_from_every_peer_still_merges_them() -> None:
+    ops = FloatOps(max_distance=1e12)
+    config = GossipConfig(period=10.0, jitter=0.0, budget=2.0, clip_scale=2.0, clip_outlier=2.0)
+    machine, tick = trained_once(ops, config)
+    # Every peer is 100 away: far from this node's own steps (0.5), but not from each other's
+    # distances, so none is an outlier (the limit follows what peers send).
+    for peer, age in [("b", 2), ("c", 3), ("b", 4)]:
+        machine.handle(MessageReceived(peer, GossipModel(101.5, age, 5)), tick - 5)
+    assert machine.dropped["clip_outlier"] == 0 and len(machine._inbox) == 2
+
+
+def test_server_free_and_fedavg_count_an_outlier_as_arrived(report: Any) -> None:
+    ops = FloatOps(max_distance=1e12)
+    for learner, config in [
+        (ServerFreeLearner, ServerFreeConfig(round_timeout=5.0, clip_outlier=3.0)),
+        (FedAvgLearner, FedAvgConfig(round_timeout=5.0, clip_outlier=3.0)),
+    ]:
+        machine = learner("a", 1.0, ops, random.Random(0), config)
+        for peer in ("b", "c", "d"):
+            machine.handle(PeerUp(peer), 0.0)
+        machine.handle(Start(), 0.0)
+        machine.handle(TrainingDone(2.0, report(10)), 1.0)  # step 1.0: radius 1.0
+        machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
+        machine.handle(MessageReceived("c", RU(0, 3.0, 10)), 2.0)
+        # 1e6 from the centre 1.0, against a median received distance of 1.5 to 2.0: dropped,
+        # and the round closes at once (no wait for d's timeout), on own, b and c only:
+        # 1.0 -> 2.0 (+1 +1 +1) -> 2.5 (+0 +0.5 +1) -> 2.5 (-0.5 +0 +0.5).
+        actions = machine.handle(MessageReceived("d", RU(0, 1e6, 10)), 2.0)
+        assert machine.dropped["clip_outlier"] == 1
+        assert actions[0] == Adopt(2.5)
+        assert Metric("round_models_merged", 3) in actions
+
+
 def test_plain_mean_only_when_configured() -> None:
     ops = FloatOps(max_distance=1e12)
     config = GossipConfig(period=10.0, jitter=0.0, budget=2.0, aggregation="mean")
@@ -270,7 +346,9 @@ def test_plain_mean_only_when_configured() -> None:
 
 def test_server_free_clips_every_model_around_the_rounds_starting_model(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
-    machine = ServerFreeLearner("a", 1.0, ops, random.Random(0), ServerFreeConfig())
+    # Clipping alone: the default would reject c's model as an outlier first (tested below).
+    config = ServerFreeConfig(clip_outlier=math.inf)
+    machine = ServerFreeLearner("a", 1.0, ops, random.Random(0), config)
     for peer in ("b", "c", "d"):
         machine.handle(PeerUp(peer), 0.0)
     machine.handle(Start(), 0.0)
@@ -290,7 +368,8 @@ def test_server_free_clips_every_model_around_the_rounds_starting_model(report: 
 
 def test_fedavg_default_centred_clipping_bounds_a_sign_flipped_update(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
-    machine = FedAvgLearner("a", 1.0, ops, random.Random(0), FedAvgConfig(round_timeout=5.0))
+    config = FedAvgConfig(round_timeout=5.0, clip_outlier=math.inf)  # clipping alone
+    machine = FedAvgLearner("a", 1.0, ops, random.Random(0), config)
     for peer in ("b", "c", "d"):
         machine.handle(PeerUp(peer), 0.0)
     machine.handle(Start(), 0.0)
@@ -360,6 +439,7 @@ def test_rule_parameters_an_ops_without_params_would_ignore_are_refused() -> Non
         ({"clip_scale": 0.0}, "clip_scale"),
         ({"clip_window": 0}, "clip_window"),
         ({"clip_iterations": 0}, "clip_iterations"),
+        ({"clip_outlier": 0.5}, "clip_outlier"),
         ({"krum_f": -1}, "krum_f"),
         ({"krum_m": 0}, "krum_m"),
         ({"trim_fraction": 0.5}, "trim_fraction"),

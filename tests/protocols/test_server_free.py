@@ -103,7 +103,7 @@ def test_duplicate_late_and_far_ahead_updates_are_dropped(ops: Any, report: Any)
     assert machine.handle(MessageReceived("b", RU(3, 4.0, 10)), 2.0) == []
     machine.handle(TimerFired(), 6.0)
     assert machine.handle(MessageReceived("c", RU(0, 8.0, 10)), 6.5) == []
-    assert dict(machine.dropped) == {"duplicate": 1, "too_far_ahead": 1, "late": 1}
+    assert dict(machine.dropped) == {"duplicate": 1, "round_clamped": 1, "late": 1}
 
 
 def test_update_for_next_round_is_buffered_and_used(ops: Any, report: Any) -> None:
@@ -129,7 +129,7 @@ def test_restarted_node_jumps_to_the_round_of_most_neighbours(ops: Any, report: 
     machine = in_round(ops, report, peers=("b", "c", "d"))
     for peer, round_ in [("b", 40), ("c", 41), ("d", 10**6)]:  # d lies about its round
         assert machine.handle(MessageReceived(peer, RU(round_, 3.0, 10)), 2.0) == []
-    assert machine.dropped["too_far_ahead"] == 3
+    assert machine.dropped["round_clamped"] == 3
     machine.handle(TimerFired(), 6.0)
     assert machine.round == 41
 
@@ -170,4 +170,26 @@ def test_evaluation_follows_the_round_that_completes_it(ops: Any, report: Any) -
         Evaluate(3.0),
         Train(3.0, 1.0),
         SetTimer(None),
+    ]
+
+
+def test_an_inflated_round_counts_for_the_furthest_buffered_round(ops: Any, report: Any) -> None:
+    config = ServerFreeConfig(round_timeout=5.0, budget=1.0, aggregation="mean", max_ahead=1)
+    machine = in_round(ops, report, config=config)
+    # b claims round 1000 at round 0: rejected (counted), its model kept for round 0 + 1.
+    assert machine.handle(MessageReceived("b", RU(1000, 6.0, 10)), 1.5) == []
+    assert machine.dropped["round_clamped"] == 1 and machine.round == 0
+    # A second inflated claim for the same clamped round is a duplicate, not a second vote.
+    assert machine.handle(MessageReceived("b", RU(1001, 9.0, 10)), 1.6) == []
+    assert machine.dropped["duplicate"] == 1
+    machine.handle(MessageReceived("c", RU(1, 8.0, 10)), 1.7)
+    machine.handle(MessageReceived("c", RU(0, 4.0, 10)), 1.8)
+    machine.handle(MessageReceived("b", RU(0, 4.0, 10)), 2.0)  # round 0 closes
+    assert machine.round == 1  # the lower median of (1001, 1), not b's claim
+    # Round 1 needs no timeout for b: its clamped model is already there, (5 + 6 + 8) / 3.
+    assert machine.handle(TrainingDone(5.0, report(10)), 3.0) == [
+        Send("b", RU(1, 5.0, 10)),
+        Send("c", RU(1, 5.0, 10)),
+        *closed(19.0 / 3, 1, 3),
+        Train(19.0 / 3, 1.0),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,3 +179,53 @@ def test_the_processes_engine_evaluates_only_honest_daemons_under_a_real_attacke
     assert setup.extra["attack"] == {"kind": "scale", "factor": -100.0}
     # Plain averaging with the attacking daemon among them: the honest daemons collapse.
     assert setup.final["accuracy"] < 0.5
+
+
+def test_absent_nodes_are_never_started_in_the_virtual_engine(tiny: Tiny) -> None:
+    setups = [
+        {"name": "g", "protocol": "gossip", "period": 1.0},
+        {"name": "s", "protocol": "server-free", "round_timeout": 2.0},
+    ]
+    attack = [{"nodes": ["n002", "n004"], "kind": "absent"}]
+    runs = {s.name: s for s in virtual.run(tiny(setup=setups, attack=attack)).setups}
+    for name in ("g", "s"):
+        run = runs[name]
+        assert [n.node for n in run.nodes] == ["n000", "n001", "n003", "n005"]
+        assert run.extra["attackers"] == ["n002", "n004"]
+        assert run.extra["attack"] == {"kind": "absent"}
+        # The others never knew them: nothing sent to them, nothing lost to them.
+        for node in run.nodes:
+            assert not node.extra["messages_lost"], node.extra
+        assert run.final["accuracy"] > 0.5
+    # Server-free rounds close on the present peers (no timeout waits for the absent ones).
+    assert all(
+        set(n.extra["models_received_from"]) == {"n000", "n001", "n003", "n005"} - {n.node}
+        for n in runs["s"].nodes
+    )
+
+
+def test_an_absent_node_takes_no_start_and_runs_no_machine() -> None:
+    from p2pfl.learning.attacks import AttackingLearner
+
+    with pytest.raises(ValueError, match="no start"):
+        Attack("absent", start=1.0)
+    assert not Attack("absent").tampers
+    with pytest.raises(ValueError, match="absent node runs no machine"):
+        AttackingLearner(None, Attack("absent"))  # type: ignore[arg-type]
+
+
+def test_the_processes_engine_never_starts_an_absent_daemon(tmp_path: Path) -> None:
+    from p2pfl.sim import processes
+
+    scenario = load(tmp_path, '[[attack]]\nkind = "absent"\nnodes = ["n002"]\n')
+    spec = processes._cluster_spec(scenario, scenario.setups[0])
+    assert spec.absent == {2}
+    spec = dataclasses.replace(spec, static_peers=True)
+    with processes.DaemonCluster(tmp_path / "c", spec, _Addresses(6)) as cluster:
+        started: list[int] = []
+        cluster.start = started.append  # type: ignore[method-assign,assignment]
+        cluster.start_all()
+        assert started == [0, 1, 3, 4, 5]
+        # Nobody is told to dial it.
+        for node in cluster.nodes:
+            assert "10.77.0.4:" not in node.config_path.read_text()
