@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from p2pfl.daemon._sctp_limits import SACK_EVERY
 from p2pfl.daemon.bridge import closes_with_bridge, owning_datagram_endpoints, sweeps_with_bridge
 
 if TYPE_CHECKING:
@@ -60,9 +61,6 @@ __all__ = [
 ]
 
 FRAME_LIMIT = 256 * 1024  # aiortc's maximum message size
-# Data packets per SCTP SACK, at most (aiortc: 1). Defined here, not in sctp.py (which uses and
-# re-exports it), so the link settings need no aiortc: see _aiortc().
-SACK_EVERY = 4
 HEADER = struct.Struct(">BQIIQ16s")
 KIND_DATA = 1
 KIND_HEARTBEAT = 2

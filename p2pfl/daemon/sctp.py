@@ -86,7 +86,7 @@ from aiortc import RTCPeerConnection, RTCSctpTransport
 from aiortc import rtcsctptransport as _sctp
 from aiortc.utils import uint16_add, uint32_gt
 
-from p2pfl.daemon.datachannel import SACK_EVERY
+from p2pfl.daemon._sctp_limits import SACK_EVERY
 
 __all__ = [
     "ACK_DELAY_S",
@@ -103,8 +103,7 @@ __all__ = [
 ]
 
 LEAN_AIORTC = ("1.16",)  # aiortc releases whose SCTP code the fast paths were checked against
-# SACK_EVERY (from datachannel, which needs it without aiortc): data packets per SACK, at most
-# (aiortc: 1; RFC 9260 6.2 asks for >= every 2nd).
+# SACK_EVERY (p2pfl.daemon._sctp_limits: the link settings need it without aiortc).
 ACK_DELAY_S = 0.005  # a lone packet is acknowledged this late at most (the RFC allows 500 ms)
 MIN_PATH_MTU = 1280  # IPv6's minimum: aiortc's own chunk size assumes it
 RECOVERY_PACKETS = 256  # after a gap or a duplicate, this many packets get a SACK per two

@@ -43,8 +43,9 @@ from typing import Any, Protocol
 
 import trio
 
+from p2pfl.daemon._sctp_limits import SACK_EVERY
 from p2pfl.daemon.bridge import AsyncioBridge, BridgeClosed, open_bridge
-from p2pfl.daemon.datachannel import FRAME_LIMIT, SACK_EVERY, LinkDown, LinkSettings, RtcLink
+from p2pfl.daemon.datachannel import FRAME_LIMIT, LinkDown, LinkSettings, RtcLink
 from p2pfl.daemon.discovery import Advert, PeerCandidate, open_mdns_discovery, parse_static_peer
 from p2pfl.daemon.drops import DropLog, contained
 from p2pfl.daemon.limits import DescriptorBudget
