@@ -181,6 +181,37 @@ def test_the_processes_engine_evaluates_only_honest_daemons_under_a_real_attacke
     assert setup.final["accuracy"] < 0.5
 
 
+@pytest.mark.slow
+@pytest.mark.netns
+def test_the_processes_engine_runs_the_honest_only_federation_without_absent_daemons(
+    tmp_path: Path,
+) -> None:
+    from p2pfl.sim import processes
+    from p2pfl.sim.netns import can_create_namespaces
+
+    if not can_create_namespaces():
+        pytest.skip("cannot create network namespaces")
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'name = "p"\n[task]\nname = "digits"\nnodes = 4\n[training]\nepochs = 0.5\n'
+        "eval_interval = 5.0\n[network]\nlatency_ms = 0.0\nbandwidth_mbps = 1000.0\n"
+        '[stop]\ntime = 60.0\nrounds = 6\n[[setup]]\nname = "sf"\nprotocol = "server-free"\n'
+        'aggregation = "mean"\nround_timeout = 30.0\n'
+        '[[attack]]\nnodes = ["n001"]\nkind = "absent"\n'
+    )
+    (setup,) = processes.run(load_scenario(path)).setups
+    assert setup.extra["attackers"] == ["node-1"] and setup.extra["attack"] == {"kind": "absent"}
+    assert sorted(n.extra["name"] for n in setup.nodes) == ["node-0", "node-2", "node-3"]
+    # Real daemons: the three present ones learn together, linked to each other only. Rounds
+    # close on the present peers (a round waiting for the absent one would take the 30 s timeout
+    # each: 6 rounds would not fit the 60 s run).
+    for node in setup.nodes:
+        assert node.rounds >= 6, (node.rounds, node.extra)
+        assert node.extra["peers_connected"] == 2, node.extra
+        assert len(node.extra["bytes_out_by_peer"]) == 2, node.extra
+    assert setup.final["accuracy"] > 0.5
+
+
 def test_absent_nodes_are_never_started_in_the_virtual_engine(tiny: Tiny) -> None:
     setups = [
         {"name": "g", "protocol": "gossip", "period": 1.0},
