@@ -95,8 +95,11 @@ async def _last(node: NodeProcess, kind: str, mark: int) -> dict[str, Any]:
 
 
 def _in_tree(argv: list[str], tree: Path | None) -> list[str]:
-    """``argv`` run with ``tree``'s p2pfl first on the path (None: the working tree's)."""
-    return argv if tree is None else ["env", f"PYTHONPATH={tree}", *argv]
+    """``argv`` run with ``tree``'s p2pfl first on the path (None: the working tree's).
+    ``python -m`` puts the current directory (the checkout) before ``PYTHONPATH`` on the path,
+    which would import the working tree's p2pfl under the baseline's name: PYTHONSAFEPATH (3.11)
+    leaves it out."""
+    return argv if tree is None else ["env", f"PYTHONPATH={tree}", "PYTHONSAFEPATH=1", *argv]
 
 
 async def data_channel(
@@ -219,6 +222,15 @@ def _export(revision: str, into: Path) -> Path:
     return tree
 
 
+def _check_imports_from(tree: Path | None) -> None:
+    """The test node run as the baseline imports the baseline's p2pfl, not the checkout's."""
+    code = "import p2pfl.sim.testnode as t; print(t.__file__)"
+    argv = _in_tree([sys.executable, "-c", code], tree)
+    where = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+    if tree is not None and not where.startswith(str(tree)):
+        raise SystemExit(f"the baseline node imports {where}, not the exported {tree}")
+
+
 def _frame_line(label: str, results: list[dict[str, Any]]) -> str:
     rates = [r["bytes"] / r["seconds"] / MB for r in results]
     per_cpu = [r["bytes"] / max(r["cpu_sender"], r["cpu_receiver"]) / MB for r in results]
@@ -244,6 +256,7 @@ async def main(args: argparse.Namespace) -> None:
         trees: dict[str, Path | None] = {"now": None}
         if args.baseline:
             trees = {f"{args.baseline[:9]}": _export(args.baseline, Path(tmp)), "now": None}
+            _check_imports_from(trees[args.baseline[:9]])
             print(f"baseline: {args.baseline} (alternating with the working tree, "
                   f"{args.rounds} rounds)")  # fmt: skip
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
