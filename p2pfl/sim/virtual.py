@@ -459,15 +459,21 @@ class _SetupRun:
         message after the network's latency, lost with the network's loss as any message is
         (a lost request is then given up at the sampler's join timeout)."""
         dst = self.by_id[peer]
-        src.bytes_sent += NEIGHBOUR_MESSAGE_BYTES
+        arrival = self._transmit(src, dst, NEIGHBOUR_MESSAGE_BYTES)
+        if arrival is not None:
+            self.push(arrival, kind, dst.index, dst.session, (src.index, src.session, value))
+
+    def _transmit(self, src: _Node, dst: _Node, size: int) -> float | None:
+        """Count ``size`` bytes sent by ``src`` and put them on the network to ``dst``: their
+        arrival time, or None when the network lost them (counted by cause)."""
+        src.bytes_sent += size
         src.messages_sent += 1
-        self.bytes_total += NEIGHBOUR_MESSAGE_BYTES
-        sent = self.network.transmit(src.index, dst.index, NEIGHBOUR_MESSAGE_BYTES, self.now)
+        self.bytes_total += size
+        sent = self.network.transmit(src.index, dst.index, size, self.now)
         if sent.lost is not None:
             src.messages_lost[sent.lost] += 1
-            return
-        payload = (src.index, src.session, value)
-        self.push(sent.arrival, kind, dst.index, dst.session, payload)
+            return None
+        return sent.arrival
 
     def on_signal(self, node: _Node, kind: int, session: int, payload: Any) -> None:
         """A link's signaling arrives (see ``signal``); the link exists once both ends admitted
@@ -535,14 +541,9 @@ class _SetupRun:
             message = dataclasses.replace(message, weights=carried)
             size = ENVELOPE_OVERHEAD + payload
             src.models_sent_to.add(peer)
-        src.bytes_sent += size
-        src.messages_sent += 1
-        self.bytes_total += size
-        sent = self.network.transmit(src.index, dst.index, size, self.now)
-        if sent.lost is not None:
-            src.messages_lost[sent.lost] += 1
-            return
-        self.push(sent.arrival, _DELIVER, dst.index, -1, (src.id, message, size))
+        arrival = self._transmit(src, dst, size)
+        if arrival is not None:
+            self.push(arrival, _DELIVER, dst.index, -1, (src.id, message, size))
 
     # -- the run --------------------------------------------------------------------------
 
