@@ -92,14 +92,19 @@ class SampledLinks:
     def _admits(self, peer: str) -> bool:
         return self.transport is not None and self.transport.peer_public_key(peer) is not None
 
+    def _held(self) -> set[str]:
+        """The peers the transport holds a link or a link attempt with (``largest`` records
+        the most at any check)."""
+        held = set(self.transport.linked_peers())
+        self.largest = max(self.largest, len(held))
+        return held
+
     def _room(self, peer: str) -> bool:
         """Whether the transport holds fewer than ``max_peers`` links and attempts besides
         ``peer``'s."""
         if self.transport is None:
             return False
-        held = set(self.transport.linked_peers())
-        self.largest = max(self.largest, len(held))
-        return len(held - {peer}) < self.max_peers
+        return len(self._held() - {peer}) < self.max_peers
 
     def dial(self, peer: str) -> bool:
         return self.machine.wants(peer) and self._room(peer)
@@ -178,7 +183,7 @@ class SampledLinks:
 
     def _notice_down(self, now: float) -> None:
         """A link that was up and is gone (the peer died, closed it, evicted us): ``link_down``."""
-        self._room("")  # record the links held
+        self._held()
         up = set(self.transport.connected_peers())
         for peer in sorted(self._up - up):
             self._perform(self.machine.link_down(peer, now), peer)
