@@ -52,7 +52,10 @@ deadline later is recorded and the timer re-arms for the rest when it fires; suc
 outside fast recovery and with no FORWARD TSN under way, is handled by one method
 (:meth:`TunedSctp._p2pfl_clean_sack`: aiortc's steps in aiortc's order, without a chunk
 object, the gap handling and a helper call per acknowledged chunk; tests/net/test_dtls.py
-compares the sender's state after it with aiortc's handling from the same states). These
+compares the sender's state after it with aiortc's handling from the same states); and the
+common DATA chunk of a transfer (the next TSN, not a message's last fragment, nothing missing,
+no stream reset waiting) is received in one step (:meth:`TunedSctp._p2pfl_next_fragment`:
+the cumulative TSN advanced, the chunk appended to its stream, no message search). These
 repeat parts of aiortc's logic, so they are on only where the installed aiortc is a release
 they were checked against (:data:`LEAN_AIORTC`).
 The DTLS and ICE layers below get the same treatment in :mod:`p2pfl.daemon.dtls`. Together:
@@ -66,7 +69,8 @@ transport before its association starts: no module of aiortc is altered, other u
 in the process are unaffected. The overrides replace private methods of aiortc
 (``_handle_data``, ``_send_sack``, ``_send``, ``_send_chunk``, ``_transmit``,
 ``_receive_sack_chunk`` (bypassed for a clean SACK: it then uses ``_update_rto``,
-``_update_advanced_peer_ack_point`` and ``_data_channel_flush``), the ``_t3_*`` timer
+``_update_advanced_peer_ack_point`` and ``_data_channel_flush``), ``_receive_data_chunk``
+(bypassed for the next fragment), the ``_t3_*`` timer
 methods, ``_get_inbound_stream``,
 ``_mark_received``,
 ``InboundStream.add_chunk``/``pop_messages``), extend the public ``stop`` (which ends the
@@ -158,6 +162,8 @@ _REQUIRED = (
     "_fast_recovery_exit",
     "_forward_tsn_chunk",
     "_forward_tsn_streams",
+    "_inbound_streams",
+    "_reconfig_deferred",
     "_advanced_peer_ack_tsn",
     "_last_sacked_tsn",
     "_update_advanced_peer_ack_point",
@@ -235,7 +241,8 @@ class TunedSctp(RTCSctpTransport):
             return
         chunk = self._p2pfl_lone_data_chunk(data)
         if chunk is not None:
-            await self._receive_data_chunk(chunk)
+            if not self._p2pfl_next_fragment(chunk):
+                await self._receive_data_chunk(chunk)
         else:
             sack = self._p2pfl_lone_sack(data)
             if sack is None:
@@ -321,6 +328,37 @@ class TunedSctp(RTCSctpTransport):
             self._last_received_tsn = tsn
             return False
         return bool(super()._mark_received(tsn))
+
+    def _p2pfl_next_fragment(self, chunk: Any) -> bool:
+        """aiortc's ``_receive_data_chunk`` for the common DATA chunk of a transfer: the next
+        TSN, nothing missing or duplicated, not the last fragment of its message, its stream's
+        reassembly already linear (:class:`LinearInboundStream`), no stream reset waiting. It
+        comes to: SACK needed, the cumulative TSN advanced, the chunk appended to its stream,
+        the window shrunk (no message can complete: the stream skips its search). False, having
+        done nothing, for any other chunk: aiortc's method then handles it."""
+        tsn = chunk.tsn
+        last = self._last_received_tsn
+        if (
+            chunk.flags & _LAST_FRAGMENT
+            or last is None
+            or tsn != (last + 1) % _TSN_MODULO
+            or self._sack_misordered
+            or self._sack_duplicates
+            or self._reconfig_deferred is not None
+        ):
+            return False
+        stream = self._inbound_streams.get(chunk.stream_id)
+        if type(stream) is not LinearInboundStream:
+            return False
+        reassembly = stream.reassembly
+        # The tail, as add_chunk checks: every chunk held has a TSN up to the cumulative one.
+        if reassembly and not 0 < (tsn - reassembly[-1].tsn) % _TSN_MODULO < _HALF_TSN:
+            return False
+        self._sack_needed = True
+        self._last_received_tsn = tsn
+        reassembly.append(chunk)
+        self._advertised_rwnd -= len(chunk.user_data)
+        return True
 
     def _get_inbound_stream(self, stream_id: int) -> Any:
         stream = super()._get_inbound_stream(stream_id)
