@@ -48,9 +48,16 @@ gap and no duplicate, is checked (length, checksum, verification tag) and parsed
 DATA chunks and SACKs without gaps or duplicates are packed directly (the same bytes:
 tests/net/test_dtls.py); the retransmission walk runs only while a chunk can be marked for
 it (after a SACK reporting gaps or a T3 expiry, until none is); a T3 restart that moves the
-deadline later is recorded and the timer re-arms for the rest when it fires. These repeat
-parts of aiortc's logic, so they are on only where the installed aiortc is a release they
-were checked against (:data:`LEAN_AIORTC`).
+deadline later is recorded and the timer re-arms for the rest when it fires; such a SACK,
+outside fast recovery and with no FORWARD TSN under way, is handled by one method
+(:meth:`TunedSctp._p2pfl_clean_sack`: aiortc's steps in aiortc's order, without a chunk
+object, the gap handling and a helper call per acknowledged chunk; tests/net/test_dtls.py
+compares the sender's state after it with aiortc's handling from the same states); and the
+common DATA chunk of a transfer (the next TSN, not a message's last fragment, nothing missing,
+no stream reset waiting) is received in one step (:meth:`TunedSctp._p2pfl_next_fragment`:
+the cumulative TSN advanced, the chunk appended to its stream, no message search). These
+repeat parts of aiortc's logic, so they are on only where the installed aiortc is a release
+they were checked against (:data:`LEAN_AIORTC`).
 The DTLS and ICE layers below get the same treatment in :mod:`p2pfl.daemon.dtls`. Together:
 17 MB per CPU-second of the busier end before, 20-22 after (benchmarks/README.md).
 
@@ -61,7 +68,10 @@ Applied per connection (:func:`tune`), by changing the class of the connection's
 transport before its association starts: no module of aiortc is altered, other users of aiortc
 in the process are unaffected. The overrides replace private methods of aiortc
 (``_handle_data``, ``_send_sack``, ``_send``, ``_send_chunk``, ``_transmit``,
-``_receive_sack_chunk``, the ``_t3_*`` timer methods, ``_get_inbound_stream``,
+``_receive_sack_chunk`` (bypassed for a clean SACK: it then uses ``_update_rto``,
+``_update_advanced_peer_ack_point`` and ``_data_channel_flush``), ``_receive_data_chunk``
+(bypassed for the next fragment), the ``_t3_*`` timer
+methods, ``_get_inbound_stream``,
 ``_mark_received``,
 ``InboundStream.add_chunk``/``pop_messages``), extend the public ``stop`` (which ends the
 delayed-SACK timer and task with the association, so none outlives the link or fails unseen
@@ -151,6 +161,16 @@ _REQUIRED = (
     "_cwnd",
     "_fast_recovery_exit",
     "_forward_tsn_chunk",
+    "_forward_tsn_streams",
+    "_inbound_streams",
+    "_reconfig_deferred",
+    "_advanced_peer_ack_tsn",
+    "_last_sacked_tsn",
+    "_update_advanced_peer_ack_point",
+    "_data_channel_queue",
+    "_data_channel_flush",
+    "_update_rto",
+    "_partial_bytes_acked",
     "transport",
 )
 _FIRST_FRAGMENT: int = getattr(_sctp, "SCTP_DATA_FIRST_FRAG", 0)
@@ -169,6 +189,7 @@ _SACK_PACKET = _COMMON_HEADER.size + _CHECKSUM.size + _SACK.size  # one SACK, no
 _ZERO_CHECKSUM = bytes(4)
 _DATA_TYPE = 0
 _TSN_MODULO = 2**32
+_HALF_TSN = 2**31
 
 
 def chunk_bytes(path_mtu: int) -> int:
@@ -220,20 +241,22 @@ class TunedSctp(RTCSctpTransport):
             return
         chunk = self._p2pfl_lone_data_chunk(data)
         if chunk is not None:
-            await self._receive_data_chunk(chunk)
+            if not self._p2pfl_next_fragment(chunk):
+                await self._receive_data_chunk(chunk)
         else:
             sack = self._p2pfl_lone_sack(data)
             if sack is None:
                 await super()._handle_data(data)
                 return
-            await self._receive_sack_chunk(sack)
+            if not await self._p2pfl_clean_sack(sack[1]):
+                await self._receive_sack_chunk(self._p2pfl_sack_chunk(*sack))
         if self._sack_needed:
             await self._send_sack()
 
-    def _p2pfl_lone_sack(self, data: bytes) -> Any:
-        """The SACK chunk of a packet that holds one SACK reporting no gap and no duplicate
-        (every SACK of a clean transfer) and nothing else, checked as aiortc checks it; None
-        for any other packet, which aiortc's ``_handle_data`` then parses and handles."""
+    def _p2pfl_lone_sack(self, data: bytes) -> tuple[int, int, int] | None:
+        """(flags, cumulative TSN, a_rwnd) of a packet that holds one SACK reporting no gap and
+        no duplicate (every SACK of a clean transfer) and nothing else, checked as aiortc checks
+        it; None for any other packet, which aiortc's ``_handle_data`` then parses and handles."""
         if len(data) != _SACK_PACKET or data[12] != _SACK_TYPE:
             return None
         _, flags, length, cumulative_tsn, rwnd, gaps, duplicates = _SACK.unpack_from(data, 12)
@@ -243,6 +266,11 @@ class TunedSctp(RTCSctpTransport):
             return None
         if _COMMON_HEADER.unpack_from(data)[2] != self._local_verification_tag:
             return None
+        return flags, cumulative_tsn, rwnd
+
+    @staticmethod
+    def _p2pfl_sack_chunk(flags: int, cumulative_tsn: int, rwnd: int) -> Any:
+        """The SackChunk aiortc's parse makes of a SACK without gaps or duplicates."""
         sack = _sctp.SackChunk(flags)
         sack.cumulative_tsn = cumulative_tsn
         sack.advertised_rwnd = rwnd
@@ -300,6 +328,37 @@ class TunedSctp(RTCSctpTransport):
             self._last_received_tsn = tsn
             return False
         return bool(super()._mark_received(tsn))
+
+    def _p2pfl_next_fragment(self, chunk: Any) -> bool:
+        """aiortc's ``_receive_data_chunk`` for the common DATA chunk of a transfer: the next
+        TSN, nothing missing or duplicated, not the last fragment of its message, its stream's
+        reassembly already linear (:class:`LinearInboundStream`), no stream reset waiting. It
+        comes to: SACK needed, the cumulative TSN advanced, the chunk appended to its stream,
+        the window shrunk (no message can complete: the stream skips its search). False, having
+        done nothing, for any other chunk: aiortc's method then handles it."""
+        tsn = chunk.tsn
+        last = self._last_received_tsn
+        if (
+            chunk.flags & _LAST_FRAGMENT
+            or last is None
+            or tsn != (last + 1) % _TSN_MODULO
+            or self._sack_misordered
+            or self._sack_duplicates
+            or self._reconfig_deferred is not None
+        ):
+            return False
+        stream = self._inbound_streams.get(chunk.stream_id)
+        if type(stream) is not LinearInboundStream:
+            return False
+        reassembly = stream.reassembly
+        # The tail, as add_chunk checks: every chunk held has a TSN up to the cumulative one.
+        if reassembly and not 0 < (tsn - reassembly[-1].tsn) % _TSN_MODULO < _HALF_TSN:
+            return False
+        self._sack_needed = True
+        self._last_received_tsn = tsn
+        reassembly.append(chunk)
+        self._advertised_rwnd -= len(chunk.user_data)
+        return True
 
     def _get_inbound_stream(self, stream_id: int) -> Any:
         stream = super()._get_inbound_stream(stream_id)
@@ -360,6 +419,18 @@ class TunedSctp(RTCSctpTransport):
         if type(chunk) is not _sctp.DataChunk or not self._p2pfl_lean:
             await super()._send_chunk(chunk)
             return
+        await self.transport._send_data(self._p2pfl_data_packet(chunk, self._p2pfl_header()))
+
+    def _p2pfl_header(self) -> bytes:
+        """The common header of this association's packets, checksum excluded."""
+        return _COMMON_HEADER.pack(
+            self._local_port, self._remote_port, self._remote_verification_tag
+        )
+
+    @staticmethod
+    def _p2pfl_data_packet(chunk: Any, header: bytes) -> bytes:
+        """serialize_packet's bytes for one DATA chunk, built without its intermediate copies
+        and debug logging."""
         user_data = chunk.user_data
         length = _DATA_HEADER.size + len(user_data)
         body = (
@@ -375,14 +446,14 @@ class TunedSctp(RTCSctpTransport):
             + user_data
             + bytes(-length % 4)
         )
-        await self._p2pfl_send_packet(body)
+        checksum = _crc32c(header + _ZERO_CHECKSUM + body)
+        packet: bytes = header + _CHECKSUM.pack(checksum) + body
+        return packet
 
     async def _p2pfl_send_packet(self, chunks: bytes) -> None:
         """serialize_packet's bytes for ``chunks`` (serialized, padded), built without its
         intermediate copies and debug logging, handed to DTLS as aiortc's ``_send_chunk`` does."""
-        header = _COMMON_HEADER.pack(
-            self._local_port, self._remote_port, self._remote_verification_tag
-        )
+        header = self._p2pfl_header()
         checksum = _crc32c(header + _ZERO_CHECKSUM + chunks)
         await self.transport._send_data(header + _CHECKSUM.pack(checksum) + chunks)
 
@@ -390,6 +461,66 @@ class TunedSctp(RTCSctpTransport):
         if chunk.gaps:  # only gap reports strike chunks for retransmission
             self._p2pfl_scan = True
         await super()._receive_sack_chunk(chunk)
+
+    async def _p2pfl_clean_sack(self, cumulative_tsn: int) -> bool:
+        """aiortc's ``_receive_sack_chunk`` for a SACK without gaps or duplicates (every SACK
+        of a clean transfer) outside fast recovery and with no FORWARD TSN under way: the
+        acknowledged chunks leave the sent queue and the flight, the first one's round trip
+        updates the RTO, the congestion window grows, T3 restarts or stops, more is sent. The
+        same steps in the same order as aiortc's, without its gap handling, per-chunk helper
+        calls and the FORWARD TSN bookkeeping, which has nothing to do here. False, having
+        done nothing, in any other state: aiortc's method then handles the SACK."""
+        if (
+            self._fast_recovery_exit is not None
+            or self._forward_tsn_chunk is not None
+            or self._forward_tsn_streams
+            or self._advanced_peer_ack_tsn != self._last_sacked_tsn
+        ):
+            return False
+        last = self._last_sacked_tsn
+        # uint32_gt(a, b), aiortc's serial number comparison: 0 < (a - b) mod 2^32 < 2^31.
+        if 0 < (last - cumulative_tsn) % _TSN_MODULO < _HALF_TSN:
+            return True  # an old SACK: aiortc ignores it
+        received_time = time.time()
+        self._last_sacked_tsn = cumulative_tsn
+        if 0 < (cumulative_tsn - last) % _TSN_MODULO < _HALF_TSN:
+            self._advanced_peer_ack_tsn = cumulative_tsn  # it was last, as checked above
+        flight = self._flight_size
+        cwnd_fully_utilized = flight >= self._cwnd
+        done = 0
+        done_bytes = 0
+        sent: Any = self._sent_queue
+        # uint32_gte(cumulative_tsn, tsn): (cumulative_tsn - tsn) mod 2^32 below 2^31.
+        while sent and (cumulative_tsn - sent[0].tsn) % _TSN_MODULO < _HALF_TSN:
+            schunk = sent.popleft()
+            done += 1
+            if not schunk._acked:
+                done_bytes += schunk._book_size
+            if schunk._in_flight:  # aiortc's _flight_size_decrease
+                schunk._in_flight = False
+                flight -= schunk._book_size
+            if done == 1 and schunk._sent_count == 1:
+                self._update_rto(received_time - schunk._sent_time)
+        self._flight_size = flight
+        if done and cwnd_fully_utilized:
+            if self._cwnd <= self._ssthresh:
+                self._cwnd += min(done_bytes, _AIORTC_CHUNK)  # slow start
+            else:  # congestion avoidance
+                self._partial_bytes_acked += done_bytes
+                if self._partial_bytes_acked >= self._cwnd:
+                    self._partial_bytes_acked -= self._cwnd
+                    self._cwnd += _AIORTC_CHUNK
+        if not sent:
+            self._t3_cancel()  # no outstanding data
+        elif done:
+            self._t3_restart()  # the earliest outstanding chunk was acknowledged
+        outbound = self._outbound_queue
+        if (outbound and outbound[0]._abandoned) or (sent and sent[0]._abandoned):
+            self._update_advanced_peer_ack_point()  # abandoned chunks: aiortc's FORWARD TSN
+        if self._data_channel_queue and not outbound:  # else aiortc's flush does nothing
+            await self._data_channel_flush()
+        await self._transmit()
+        return True
 
     # T3, the retransmission timer, is restarted on every SACK that acknowledges new data:
     # aiortc cancels the timer and schedules a new one each time. Here a restart that only
@@ -441,7 +572,13 @@ class TunedSctp(RTCSctpTransport):
         # aiortc's burst limit: four of its chunks beyond the flight size.
         cwnd = min(self._flight_size + 4 * _AIORTC_CHUNK, self._cwnd)
         outbound, sent = self._outbound_queue, self._sent_queue
+        if not outbound or self._flight_size >= cwnd:
+            return
         now = time.time()
+        # Every queued chunk is a DATA chunk: packed here as _send_chunk packs it, handed to
+        # DTLS directly.
+        header = self._p2pfl_header()
+        send = self.transport._send_data
         while outbound and self._flight_size < cwnd:
             chunk = outbound.popleft()
             sent.append(chunk)
@@ -450,7 +587,7 @@ class TunedSctp(RTCSctpTransport):
                 self._flight_size += chunk._book_size
             chunk._sent_count += 1
             chunk._sent_time = now
-            await self._send_chunk(chunk)
+            await send(self._p2pfl_data_packet(chunk, header))
             if not self._t3_handle:
                 self._t3_start()
 
