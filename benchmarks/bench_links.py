@@ -19,11 +19,12 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _baseline import export, run_in
 
 from p2pfl.sim.netns import can_create_namespaces, run_in_private_userns
 
@@ -85,21 +86,7 @@ def _measure(size: int) -> float:
 
 def _one(tree: Path | None, size: int) -> float:
     """One measurement in a fresh process, importing ``tree``'s p2pfl (None: the checkout's)."""
-    env = dict(os.environ)
-    if tree is not None:  # PYTHONSAFEPATH: the script's directory does not shadow the tree
-        env["PYTHONSAFEPATH"] = "1"
-        env["PYTHONPATH"] = str(tree)
-    code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "import bench_links as b, p2pfl; "
-        f"print(p2pfl.__file__); print(b._measure({size}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    ).stdout.split()
-    if tree is not None and not out[0].startswith(str(tree)):
-        raise SystemExit(f"the baseline imports {out[0]}, not the exported {tree}")
-    return float(out[1])
+    return float(run_in(tree, "bench_links", f"print(b._measure({size}))"))
 
 
 def main() -> None:
@@ -115,16 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trees: dict[str, Path | None] = {"now": None}
         if args.baseline:
-            tree = Path(tmp) / "baseline"
-            tree.mkdir()
-            root = Path(__file__).resolve().parents[1]
-            archive = subprocess.run(
-                ["git", "-C", str(root), "archive", args.baseline, "p2pfl"],
-                capture_output=True,
-                check=True,
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-            trees = {args.baseline: tree, "now": None}
+            trees = {args.baseline: export(args.baseline, Path(tmp)), "now": None}
         results: dict[str, list[float]] = {label: [] for label in trees}
         for _ in range(args.rounds):
             for label, tree_path in trees.items():

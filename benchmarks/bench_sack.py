@@ -20,13 +20,12 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _baseline import export, run_in
 from aiortc import RTCPeerConnection
 from aiortc import rtcsctptransport as aiortc_sctp
 
@@ -90,21 +89,8 @@ async def _run(sacks: int, lean: bool) -> float:
 
 def _one(tree: Path | None, sacks: int, lean: bool) -> float:
     """One measurement in a fresh process, importing ``tree``'s p2pfl (None: the checkout's)."""
-    env = dict(os.environ)
-    if tree is not None:  # -P / PYTHONSAFEPATH: the script's directory does not shadow the tree
-        env["PYTHONSAFEPATH"] = "1"
-        env["PYTHONPATH"] = str(tree)
-    code = (
-        f"import sys, asyncio; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "import bench_sack as b, p2pfl; "
-        f"print(p2pfl.__file__); print(asyncio.run(b._run({sacks}, {lean})))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    ).stdout.split()
-    if tree is not None and not out[0].startswith(str(tree)):
-        raise SystemExit(f"the baseline imports {out[0]}, not the exported {tree}")
-    return float(out[1])
+    call = f"import asyncio; print(asyncio.run(b._run({sacks}, {lean})))"
+    return float(run_in(tree, "bench_sack", call))
 
 
 def _line(label: str, values: list[float]) -> str:
@@ -127,16 +113,7 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         if args.baseline:
-            tree = Path(tmp) / "baseline"
-            tree.mkdir()
-            root = Path(__file__).resolve().parents[1]
-            archive = subprocess.run(
-                ["git", "-C", str(root), "archive", args.baseline, "p2pfl"],
-                capture_output=True,
-                check=True,
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-            variants.insert(0, (args.baseline, tree, True))
+            variants.insert(0, (args.baseline, export(args.baseline, Path(tmp)), True))
         results: dict[str, list[float]] = {label: [] for label, _, _ in variants}
         for _ in range(args.rounds):
             for label, tree_path, lean in variants:

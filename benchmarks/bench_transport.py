@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from _baseline import export
 
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces, run_in_private_userns
 from p2pfl.sim.testnode import NodeProcess, node_argv
@@ -211,17 +212,6 @@ def _lag(result: dict[str, Any]) -> str:
     )
 
 
-def _export(revision: str, into: Path) -> Path:
-    tree = into / "baseline"
-    tree.mkdir()
-    root = Path(__file__).resolve().parents[1]
-    archive = subprocess.run(
-        ["git", "-C", str(root), "archive", revision, "p2pfl"], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    return tree
-
-
 def _check_imports_from(tree: Path | None) -> None:
     """The test node run as the baseline imports the baseline's p2pfl, not the checkout's."""
     code = "import p2pfl.sim.testnode as t; print(t.__file__)"
@@ -255,7 +245,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="p2pfl-bench-transport-") as tmp:
         trees: dict[str, Path | None] = {"now": None}
         if args.baseline:
-            trees = {f"{args.baseline[:9]}": _export(args.baseline, Path(tmp)), "now": None}
+            trees = {f"{args.baseline[:9]}": export(args.baseline, Path(tmp)), "now": None}
             _check_imports_from(trees[args.baseline[:9]])
             print(f"baseline: {args.baseline} (alternating with the working tree, "
                   f"{args.rounds} rounds)")  # fmt: skip
