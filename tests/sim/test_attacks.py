@@ -252,6 +252,8 @@ def test_the_processes_engine_never_starts_an_absent_daemon(tmp_path: Path) -> N
     scenario = load(tmp_path, '[[attack]]\nkind = "absent"\nnodes = ["n002"]\n')
     spec = processes._cluster_spec(scenario, scenario.setups[0])
     assert spec.absent == {2}
+    # Each daemon starts learning once the 4 others that run are up, not after waiting for 5.
+    assert spec.start_peers == 4
     spec = dataclasses.replace(spec, static_peers=True)
     with processes.DaemonCluster(tmp_path / "c", spec, _Addresses(6)) as cluster:
         started: list[int] = []
