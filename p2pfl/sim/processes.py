@@ -576,6 +576,8 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
             random.Random(f"{scenario.seed}:topology"),
         )
         links = tuple(tuple(t) for t in topology)
+    chosen = attackers(scenario, setup)
+    absent = sum(attack.kind == "absent" for attack in chosen.values())
     return ClusterSpec(
         n_nodes=scenario.task.nodes,
         task=scenario.task.name,
@@ -593,13 +595,14 @@ def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> Clu
         aggregator_index=_aggregator_index(setup, scenario.task.nodes),
         # Every protocol starts once all its peers are up, as in the virtual engine (which hands
         # each node every link's PeerUp before Start): FedAvg elects among all of them, and a
-        # server-free daemon that started alone would close rounds alone and run ahead.
-        start_peers=scenario.task.nodes - 1,
+        # server-free daemon that started alone would close rounds alone and run ahead. Absent
+        # nodes ([[attack]] kind = "absent") are never started: nobody waits for them.
+        start_peers=scenario.task.nodes - 1 - absent,
         neighbours=learner.neighbours,
         range_km=range_km,
         positions=positions,
         links=links,
-        attackers=attackers(scenario, setup),
+        attackers=chosen,
     )
 
 

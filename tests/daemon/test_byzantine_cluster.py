@@ -22,6 +22,7 @@ import pytest
 
 from p2pfl.daemon.control import NodeStatus
 from p2pfl.learning.attacks import Attack
+from p2pfl.sim.forkserver import ForkServer
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
 from p2pfl.sim.processes import ClusterSpec, DaemonCluster
 
@@ -36,6 +37,7 @@ HONEST = [0, 1, 2]
 
 def _honest_accuracy(
     root: Path,
+    fork_server: ForkServer,
     protocol: str,
     aggregation: str | None,
     attack: Attack | None,
@@ -54,7 +56,10 @@ def _honest_accuracy(
         peer_timeout_s=6.0,
         attackers={3: attack} if attack is not None else {},
     )
-    with BridgedNetwork(4) as network, DaemonCluster(root, spec, network) as cluster:
+    with (
+        BridgedNetwork(4) as network,
+        DaemonCluster(root, spec, network, fork_server=fork_server) as cluster,
+    ):
         cluster.start_all()
         deadline = time.monotonic() + 300
         statuses: dict[int, NodeStatus | None] = {}
@@ -76,11 +81,11 @@ def _honest_accuracy(
 
 
 def test_one_insider_among_four_daemons_cannot_take_over_default_fedavg(
-    short_tmp: Path,
+    short_tmp: Path, fork_server: ForkServer
 ) -> None:
     def run(name: str, aggregation: str | None, attack: Attack | None) -> float:
         return _honest_accuracy(
-            short_tmp / name, "fedavg", aggregation, attack, 20, {"round_timeout": 3.0}
+            short_tmp / name, fork_server, "fedavg", aggregation, attack, 20, {"round_timeout": 3.0}
         )
 
     attack = Attack("scale", factor=-100.0)
@@ -93,9 +98,13 @@ def test_one_insider_among_four_daemons_cannot_take_over_default_fedavg(
     assert collapsed < 0.5, (clean, collapsed)
 
 
-def test_one_insider_among_four_daemons_cannot_take_over_default_gossip(short_tmp: Path) -> None:
+def test_one_insider_among_four_daemons_cannot_take_over_default_gossip(
+    short_tmp: Path, fork_server: ForkServer
+) -> None:
     def run(name: str, attack: Attack | None) -> float:
-        return _honest_accuracy(short_tmp / name, "gossip", None, attack, 60, {"period": 0.25})
+        return _honest_accuracy(
+            short_tmp / name, fork_server, "gossip", None, attack, 60, {"period": 0.25}
+        )
 
     clean = run("clean", None)
     attacked = run("attacked", Attack("sign-flip"))

@@ -14,6 +14,7 @@ import pytest
 
 from p2pfl.daemon.checkpoint import CheckpointStore, read_checkpoint
 from p2pfl.daemon.control import NodeStatus
+from p2pfl.sim.forkserver import ForkServer
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
 from p2pfl.sim.processes import ClusterSpec, DaemonCluster
 
@@ -25,7 +26,7 @@ pytestmark = [
 
 
 @pytest.fixture
-def cluster(short_tmp: Path) -> Iterator[DaemonCluster]:
+def cluster(short_tmp: Path, fork_server: ForkServer) -> Iterator[DaemonCluster]:
     spec = ClusterSpec(
         n_nodes=3,
         epochs=0.5,
@@ -33,7 +34,10 @@ def cluster(short_tmp: Path) -> Iterator[DaemonCluster]:
         peer_timeout_s=4.0,
         checkpoint_interval_s=1.0,
     )
-    with BridgedNetwork(3) as network, DaemonCluster(short_tmp, spec, network) as running:
+    with (
+        BridgedNetwork(3) as network,
+        DaemonCluster(short_tmp, spec, network, fork_server=fork_server) as running,
+    ):
         yield running
 
 

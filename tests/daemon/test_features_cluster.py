@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from p2pfl.cli import main as cli_main
 from p2pfl.daemon.control import NodeStatus
 from p2pfl.ml.forecast import TrafficTask
+from p2pfl.sim.forkserver import ForkServer
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
 from p2pfl.sim.processes import ClusterSpec, DaemonCluster
 
@@ -71,7 +72,7 @@ def _use_file(config: Path, data: Path) -> None:
 
 
 def test_halo_readings_come_from_their_owners_and_a_silent_owner_is_masked(
-    short_tmp: Path,
+    short_tmp: Path, fork_server: ForkServer
 ) -> None:
     split = short_tmp / "split"
     result = CliRunner().invoke(
@@ -109,7 +110,10 @@ def test_halo_readings_come_from_their_owners_and_a_silent_owner_is_masked(
         params={"period": 1.0},
         peer_timeout_s=4.0,
     )
-    with BridgedNetwork(7) as network, DaemonCluster(short_tmp, spec, network) as cluster:
+    with (
+        BridgedNetwork(7) as network,
+        DaemonCluster(short_tmp, spec, network, fork_server=fork_server) as cluster,
+    ):
         ids = [n.identity.node_id for n in cluster.nodes]
         _use_file(cluster.nodes[REQUESTER].config_path, split / f"cloudlet-{REQUESTER}.npz")
         _use_file(cluster.nodes[LIAR].config_path, altered)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from p2pfl.daemon.control import NodeStatus
+from p2pfl.sim.forkserver import ForkServer
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
 from p2pfl.sim.processes import ClusterSpec, DaemonCluster
 
@@ -48,7 +49,7 @@ def _connected(status: NodeStatus) -> set[str]:
 
 
 def test_fedavg_on_three_daemons_improves_every_node_and_survives_losing_its_aggregator(
-    short_tmp: Path,
+    short_tmp: Path, fork_server: ForkServer
 ) -> None:
     spec = ClusterSpec(
         n_nodes=3,
@@ -59,7 +60,10 @@ def test_fedavg_on_three_daemons_improves_every_node_and_survives_losing_its_agg
         peer_timeout_s=4.0,
         checkpoint_interval_s=5.0,
     )
-    with BridgedNetwork(3) as network, DaemonCluster(short_tmp, spec, network) as cluster:
+    with (
+        BridgedNetwork(3) as network,
+        DaemonCluster(short_tmp, spec, network, fork_server=fork_server) as cluster,
+    ):
         cluster.start_all()
         ids = [n.identity.node_id for n in cluster.nodes]
         first: dict[int, float] = {}

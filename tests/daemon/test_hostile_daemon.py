@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from p2pfl.daemon.control import NodeStatus
+from p2pfl.sim.forkserver import ForkServer
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
 from p2pfl.sim.processes import ClusterSpec, DaemonCluster
 
@@ -42,9 +43,14 @@ def _reset(sock: socket.socket) -> None:
 
 
 @pytest.fixture
-def cluster(short_tmp: Path) -> Iterator[tuple[DaemonCluster, BridgedNetwork]]:
+def cluster(
+    short_tmp: Path, fork_server: ForkServer
+) -> Iterator[tuple[DaemonCluster, BridgedNetwork]]:
     spec = ClusterSpec(n_nodes=2, epochs=0.5, params={"period": 1.0}, peer_timeout_s=6.0)
-    with BridgedNetwork(3) as network, DaemonCluster(short_tmp, spec, network) as running:
+    with (
+        BridgedNetwork(3) as network,
+        DaemonCluster(short_tmp, spec, network, fork_server=fork_server) as running,
+    ):
         config = running.nodes[0].config_path
         wide_open = (
             "signaling_connections = 5000\nsignaling_per_source = 5000\n"

@@ -25,6 +25,7 @@ import pytest
 
 from p2pfl.daemon.control import NodeStatus
 from p2pfl.protocols import SamplingConfig
+from p2pfl.sim.forkserver import ForkServer
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
 from p2pfl.sim.processes import ClusterSpec, DaemonCluster
 
@@ -68,7 +69,9 @@ def _check(i: int, s: NodeStatus, members: set[str], hostile: set[str]) -> None:
     assert all(n <= SHARE for n in sampling["placed"].values()), (i, sampling)
 
 
-def test_hostile_members_cannot_fill_a_view_or_pass_the_bound(short_tmp: Path) -> None:
+def test_hostile_members_cannot_fill_a_view_or_pass_the_bound(
+    short_tmp: Path, fork_server: ForkServer
+) -> None:
     spec = ClusterSpec(
         n_nodes=N,
         protocol="gossip",
@@ -80,7 +83,7 @@ def test_hostile_members_cannot_fill_a_view_or_pass_the_bound(short_tmp: Path) -
     )
     with (
         BridgedNetwork(N) as network,
-        DaemonCluster(root=short_tmp, spec=spec, network=network, launcher="fork") as cluster,
+        DaemonCluster(short_tmp, spec, network, fork_server=fork_server) as cluster,
     ):
         members = {node.identity.node_id for node in cluster.nodes}
         hostile = {cluster.nodes[i].identity.node_id for i in HOSTILE}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from p2pfl.daemon.control import NodeStatus
+from p2pfl.sim.forkserver import ForkServer
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
 from p2pfl.sim.processes import ClusterSpec, DaemonCluster
 
@@ -48,10 +49,13 @@ def _drops(status: NodeStatus | None, key: str) -> int:
 
 
 def test_revoked_member_is_dropped_everywhere_after_sighup_and_stays_out_after_restart(
-    short_tmp: Path,
+    short_tmp: Path, fork_server: ForkServer
 ) -> None:
     spec = ClusterSpec(n_nodes=3, epochs=0.2, params={"period": 3.0}, peer_timeout_s=4.0)
-    with BridgedNetwork(3) as network, DaemonCluster(short_tmp, spec, network) as cluster:
+    with (
+        BridgedNetwork(3) as network,
+        DaemonCluster(short_tmp, spec, network, fork_server=fork_server) as cluster,
+    ):
         cluster.start_all()
         ids = [n.identity.node_id for n in cluster.nodes]
         _wait_for(

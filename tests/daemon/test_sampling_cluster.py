@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from p2pfl.daemon.control import NodeStatus
+from p2pfl.sim.forkserver import ForkServer
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces
 from p2pfl.sim.processes import ClusterSpec, DaemonCluster
 
@@ -71,7 +72,9 @@ def _statuses(cluster: DaemonCluster, nodes: list[int]) -> dict[int, NodeStatus]
     return out
 
 
-def test_sixteen_daemons_with_four_peers_learn_and_stay_connected(short_tmp: Path) -> None:
+def test_sixteen_daemons_with_four_peers_learn_and_stay_connected(
+    short_tmp: Path, fork_server: ForkServer
+) -> None:
     spec = ClusterSpec(
         n_nodes=N,
         protocol="gossip",
@@ -84,7 +87,7 @@ def test_sixteen_daemons_with_four_peers_learn_and_stay_connected(short_tmp: Pat
     everyone = list(range(N))
     with (
         BridgedNetwork(N) as network,
-        DaemonCluster(root=short_tmp, spec=spec, network=network, launcher="fork") as cluster,
+        DaemonCluster(short_tmp, spec, network, fork_server=fork_server) as cluster,
     ):
         cluster.start_all()
         deadline = time.monotonic() + 240

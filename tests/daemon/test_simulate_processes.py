@@ -41,6 +41,7 @@ epochs = 0.5
 eval_interval = 1.0
 [stop]
 time = 10.0
+rounds = 20
 [[setup]]
 name = "server-free"
 protocol = "server-free"

@@ -169,15 +169,16 @@ def test_the_processes_engine_evaluates_only_honest_daemons_under_a_real_attacke
     path = tmp_path / "s.toml"
     path.write_text(
         'name = "p"\n[task]\nname = "digits"\nnodes = 4\n[training]\nepochs = 0.5\n'
-        "eval_interval = 5.0\n[network]\nlatency_ms = 0.0\nbandwidth_mbps = 1000.0\n"
-        '[stop]\ntime = 60.0\n[[setup]]\nname = "fedavg"\nprotocol = "fedavg"\n'
+        "eval_interval = 1.0\n[network]\nlatency_ms = 0.0\nbandwidth_mbps = 1000.0\n"
+        '[stop]\ntime = 60.0\nrounds = 5\n[[setup]]\nname = "fedavg"\nprotocol = "fedavg"\n'
         'aggregation = "mean"\nround_timeout = 3.0\n'
         '[[attack]]\nnodes = ["n003"]\nkind = "scale"\nfactor = -100.0\n'
     )
     (setup,) = processes.run(load_scenario(path)).setups
     assert len(setup.nodes) == 3 and setup.extra["attackers"] == ["node-3"]
     assert setup.extra["attack"] == {"kind": "scale", "factor": -100.0}
-    # Plain averaging with the attacking daemon among them: the honest daemons collapse.
+    # Plain averaging with the attacking daemon among them: the honest daemons collapse (from
+    # the first averaged round on; the run stops at round 5).
     assert setup.final["accuracy"] < 0.5
 
 
@@ -251,6 +252,8 @@ def test_the_processes_engine_never_starts_an_absent_daemon(tmp_path: Path) -> N
     scenario = load(tmp_path, '[[attack]]\nkind = "absent"\nnodes = ["n002"]\n')
     spec = processes._cluster_spec(scenario, scenario.setups[0])
     assert spec.absent == {2}
+    # Each daemon starts learning once the 4 others that run are up, not after waiting for 5.
+    assert spec.start_peers == 4
     spec = dataclasses.replace(spec, static_peers=True)
     with processes.DaemonCluster(tmp_path / "c", spec, _Addresses(6)) as cluster:
         started: list[int] = []
