@@ -192,6 +192,12 @@ _TSN_MODULO = 2**32
 _HALF_TSN = 2**31
 
 
+def _packet(header: bytes, chunks: bytes) -> bytes:
+    """A packet: the common ``header`` (checksum excluded), its CRC32c, the serialized, padded
+    ``chunks``."""
+    return header + _CHECKSUM.pack(_crc32c(header + _ZERO_CHECKSUM + chunks)) + chunks
+
+
 def chunk_bytes(path_mtu: int) -> int:
     """The user data one DATA chunk carries so that its packet crosses a ``path_mtu`` path."""
     if path_mtu < MIN_PATH_MTU:
@@ -262,11 +268,16 @@ class TunedSctp(RTCSctpTransport):
         _, flags, length, cumulative_tsn, rwnd, gaps, duplicates = _SACK.unpack_from(data, 12)
         if length != _SACK.size or gaps or duplicates:
             return None
-        if _CHECKSUM.unpack_from(data, 8)[0] != _crc32c(data[:8] + _ZERO_CHECKSUM + data[12:]):
-            return None
-        if _COMMON_HEADER.unpack_from(data)[2] != self._local_verification_tag:
+        if not self._p2pfl_ours(data):
             return None
         return flags, cumulative_tsn, rwnd
+
+    def _p2pfl_ours(self, data: bytes) -> bool:
+        """Whether a packet's checksum is right and its verification tag this association's,
+        as aiortc checks them."""
+        if _CHECKSUM.unpack_from(data, 8)[0] != _crc32c(data[:8] + _ZERO_CHECKSUM + data[12:]):
+            return False
+        return bool(_COMMON_HEADER.unpack_from(data)[2] == self._local_verification_tag)
 
     @staticmethod
     def _p2pfl_sack_chunk(flags: int, cumulative_tsn: int, rwnd: int) -> Any:
@@ -285,9 +296,7 @@ class TunedSctp(RTCSctpTransport):
         _, flags, length, tsn, stream_id, stream_seq, protocol = _DATA_HEADER.unpack_from(data, 12)
         if length < _DATA_HEADER.size or 12 + length + (-length % 4) != len(data):
             return None
-        if _CHECKSUM.unpack_from(data, 8)[0] != _crc32c(data[:8] + _ZERO_CHECKSUM + data[12:]):
-            return None
-        if _COMMON_HEADER.unpack_from(data)[2] != self._local_verification_tag:
+        if not self._p2pfl_ours(data):
             return None
         chunk = _sctp.DataChunk()
         chunk.flags = flags
@@ -446,16 +455,12 @@ class TunedSctp(RTCSctpTransport):
             + user_data
             + bytes(-length % 4)
         )
-        checksum = _crc32c(header + _ZERO_CHECKSUM + body)
-        packet: bytes = header + _CHECKSUM.pack(checksum) + body
-        return packet
+        return _packet(header, body)
 
     async def _p2pfl_send_packet(self, chunks: bytes) -> None:
         """serialize_packet's bytes for ``chunks`` (serialized, padded), built without its
         intermediate copies and debug logging, handed to DTLS as aiortc's ``_send_chunk`` does."""
-        header = self._p2pfl_header()
-        checksum = _crc32c(header + _ZERO_CHECKSUM + chunks)
-        await self.transport._send_data(header + _CHECKSUM.pack(checksum) + chunks)
+        await self.transport._send_data(_packet(self._p2pfl_header(), chunks))
 
     async def _receive_sack_chunk(self, chunk: Any) -> None:
         if chunk.gaps:  # only gap reports strike chunks for retransmission
