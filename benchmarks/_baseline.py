@@ -26,13 +26,22 @@ def export(revision: str, into: Path) -> Path:
     return tree
 
 
+def variables(tree: Path) -> dict[str, str]:
+    """What a process needs in its environment to import ``tree``'s p2pfl: ``python -m`` and
+    ``python -c`` put the current directory (the checkout) before ``PYTHONPATH``, and
+    PYTHONSAFEPATH (3.11) leaves it out."""
+    return {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
+
+
 def env_for(tree: Path | None) -> dict[str, str]:
     """The environment of a process that imports ``tree``'s p2pfl (None: the checkout's)."""
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONSAFEPATH"] = "1"
-        env["PYTHONPATH"] = str(tree)
-    return env
+    return dict(os.environ) if tree is None else {**os.environ, **variables(tree)}
+
+
+def check_imported(where: str, tree: Path | None) -> None:
+    """Exit unless ``where`` (a module file a baseline process imported) lies in ``tree``."""
+    if tree is not None and not where.startswith(str(tree)):
+        raise SystemExit(f"the baseline imports {where}, not the exported {tree}")
 
 
 def run_in(tree: Path | None, module: str, call: str) -> str:
@@ -49,6 +58,5 @@ def run_in(tree: Path | None, module: str, call: str) -> str:
         check=True,
         env=env_for(tree),
     ).stdout.split()
-    if tree is not None and not out[0].startswith(str(tree)):
-        raise SystemExit(f"the baseline imports {out[0]}, not the exported {tree}")
+    check_imported(out[0], tree)
     return out[-1]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from _baseline import export
+from _baseline import check_imported, export, variables
 
 from p2pfl.sim.netns import BridgedNetwork, can_create_namespaces, run_in_private_userns
 from p2pfl.sim.testnode import NodeProcess, node_argv
@@ -96,11 +96,10 @@ async def _last(node: NodeProcess, kind: str, mark: int) -> dict[str, Any]:
 
 
 def _in_tree(argv: list[str], tree: Path | None) -> list[str]:
-    """``argv`` run with ``tree``'s p2pfl first on the path (None: the working tree's).
-    ``python -m`` puts the current directory (the checkout) before ``PYTHONPATH`` on the path,
-    which would import the working tree's p2pfl under the baseline's name: PYTHONSAFEPATH (3.11)
-    leaves it out."""
-    return argv if tree is None else ["env", f"PYTHONPATH={tree}", "PYTHONSAFEPATH=1", *argv]
+    """``argv`` run with ``tree``'s p2pfl (None: the working tree's; see ``_baseline``)."""
+    if tree is None:
+        return argv
+    return ["env", *(f"{name}={value}" for name, value in variables(tree).items()), *argv]
 
 
 async def data_channel(
@@ -217,8 +216,7 @@ def _check_imports_from(tree: Path | None) -> None:
     code = "import p2pfl.sim.testnode as t; print(t.__file__)"
     argv = _in_tree([sys.executable, "-c", code], tree)
     where = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
-    if tree is not None and not where.startswith(str(tree)):
-        raise SystemExit(f"the baseline node imports {where}, not the exported {tree}")
+    check_imported(where, tree)
 
 
 def _frame_line(label: str, results: list[dict[str, Any]]) -> str:
