@@ -365,7 +365,12 @@ class RtcLink:
         from p2pfl.daemon.sctp import tune
 
         # False (the transport left as aiortc made it) where an aiortc release changed it.
-        tune(self._pc, sack_every=self.settings.sack_every, path_mtu=self.settings.path_mtu)
+        tune(
+            self._pc,
+            sack_every=self.settings.sack_every,
+            path_mtu=self.settings.path_mtu,
+            on_drop=self._on_drop,
+        )
         tune_datagrams(self._pc)
 
     async def wait_open(self) -> None:

@@ -61,6 +61,24 @@ they were checked against (:data:`LEAN_AIORTC`).
 The DTLS and ICE layers below get the same treatment in :mod:`p2pfl.daemon.dtls`. Together:
 17 MB per CPU-second of the busier end before, 20-22 after (benchmarks/README.md).
 
+**Bounded reassembly.** aiortc's receiver takes every new DATA chunk into its stream's
+reassembly list, whatever the window it advertised and however many streams the chunks name:
+a peer that sends fragments of one message and never its last one, complete messages whose
+stream sequence never comes due, or chunks for thousands of stream ids, grows the receiver's
+memory without bound (the data-channel layer above only ever sees complete messages). Here the
+chunks held are counted (``_p2pfl_held``, kept by the streams as chunks enter and leave) beside
+aiortc's own byte count (the window it advertises shrinks by every byte held). A new chunk out
+of order is dropped, not marked received, once the bytes held would pass the advertised window
+(:data:`HOLD_CHUNKS` / 2 chunks at most), as RFC 9260 section 6.2 has a receiver do with a full
+window; the sender sends it again (aiortc's sender does not keep to the peer's window, so a
+loss in a large flight can meet this: it costs a resend, never data). The next chunk in TSN
+order cannot be dropped without stalling the association for good, so past the hard bound
+(:data:`HOLD_BYTES`, :data:`HOLD_CHUNKS`: the window plus four messages of the 256 KiB aiortc
+accepts, which a peer keeping to the protocol cannot reach) the association is aborted. A chunk
+for a stream beyond :data:`HOLD_STREAMS` is refused the same way (a p2pfl link uses one data
+channel). Every refusal is reported with its reason (``tune(on_drop=...)``; the link counts it
+as stage ``link``).
+
 **Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
 link whose 256 KiB frame takes seconds to complete on a lossy path is not declared silent.
 
@@ -70,15 +88,14 @@ in the process are unaffected. The overrides replace private methods of aiortc
 (``_handle_data``, ``_send_sack``, ``_send``, ``_send_chunk``, ``_transmit``,
 ``_receive_sack_chunk`` (bypassed for a clean SACK: it then uses ``_update_rto``,
 ``_update_advanced_peer_ack_point`` and ``_data_channel_flush``), ``_receive_data_chunk``
-(bypassed for the next fragment), the ``_t3_*`` timer
-methods, ``_get_inbound_stream``,
-``_mark_received``,
-``InboundStream.add_chunk``/``pop_messages``), extend the public ``stop`` (which ends the
-delayed-SACK timer and task with the association, so none outlives the link or fails unseen
-after it) and use private attributes; :func:`tune` checks
-they exist and leaves the transport as it is where an aiortc release has changed them. Each
-end still interoperates with any SCTP peer: these are sender and receiver choices the protocol
-leaves open.
+(bypassed for the next fragment, preceded by the reassembly bound; aborting uses ``_abort`` and
+``_set_state``), the ``_t3_*`` timer methods, ``_get_inbound_stream``, ``_mark_received``,
+``_reset_deferred_streams`` (to recount after a stream reset),
+``InboundStream.add_chunk``/``pop_messages``/``prune_chunks``), extend the public ``stop``
+(which ends the delayed-SACK timer and task with the association, so none outlives the link or
+fails unseen after it) and use private attributes; :func:`tune` checks they exist and leaves
+the transport as it is where an aiortc release has changed them. Each end still interoperates
+with any SCTP peer: these are sender and receiver choices the protocol leaves open.
 """
 
 from __future__ import annotations
@@ -88,6 +105,7 @@ import logging
 import struct
 import time
 import typing
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import Any
@@ -100,6 +118,9 @@ from p2pfl.daemon._sctp_limits import SACK_EVERY
 
 __all__ = [
     "ACK_DELAY_S",
+    "HOLD_BYTES",
+    "HOLD_CHUNKS",
+    "HOLD_STREAMS",
     "LEAN_AIORTC",
     "MIN_PATH_MTU",
     "RECOVERY_PACKETS",
@@ -117,6 +138,9 @@ LEAN_AIORTC = ("1.16",)  # aiortc releases whose SCTP code the fast paths were c
 ACK_DELAY_S = 0.005  # a lone packet is acknowledged this late at most (the RFC allows 500 ms)
 MIN_PATH_MTU = 1280  # IPv6's minimum: aiortc's own chunk size assumes it
 RECOVERY_PACKETS = 256  # after a gap or a duplicate, this many packets get a SACK per two
+HOLD_CHUNKS = 4096  # DATA chunks held for reassembly per association, at most
+HOLD_BYTES = 2 * 1024 * 1024  # their bytes, at most: the 1 MiB window + 4 x 256 KiB messages
+HOLD_STREAMS = 16  # inbound streams per association, at most (a link uses one data channel)
 
 _IP_UDP_HEADERS = 40 + 8  # IPv6 (the larger of the two IP headers) + UDP
 # DTLS 1.2 record expansion with ECDHE-ECDSA-AES128-SHA, the costliest suite aiortc offers:
@@ -164,6 +188,10 @@ _REQUIRED = (
     "_forward_tsn_streams",
     "_inbound_streams",
     "_reconfig_deferred",
+    "_reset_deferred_streams",
+    "_association_state",
+    "_abort",
+    "_set_state",
     "_advanced_peer_ack_tsn",
     "_last_sacked_tsn",
     "_update_advanced_peer_ack_point",
@@ -190,6 +218,7 @@ _ZERO_CHECKSUM = bytes(4)
 _DATA_TYPE = 0
 _TSN_MODULO = 2**32
 _HALF_TSN = 2**31
+_WINDOW = 1024 * 1024  # aiortc's advertised window with nothing held; tune() reads the instance's
 
 
 def _packet(header: bytes, chunks: bytes) -> bytes:
@@ -207,20 +236,44 @@ def chunk_bytes(path_mtu: int) -> int:
 
 
 class LinearInboundStream(_InboundStream or object):  # type: ignore[misc]
-    """aiortc's reassembly, skipping the search after a tail chunk that ends no message."""
+    """aiortc's reassembly, skipping the search after a tail chunk that ends no message; the
+    chunks it holds are counted in its association's ``_p2pfl_held``."""
 
     _p2pfl_skip = False
+    _p2pfl_owner: TunedSctp | None = None
 
     def add_chunk(self, chunk: Any) -> None:
         tail = not self.reassembly or uint32_gt(chunk.tsn, self.reassembly[-1].tsn)
         self._p2pfl_skip = bool(tail and not chunk.flags & _LAST_FRAGMENT)
         super().add_chunk(chunk)
+        if self._p2pfl_owner is not None:
+            self._p2pfl_owner._p2pfl_held += 1
 
     def pop_messages(self) -> Any:
         if self._p2pfl_skip:
             self._p2pfl_skip = False
             return iter(())
-        return super().pop_messages()
+        if self._p2pfl_owner is None:
+            return super().pop_messages()
+        return self._p2pfl_counted(super().pop_messages())
+
+    def _p2pfl_counted(self, messages: Any) -> Any:
+        """``messages`` (aiortc's, each taken out of the list before it is yielded), with the
+        chunks each took out subtracted from the association's count."""
+        owner = self._p2pfl_owner
+        held = len(self.reassembly)
+        for message in messages:
+            if owner is not None:
+                owner._p2pfl_held -= held - len(self.reassembly)
+            held = len(self.reassembly)
+            yield message
+
+    def prune_chunks(self, tsn: int) -> int:
+        held = len(self.reassembly)
+        size = int(super().prune_chunks(tsn))
+        if self._p2pfl_owner is not None:
+            self._p2pfl_owner._p2pfl_held -= held - len(self.reassembly)
+        return size
 
 
 class TunedSctp(RTCSctpTransport):
@@ -236,12 +289,18 @@ class TunedSctp(RTCSctpTransport):
     _p2pfl_heard = 0.0
     _p2pfl_recovery = 0  # packets left to acknowledge every second one
     _p2pfl_lean = False  # the per-packet fast paths (see "Less Python per packet")
+    _p2pfl_held = 0  # DATA chunks held for reassembly, all streams (see "Bounded reassembly")
+    _p2pfl_window = _WINDOW  # the receive window aiortc advertises when nothing is held
+    _p2pfl_on_drop: Callable[[str], None] | None = None
+    _p2pfl_aborted = False  # the bound aborted the association
 
     # --- liveness ------------------------------------------------------------------------------
     async def _handle_data(self, data: bytes) -> None:
         # Every packet from the peer (DTLS has authenticated it) shows it is alive, also while
         # a large data-channel message is still incomplete on a slow, lossy path.
         self._p2pfl_heard = time.monotonic()
+        if self._p2pfl_aborted:
+            return  # aborted here (see "Bounded reassembly"): nothing more is taken
         if not self._p2pfl_lean:
             await super()._handle_data(data)
             return
@@ -359,6 +418,11 @@ class TunedSctp(RTCSctpTransport):
         stream = self._inbound_streams.get(chunk.stream_id)
         if type(stream) is not LinearInboundStream:
             return False
+        if (
+            self._p2pfl_held >= HOLD_CHUNKS
+            or self._p2pfl_window - self._advertised_rwnd + len(chunk.user_data) > HOLD_BYTES
+        ):
+            return False  # over the bound: _receive_data_chunk refuses it
         reassembly = stream.reassembly
         # The tail, as add_chunk checks: every chunk held has a TSN up to the cumulative one.
         if reassembly and not 0 < (tsn - reassembly[-1].tsn) % _TSN_MODULO < _HALF_TSN:
@@ -366,6 +430,7 @@ class TunedSctp(RTCSctpTransport):
         self._sack_needed = True
         self._last_received_tsn = tsn
         reassembly.append(chunk)
+        self._p2pfl_held += 1
         self._advertised_rwnd -= len(chunk.user_data)
         return True
 
@@ -373,7 +438,53 @@ class TunedSctp(RTCSctpTransport):
         stream = super()._get_inbound_stream(stream_id)
         if type(stream) is _InboundStream:
             stream.__class__ = LinearInboundStream
+            typing.cast(LinearInboundStream, stream)._p2pfl_owner = self
         return stream
+
+    # --- bounded reassembly ---------------------------------------------------------------------
+    async def _receive_data_chunk(self, chunk: Any) -> None:
+        if self._p2pfl_aborted:
+            return  # the rest of a packet whose chunk aborted the association
+        refused = self._p2pfl_refusal(chunk)
+        if refused is None:
+            await super()._receive_data_chunk(chunk)
+            return
+        if self._p2pfl_on_drop is not None:
+            self._p2pfl_on_drop(refused)
+        last = self._last_received_tsn  # set: only a chunk after it can be refused
+        if last is not None and chunk.tsn == (last + 1) % _TSN_MODULO:
+            # The next TSN cannot be dropped without stalling the association for good (the
+            # peer must send it again, and it would be refused again): a peer keeping to the
+            # protocol never sends it over the bound.
+            self._p2pfl_aborted = True
+            await self._abort()
+            self._set_state(self.State.CLOSED)
+
+    def _p2pfl_refusal(self, chunk: Any) -> str | None:
+        """Why a DATA chunk is not taken in (see "Bounded reassembly"); None to take it. A
+        duplicate is taken: aiortc reports it and holds nothing."""
+        tsn = chunk.tsn
+        last = self._last_received_tsn
+        if last is None or (last - tsn) % _TSN_MODULO < _HALF_TSN or tsn in self._sack_misordered:
+            return None
+        streams = self._inbound_streams
+        if chunk.stream_id not in streams and len(streams) >= HOLD_STREAMS:
+            return "sctp_streams_full"
+        held = self._p2pfl_held
+        held_bytes = self._p2pfl_window - self._advertised_rwnd + len(chunk.user_data)
+        if tsn == (last + 1) % _TSN_MODULO:
+            if held >= HOLD_CHUNKS or held_bytes > HOLD_BYTES:
+                return "sctp_reassembly_full"
+        elif held >= HOLD_CHUNKS // 2 or held_bytes > self._p2pfl_window:
+            return "sctp_window_full"  # out of order: the peer sends it again
+        return None
+
+    async def _reset_deferred_streams(self) -> None:
+        deferred = self._reconfig_deferred
+        await super()._reset_deferred_streams()
+        if deferred is not None and self._reconfig_deferred is None:
+            # Streams were reset: their chunks went with them.
+            self._p2pfl_held = sum(len(s.reassembly) for s in self._inbound_streams.values())
 
     async def _p2pfl_ack_now(self) -> None:
         if self._p2pfl_timer is not None:
@@ -666,6 +777,7 @@ def tune(
     sack_every: int = SACK_EVERY,
     path_mtu: int = 1500,
     lean: bool | None = None,
+    on_drop: Callable[[str], None] | None = None,
 ) -> bool:
     """Make ``pc``'s SCTP transport a :class:`TunedSctp`; False where it cannot.
 
@@ -675,7 +787,10 @@ def tune(
     ``setRemoteDescription`` on the answering side) and before the association starts.
     ``lean``: the per-packet fast paths, which repeat parts of aiortc's own logic; by default
     on where the installed aiortc is a release they were checked against
-    (:data:`LEAN_AIORTC`).
+    (:data:`LEAN_AIORTC`). ``on_drop(reason)`` is called, on the asyncio thread, for each DATA
+    chunk the bounded reassembly refuses (``sctp_window_full``, ``sctp_streams_full``,
+    ``sctp_reassembly_full``); a refused chunk that is the next in TSN order also aborts the
+    association.
     """
     if not 1 <= sack_every <= SACK_EVERY:
         raise ValueError(f"sack_every must be 1..{SACK_EVERY}, not {sack_every}")
@@ -688,7 +803,7 @@ def tune(
     if not (_FIRST_FRAGMENT and _LAST_FRAGMENT and _UNORDERED and _AIORTC_CHUNK):
         return False
     if _InboundStream is None or not all(
-        hasattr(_InboundStream, name) for name in ("add_chunk", "pop_messages")
+        hasattr(_InboundStream, name) for name in ("add_chunk", "pop_messages", "prune_chunks")
     ):
         return False
     if _crc32c is None or not all(
@@ -700,6 +815,8 @@ def tune(
     tuned._p2pfl_sack_every = sack_every
     tuned._p2pfl_chunk = size
     tuned._p2pfl_lean = aiortc_checked() if lean is None else lean
+    tuned._p2pfl_window = max(tuned._advertised_rwnd, 0)  # nothing is held yet
+    tuned._p2pfl_on_drop = on_drop
     return True
 
 

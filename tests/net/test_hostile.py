@@ -385,3 +385,61 @@ async def test_an_unfinished_48_mib_transfer_is_freed_and_the_link_keeps_working
             "the stalled transfer to be freed",
         )
         await _still_talking(target, friend)
+
+
+async def test_a_message_whose_last_fragment_never_comes_aborts_that_link_only(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    """A member's SCTP sends fragments of one message, in order, without end (aiortc alone holds
+    them all): the target holds a bounded amount, aborts that association, counts why, and
+    links again with the member as with any lost link."""
+    from aiortc import rtcsctptransport as aiortc_sctp
+
+    from p2pfl.daemon import sctp
+
+    net = shared_net(2)
+    async with _honest_pair(net, reconnect_min_s=0.2) as (target, friend):
+        link = friend._peers[target.node_id].link
+        assert link is not None and friend._bridge is not None and link._channel is not None
+        stream_id = link._channel.id
+        chunks = 2 * sctp.HOLD_BYTES // 1356  # twice what the target may hold
+
+        async def never_ending() -> None:  # on the asyncio side, below the sender's queue
+            transport: Any = link._pc.sctp
+            for n in range(chunks):
+                chunk = aiortc_sctp.DataChunk(flags=0 if n else aiortc_sctp.SCTP_DATA_FIRST_FRAG)
+                chunk.tsn = transport._local_tsn
+                transport._local_tsn = aiortc_sctp.tsn_plus_one(transport._local_tsn)
+                chunk.stream_id, chunk.stream_seq, chunk.protocol = stream_id, 60000, 53
+                chunk.user_data = bytes(1356)
+                try:
+                    await transport._send_chunk(chunk)
+                except ConnectionError:
+                    return  # the target aborted the association: the link is down
+                if n % 8 == 0:
+                    await asyncio.sleep(0.001)  # paced: the test is the bound, not the loss
+
+        await friend._bridge.call(never_ending)
+        await _wait_until(
+            lambda: target.drops.get("link", "sctp_reassembly_full") == 1,
+            "the target to refuse the overrun",
+        )
+        await _wait_until(
+            lambda: (
+                target.connected_peers() == [friend.node_id]
+                and friend.connected_peers() == [target.node_id]
+                and target._peers[friend.node_id].link is not link
+            ),
+            "the pair to link again",
+        )
+        while True:  # the link's down and up again
+            with trio.move_on_after(0.5):
+                await target.events.receive()
+                continue
+            break
+        while True:
+            with trio.move_on_after(0.5):
+                await friend.events.receive()
+                continue
+            break
+        await _still_talking(target, friend)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Any
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSctpTransport
@@ -325,3 +326,184 @@ def test_chunks_are_sized_for_the_path() -> None:
     assert [len(c["user_data"]) for c in chunks] == [1356, 1356, 1356, 932]  # type: ignore[arg-type]
     flags = [c["flags"] for c in chunks]
     assert flags == [FIRST, 0, 0, LAST]
+
+
+# --- bounded reassembly: what a peer can make the receiver hold ------------------------------
+
+_TAG = 0x1234ABCD
+
+
+def _packet(tsn: int, data: bytes, flags: int, *, stream: int = 1, seq: int = 0) -> bytes:
+    """One DATA chunk in a packet of this association (verification tag ``_TAG``)."""
+    chunk = aiortc_sctp.DataChunk(flags=flags)
+    chunk.tsn, chunk.stream_id, chunk.stream_seq, chunk.protocol = tsn % 2**32, stream, seq, 53
+    chunk.user_data = data
+    return bytes(aiortc_sctp.serialize_packet(5000, 5000, _TAG, chunk))
+
+
+class _Receiver:
+    """A tuned, established transport fed packets as from its peer; what it sends is parsed,
+    what it refuses is recorded, what it delivers is collected."""
+
+    def __init__(self, pc: RTCPeerConnection, first_tsn: int) -> None:
+        self.pc = pc
+        self.refused: list[str] = []
+        self.delivered: list[bytes] = []
+        self.sent: list[object] = []
+        assert sctp.tune(pc, on_drop=self.refused.append)
+        transport: Any = pc.sctp
+        self.transport = transport
+        transport._local_verification_tag = _TAG
+        transport._remote_port = 5000
+        transport._remote_verification_tag = 0xCAFEF00D
+        transport._association_state = RTCSctpTransport.State.ESTABLISHED
+        transport._last_received_tsn = (first_tsn - 1) % 2**32
+
+        async def send(data: bytes) -> None:
+            self.sent.extend(aiortc_sctp.parse_packet(data)[3])
+
+        async def receive(stream_id: int, pp_id: int, data: bytes) -> None:
+            self.delivered.append(data)
+
+        transport.transport._send_data = send
+        transport._receive = receive
+
+    @classmethod
+    async def open(cls, first_tsn: int = 2**32 - 5) -> _Receiver:
+        pc = RTCPeerConnection()
+        pc.createDataChannel("x")
+        await asyncio.sleep(0)  # as in _ack_rule
+        return cls(pc, first_tsn)
+
+    async def feed(self, packet: bytes) -> None:
+        await self.transport._handle_data(packet)
+        streams = self.transport._inbound_streams.values()
+        assert self.transport._p2pfl_held == sum(len(s.reassembly) for s in streams)
+
+    @property
+    def held_bytes(self) -> int:
+        return int(self.transport._p2pfl_window - self.transport._advertised_rwnd)
+
+    @property
+    def aborted(self) -> bool:
+        return any(isinstance(c, aiortc_sctp.AbortChunk) for c in self.sent)
+
+    async def close(self) -> None:
+        self.transport._association_state = RTCSctpTransport.State.CLOSED
+        await self.pc.close()
+
+
+@pytest.mark.parametrize("size", [1, 1356])
+def test_a_message_that_never_ends_is_held_up_to_the_bound_then_the_association_aborts(
+    size: int,
+) -> None:
+    """Fragments of one message, in TSN order, never the last one: aiortc alone holds them all."""
+
+    async def check() -> tuple[int, int, list[str], bool, bool]:
+        receiver = await _Receiver.open()
+        tsn = 2**32 - 5  # across the TSN wrap-around
+        await receiver.feed(_packet(tsn, bytes(size), FIRST))
+        most_held = most_bytes = 0
+        for n in range(1, 2 * sctp.HOLD_CHUNKS):
+            await receiver.feed(_packet(tsn + n, bytes(size), 0))
+            most_held = max(most_held, receiver.transport._p2pfl_held)
+            most_bytes = max(most_bytes, receiver.held_bytes)
+            if receiver.aborted:
+                break
+        for m in range(n + 1, n + 50):  # the peer goes on: nothing more is taken or counted
+            await receiver.feed(_packet(tsn + m, bytes(size), 0))
+        refused, aborted = list(receiver.refused), receiver.aborted
+        state = receiver.transport._association_state
+        await receiver.close()
+        return most_held, most_bytes, refused, aborted, state == RTCSctpTransport.State.CLOSED
+
+    most_held, most_bytes, refused, aborted, closed = asyncio.run(check())
+    assert aborted and closed
+    assert refused == ["sctp_reassembly_full"]
+    assert most_held <= sctp.HOLD_CHUNKS and most_bytes <= sctp.HOLD_BYTES
+    if size == 1:
+        assert most_held == sctp.HOLD_CHUNKS  # tiny chunks: the count bounds them
+    else:
+        assert most_bytes > sctp.HOLD_BYTES - size  # full chunks: the bytes do
+
+
+def test_out_of_order_chunks_past_the_window_are_dropped_and_taken_when_sent_again() -> None:
+    """A loss in a flight larger than the window (aiortc's sender does not keep to it): the
+    chunks past the window are dropped, not acknowledged, and taken when sent again; every
+    message arrives once and in order, nothing aborts."""
+    messages = [bytes([n]) * 4 * 1356 for n in range(250)]  # 1.3 MB: more than the window
+    packets = []
+    tsn = 2**32 - 100
+    for seq, message in enumerate(messages):
+        for i in range(4):
+            flags = (FIRST if i == 0 else 0) | (LAST if i == 3 else 0)
+            packets.append((tsn, _packet(tsn, message[i * 1356 : (i + 1) * 1356], flags, seq=seq)))
+            tsn += 1
+
+    async def check() -> tuple[list[bytes], list[str], bool, set[int]]:
+        receiver = await _Receiver.open(packets[0][0])
+        for _, packet in packets[1:]:  # the first is lost
+            await receiver.feed(packet)
+        acknowledged = set(receiver.transport._sack_misordered)
+        assert receiver.held_bytes <= receiver.transport._p2pfl_window
+        await receiver.feed(packets[0][1])  # resent: everything held is delivered
+        for sent_tsn, packet in packets:  # then what was dropped, resent too
+            if sent_tsn != packets[0][0] and sent_tsn not in acknowledged:
+                await receiver.feed(packet)
+        result = list(receiver.delivered), list(receiver.refused), receiver.aborted
+        await receiver.close()
+        return (*result, acknowledged)
+
+    delivered, refused, aborted, acknowledged = asyncio.run(check())
+    assert delivered == messages
+    assert not aborted
+    dropped = len(packets) - 1 - len(acknowledged)
+    assert dropped > 0 and refused == ["sctp_window_full"] * dropped
+    assert len(acknowledged) * 1356 <= 1024 * 1024
+
+
+def test_chunks_for_too_many_streams_are_refused() -> None:
+    async def check() -> tuple[list[str], bool, int]:
+        receiver = await _Receiver.open()
+        tsn = 2**32 - 5
+        for stream in range(sctp.HOLD_STREAMS + 1):  # one complete message per stream, in order
+            await receiver.feed(_packet(tsn + stream, b"x", FIRST | LAST, stream=stream))
+        # Aborted: the next TSN, now on a stream it holds, is not taken either.
+        await receiver.feed(_packet(tsn + sctp.HOLD_STREAMS, b"x", FIRST, stream=1))
+        result = list(receiver.refused), receiver.aborted, len(receiver.delivered)
+        assert receiver.transport._p2pfl_held == 0
+        await receiver.close()
+        return result
+
+    refused, aborted, delivered = asyncio.run(check())
+    assert (refused, aborted, delivered) == (["sctp_streams_full"], True, sctp.HOLD_STREAMS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=1, max_size=12),
+    unordered=st.lists(st.booleans(), min_size=12, max_size=12),
+    seed=st.integers(0, 2**16),
+)
+def test_the_count_of_chunks_held_follows_reordering_loss_and_delivery(
+    sizes: list[int], unordered: list[bool], seed: int
+) -> None:
+    """Checked after every packet by _Receiver.feed, on the lean and aiortc's paths alike."""
+    chunks = _chunks(sizes, unordered[: len(sizes)], 2**32 - 7)
+    rng = random.Random(seed)
+    order = list(chunks)
+    for i in range(len(order) - 1):  # local swaps: reordering within a small window
+        if rng.random() < 0.3:
+            order[i], order[i + 1] = order[i + 1], order[i]
+    order += [c for c in chunks if rng.random() < 0.2]  # duplicates
+
+    async def check() -> int:
+        receiver = await _Receiver.open(chunks[0].tsn)  # type: ignore[attr-defined]
+        for chunk in order:
+            c: Any = chunk
+            await receiver.feed(_packet(c.tsn, c.user_data, c.flags, stream=1, seq=c.stream_seq))
+        held = receiver.transport._p2pfl_held
+        await receiver.close()
+        return held
+
+    assert asyncio.run(check()) == 0  # everything was delivered
