@@ -35,7 +35,10 @@ last fragment, and any other complete one was delivered when it completed), so
 **Cheap in-order bookkeeping.** For every DATA chunk aiortc adds its TSN to a set, sorts the
 set, and rebuilds the set and the duplicate list through filters, to learn that the chunk was
 simply the next one. :meth:`TunedSctp._mark_received` advances the cumulative TSN directly in
-that case (nothing missing, nothing duplicated) and leaves every other case to aiortc.
+that case (nothing missing, nothing duplicated). Every other case takes aiortc's steps in
+serial-number order, and so do a SACK's gap blocks: aiortc sorts TSNs numerically, so a gap
+pending across the TSN wrap-around (0 sorted before 2^32 - 1) stopped its cumulative TSN for
+the rest of the association.
 
 **Less Python per packet.** Profiled after the above (a sampling profiler on both ends of a
 64 MiB transfer), aiortc's generic per-packet code came next: every packet parsed through the
@@ -68,16 +71,17 @@ stream sequence never comes due, or chunks for thousands of stream ids, grows th
 memory without bound (the data-channel layer above only ever sees complete messages). Here the
 chunks held are counted (``_p2pfl_held``, kept by the streams as chunks enter and leave) beside
 aiortc's own byte count (the window it advertises shrinks by every byte held). A new chunk out
-of order is dropped, not marked received, once the bytes held would pass the advertised window
-(:data:`HOLD_CHUNKS` / 2 chunks at most), as RFC 9260 section 6.2 has a receiver do with a full
-window; the sender sends it again (aiortc's sender does not keep to the peer's window, so a
-loss in a large flight can meet this: it costs a resend, never data). The next chunk in TSN
-order cannot be dropped without stalling the association for good, so past the hard bound
-(:data:`HOLD_BYTES`, :data:`HOLD_CHUNKS`: the window plus four messages of the 256 KiB aiortc
-accepts, which a peer keeping to the protocol cannot reach) the association is aborted. A chunk
-for a stream beyond :data:`HOLD_STREAMS` is refused the same way (a p2pfl link uses one data
-channel). Every refusal is reported with its reason (``tune(on_drop=...)``; the link counts it
-as stage ``link``).
+of order is dropped, not marked received, once the bytes held would pass the advertised window,
+past :data:`HOLD_CHUNKS` / 2 chunks, or more than :data:`HOLD_TSN_SPAN` TSNs ahead (a SACK's
+gap blocks count in 16 bits: aiortc's SACK failed to pack for such a chunk, taking the link
+down), as RFC 9260 section 6.2 has a receiver do with a full window; the sender sends it again
+(aiortc's sender does not keep to the peer's window, so a loss in a large flight can meet this:
+it costs a resend, never data). The next chunk in TSN order cannot be dropped without stalling
+the association for good, so past the hard bound (:data:`HOLD_BYTES`, :data:`HOLD_CHUNKS`: the
+window plus four messages of the 256 KiB aiortc accepts, which a peer keeping to the protocol
+cannot reach) the association is aborted. A chunk for a stream beyond :data:`HOLD_STREAMS` is
+refused the same way (a p2pfl link uses one data channel). Every refusal is reported with its
+reason (``tune(on_drop=...)``; the link counts it as stage ``link``).
 
 **Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
 link whose 256 KiB frame takes seconds to complete on a lossy path is not declared silent.
@@ -121,6 +125,7 @@ __all__ = [
     "HOLD_BYTES",
     "HOLD_CHUNKS",
     "HOLD_STREAMS",
+    "HOLD_TSN_SPAN",
     "LEAN_AIORTC",
     "MIN_PATH_MTU",
     "RECOVERY_PACKETS",
@@ -141,6 +146,7 @@ RECOVERY_PACKETS = 256  # after a gap or a duplicate, this many packets get a SA
 HOLD_CHUNKS = 4096  # DATA chunks held for reassembly per association, at most
 HOLD_BYTES = 2 * 1024 * 1024  # their bytes, at most: the 1 MiB window + 4 x 256 KiB messages
 HOLD_STREAMS = 16  # inbound streams per association, at most (a link uses one data channel)
+HOLD_TSN_SPAN = 65535  # a chunk held out of order is this far past the cumulative TSN at most
 
 _IP_UDP_HEADERS = 40 + 8  # IPv6 (the larger of the two IP headers) + UDP
 # DTLS 1.2 record expansion with ECDHE-ECDSA-AES128-SHA, the costliest suite aiortc offers:
@@ -395,7 +401,26 @@ class TunedSctp(RTCSctpTransport):
         ):
             self._last_received_tsn = tsn
             return False
-        return bool(super()._mark_received(tsn))
+        last = self._last_received_tsn
+        if last is None:
+            return bool(super()._mark_received(tsn))
+        # aiortc's bookkeeping in serial-number order: aiortc consolidates the received TSNs
+        # in numeric order, so with a gap pending across the wrap-around (0 sorted before
+        # 2^32 - 1) the cumulative TSN stopped for the rest of the association.
+        misordered = self._sack_misordered
+        if (last - tsn) % _TSN_MODULO < _HALF_TSN or tsn in misordered:
+            self._sack_duplicates.append(tsn)
+            return True
+        misordered.add(tsn)
+        following = (last + 1) % _TSN_MODULO
+        while following in misordered:
+            last, following = following, (following + 1) % _TSN_MODULO
+        self._last_received_tsn = last
+        self._sack_duplicates = [
+            x for x in self._sack_duplicates if 0 < (x - last) % _TSN_MODULO < _HALF_TSN
+        ]
+        self._sack_misordered = {x for x in misordered if 0 < (x - last) % _TSN_MODULO < _HALF_TSN}
+        return False
 
     def _p2pfl_next_fragment(self, chunk: Any) -> bool:
         """aiortc's ``_receive_data_chunk`` for the common DATA chunk of a transfer: the next
@@ -475,7 +500,11 @@ class TunedSctp(RTCSctpTransport):
         if tsn == (last + 1) % _TSN_MODULO:
             if held >= HOLD_CHUNKS or held_bytes > HOLD_BYTES:
                 return "sctp_reassembly_full"
-        elif held >= HOLD_CHUNKS // 2 or held_bytes > self._p2pfl_window:
+        elif (
+            held >= HOLD_CHUNKS // 2
+            or held_bytes > self._p2pfl_window
+            or (tsn - last) % _TSN_MODULO > HOLD_TSN_SPAN
+        ):
             return "sctp_window_full"  # out of order: the peer sends it again
         return None
 
@@ -495,7 +524,10 @@ class TunedSctp(RTCSctpTransport):
 
     async def _p2pfl_sack(self) -> None:
         """Send a SACK now: aiortc's ``_send_sack``."""
-        if self._sack_misordered or self._sack_duplicates or not self._p2pfl_lean:
+        if self._sack_misordered or self._sack_duplicates:
+            await self._p2pfl_gap_sack()
+            return
+        if not self._p2pfl_lean:
             await super()._send_sack()
             return
         # Nothing missing or duplicated (every SACK of a clean transfer): aiortc's SACK, with
@@ -510,6 +542,29 @@ class TunedSctp(RTCSctpTransport):
             0,
         )
         await self._p2pfl_send_packet(sack)
+        self._sack_needed = False
+
+    async def _p2pfl_gap_sack(self) -> None:
+        """aiortc's ``_send_sack`` with its gap blocks in serial-number order: aiortc sorts the
+        TSNs numerically, which across the wrap-around reports blocks out of order and splits
+        the one that crosses it."""
+        last = self._last_received_tsn
+        if last is None:  # nothing received yet: nothing to report
+            await super()._send_sack()
+            return
+        gaps: list[list[int]] = []
+        for offset in sorted((tsn - last) % _TSN_MODULO for tsn in self._sack_misordered):
+            if gaps and offset == gaps[-1][1] + 1:
+                gaps[-1][1] = offset
+            else:
+                gaps.append([offset, offset])
+        sack = _sctp.SackChunk()
+        sack.cumulative_tsn = last
+        sack.advertised_rwnd = max(0, self._advertised_rwnd)
+        sack.duplicates = self._sack_duplicates[:]
+        sack.gaps = [(start, end) for start, end in gaps]
+        await self._send_chunk(sack)
+        self._sack_duplicates.clear()
         self._sack_needed = False
 
     def _p2pfl_deadline(self) -> None:

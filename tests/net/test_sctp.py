@@ -507,3 +507,81 @@ def test_the_count_of_chunks_held_follows_reordering_loss_and_delivery(
         return held
 
     assert asyncio.run(check()) == 0  # everything was delivered
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.integers(2**32 - 40, 2**32 - 1) | st.integers(0, 2**32 - 1),
+    order=st.lists(st.integers(0, 47), min_size=1, max_size=80),
+)
+def test_received_tsns_are_kept_in_serial_number_order_across_the_wrap_around(
+    start: int, order: list[int]
+) -> None:
+    """Arrivals of TSNs ``start + k`` (any order, repeats, losses): the cumulative TSN, the
+    TSNs held past it and the duplicates are those of plain integer bookkeeping, TSNs taken
+    modulo 2^32. (aiortc's numeric sort stops the cumulative TSN at the wrap-around.)"""
+
+    async def check() -> None:
+        pc = RTCPeerConnection()
+        pc.createDataChannel("x")
+        await asyncio.sleep(0)
+        assert sctp.tune(pc)
+        transport: Any = pc.sctp
+        transport._last_received_tsn = (start - 1) % 2**32
+        cumulative, seen, duplicates = -1, set(), []
+        for k in order:
+            repeat = k <= cumulative or k in seen
+            assert transport._mark_received((start + k) % 2**32) is repeat
+            if repeat:  # reported with the next SACK
+                duplicates.append(k)
+            else:  # those now behind the cumulative TSN are no longer reported
+                seen.add(k)
+                while cumulative + 1 in seen:
+                    cumulative += 1
+                duplicates = [d for d in duplicates if d > cumulative]
+            assert transport._last_received_tsn == (start + cumulative) % 2**32
+            assert transport._sack_misordered == {
+                (start + s) % 2**32 for s in seen if s > cumulative
+            }
+            assert transport._sack_duplicates == [(start + d) % 2**32 for d in duplicates]
+        await pc.close()
+
+    asyncio.run(check())
+
+
+def test_aiortcs_bookkeeping_stops_at_the_wrap_around_and_ours_does_not() -> None:
+    arrivals = [2**32 - 1, 0, 1, 2**32 - 2]  # 2^32 - 2 lost, then resent
+
+    async def check() -> tuple[int, int]:
+        receiver = await _Receiver.open(first_tsn=2**32 - 2)
+        stock: Any = RTCSctpTransport.__new__(RTCSctpTransport)
+        stock._last_received_tsn = 2**32 - 3
+        stock._sack_misordered, stock._sack_duplicates = set(), []
+        for tsn in arrivals:
+            receiver.transport._mark_received(tsn)
+            RTCSctpTransport._mark_received(stock, tsn)
+        result = receiver.transport._last_received_tsn, stock._last_received_tsn
+        await receiver.close()
+        return result
+
+    assert asyncio.run(check()) == (1, 2**32 - 3)
+
+
+def test_gap_blocks_are_reported_in_serial_number_order_and_far_tsns_are_dropped() -> None:
+    async def check() -> tuple[list[object], list[str]]:
+        receiver = await _Receiver.open(first_tsn=2**32 - 4)
+        # TSN 2^32 - 4 is lost; 2^32 - 2 .. 0 arrive, then 3, then one past what a SACK can report
+        for tsn in (2**32 - 2, 2**32 - 1, 0, 3, 2**32 - 4 + sctp.HOLD_TSN_SPAN + 1):
+            await receiver.feed(_packet(tsn, b"x", FIRST | LAST, seq=0))
+        await receiver.feed(_packet(0, b"x", FIRST | LAST))  # a duplicate
+        sacks = [c for c in receiver.sent if isinstance(c, aiortc_sctp.SackChunk)]
+        refused = list(receiver.refused)
+        await receiver.close()
+        return sacks, refused
+
+    sacks, refused = asyncio.run(check())
+    last: Any = sacks[-1]
+    assert last.cumulative_tsn == 2**32 - 5
+    assert last.gaps == [(3, 5), (8, 8)]  # 2^32-2 .. 0 is one block, before 3
+    assert last.duplicates == [0]
+    assert refused == ["sctp_window_full"]
