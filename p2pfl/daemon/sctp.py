@@ -80,7 +80,8 @@ it costs a resend, never data). The next chunk in TSN order cannot be dropped wi
 the association for good, so past the hard bound (:data:`HOLD_BYTES`, :data:`HOLD_CHUNKS`: the
 window plus four messages of the 256 KiB aiortc accepts, which a peer keeping to the protocol
 cannot reach) the association is aborted. A chunk for a stream beyond :data:`HOLD_STREAMS` is
-refused the same way (a p2pfl link uses one data channel). Every refusal is reported with its
+refused the same way (a p2pfl link uses one data channel). A SACK's gap blocks are cut to the
+TSNs outstanding before aiortc walks them offset by offset. Every refusal is reported with its
 reason (``tune(on_drop=...)``; the link counts it as stage ``link``).
 
 **Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
@@ -223,6 +224,7 @@ _SACK_PACKET = _COMMON_HEADER.size + _CHECKSUM.size + _SACK.size  # one SACK, no
 _ZERO_CHECKSUM = bytes(4)
 _DATA_TYPE = 0
 _TSN_MODULO = 2**32
+_Block = tuple[int, int]  # a SACK's gap block: first and last TSN as offsets from its cumulative
 _HALF_TSN = 2**31
 _WINDOW = 1024 * 1024  # aiortc's advertised window with nothing held; tune() reads the instance's
 
@@ -631,7 +633,36 @@ class TunedSctp(RTCSctpTransport):
     async def _receive_sack_chunk(self, chunk: Any) -> None:
         if chunk.gaps:  # only gap reports strike chunks for retransmission
             self._p2pfl_scan = True
+            chunk.gaps = self._p2pfl_gaps(chunk.cumulative_tsn, chunk.gaps)
         await super()._receive_sack_chunk(chunk)
+
+    def _p2pfl_gaps(self, cumulative_tsn: int, gaps: list[tuple[int, int]]) -> list[_Block]:
+        """A SACK's gap blocks cut to the TSNs outstanding (1 .. the last sent, as offsets from
+        ``cumulative_tsn``), in order and merged. aiortc walks every offset of every block: a
+        peer's blocks of 0..65535, a few hundred to a packet, held the event loop for seconds
+        (every link of the node). Blocks past the outstanding TSNs are reported as
+        ``sctp_sack_out_of_range`` (a peer keeping to the protocol reports only what it got)."""
+        sent = self._sent_queue
+        span = (sent[-1].tsn - cumulative_tsn) % _TSN_MODULO if sent else 0
+        if span >= _HALF_TSN:
+            span = 0  # nothing outstanding past this cumulative TSN
+        merged: list[_Block] = []
+        for start, end in sorted((max(start, 1), min(end, span)) for start, end in gaps):
+            if start > end:
+                continue
+            if merged and start <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+            else:
+                merged.append((start, end))
+        last_sacked = self._last_sacked_tsn
+        current = (cumulative_tsn - last_sacked) % _TSN_MODULO < _HALF_TSN
+        if (
+            current
+            and self._p2pfl_on_drop is not None
+            and any(not 1 <= start <= end <= span for start, end in gaps)
+        ):
+            self._p2pfl_on_drop("sctp_sack_out_of_range")
+        return merged
 
     async def _p2pfl_clean_sack(self, cumulative_tsn: int) -> bool:
         """aiortc's ``_receive_sack_chunk`` for a SACK without gaps or duplicates (every SACK

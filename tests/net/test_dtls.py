@@ -804,3 +804,65 @@ def test_a_tuned_end_and_a_stock_aiortc_end_exchange_messages(
     shared_net(2)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(_exchange(tuned_offers, drop))
+
+
+def test_gap_blocks_are_cut_to_the_outstanding_tsns_before_aiortc_walks_them() -> None:
+    """Honest gap reports reach aiortc as sent; a peer's blocks of 0..65535 (aiortc walked each
+    offset: seconds of the event loop per packet) are cut to the 30 TSNs outstanding, merged,
+    and reported; the sender ends as aiortc's handling of the cut report leaves it."""
+    rng = random.Random(11)
+    start = 2**32 - 10  # across the wrap-around
+
+    def load(transport: Any) -> None:
+        transport._t3_cancel()
+        transport._sent_queue.clear()
+        for i in range(30):
+            chunk = aiortc_sctp.DataChunk()
+            chunk.tsn, chunk.flags, chunk.stream_id, chunk.stream_seq = (start + i) % 2**32, 0, 1, 0
+            chunk._acked, chunk._in_flight, chunk._sent_count = False, True, 1
+            chunk._sent_time, chunk._book_size, chunk._abandoned = 999.9, 1356, False
+            chunk._retransmit, chunk._misses, chunk._expiry = False, 0, None
+            chunk._max_retransmits = None
+            transport._sent_queue.append(chunk)
+        transport._last_sacked_tsn = transport._advanced_peer_ack_tsn = (start - 1) % 2**32
+        transport._flight_size, transport._cwnd, transport._ssthresh = 30 * 1356, 40 * 1356, 10**6
+        transport._fast_recovery_exit = None
+        transport._t3_start()
+
+    def sack(gaps: list[tuple[int, int]]) -> Any:
+        chunk = aiortc_sctp.SackChunk()
+        chunk.cumulative_tsn = (start + 2) % 2**32
+        chunk.gaps = list(gaps)
+        return chunk
+
+    async def check() -> list[str]:
+        ends = [await _tuned_transport() for _ in range(2)]
+        lean, stock = (transport for _, transport in ends)
+        refused: list[str] = []
+        lean._p2pfl_on_drop = refused.append
+        calls: dict[int, list[str]] = {id(lean): [], id(stock): []}
+        for transport in (lean, stock):
+            log = calls[id(transport)]
+
+            async def transmit(log: list[str] = log) -> None:
+                log.append("_transmit")
+
+            transport._transmit = transmit
+        for trial in range(20):
+            edges = sorted(rng.sample(range(1, 27), 4))  # 27 outstanding past the cumulative
+            honest = [(edges[0], edges[1]), (edges[2] + 1, edges[3] + 1)]
+            hostile = [(0, 65535)] * 300 + [(9, 4)] if trial % 2 else []
+            load(lean)
+            load(stock)
+            report = sack(hostile or honest)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(aiortc_sctp.time, "time", lambda: 1000.0)
+                await lean._receive_sack_chunk(report)
+                await RTCSctpTransport._receive_sack_chunk(stock, sack(report.gaps))
+            assert report.gaps == ([(1, 27)] if hostile else honest)
+            assert _sender_state(lean, calls[id(lean)]) == _sender_state(stock, calls[id(stock)])
+        for pc, _ in ends:
+            await pc.close()
+        return refused
+
+    assert asyncio.run(check()) == ["sctp_sack_out_of_range"] * 10
