@@ -80,7 +80,8 @@ it costs a resend, never data). The next chunk in TSN order cannot be dropped wi
 the association for good, so past the hard bound (:data:`HOLD_BYTES`, :data:`HOLD_CHUNKS`: the
 window plus four messages of the 256 KiB aiortc accepts, which a peer keeping to the protocol
 cannot reach) the association is aborted. A chunk for a stream beyond :data:`HOLD_STREAMS` is
-refused the same way (a p2pfl link uses one data channel). A SACK's gap blocks are cut to the
+refused the same way (a p2pfl link uses one data channel), and so is a FORWARD TSN's entry
+for one (aiortc makes a stream for each, then walks them all). A SACK's gap blocks are cut to the
 TSNs outstanding before aiortc walks them offset by offset. Every refusal is reported with its
 reason (``tune(on_drop=...)``; the link counts it as stage ``link``).
 
@@ -95,7 +96,8 @@ in the process are unaffected. The overrides replace private methods of aiortc
 ``_update_advanced_peer_ack_point`` and ``_data_channel_flush``), ``_receive_data_chunk``
 (bypassed for the next fragment, preceded by the reassembly bound; aborting uses ``_abort`` and
 ``_set_state``), the ``_t3_*`` timer methods, ``_get_inbound_stream``, ``_mark_received``,
-``_reset_deferred_streams`` (to recount after a stream reset),
+``_reset_deferred_streams`` (to recount after a stream reset), ``_receive_forward_tsn_chunk``
+(its streams bounded),
 ``InboundStream.add_chunk``/``pop_messages``/``prune_chunks``), extend the public ``stop``
 (which ends the delayed-SACK timer and task with the association, so none outlives the link or
 fails unseen after it) and use private attributes; :func:`tune` checks they exist and leaves
@@ -196,6 +198,7 @@ _REQUIRED = (
     "_inbound_streams",
     "_reconfig_deferred",
     "_reset_deferred_streams",
+    "_receive_forward_tsn_chunk",
     "_association_state",
     "_abort",
     "_set_state",
@@ -509,6 +512,23 @@ class TunedSctp(RTCSctpTransport):
         ):
             return "sctp_window_full"  # out of order: the peer sends it again
         return None
+
+    async def _receive_forward_tsn_chunk(self, chunk: Any) -> None:
+        # aiortc makes an inbound stream for every stream a FORWARD TSN names, and then walks
+        # them all on every FORWARD TSN: the stream bound holds here too.
+        streams = self._inbound_streams
+        room = HOLD_STREAMS - len(streams)
+        kept = []
+        for stream_id, stream_seq in chunk.streams:
+            if stream_id not in streams:
+                if room <= 0:
+                    continue
+                room -= 1
+            kept.append((stream_id, stream_seq))
+        if len(kept) < len(chunk.streams) and self._p2pfl_on_drop is not None:
+            self._p2pfl_on_drop("sctp_streams_full")
+        chunk.streams = kept
+        await super()._receive_forward_tsn_chunk(chunk)
 
     async def _reset_deferred_streams(self) -> None:
         deferred = self._reconfig_deferred

@@ -585,3 +585,23 @@ def test_gap_blocks_are_reported_in_serial_number_order_and_far_tsns_are_dropped
     assert last.gaps == [(3, 5), (8, 8)]  # 2^32-2 .. 0 is one block, before 3
     assert last.duplicates == [0]
     assert refused == ["sctp_window_full"]
+
+
+def test_a_forward_tsn_naming_many_streams_makes_no_more_than_the_bound() -> None:
+    async def check() -> tuple[int, list[str], int]:
+        receiver = await _Receiver.open(first_tsn=100)
+        await receiver.feed(_packet(100, b"x", FIRST))  # a message held on stream 1
+        forward = aiortc_sctp.ForwardTsnChunk()
+        forward.cumulative_tsn = 101  # abandons it and the next TSN
+        forward.streams = [(1, 0)] + [(sid, 0) for sid in range(2, 3000)]
+        packet = aiortc_sctp.serialize_packet(5000, 5000, _TAG, forward)
+        await receiver.feed(bytes(packet))
+        result = len(receiver.transport._inbound_streams), list(receiver.refused)
+        held = receiver.transport._p2pfl_held
+        await receiver.close()
+        return (*result, held)
+
+    streams, refused, held = asyncio.run(check())
+    assert streams == sctp.HOLD_STREAMS
+    assert refused == ["sctp_streams_full"]
+    assert held == 0  # the abandoned fragment was pruned, and counted out
