@@ -444,6 +444,20 @@ def _logged(method: Callable[[], None], name: str, log: list[str]) -> Callable[[
     return call
 
 
+def _sender_calls(transport: Any) -> list[str]:
+    """The log of ``transport``'s sender calls from now on: ``_transmit`` (recorded instead of
+    sending), ``_t3_restart`` and ``_t3_cancel`` (recorded, then run), in order."""
+    log: list[str] = []
+
+    async def transmit() -> None:
+        log.append("_transmit")
+
+    transport._transmit = transmit
+    for name in ("_t3_restart", "_t3_cancel"):
+        setattr(transport, name, _logged(getattr(transport, name), name, log))
+    return log
+
+
 def test_a_clean_sack_on_the_lean_path_leaves_the_sender_as_aiortc_s_handling_does() -> None:
     """TunedSctp._p2pfl_clean_sack against aiortc's _receive_sack_chunk, from the same states:
     slow start and congestion avoidance, a full and a partly used window, chunks acked by
@@ -455,16 +469,7 @@ def test_a_clean_sack_on_the_lean_path_leaves_the_sender_as_aiortc_s_handling_do
     async def check() -> tuple[int, int]:
         ends = [await _tuned_transport() for _ in range(2)]
         lean, stock = (transport for _, transport in ends)
-        calls: dict[int, list[str]] = {id(lean): [], id(stock): []}
-        for transport in (lean, stock):
-            log = calls[id(transport)]
-
-            async def transmit(log: list[str] = log) -> None:
-                log.append("_transmit")
-
-            transport._transmit = transmit
-            for name in ("_t3_restart", "_t3_cancel"):  # counted: T3 calls are compared too
-                setattr(transport, name, _logged(getattr(transport, name), name, log))
+        calls = {id(transport): _sender_calls(transport) for transport in (lean, stock)}
         taken = declined = 0
         for trial in range(60):
             start = (2**32 - 40 + rng.randrange(80)) % 2**32
@@ -840,14 +845,7 @@ def test_gap_blocks_are_cut_to_the_outstanding_tsns_before_aiortc_walks_them() -
         lean, stock = (transport for _, transport in ends)
         refused: list[str] = []
         lean._p2pfl_on_drop = refused.append
-        calls: dict[int, list[str]] = {id(lean): [], id(stock): []}
-        for transport in (lean, stock):
-            log = calls[id(transport)]
-
-            async def transmit(log: list[str] = log) -> None:
-                log.append("_transmit")
-
-            transport._transmit = transmit
+        calls = {id(transport): _sender_calls(transport) for transport in (lean, stock)}
         for trial in range(20):
             edges = sorted(rng.sample(range(1, 27), 4))  # 27 outstanding past the cumulative
             honest = [(edges[0], edges[1]), (edges[2] + 1, edges[3] + 1)]
