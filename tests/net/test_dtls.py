@@ -759,6 +759,14 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
                     await original(self, data, addr)
 
             ice.StunProtocol.send_data = lossy  # type: ignore[method-assign]
+            send_segments = dtls.send_segments
+
+            def lossy_segments(sock: Any, records: list[Any], address: Any) -> None:
+                kept = [record for record in records if rng.random() >= drop]
+                if kept:  # still a batch GSO takes: equal sizes, then perhaps one shorter
+                    send_segments(sock, kept, address)
+
+            dtls.send_segments = lossy_segments  # type: ignore[assignment]
         size = 600_000 if drop else 3_000_000
         messages = {"tuned": os.urandom(size), "stock": os.urandom(size // 3)}
         try:
@@ -775,6 +783,7 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
             RTCSctpTransport._receive_sack_chunk = receive_sack  # type: ignore[method-assign]
             if drop:
                 ice.StunProtocol.send_data = original  # type: ignore[method-assign]
+                dtls.send_segments = send_segments  # type: ignore[assignment]
         assert got["stock"] == [messages["tuned"]]
         assert got["tuned"] == [messages["stock"]]
         assert drops == []
@@ -782,6 +791,13 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
         packets = next(s.packetsReceived for s in received.values() if s.type == "transport")
         if not drop:  # a clean transfer queues datagrams faster than one wake-up each
             assert through_recvfrom[0] < packets / 2, (through_recvfrom[0], packets)
+        # The tuned end's bursts of DATA leave through UDP GSO (TunedDtls._p2pfl_send_packets),
+        # a batch per system call, and the stock end reads them as one datagram each: most of
+        # the tuned end's datagrams (the rest: SACKs, and bursts of one).
+        sent = next(s.packetsSent for s in received.values() if s.type == "transport")
+        segmented = tuned_pc.sctp.transport.p2pfl_segmented
+        print("datagrams sent by the tuned end:", sent, "of them through GSO:", segmented)
+        assert segmented > sent / 2, (segmented, sent)
         # The stock end SACKs every packet of the tuned end's message (about 2,200). Those
         # reporting gaps take aiortc's handling (losses: here also datagrams the stock end's
         # smaller socket buffer drops), as do clean ones during fast recovery; the clean ones
@@ -864,3 +880,105 @@ def test_gap_blocks_are_cut_to_the_outstanding_tsns_before_aiortc_walks_them() -
         return refused
 
     assert asyncio.run(check()) == ["sctp_sack_out_of_range"] * 10
+
+
+# --- UDP GSO: a burst of records in one system call -------------------------------------------
+
+
+def test_gso_batches_hold_equal_records_then_at_most_one_shorter() -> None:
+    def sizes(lengths: list[int]) -> list[list[int]]:
+        return [[len(r) for r in group] for group in dtls.gso_groups([bytes(n) for n in lengths])]
+
+    assert sizes([]) == []
+    assert sizes([9]) == [[9]]
+    assert sizes([9, 9, 9, 4]) == [[9, 9, 9, 4]]
+    assert sizes([9, 9, 4, 9, 9]) == [[9, 9, 4], [9, 9]]
+    assert sizes([4, 9, 9]) == [[4], [9, 9]]  # a longer record cannot follow a segment
+    assert sizes([9, 4, 4]) == [[9, 4], [4]]  # only the last segment may be shorter
+    many = sizes([1400] * 70)
+    assert [len(group) for group in many] == [32, 32, 6]  # GSO_MAX_SEGMENTS each
+    assert sizes([20_000] * 4) == [[20_000] * 3, [20_000]]  # within one UDP payload
+
+
+@pytest.mark.netns
+def test_a_gso_batch_arrives_as_one_datagram_per_record(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    import socket
+
+    shared_net(1)
+    rng = random.Random(7)
+    records = [rng.randbytes(n) for n in (1200, 1200, 1200, 300, 1200, 900, 900, 900, 5)]
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+    ):
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(5)
+        groups = list(dtls.gso_groups(records))
+        assert len(groups) == 3
+        for group in groups:
+            dtls.send_segments(sender, group, receiver.getsockname())
+        assert [receiver.recv(2048) for _ in records] == records
+        # A socket whose datagrams go without a UDP checksum cannot use GSO: the kernel
+        # refuses the batch, and sends none of it.
+        sender.setsockopt(socket.SOL_SOCKET, _SO_NO_CHECK, 1)
+        with pytest.raises(OSError):
+            dtls.send_segments(sender, groups[0], receiver.getsockname())
+        dtls.send_segments(sender, records[-1:], receiver.getsockname())  # one: plain sendto
+        assert receiver.recv(2048) == records[-1]
+
+
+_SO_NO_CHECK = 11  # Linux: send UDP datagrams without a checksum (GSO then refuses)
+
+
+async def _transfer_refused_gso() -> tuple[bool, int, int]:
+    import socket
+
+    arrived = asyncio.Event()
+    got: list[bytes] = []
+
+    def on_message(message: bytes) -> None:
+        got.append(message)
+        arrived.set()
+
+    def link(on_message: Callable[[bytes], None]) -> RtcLink:
+        return RtcLink(
+            LinkSettings(), on_message=on_message, on_down=lambda r: None, on_drop=lambda r: None
+        )
+
+    sender, receiver = link(lambda message: None), link(on_message)
+    try:
+        await sender.accept_answer(await receiver.accept_offer(await sender.create_offer()))
+        async with asyncio.timeout(30):
+            await asyncio.gather(sender.wait_open(), receiver.wait_open())
+        pc: Any = sender._pc
+        before = pc.sctp.transport.p2pfl_segmented  # the channel's opening, perhaps
+        connection = pc.sctp.transport.transport._connection
+        for protocol in connection._protocols:
+            raw = protocol.transport.get_extra_info("socket")
+            raw.setsockopt(socket.SOL_SOCKET, _SO_NO_CHECK, 1)
+        message = os.urandom(1_000_000)
+        await sender.send_message(message)
+        async with asyncio.timeout(60):
+            await arrived.wait()
+        assert got == [message]
+        stats = pc.sctp.transport._get_stats()
+        sent = next(s.packetsSent for s in stats.values() if s.type == "transport")
+        return pc.sctp.transport._p2pfl_gso, pc.sctp.transport.p2pfl_segmented - before, sent
+    finally:
+        await asyncio.gather(sender.close(), receiver.close())
+
+
+@pytest.mark.netns
+def test_a_kernel_that_refuses_gso_gets_one_datagram_per_call(
+    shared_net: Callable[[int], SharedNetwork],
+) -> None:
+    shared_net(2)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        gso, segmented, sent = runner.run(_transfer_refused_gso())
+    # The first batch was refused (and sent one by one), GSO is off for the link, and the
+    # message still arrived whole through aioice's send path.
+    assert not gso
+    assert segmented == 0
+    assert sent > 700  # 1 MB in 1,356-byte chunks
