@@ -52,7 +52,7 @@ __all__ = [
     "advert_signed_bytes",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: DATA frames carry a CRC-32C digest (datachannel.py)
 ADVERT_VALIDITY_S = 3600.0  # a signed advert is good for an hour ...
 ADVERT_REFRESH_S = 900.0  # ... and re-signed every 15 minutes: receivers whose clocks run up to
 # 45 minutes ahead still accept it

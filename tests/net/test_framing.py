@@ -1,10 +1,12 @@
-"""Frames of at most 256 KiB carry (transfer id, index, count, total, digest); reassembly checks
-them. Pure functions: no network needed."""
+"""Frames of at most 256 KiB carry (transfer id, index, count, total, CRC-32C digest); reassembly
+checks them. Pure functions: no network needed."""
 
 from __future__ import annotations
 
 import os
+import struct
 
+import google_crc32c
 import pytest
 
 from p2pfl.daemon.datachannel import FRAME_LIMIT, HEADER, Reassembler, ice_path, split_frames
@@ -38,6 +40,42 @@ def test_corrupted_chunk_is_dropped_by_the_digest_check() -> None:
     reassembler = _reassembler(drops)
     assert [reassembler.feed(f) for f in frames] == [None] * len(frames)
     assert drops == ["digest_mismatch"]
+
+
+def test_a_data_frame_is_laid_out_as_protocol_2_says() -> None:
+    data = os.urandom(70_000)
+    frames = list(split_frames(data, 32 * 1024, transfer_id=0x0102030405060708))
+    layout = struct.Struct(">BQIIQI")  # kind, transfer id, index, count, total, CRC-32C
+    assert HEADER.size == layout.size == 29
+    chunk = 32 * 1024 - layout.size
+    for index, frame in enumerate(frames):
+        fields = layout.unpack_from(frame)
+        assert fields == (4, 0x0102030405060708, index, 3, 70_000, google_crc32c.value(data))
+        assert frame[layout.size :] == data[index * chunk : (index + 1) * chunk]
+
+
+def test_a_protocol_1_data_frame_is_dropped_and_named() -> None:
+    import asyncio
+
+    from p2pfl.daemon.datachannel import LinkSettings, RtcLink
+
+    drops: list[str] = []
+    got: list[bytes] = []
+
+    async def scenario() -> None:
+        link = RtcLink(
+            LinkSettings(), on_message=got.append, on_down=lambda _: None, on_drop=drops.append
+        )
+        # Protocol 1: kind 1, then the same fields and a 16-byte BLAKE2b digest.
+        link._on_frame(struct.pack(">BQIIQ16s", 1, 1, 0, 1, 3, bytes(16)) + b"abc")
+        link._on_frame(b"\x09rest")
+        (frame,) = split_frames(b"abc", FRAME_LIMIT, transfer_id=2)
+        link._on_frame(frame)
+        await link.close()
+
+    asyncio.run(scenario())
+    assert drops == ["data_frame_protocol_1", "unknown_frame_kind"]
+    assert got == [b"abc"]
 
 
 def test_missing_frame_drops_the_transfer_and_the_next_one_still_arrives() -> None:
