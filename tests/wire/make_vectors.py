@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from p2pfl.daemon.adverts import Advert, advert_signed_bytes
+from p2pfl.daemon.adverts import PROTOCOL_VERSION, Advert, advert_signed_bytes
 from p2pfl.identity import NodeIdentity
 from p2pfl.trust import FederationAuthority
 from p2pfl.wire import (
@@ -63,7 +63,7 @@ def advert_vector(node: NodeIdentity, federation_id: str, certificate: bytes) ->
         addresses,
         port,
         federation_id,
-        1,
+        PROTOCOL_VERSION,
         int(NOW * 1000),
         int(NOW * 1000) + 3_600_000,
         certificate,
