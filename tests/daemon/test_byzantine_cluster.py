@@ -43,8 +43,12 @@ def _honest_accuracy(
     attack: Attack | None,
     rounds: int,
     params: dict[str, Any],
+    window: int = 0,
 ) -> float:
-    """The honest daemons' mean accuracy once each has reached ``rounds`` (gossip: trainings)."""
+    """The honest daemons' mean accuracy once each has reached ``rounds`` (gossip: trainings);
+    with a ``window``, the mean of that over every poll (one a second) until each has reached
+    ``rounds + window``: one reading of three gossiping daemons varies by 2-3 points from run to
+    run at 60 trainings (clean runs here: 0.938-0.964), as much as the margin checked."""
     spec = ClusterSpec(
         n_nodes=4,
         protocol=protocol,
@@ -63,6 +67,7 @@ def _honest_accuracy(
         cluster.start_all()
         deadline = time.monotonic() + 300
         statuses: dict[int, NodeStatus | None] = {}
+        readings: list[float] = []
         while time.monotonic() < deadline:
             statuses = {i: cluster.status(i) for i in HONEST}
             if all(
@@ -70,7 +75,9 @@ def _honest_accuracy(
                 for s in statuses.values()
             ):
                 values = [s.metric_value for s in statuses.values() if s is not None]
-                return sum(v for v in values if v is not None) / len(values)
+                readings.append(sum(v for v in values if v is not None) / len(values))
+                if all(s is not None and s.round >= rounds + window for s in statuses.values()):
+                    return sum(readings) / len(readings)
             for i in range(4):
                 process = cluster.nodes[i].process
                 if process is not None and process.poll() is not None:
@@ -103,7 +110,7 @@ def test_one_insider_among_four_daemons_cannot_take_over_default_gossip(
 ) -> None:
     def run(name: str, attack: Attack | None) -> float:
         return _honest_accuracy(
-            short_tmp / name, fork_server, "gossip", None, attack, 60, {"period": 0.25}
+            short_tmp / name, fork_server, "gossip", None, attack, 60, {"period": 0.25}, 40
         )
 
     clean = run("clean", None)
