@@ -128,7 +128,10 @@ UDP_GRO = getattr(socket, "UDP_GRO", 104)
 _GRO_SIZE = struct.Struct("=i")
 GRO_READ_BYTES = 65536  # one read: a UDP payload, coalesced or not, is at most 65,507 bytes
 _GRO_CONTROL_BYTES = socket.CMSG_SPACE(_GRO_SIZE.size) if hasattr(socket, "CMSG_SPACE") else 16
-_READS_PER_WAKEUP = 32  # then back to the event loop (libuv reads as many)
+# Datagrams handed to the protocol per wake-up, then back to the event loop (libuv reads as
+# many): the records of a larger batch would wait in aioice's queue, their SACKs with them.
+_DATAGRAMS_PER_WAKEUP = 32
+_MSG_TRUNC, _MSG_CTRUNC = int(socket.MSG_TRUNC), int(socket.MSG_CTRUNC)  # plain ints: no enum
 _SEND_QUEUE_BYTES = 4 * 1024 * 1024  # datagrams waiting for a writable socket; more are lost
 _lib: Any = getattr(SSL, "_lib", None)
 _ffi: Any = getattr(SSL, "_ffi", None)
@@ -488,9 +491,9 @@ def gro_segments(
     A batch the peer sent through UDP GSO (or the kernel coalesced) comes with its segment
     size: every datagram of it that size, the last perhaps shorter. A read without one is one
     datagram."""
-    if flags & socket.MSG_TRUNC:
+    if flags & _MSG_TRUNC:
         return "udp_read_truncated"  # larger than a UDP payload: not from a kernel's batch
-    if flags & socket.MSG_CTRUNC:
+    if flags & _MSG_CTRUNC:
         return "udp_control_truncated"  # the segment size may be lost
     size = 0
     for level, kind, value in ancdata:
@@ -536,7 +539,8 @@ class GroTransport(asyncio.DatagramTransport):
         loop.add_reader(self._fd, self._read_ready)
 
     def _read_ready(self) -> None:
-        for _ in range(_READS_PER_WAKEUP):
+        handed = 0
+        while handed < _DATAGRAMS_PER_WAKEUP:
             sock = self._sock
             if sock is None:
                 return
@@ -548,6 +552,7 @@ class GroTransport(asyncio.DatagramTransport):
                 self._protocol.error_received(exc)
                 return
             if not ancdata and not flags:
+                handed += 1
                 self._protocol.datagram_received(data, addr)
                 continue
             segments = gro_segments(data, ancdata, flags)
@@ -555,7 +560,9 @@ class GroTransport(asyncio.DatagramTransport):
                 log.debug("UDP read dropped", extra={"reason": segments, "bytes": len(data)})
                 if self._on_drop is not None:
                     self._on_drop(segments)
+                handed += 1
                 continue
+            handed += len(segments)
             if len(segments) > 1:
                 self.p2pfl_coalesced += len(segments)
             for segment in segments:

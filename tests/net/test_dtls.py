@@ -1085,9 +1085,11 @@ async def _gro_reads() -> None:
         assert type(transport) is dtls.GroTransport and endpoint.is_closing()
         assert transport.get_extra_info("sockname") == address
         assert not dtls.read_coalesced(protocol)  # once
-        # Two GSO batches, a STUN request and a datagram sent alone, in this order: each
-        # arrives as sent, in order; the batches' records in one read each.
-        records = [rng.randbytes(n) for n in (1300,) * 20 + (700,) + (1100,) * 5]
+        # Four GSO batches, a STUN request and a datagram sent alone, in this order: each
+        # arrives as sent, in order; the batches' records in one read each (more than one
+        # wake-up hands over: dtls._DATAGRAMS_PER_WAKEUP).
+        records = [rng.randbytes(n) for n in ((1300,) * 20 + (700,) + (1100,) * 5) * 2]
+        assert len(records) > dtls._DATAGRAMS_PER_WAKEUP
         stun_request = bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST))
         alone = rng.randbytes(900)
         for group in dtls.gso_groups(records):
