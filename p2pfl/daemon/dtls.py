@@ -633,7 +633,8 @@ class GroTransport(asyncio.DatagramTransport):
             self._queue.clear()
             self._queued = 0
         sock.close()
-        self._loop.call_soon(self._protocol.connection_lost, None)
+        if not self._loop.is_closed():
+            self._loop.call_soon(self._protocol.connection_lost, None)
 
     def abort(self) -> None:
         self.close()
