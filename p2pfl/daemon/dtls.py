@@ -87,6 +87,7 @@ changed them, and applies nothing on an aiortc release they were not checked aga
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -457,9 +458,9 @@ def read_coalesced(protocol: Any, on_drop: Callable[[str], None] | None = None) 
     descriptor: the socket, its address and whatever the kernel holds for it stay as they were."""
     if not sys.platform.startswith("linux"):
         return False
-    old = getattr(protocol, "transport", None)
-    if old is None or isinstance(old, GroTransport) or old.is_closing():
-        return False
+    old: Any = getattr(protocol, "transport", None)
+    if type(old) not in _loop_udp_transports() or old.is_closing():
+        return False  # not the event loop's own UDP transport (a TURN allocation's, ours)
     if old.get_write_buffer_size() or not hasattr(old, "set_protocol"):
         return False
     raw = old.get_extra_info("socket")
@@ -483,6 +484,23 @@ def read_coalesced(protocol: Any, on_drop: Callable[[str], None] | None = None) 
     old.close()
     protocol.transport = GroTransport(asyncio.get_running_loop(), sock, protocol, on_drop)
     return True
+
+
+@functools.cache
+def _loop_udp_transports() -> tuple[type, ...]:
+    """The UDP transport classes of the event loops :func:`read_coalesced` replaces."""
+    from asyncio import selector_events
+
+    found: list[type] = []
+    selector = getattr(selector_events, "_SelectorDatagramTransport", None)
+    if selector is not None:
+        found.append(selector)
+    try:
+        from uvloop import loop as uvloop_loop
+    except ImportError:
+        return tuple(found)
+    udp = getattr(uvloop_loop, "UDPTransport", None)
+    return (*found, udp) if udp is not None else tuple(found)
 
 
 def gro_segments(

@@ -1040,6 +1040,19 @@ def test_gro_reads_are_cut_into_the_datagrams_sent_or_dropped_whole_with_a_reaso
     assert dtls.gro_segments(data, [(*gro, b"\x04\x00")], 0) == "udp_bad_segment_size"
 
 
+def test_only_the_event_loop_s_own_udp_transports_are_replaced() -> None:
+    """A relayed candidate's protocol is aioice's StunProtocol over a TURN allocation's
+    transport: its datagrams are not the socket's to read, so it stays as it is."""
+    from aioice.turn import TurnTransport
+
+    class Relayed:
+        transport = TurnTransport(inner_protocol=None)  # type: ignore[arg-type]
+
+    relayed = Relayed()
+    assert not dtls.read_coalesced(relayed)
+    assert type(relayed.transport) is TurnTransport
+
+
 class _Recorder(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.transport: Any = None
