@@ -1141,11 +1141,14 @@ async def _gro_reads() -> None:
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("loop", ["bridge", "asyncio"])
 def test_a_gso_batch_is_read_through_gro_as_the_datagrams_it_was_sent_as(
-    shared_net: Callable[[int], SharedNetwork],
+    shared_net: Callable[[int], SharedNetwork], loop: str
 ) -> None:
+    """On the bridge's loop (uvloop's) and on asyncio's own, whose UDP transport it replaces."""
     shared_net(1)
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+    factory = new_event_loop if loop == "bridge" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_gro_reads())
 
 
