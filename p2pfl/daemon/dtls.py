@@ -57,7 +57,8 @@ udp(7) ``UDP_GRO`` on: a GSO batch from the peer arrives as one buffer with its 
 and :func:`gro_segments` cuts it into the datagrams it was sent as, each handed to the protocol
 in order exactly as a datagram read alone (STUN included); a datagram sent alone arrives alone.
 A read that cannot be split (truncated data or control message, a malformed segment size) is
-dropped whole and counted (``on_drop``). A kernel without GRO keeps the event loop's transport.
+dropped whole and counted (``on_drop``). A kernel without GRO keeps the event loop's transport;
+a relayed candidate (TURN: aioice's protocol over its allocation's transport) is left as it is.
 At most 32 datagrams go to the protocol per wake-up, as libuv reads them. The read path then
 costs 1.2 µs of CPU per datagram from a peer sending through GSO, against 2.75 through the
 event loop's transport, and 3.2 against 2.8 from a peer that does not batch
@@ -80,6 +81,8 @@ counters, ``__handshake_done``, ``_data_receiver``,
 ``_nominated``, which :class:`TunedDtls` sends through as aioice's ``Connection.send`` does,
 ``Connection._queue`` and that asyncio queue's deque) and of pyOpenSSL
 (``_lib``, ``_ffi``, ``Connection._ssl``/``_into_ssl``/``_from_ssl``/``_raise_ssl_error``);
+the host sockets' transports are replaced only where they are the event loop's own UDP
+transports (uvloop's ``UDPTransport``, asyncio's ``_SelectorDatagramTransport``);
 :func:`tune_datagrams` checks they exist and leaves everything as it is where a release has
 changed them, and applies nothing on an aiortc release they were not checked against.
 """
@@ -114,6 +117,7 @@ __all__ = [
     "TunedDtls",
     "gro_segments",
     "gso_groups",
+    "read_coalesced",
     "send_segments",
     "tune_datagrams",
 ]
