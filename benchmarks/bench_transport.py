@@ -82,8 +82,9 @@ def plain_tcp(net: BridgedNetwork) -> float:
 
 
 def udp_counters(net: BridgedNetwork, index: int) -> dict[str, int]:
-    """The namespace's UDP counters (/proc/net/snmp): RcvbufErrors = datagrams the kernel
-    dropped because the receiving socket's buffer was full (each costs SCTP a retransmission)."""
+    """The namespace's UDP counters (/proc/net/snmp): InDatagrams = what sockets read, and
+    RcvbufErrors = what the kernel dropped because the receiving socket's buffer was full (each
+    costs SCTP a retransmission); either counts a batch coalesced by UDP GRO once."""
     text = subprocess.run(
         net.command(index, ["cat", "/proc/net/snmp"]), capture_output=True, text=True, check=True
     ).stdout
@@ -232,8 +233,9 @@ def _frame_line(label: str, results: list[dict[str, Any]]) -> str:
         f"busier end ({min(per_cpu):.1f}-{max(per_cpu):.1f}; sender {sender:.2f} s, receiver "
         f"{receiver:.2f} s)"
         f"\n               {_lag(last)} (target p99 < 10)"
-        f"\n               receiver UDP: {last['udp_in']} datagrams, {last['udp_dropped']} dropped "
-        "on a full socket buffer (each one an SCTP retransmission)"
+        f"\n               receiver UDP: {last['udp_in']} reads, {last['udp_dropped']} dropped "
+        "on a full socket buffer (each one an SCTP retransmission; the kernel counts a batch "
+        "read through UDP GRO once)"
     )
 
 

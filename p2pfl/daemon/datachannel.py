@@ -376,7 +376,7 @@ class RtcLink:
             path_mtu=self.settings.path_mtu,
             on_drop=self._on_drop,
         )
-        tune_datagrams(self._pc)
+        tune_datagrams(self._pc, on_drop=self._on_drop)
 
     async def wait_open(self) -> None:
         """Wait until the data channel is open, then start heartbeats and the liveness check."""

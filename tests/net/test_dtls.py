@@ -787,6 +787,15 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
         assert got["stock"] == [messages["tuned"]]
         assert got["tuned"] == [messages["stock"]]
         assert drops == []
+        # The tuned end reads its sockets through UDP GRO (dtls.GroTransport), the stock end
+        # through the event loop's transport; the stock end's datagrams (no GSO) arrive one
+        # per read. ICE consent checks (STUN requests and responses) pass both ways.
+        stock_ice = stock_pc.sctp.transport.transport._connection
+        assert all(type(p.transport) is dtls.GroTransport for p in tuned_ice._protocols)
+        assert not any(type(p.transport) is dtls.GroTransport for p in stock_ice._protocols)
+        assert _coalesced(tuned_ice) == 0
+        await _consent(tuned_ice)
+        await _consent(stock_ice)
         received = tuned_pc.sctp.transport._get_stats()
         packets = next(s.packetsReceived for s in received.values() if s.type == "transport")
         if not drop:  # a clean transfer queues datagrams faster than one wake-up each
@@ -814,6 +823,21 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
         assert fragments["lean"] > (0.9 if not drop else 0.3) * sum(fragments.values()), fragments
     finally:
         await asyncio.gather(tuned.close(), stock.close())
+
+
+def _coalesced(connection: Any) -> int:
+    """Datagrams a link's sockets read in batches of two or more (UDP GRO)."""
+    return sum(getattr(p.transport, "p2pfl_coalesced", 0) for p in connection._protocols)
+
+
+async def _consent(connection: Any) -> None:
+    """An ICE consent check (RFC 7675) on the nominated pair, as aioice's ``query_consent``
+    sends it: a STUN request answered by the peer (raises ``TransactionError`` otherwise)."""
+    pair = connection._nominated[1]
+    request = connection.build_request(pair, nominate=False)
+    key = connection.remote_password.encode("utf8")
+    async with asyncio.timeout(10):
+        await pair.protocol.request(request, pair.remote_addr, integrity_key=key)
 
 
 @pytest.mark.netns
@@ -982,3 +1006,225 @@ def test_a_kernel_that_refuses_gso_gets_one_datagram_per_call(
     assert not gso
     assert segmented == 0
     assert sent > 700  # 1 MB in 1,356-byte chunks
+
+
+# --- UDP GRO: a peer's GSO batch read in one system call --------------------------------------
+
+
+def test_gro_reads_are_cut_into_the_datagrams_sent_or_dropped_whole_with_a_reason() -> None:
+    import socket
+
+    gro = (dtls._SOL_UDP, dtls.UDP_GRO)
+    data = bytes(range(256)) * 15  # 3,840 bytes
+
+    def size(n: int) -> list[tuple[int, int, bytes]]:
+        return [(*gro, struct.pack("=i", n))]
+
+    assert dtls.gro_segments(data, [], 0) == [data]  # no segment size: one datagram
+    assert dtls.gro_segments(data, size(1200), 0) == [
+        data[:1200],
+        data[1200:2400],
+        data[2400:3600],
+        data[3600:],  # the last may be shorter
+    ]
+    assert dtls.gro_segments(data, size(1280), 0) == [data[:1280], data[1280:2560], data[2560:]]
+    assert dtls.gro_segments(data, size(3840), 0) == [data]
+    assert dtls.gro_segments(data, size(9000), 0) == [data]
+    assert dtls.gro_segments(b"", [], 0) == [b""]  # an empty datagram, as asyncio reads it
+    other = [(socket.SOL_SOCKET, 99, b"\x01\x02")]  # not the segment size: ignored
+    assert dtls.gro_segments(data, other + size(1920), 0) == [data[:1920], data[1920:]]
+    assert dtls.gro_segments(data, size(1200), socket.MSG_TRUNC) == "udp_read_truncated"
+    assert dtls.gro_segments(data, [], socket.MSG_CTRUNC) == "udp_control_truncated"
+    assert dtls.gro_segments(data, size(0), 0) == "udp_bad_segment_size"
+    assert dtls.gro_segments(data, size(-1200), 0) == "udp_bad_segment_size"
+    assert dtls.gro_segments(data, [(*gro, b"\x04\x00")], 0) == "udp_bad_segment_size"
+
+
+def test_only_the_event_loop_s_own_udp_transports_are_replaced() -> None:
+    """A relayed candidate's protocol is aioice's StunProtocol over a TURN allocation's
+    transport: its datagrams are not the socket's to read, so it stays as it is."""
+    from aioice.turn import TurnTransport
+
+    class Relayed:
+        transport = TurnTransport(inner_protocol=None)  # type: ignore[arg-type]
+
+    relayed = Relayed()
+    assert not dtls.read_coalesced(relayed)
+    assert type(relayed.transport) is TurnTransport
+
+
+class _Recorder(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.datagrams: list[bytes] = []
+        self.lost = 0
+        self.arrived = asyncio.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.datagrams.append(data)
+        self.arrived.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost += 1
+
+    async def wait_for(self, count: int) -> list[bytes]:
+        async with asyncio.timeout(10):
+            while len(self.datagrams) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.datagrams
+
+
+async def _gro_reads() -> None:
+    import socket
+
+    from aioice import stun
+
+    loop = asyncio.get_running_loop()
+    rng = random.Random(5)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        # The event loop's transport replaced over the same socket (same address), detached
+        # from the protocol: only the replacement's close reaches connection_lost.
+        endpoint, protocol = await loop.create_datagram_endpoint(
+            _Recorder, local_addr=("127.0.0.1", 0)
+        )
+        address = endpoint.get_extra_info("sockname")
+        assert dtls.read_coalesced(protocol)
+        transport = protocol.transport
+        assert type(transport) is dtls.GroTransport and endpoint.is_closing()
+        assert transport.get_extra_info("sockname") == address
+        assert not dtls.read_coalesced(protocol)  # once
+        # Four GSO batches, a STUN request and a datagram sent alone, in this order: each
+        # arrives as sent, in order; the batches' records in one read each (more than one
+        # wake-up hands over: dtls._DATAGRAMS_PER_WAKEUP).
+        records = [rng.randbytes(n) for n in ((1300,) * 20 + (700,) + (1100,) * 5) * 2]
+        assert len(records) > dtls._DATAGRAMS_PER_WAKEUP
+        stun_request = bytes(stun.Message(stun.Method.BINDING, stun.Class.REQUEST))
+        alone = rng.randbytes(900)
+        for group in dtls.gso_groups(records):
+            dtls.send_segments(sender, group, address)
+        sender.sendto(stun_request, address)
+        sender.sendto(alone, address)
+        expected = [*records, stun_request, alone]
+        assert await protocol.wait_for(len(expected)) == expected
+        assert transport.p2pfl_coalesced == len(records)
+        # Sends go from the same socket.
+        transport.sendto(b"back", sender.getsockname())
+        sender.settimeout(5)
+        assert sender.recvfrom(100) == (b"back", address)
+        await asyncio.sleep(0)
+        assert protocol.lost == 0
+        transport.close()
+        await asyncio.sleep(0)
+        assert protocol.lost == 1 and transport.is_closing()
+
+        # A read larger than the read buffer is truncated: dropped whole and counted, and the
+        # reader goes on.
+        small = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        small.bind(("127.0.0.1", 0))
+        small.setblocking(False)
+        small.setsockopt(dtls._SOL_UDP, dtls.UDP_GRO, 1)
+        drops: list[str] = []
+        recorder = _Recorder()
+        reader = dtls.GroTransport(loop, small, recorder, drops.append, read_bytes=2048)
+        dtls.send_segments(sender, [bytes([23]) * 1200] * 3, small.getsockname())
+        sender.sendto(alone, small.getsockname())
+        assert await recorder.wait_for(1) == [alone]
+        assert drops == ["udp_read_truncated"]
+        reader.close()
+    finally:
+        sender.close()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("loop", ["bridge", "asyncio"])
+def test_a_gso_batch_is_read_through_gro_as_the_datagrams_it_was_sent_as(
+    shared_net: Callable[[int], SharedNetwork], loop: str
+) -> None:
+    """On the bridge's loop (uvloop's) and on asyncio's own, whose UDP transport it replaces."""
+    shared_net(1)
+    factory = new_event_loop if loop == "bridge" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_gro_reads())
+
+
+async def _tuned_pair_exchange(drop: float) -> tuple[list[int], list[int]]:
+    got: dict[int, list[bytes]] = {0: [], 1: []}
+    arrived = {0: asyncio.Event(), 1: asyncio.Event()}
+    drops: list[str] = []
+
+    def link(index: int) -> RtcLink:
+        def on_message(message: bytes) -> None:
+            got[index].append(message)
+            arrived[index].set()
+
+        return RtcLink(
+            LinkSettings(), on_message=on_message, on_down=lambda r: None, on_drop=drops.append
+        )
+
+    ends = [link(0), link(1)]
+    rng = random.Random(9)
+    send_data = ice.StunProtocol.send_data
+    send_segments = dtls.send_segments
+
+    async def lossy(self: Any, data: bytes, addr: tuple[str, int]) -> None:
+        if rng.random() >= drop:
+            await send_data(self, data, addr)
+
+    def lossy_segments(sock: Any, records: list[Any], address: Any) -> None:
+        kept = [record for record in records if rng.random() >= drop]
+        if kept:
+            send_segments(sock, kept, address)
+
+    try:
+        await ends[0].accept_answer(await ends[1].accept_offer(await ends[0].create_offer()))
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(end.wait_open() for end in ends))
+        connections = [end._pc.sctp.transport.transport._connection for end in ends]  # type: ignore[attr-defined]
+        for connection in connections:
+            assert all(type(p.transport) is dtls.GroTransport for p in connection._protocols)
+        if drop:
+            ice.StunProtocol.send_data = lossy  # type: ignore[method-assign]
+            dtls.send_segments = lossy_segments  # type: ignore[assignment]
+        size = 600_000 if drop else 3_000_000
+        messages = [os.urandom(size), os.urandom(size // 2)]
+        async with asyncio.timeout(120):
+            await asyncio.gather(
+                *(end.send_message(m) for end, m in zip(ends, messages, strict=True))
+            )
+            await asyncio.gather(arrived[0].wait(), arrived[1].wait())
+        assert got[1] == [messages[0]]
+        assert got[0] == [messages[1]]
+        assert drops == []
+        for connection in connections:
+            await _consent(connection)  # STUN still reaches aioice, both ways
+        received = []
+        for end in ends:
+            stats = end._pc.sctp.transport._get_stats()  # type: ignore[attr-defined]
+            received.append(
+                next(s.packetsReceived for s in stats.values() if s.type == "transport")
+            )
+        return [_coalesced(c) for c in connections], received
+    finally:
+        ice.StunProtocol.send_data = send_data  # type: ignore[method-assign]
+        dtls.send_segments = send_segments  # type: ignore[assignment]
+        await asyncio.gather(*(end.close() for end in ends))
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("drop", [0.0, 0.03], ids=["clean", "lossy"])
+def test_two_tuned_ends_read_each_other_s_gso_batches_through_gro(
+    shared_net: Callable[[int], SharedNetwork], drop: float
+) -> None:
+    shared_net(2)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        coalesced, received = runner.run(_tuned_pair_exchange(drop))
+    # Both ends send through GSO and read through GRO: most datagrams (DATA one way, SACKs
+    # the other) arrive in reads of two or more, and every message arrived whole.
+    print("datagrams received:", received, "of them in batches:", coalesced)
+    for batched, total in zip(coalesced, received, strict=True):
+        assert batched > (0.5 if not drop else 0.2) * total, (coalesced, received)
