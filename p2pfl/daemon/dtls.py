@@ -384,16 +384,13 @@ class TunedDtls(_DtlsTransport):  # type: ignore[misc]
         transport = getattr(protocol, "transport", None)
         if type(protocol) is not LeanStunProtocol or transport is None:
             return None
-        raw = transport.get_extra_info("socket")
-        if raw is None or raw.type != socket.SOCK_DGRAM:
-            return None
-        if raw.family not in (socket.AF_INET, socket.AF_INET6):
-            return None
         try:
-            sock = socket.socket(raw.family, socket.SOCK_DGRAM, fileno=os.dup(raw.fileno()))
+            sock = _duplicate_udp_socket(transport)
         except OSError as exc:
             log.debug("no socket for UDP GSO", extra={"error": str(exc)})
             self._p2pfl_gso = False
+            return None
+        if sock is None:
             return None
         self._p2pfl_gso_protocol, self._p2pfl_gso_socket = protocol, sock
         return sock
@@ -402,6 +399,18 @@ class TunedDtls(_DtlsTransport):  # type: ignore[misc]
         sock, self._p2pfl_gso_socket, self._p2pfl_gso_protocol = self._p2pfl_gso_socket, None, None
         if sock is not None:
             sock.close()
+
+
+def _duplicate_udp_socket(transport: Any) -> socket.socket | None:
+    """A socket over a duplicate of ``transport``'s IPv4 or IPv6 UDP socket descriptor (the
+    event loop keeps owning its own socket); None where it has no such socket. Raises the
+    ``OSError`` of a descriptor that cannot be duplicated."""
+    raw = transport.get_extra_info("socket")
+    if raw is None or raw.type != socket.SOCK_DGRAM:
+        return None
+    if raw.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return socket.socket(raw.family, socket.SOCK_DGRAM, fileno=os.dup(raw.fileno()))
 
 
 def gso_groups(records: list[Any]) -> Iterator[list[Any]]:
@@ -467,15 +476,12 @@ def read_coalesced(protocol: Any, on_drop: Callable[[str], None] | None = None) 
         return False  # not the event loop's own UDP transport (a TURN allocation's, ours)
     if old.get_write_buffer_size() or not hasattr(old, "set_protocol"):
         return False
-    raw = old.get_extra_info("socket")
-    if raw is None or raw.type != socket.SOCK_DGRAM:
-        return False
-    if raw.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
     try:
-        sock = socket.socket(raw.family, socket.SOCK_DGRAM, fileno=os.dup(raw.fileno()))
+        sock = _duplicate_udp_socket(old)
     except OSError as exc:
         log.debug("no socket for UDP GRO", extra={"error": str(exc)})
+        return False
+    if sock is None:
         return False
     try:
         sock.setblocking(False)
