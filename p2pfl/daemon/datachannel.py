@@ -145,7 +145,7 @@ def _aiortc() -> Any:
 def split_frames(data: bytes, frame_bytes: int, transfer_id: int) -> Iterator[bytes]:
     """Cut ``data`` into DATA frames of at most ``frame_bytes`` bytes each (header included).
 
-    Lazy, so a large message is never held twice; the digest (CRC-32) is computed up front.
+    Lazy, so a large message is never held twice; the digest (CRC-32C) is computed up front.
     """
     if not HEADER.size < frame_bytes <= FRAME_LIMIT:
         raise ValueError(f"frame_bytes must be in ({HEADER.size}, {FRAME_LIMIT}]")
