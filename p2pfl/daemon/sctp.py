@@ -112,7 +112,7 @@ import logging
 import struct
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import Any
@@ -230,6 +230,20 @@ _TSN_MODULO = 2**32
 _Block = tuple[int, int]  # a SACK's gap block: first and last TSN as offsets from its cumulative
 _HALF_TSN = 2**31
 _WINDOW = 1024 * 1024  # aiortc's advertised window with nothing held; tune() reads the instance's
+
+
+def _merged_blocks(blocks: Iterable[_Block]) -> list[_Block]:
+    """Gap blocks sorted, empty ones (start past end) left out, overlapping or adjacent ones
+    joined."""
+    merged: list[_Block] = []
+    for start, end in sorted(blocks):
+        if start > end:
+            continue
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _packet(header: bytes, chunks: bytes) -> bytes:
@@ -448,10 +462,7 @@ class TunedSctp(RTCSctpTransport):
         stream = self._inbound_streams.get(chunk.stream_id)
         if type(stream) is not LinearInboundStream:
             return False
-        if (
-            self._p2pfl_held >= HOLD_CHUNKS
-            or self._p2pfl_window - self._advertised_rwnd + len(chunk.user_data) > HOLD_BYTES
-        ):
+        if self._p2pfl_past_hold(len(chunk.user_data)):
             return False  # over the bound: _receive_data_chunk refuses it
         reassembly = stream.reassembly
         # The tail, as add_chunk checks: every chunk held has a TSN up to the cumulative one.
@@ -500,18 +511,24 @@ class TunedSctp(RTCSctpTransport):
         streams = self._inbound_streams
         if chunk.stream_id not in streams and len(streams) >= HOLD_STREAMS:
             return "sctp_streams_full"
-        held = self._p2pfl_held
-        held_bytes = self._p2pfl_window - self._advertised_rwnd + len(chunk.user_data)
+        size = len(chunk.user_data)
         if tsn == (last + 1) % _TSN_MODULO:
-            if held >= HOLD_CHUNKS or held_bytes > HOLD_BYTES:
+            if self._p2pfl_past_hold(size):
                 return "sctp_reassembly_full"
         elif (
-            held >= HOLD_CHUNKS // 2
-            or held_bytes > self._p2pfl_window
+            self._p2pfl_held >= HOLD_CHUNKS // 2
+            or size > self._advertised_rwnd  # past the window it advertised
             or (tsn - last) % _TSN_MODULO > HOLD_TSN_SPAN
         ):
             return "sctp_window_full"  # out of order: the peer sends it again
         return None
+
+    def _p2pfl_past_hold(self, size: int) -> bool:
+        """Whether a chunk of ``size`` bytes taken in now would pass the hard bound: more than
+        :data:`HOLD_CHUNKS` chunks or :data:`HOLD_BYTES` bytes held (aiortc's window shrinks by
+        every byte held)."""
+        held_bytes = self._p2pfl_window - self._advertised_rwnd + size
+        return self._p2pfl_held >= HOLD_CHUNKS or held_bytes > HOLD_BYTES
 
     async def _receive_forward_tsn_chunk(self, chunk: Any) -> None:
         # aiortc makes an inbound stream for every stream a FORWARD TSN names, and then walks
@@ -574,17 +591,12 @@ class TunedSctp(RTCSctpTransport):
         if last is None:  # nothing received yet: nothing to report
             await super()._send_sack()
             return
-        gaps: list[list[int]] = []
-        for offset in sorted((tsn - last) % _TSN_MODULO for tsn in self._sack_misordered):
-            if gaps and offset == gaps[-1][1] + 1:
-                gaps[-1][1] = offset
-            else:
-                gaps.append([offset, offset])
+        offsets = ((tsn - last) % _TSN_MODULO for tsn in self._sack_misordered)
         sack = _sctp.SackChunk()
         sack.cumulative_tsn = last
         sack.advertised_rwnd = max(0, self._advertised_rwnd)
         sack.duplicates = self._sack_duplicates[:]
-        sack.gaps = [(start, end) for start, end in gaps]
+        sack.gaps = _merged_blocks((offset, offset) for offset in offsets)
         await self._send_chunk(sack)
         self._sack_duplicates.clear()
         self._sack_needed = False
@@ -666,14 +678,7 @@ class TunedSctp(RTCSctpTransport):
         span = (sent[-1].tsn - cumulative_tsn) % _TSN_MODULO if sent else 0
         if span >= _HALF_TSN:
             span = 0  # nothing outstanding past this cumulative TSN
-        merged: list[_Block] = []
-        for start, end in sorted((max(start, 1), min(end, span)) for start, end in gaps):
-            if start > end:
-                continue
-            if merged and start <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-            else:
-                merged.append((start, end))
+        merged = _merged_blocks((max(start, 1), min(end, span)) for start, end in gaps)
         last_sacked = self._last_sacked_tsn
         current = (cumulative_tsn - last_sacked) % _TSN_MODULO < _HALF_TSN
         if (
