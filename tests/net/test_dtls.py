@@ -15,7 +15,7 @@ import contextlib
 import os
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -750,40 +750,22 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
         # drops them, on either path; the transfer goes on.
         for _ in range(3):
             tuned_ice.data_received(bytes([23, 0xFE, 0xFD]) + os.urandom(60), 1)
-        if drop:
-            rng = random.Random(4)
-            original = ice.StunProtocol.send_data
-
-            async def lossy(self: Any, data: bytes, addr: tuple[str, int]) -> None:
-                if rng.random() >= drop:
-                    await original(self, data, addr)
-
-            ice.StunProtocol.send_data = lossy  # type: ignore[method-assign]
-            send_segments = dtls.send_segments
-
-            def lossy_segments(sock: Any, records: list[Any], address: Any) -> None:
-                kept = [record for record in records if rng.random() >= drop]
-                if kept:  # still a batch GSO takes: equal sizes, then perhaps one shorter
-                    send_segments(sock, kept, address)
-
-            dtls.send_segments = lossy_segments  # type: ignore[assignment]
         size = 600_000 if drop else 3_000_000
         messages = {"tuned": os.urandom(size), "stock": os.urandom(size // 3)}
         try:
-            async with asyncio.timeout(120):
-                await asyncio.gather(
-                    tuned.send_message(messages["tuned"]), stock.send_message(messages["stock"])
-                )
-                await arrived["stock"].wait()
-                await arrived["tuned"].wait()
+            with _lossy_datagrams(drop, seed=4):
+                async with asyncio.timeout(120):
+                    await asyncio.gather(
+                        tuned.send_message(messages["tuned"]),
+                        stock.send_message(messages["stock"]),
+                    )
+                    await arrived["stock"].wait()
+                    await arrived["tuned"].wait()
         finally:
             ice.Connection.recvfrom = recvfrom  # type: ignore[method-assign]
             sctp.TunedSctp._p2pfl_clean_sack = clean_sack  # type: ignore[method-assign]
             sctp.TunedSctp._p2pfl_next_fragment = next_fragment  # type: ignore[method-assign]
             RTCSctpTransport._receive_sack_chunk = receive_sack  # type: ignore[method-assign]
-            if drop:
-                ice.StunProtocol.send_data = original  # type: ignore[method-assign]
-                dtls.send_segments = send_segments  # type: ignore[assignment]
         assert got["stock"] == [messages["tuned"]]
         assert got["tuned"] == [messages["stock"]]
         assert drops == []
@@ -823,6 +805,36 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
         assert fragments["lean"] > (0.9 if not drop else 0.3) * sum(fragments.values()), fragments
     finally:
         await asyncio.gather(tuned.close(), stock.close())
+
+
+@contextlib.contextmanager
+def _lossy_datagrams(drop: float, *, seed: int) -> Iterator[None]:
+    """Within the block, every datagram either send path hands the kernel (aioice's
+    ``send_data``; the records of a GSO batch, ``dtls.send_segments``) is lost with probability
+    ``drop``; nothing changes where ``drop`` is 0."""
+    if not drop:
+        yield
+        return
+    rng = random.Random(seed)
+    send_data = ice.StunProtocol.send_data
+    send_segments = dtls.send_segments
+
+    async def lossy(self: Any, data: bytes, addr: tuple[str, int]) -> None:
+        if rng.random() >= drop:
+            await send_data(self, data, addr)
+
+    def lossy_segments(sock: Any, records: list[Any], address: Any) -> None:
+        kept = [record for record in records if rng.random() >= drop]
+        if kept:  # still a batch GSO takes: equal sizes, then perhaps one shorter
+            send_segments(sock, kept, address)
+
+    ice.StunProtocol.send_data = lossy  # type: ignore[method-assign]
+    dtls.send_segments = lossy_segments  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ice.StunProtocol.send_data = send_data  # type: ignore[method-assign]
+        dtls.send_segments = send_segments  # type: ignore[assignment]
 
 
 def _coalesced(connection: Any) -> int:
@@ -1167,19 +1179,6 @@ async def _tuned_pair_exchange(drop: float) -> tuple[list[int], list[int]]:
         )
 
     ends = [link(0), link(1)]
-    rng = random.Random(9)
-    send_data = ice.StunProtocol.send_data
-    send_segments = dtls.send_segments
-
-    async def lossy(self: Any, data: bytes, addr: tuple[str, int]) -> None:
-        if rng.random() >= drop:
-            await send_data(self, data, addr)
-
-    def lossy_segments(sock: Any, records: list[Any], address: Any) -> None:
-        kept = [record for record in records if rng.random() >= drop]
-        if kept:
-            send_segments(sock, kept, address)
-
     try:
         await ends[0].accept_answer(await ends[1].accept_offer(await ends[0].create_offer()))
         async with asyncio.timeout(30):
@@ -1187,21 +1186,19 @@ async def _tuned_pair_exchange(drop: float) -> tuple[list[int], list[int]]:
         connections = [end._pc.sctp.transport.transport._connection for end in ends]  # type: ignore[attr-defined]
         for connection in connections:
             assert all(type(p.transport) is dtls.GroTransport for p in connection._protocols)
-        if drop:
-            ice.StunProtocol.send_data = lossy  # type: ignore[method-assign]
-            dtls.send_segments = lossy_segments  # type: ignore[assignment]
         size = 600_000 if drop else 3_000_000
         messages = [os.urandom(size), os.urandom(size // 2)]
-        async with asyncio.timeout(120):
-            await asyncio.gather(
-                *(end.send_message(m) for end, m in zip(ends, messages, strict=True))
-            )
-            await asyncio.gather(arrived[0].wait(), arrived[1].wait())
-        assert got[1] == [messages[0]]
-        assert got[0] == [messages[1]]
-        assert drops == []
-        for connection in connections:
-            await _consent(connection)  # STUN still reaches aioice, both ways
+        with _lossy_datagrams(drop, seed=9):
+            async with asyncio.timeout(120):
+                await asyncio.gather(
+                    *(end.send_message(m) for end, m in zip(ends, messages, strict=True))
+                )
+                await asyncio.gather(arrived[0].wait(), arrived[1].wait())
+            assert got[1] == [messages[0]]
+            assert got[0] == [messages[1]]
+            assert drops == []
+            for connection in connections:
+                await _consent(connection)  # STUN still reaches aioice, both ways
         received = []
         for end in ends:
             stats = end._pc.sctp.transport._get_stats()  # type: ignore[attr-defined]
@@ -1210,8 +1207,6 @@ async def _tuned_pair_exchange(drop: float) -> tuple[list[int], list[int]]:
             )
         return [_coalesced(c) for c in connections], received
     finally:
-        ice.StunProtocol.send_data = send_data  # type: ignore[method-assign]
-        dtls.send_segments = send_segments  # type: ignore[assignment]
         await asyncio.gather(*(end.close() for end in ends))
 
 
