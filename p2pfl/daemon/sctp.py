@@ -85,6 +85,17 @@ for one (aiortc makes a stream for each, then walks them all). A SACK's gap bloc
 TSNs outstanding before aiortc walks them offset by offset. Every refusal is reported with its
 reason (``tune(on_drop=...)``; the link counts it as stage ``link``).
 
+**The flight under delayed SACKs.** aiortc sends at most four of its chunks beyond the flight
+left after a SACK (RFC 9260's Max.Burst, a SHOULD). That assumes a SACK every second packet:
+with a SACK every :data:`SACK_EVERY` (4) packets, each SACK frees four packets and allows four,
+so the flight stayed where it started and only grew by the bursts of newly queued messages,
+whatever the congestion window. A fresh link sent a 16 MiB message at about half the rate of a
+64 MiB one, still in slow start at its end (``bench_transport.py``). Here the burst counts four
+chunks beyond the flight *and* what the SACK being handled acknowledged; the congestion window
+bounds the flight as the RFC has it, and so does the peer's receive window (the a_rwnd of its
+latest SACK; aiortc's sender ignores it, which did not matter while the flight stayed small).
+Slow start is aiortc's (one chunk more per SACK while the window is used up).
+
 **Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
 link whose 256 KiB frame takes seconds to complete on a lossy path is not declared silent.
 
@@ -150,6 +161,7 @@ HOLD_CHUNKS = 4096  # DATA chunks held for reassembly per association, at most
 HOLD_BYTES = 2 * 1024 * 1024  # their bytes, at most: the 1 MiB window + 4 x 256 KiB messages
 HOLD_STREAMS = 16  # inbound streams per association, at most (a link uses one data channel)
 HOLD_TSN_SPAN = 65535  # a chunk held out of order is this far past the cumulative TSN at most
+_MAX_BURST = 4  # new packets sent per event beyond those a SACK acknowledged (aiortc: 4 in all)
 
 _IP_UDP_HEADERS = 40 + 8  # IPv6 (the larger of the two IP headers) + UDP
 # DTLS 1.2 record expansion with ECDHE-ECDSA-AES128-SHA, the costliest suite aiortc offers:
@@ -318,6 +330,8 @@ class TunedSctp(RTCSctpTransport):
     _p2pfl_window = _WINDOW  # the receive window aiortc advertises when nothing is held
     _p2pfl_on_drop: Callable[[str], None] | None = None
     _p2pfl_aborted = False  # the bound aborted the association
+    _p2pfl_acked = 0  # bytes the SACK being handled acknowledged (the next burst's allowance)
+    _p2pfl_peer_window: int | None = None  # the a_rwnd of the peer's latest SACK
 
     # --- liveness ------------------------------------------------------------------------------
     async def _handle_data(self, data: bytes) -> None:
@@ -338,7 +352,7 @@ class TunedSctp(RTCSctpTransport):
             if sack is None:
                 await super()._handle_data(data)
                 return
-            if not await self._p2pfl_clean_sack(sack[1]):
+            if not await self._p2pfl_clean_sack(sack[1], sack[2]):
                 await self._receive_sack_chunk(self._p2pfl_sack_chunk(*sack))
         if self._sack_needed:
             await self._send_sack()
@@ -663,6 +677,8 @@ class TunedSctp(RTCSctpTransport):
         await self.transport._send_data(_packet(self._p2pfl_header(), chunks))
 
     async def _receive_sack_chunk(self, chunk: Any) -> None:
+        if not uint32_gt(self._last_sacked_tsn, chunk.cumulative_tsn):  # not an old SACK
+            self._p2pfl_peer_window = chunk.advertised_rwnd
         if chunk.gaps:  # only gap reports strike chunks for retransmission
             self._p2pfl_scan = True
             chunk.gaps = self._p2pfl_gaps(chunk.cumulative_tsn, chunk.gaps)
@@ -689,14 +705,15 @@ class TunedSctp(RTCSctpTransport):
             self._p2pfl_on_drop("sctp_sack_out_of_range")
         return merged
 
-    async def _p2pfl_clean_sack(self, cumulative_tsn: int) -> bool:
+    async def _p2pfl_clean_sack(self, cumulative_tsn: int, rwnd: int) -> bool:
         """aiortc's ``_receive_sack_chunk`` for a SACK without gaps or duplicates (every SACK
         of a clean transfer) outside fast recovery and with no FORWARD TSN under way: the
         acknowledged chunks leave the sent queue and the flight, the first one's round trip
         updates the RTO, the congestion window grows, T3 restarts or stops, more is sent. The
         same steps in the same order as aiortc's, without its gap handling, per-chunk helper
         calls and the FORWARD TSN bookkeeping, which has nothing to do here. False, having
-        done nothing, in any other state: aiortc's method then handles the SACK."""
+        done nothing, in any other state: aiortc's method then handles the SACK. ``rwnd``, the
+        SACK's a_rwnd, bounds the flight (see "The flight under delayed SACKs")."""
         if (
             self._fast_recovery_exit is not None
             or self._forward_tsn_chunk is not None
@@ -710,6 +727,7 @@ class TunedSctp(RTCSctpTransport):
             return True  # an old SACK: aiortc ignores it
         received_time = time.time()
         self._last_sacked_tsn = cumulative_tsn
+        self._p2pfl_peer_window = rwnd
         if 0 < (cumulative_tsn - last) % _TSN_MODULO < _HALF_TSN:
             self._advanced_peer_ack_tsn = cumulative_tsn  # it was last, as checked above
         flight = self._flight_size
@@ -729,6 +747,7 @@ class TunedSctp(RTCSctpTransport):
             if done == 1 and schunk._sent_count == 1:
                 self._update_rto(received_time - schunk._sent_time)
         self._flight_size = flight
+        self._p2pfl_acked = done_bytes
         if done and cwnd_fully_utilized:
             if self._cwnd <= self._ssthresh:
                 self._cwnd += min(done_bytes, _AIORTC_CHUNK)  # slow start
@@ -796,8 +815,13 @@ class TunedSctp(RTCSctpTransport):
             await super()._transmit()
             self._p2pfl_scan = any(chunk._retransmit for chunk in self._sent_queue)
             return
-        # aiortc's burst limit: four of its chunks beyond the flight size.
-        cwnd = min(self._flight_size + 4 * _AIORTC_CHUNK, self._cwnd)
+        # See "The flight under delayed SACKs": four chunks beyond the flight and what the SACK
+        # just acknowledged, within the congestion window and the peer's receive window (one
+        # chunk may always be in flight, RFC 9260 section 6.1 rule A: a zero window's probe).
+        acked, self._p2pfl_acked = self._p2pfl_acked, 0
+        cwnd = min(self._flight_size + acked + _MAX_BURST * self._p2pfl_chunk, self._cwnd)
+        if self._p2pfl_peer_window is not None:  # None before the first SACK
+            cwnd = min(cwnd, max(self._p2pfl_peer_window, 1))
         outbound, sent = self._outbound_queue, self._sent_queue
         if not outbound or self._flight_size >= cwnd:
             return

@@ -260,7 +260,7 @@ def test_a_clean_sack_parses_as_aiortc_parses_it_and_any_other_is_left_to_aiortc
         seen: list[tuple[str, int, list[tuple[int, int]]]] = []
         declined = {10}
 
-        async def lean(cumulative_tsn: int) -> bool:
+        async def lean(cumulative_tsn: int, rwnd: int) -> bool:
             seen.append(("lean", cumulative_tsn, []))
             return cumulative_tsn not in declined
 
@@ -546,7 +546,7 @@ def test_a_clean_sack_on_the_lean_path_leaves_the_sender_as_aiortc_s_handling_do
                 before = _sender_state(lean, calls[id(lean)])
                 with pytest.MonkeyPatch.context() as patch:
                     patch.setattr(aiortc_sctp.time, "time", lambda: 1000.5)
-                    handled = await lean._p2pfl_clean_sack(cumulative)
+                    handled = await lean._p2pfl_clean_sack(cumulative, 1024 * 1024)
                     if not handled:
                         assert _sender_state(lean, calls[id(lean)]) == before
                         declined += 1
@@ -722,8 +722,8 @@ async def _exchange(tuned_offers: bool, drop: float) -> None:
         clean_sack = sctp.TunedSctp._p2pfl_clean_sack
         receive_sack = RTCSctpTransport._receive_sack_chunk
 
-        async def lean_counted(self: Any, cumulative_tsn: int) -> bool:
-            taken = await clean_sack(self, cumulative_tsn)
+        async def lean_counted(self: Any, cumulative_tsn: int, rwnd: int) -> bool:
+            taken = await clean_sack(self, cumulative_tsn, rwnd)
             if self is tuned_sctp and taken:
                 sacks["lean"] += 1
             return taken

@@ -605,3 +605,52 @@ def test_a_forward_tsn_naming_many_streams_makes_no_more_than_the_bound() -> Non
     assert streams == sctp.HOLD_STREAMS
     assert refused == ["sctp_streams_full"]
     assert held == 0  # the abandoned fragment was pruned, and counted out
+
+
+# --- sending: the flight grows under delayed SACKs, within the peer's window --------------
+
+
+async def _flight_under_delayed_sacks(sacks: int, rwnd: int = 1024 * 1024) -> list[int]:
+    """A tuned sender with a 2 MiB message queued, its packets acknowledged as a receiver that
+    SACKs every ``SACK_EVERY`` packets does (each SACK takes the oldest outstanding packets and
+    advertises ``rwnd``). Returns the chunks in flight after each SACK."""
+    sender = await _Receiver.open()  # established and tuned; its own DATA is parsed into .sent
+    transport = sender.transport
+    transport._local_tsn = 2**32 - 40  # across the TSN wrap-around
+    transport._last_sacked_tsn = transport._advanced_peer_ack_tsn = 2**32 - 41  # as INIT sets
+    transport._ssthresh = 1024 * 1024  # as the peer's INIT sets it (its a_rwnd)
+    try:
+        await transport._send(1, 53, bytes(2 * 1024 * 1024))
+        flights: list[int] = []
+        acked = 0
+        for _ in range(sacks):
+            data = [c for c in sender.sent if isinstance(c, aiortc_sctp.DataChunk)]
+            acked = min(acked + sctp.SACK_EVERY, len(data))
+            sack = aiortc_sctp.SackChunk()
+            sack.cumulative_tsn = data[acked - 1].tsn
+            sack.advertised_rwnd = rwnd
+            packet = aiortc_sctp.serialize_packet(5000, 5000, _TAG, sack)
+            await transport._handle_data(bytes(packet))
+            flights.append(sum(1 for c in transport._sent_queue if c._in_flight))
+        return flights
+    finally:
+        await sender.close()
+
+
+def test_the_flight_grows_when_each_sack_acknowledges_several_packets() -> None:
+    """aiortc's burst limit, four chunks beyond the flight after the SACK, held the flight at
+    four chunks when every SACK acknowledges four packets (a fresh link sent a 16 MiB message
+    at about half the rate of a 64 MiB one). The burst now counts beyond what the SACK
+    acknowledged, and the congestion window bounds the flight: one chunk more per SACK."""
+    flights = asyncio.run(_flight_under_delayed_sacks(120))
+    assert flights[0] <= 5
+    assert flights[-1] >= 100
+
+
+@pytest.mark.parametrize("rwnd", [0, 1356, 32 * 1024])
+def test_the_flight_stays_within_the_peers_receive_window(rwnd: int) -> None:
+    """The a_rwnd of the peer's latest SACK bounds the flight (aiortc's sender ignores it); with
+    a zero window one chunk still goes out, to probe it (RFC 9260 section 6.1, rule A)."""
+    flights = asyncio.run(_flight_under_delayed_sacks(120, rwnd))
+    most = max(1, -(-rwnd // sctp.chunk_bytes(1500)))
+    assert max(flights[1:]) == most
