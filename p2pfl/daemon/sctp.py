@@ -75,15 +75,16 @@ of order is dropped, not marked received, once the bytes held would pass the adv
 past :data:`HOLD_CHUNKS` / 2 chunks, or more than :data:`HOLD_TSN_SPAN` TSNs ahead (a SACK's
 gap blocks count in 16 bits: aiortc's SACK failed to pack for such a chunk, taking the link
 down), as RFC 9260 section 6.2 has a receiver do with a full window; the sender sends it again
-(aiortc's sender does not keep to the peer's window, so a loss in a large flight can meet this:
-it costs a resend, never data). The next chunk in TSN order cannot be dropped without stalling
-the association for good, so past the hard bound (:data:`HOLD_BYTES`, :data:`HOLD_CHUNKS`: the
-window plus four messages of the 256 KiB aiortc accepts, which a peer keeping to the protocol
-cannot reach) the association is aborted. A chunk for a stream beyond :data:`HOLD_STREAMS` is
-refused the same way (a p2pfl link uses one data channel), and so is a FORWARD TSN's entry
-for one (aiortc makes a stream for each, then walks them all). A SACK's gap blocks are cut to the
-TSNs outstanding before aiortc walks them offset by offset. Every refusal is reported with its
-reason (``tune(on_drop=...)``; the link counts it as stage ``link``).
+(aiortc's own sender does not keep to the peer's window, the tuned one does, see below; a peer
+that does not can meet this: it costs a resend, never data). The next chunk in TSN order cannot
+be dropped without stalling the association for good, so past the hard bound
+(:data:`HOLD_BYTES`, :data:`HOLD_CHUNKS`: the window plus four messages of the 256 KiB aiortc
+accepts, which a peer keeping to the protocol cannot reach) the association is aborted. A
+chunk for a stream beyond :data:`HOLD_STREAMS` is refused the same way (a p2pfl link uses one
+data channel), and so is a FORWARD TSN's entry for one (aiortc makes a stream for each, then
+walks them all). A SACK's gap blocks are cut to the TSNs outstanding before aiortc walks them
+offset by offset. Every refusal is reported with its reason (``tune(on_drop=...)``; the link
+counts it as stage ``link``).
 
 **The flight under delayed SACKs.** aiortc sends at most four of its chunks beyond the flight
 left after a SACK (RFC 9260's Max.Burst, a SHOULD). That assumes a SACK every second packet:
@@ -94,7 +95,9 @@ whatever the congestion window. A fresh link sent a 16 MiB message at about half
 chunks beyond the flight *and* what the SACK being handled acknowledged; the congestion window
 bounds the flight as the RFC has it, and so does the peer's receive window (the a_rwnd of its
 latest SACK; aiortc's sender ignores it, which did not matter while the flight stayed small).
-Slow start is aiortc's (one chunk more per SACK while the window is used up).
+Slow start is aiortc's (one chunk more per SACK while the window is used up). Only the lean
+path (below) has this; aiortc's own ``_transmit``, which retransmissions and fast recovery
+take, keeps its limit.
 
 **Liveness below the frames.** Every packet from the peer stamps :func:`last_packet_at`, so a
 link whose 256 KiB frame takes seconds to complete on a lossy path is not declared silent.
