@@ -51,7 +51,8 @@ gap and no duplicate, is checked (length, checksum, verification tag) and parsed
 DATA chunks and SACKs without gaps or duplicates are packed directly (the same bytes:
 tests/net/test_dtls.py); the retransmission walk runs only while a chunk can be marked for
 it (after a SACK reporting gaps or a T3 expiry, until none is); a T3 restart that moves the
-deadline later is recorded and the timer re-arms for the rest when it fires; such a SACK,
+deadline later is recorded and the timer re-arms for the rest when it fires, and so does the
+receiver's delayed-SACK timer (set once per delay, not set and cancelled per SACK); such a SACK,
 outside fast recovery and with no FORWARD TSN under way, is handled by one method
 (:meth:`TunedSctp._p2pfl_clean_sack`: aiortc's steps in aiortc's order, without a chunk
 object, the gap handling and a helper call per acknowledged chunk; tests/net/test_dtls.py
@@ -325,6 +326,7 @@ class TunedSctp(RTCSctpTransport):
     _p2pfl_chunk = _AIORTC_CHUNK
     _p2pfl_unacked = 0
     _p2pfl_timer: asyncio.TimerHandle | None = None
+    _p2pfl_ack_due = 0.0  # loop time the held packets must be acknowledged by; 0: none held
     _p2pfl_ack_task: asyncio.Future[None] | None = None
     _p2pfl_heard = 0.0
     _p2pfl_recovery = 0  # packets left to acknowledge every second one
@@ -419,9 +421,14 @@ class TunedSctp(RTCSctpTransport):
             every = min(every, 2)
         if not urgent and self._p2pfl_unacked + 1 < every:
             self._p2pfl_unacked += 1
-            if self._p2pfl_timer is None:
-                loop = asyncio.get_running_loop()
-                self._p2pfl_timer = loop.call_later(ACK_DELAY_S, self._p2pfl_deadline)
+            if not self._p2pfl_ack_due:
+                # The first packet held since the last SACK sets the deadline. A timer still
+                # pending fires before it and re-arms for the rest: one timer per delay in a
+                # transfer, not one set and cancelled per SACK.
+                loop: Any = self._loop
+                self._p2pfl_ack_due = due = loop.time() + ACK_DELAY_S
+                if self._p2pfl_timer is None:
+                    self._p2pfl_timer = loop.call_at(due, self._p2pfl_deadline)
             return
         await self._p2pfl_ack_now()
 
@@ -572,9 +579,7 @@ class TunedSctp(RTCSctpTransport):
             self._p2pfl_held = sum(len(s.reassembly) for s in self._inbound_streams.values())
 
     async def _p2pfl_ack_now(self) -> None:
-        if self._p2pfl_timer is not None:
-            self._p2pfl_timer.cancel()
-            self._p2pfl_timer = None
+        self._p2pfl_ack_due = 0.0  # a pending timer finds nothing held and stops
         self._p2pfl_unacked = 0
         await self._p2pfl_sack()
 
@@ -620,6 +625,14 @@ class TunedSctp(RTCSctpTransport):
 
     def _p2pfl_deadline(self) -> None:
         self._p2pfl_timer = None
+        due = self._p2pfl_ack_due
+        if not due:
+            return  # acknowledged since the timer was set
+        loop: Any = self._loop
+        if loop.time() < due:  # set for packets acknowledged since: re-armed for the rest
+            self._p2pfl_timer = loop.call_at(due, self._p2pfl_deadline)
+            return
+        self._p2pfl_ack_due = 0.0
         if self._sack_needed and self._association_state == self.State.ESTABLISHED:
             # Held so the task is not collected before it runs; cancelled by stop().
             task = asyncio.ensure_future(self._p2pfl_ack_now())
@@ -629,6 +642,7 @@ class TunedSctp(RTCSctpTransport):
             self._p2pfl_unacked = 0
 
     async def stop(self) -> None:
+        self._p2pfl_ack_due = 0.0
         if self._p2pfl_timer is not None:
             self._p2pfl_timer.cancel()
             self._p2pfl_timer = None
