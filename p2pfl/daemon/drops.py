@@ -111,5 +111,13 @@ async def contained(
             "%s scope ended by %s",
             stage,
             type(exc).__name__,
-            extra={"peer": (peer or "?")[:16], "stage": stage, "error": str(exc)[:200]},
+            extra={"peer": (peer or "?")[:16], "stage": stage, "error": _described(exc)[:200]},
         )
+
+
+def _described(exc: BaseException) -> str:
+    """``exc`` for the log; a group (a nursery's) by the exceptions inside it, which its own
+    text ("Exceptions from Trio nursery (1 sub-exception)") does not name."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_described(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import trio
 
@@ -53,3 +55,19 @@ async def test_contained_lets_cancellation_through() -> None:
         await contained(drops, "link", None, trio.sleep_forever)
     assert scope.cancelled_caught
     assert drops.totals == {}
+
+
+async def test_contained_names_what_ended_a_nursery_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    drops = DropLog()
+
+    async def nursery_fails() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            raise trio.BrokenResourceError("reset by peer")
+
+    with caplog.at_level(logging.WARNING, logger="p2pfl.daemon.drops"):
+        await contained(drops, "signaling", "peer-a", nursery_fails)
+    assert drops.get("signaling", "error_ExceptionGroup") == 1
+    assert caplog.records[-1].error == "BrokenResourceError: reset by peer"
