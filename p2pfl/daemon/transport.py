@@ -772,11 +772,16 @@ class PeerTransport:
             with trio.fail_after(self.config.connect_timeout_s):
                 async with trio.open_nursery() as race:  # open, or replaced by a newer offer
                     race.start_soon(self._stop_when_down, peer, race.cancel_scope)
-                    await self._bridge.call(peer.link.wait_open)
-                    race.cancel_scope.cancel()
+                    try:
+                        await self._bridge.call(peer.link.wait_open)
+                    except LinkDown:  # here, not around the nursery: it would come grouped
+                        self.counters["accept_failed_LinkDown"] += 1
+                        return
+                    finally:
+                        race.cancel_scope.cancel()
             opened = not peer.down.is_set()
-        except (trio.TooSlowError, LinkDown) as exc:
-            self.counters[f"accept_failed_{type(exc).__name__}"] += 1
+        except trio.TooSlowError:
+            self.counters["accept_failed_TooSlowError"] += 1
             return
         finally:
             self._release_accept(peer)

@@ -13,12 +13,15 @@ import contextlib
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
 
+from p2pfl.daemon.datachannel import LinkDown
 from p2pfl.daemon.discovery import PeerCandidate
 from p2pfl.daemon.signaling import SignalingGuard, SignalingLimits
 from p2pfl.daemon.transport import MessageReceived, PeerTransport, PeerUp, TransportConfig
@@ -443,3 +446,38 @@ async def test_a_message_whose_last_fragment_never_comes_aborts_that_link_only(
                 continue
             break
         await _still_talking(target, friend)
+
+
+async def test_a_link_that_fails_while_the_accepting_side_waits_for_it_to_open_is_counted() -> None:
+    """The accepting side waits for the channel in a nursery (raced against the peer going
+    down); a LinkDown raised there arrives wrapped in an exception group. It once ended the
+    scope as an unclassified error (``signaling/error_ExceptionGroup``, a full-suite run of the
+    test above, rogue failing 0.05 s after its offer) instead of being counted as a failed
+    accept."""
+    closed: list[object] = []
+
+    async def call(fn: Any, *args: Any) -> Any:
+        return await fn(*args)
+
+    async def wait_open() -> None:
+        raise LinkDown("closed")
+
+    async def close_link(peer: Any) -> None:
+        closed.append(peer)
+
+    async def run_peer(peer: Any) -> None:
+        raise AssertionError("a link that never opened is not run")
+
+    peer = SimpleNamespace(link=SimpleNamespace(wait_open=wait_open), down=trio.Event())
+    transport = SimpleNamespace(
+        _bridge=SimpleNamespace(call=call),
+        config=SimpleNamespace(connect_timeout_s=5.0),
+        counters=Counter(),
+        _stop_when_down=PeerTransport._stop_when_down,
+        _release_accept=lambda peer: None,
+        _close_link=close_link,
+        _run_peer=run_peer,
+    )
+    await PeerTransport._finish_accept(transport, peer)  # type: ignore[arg-type]
+    assert transport.counters == {"accept_failed_LinkDown": 1}
+    assert closed == [peer]
