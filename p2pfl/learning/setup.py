@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from p2pfl.learning.codecs import codec_problem
 from p2pfl.protocols import (
+    OUTLIER_RULES,
     FedAvgConfig,
     FedAvgLearner,
     GossipConfig,
@@ -55,9 +56,9 @@ PROTOCOLS: dict[str, tuple[type[Learner[Any]], type[Any]]] = {
 RULE_KEYS: dict[str, tuple[str, ...]] = {
     "clip_radius": ("clip",),
     "clip_scale": ("clip",),
-    "clip_window": ("clip",),
+    "clip_window": OUTLIER_RULES,  # "clip": its radius's window too
     "clip_iterations": ("clip",),
-    "clip_outlier": ("clip",),
+    "clip_outlier": OUTLIER_RULES,
     "krum_f": ("krum", "multikrum"),
     "krum_m": ("multikrum",),
     "trim_fraction": ("trimmed_mean",),

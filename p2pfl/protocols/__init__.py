@@ -38,6 +38,7 @@ from ._actions import Send as Send
 from ._actions import SetTimer as SetTimer
 from ._actions import Train as Train
 from ._actions import UseFeatures as UseFeatures
+from ._base import OUTLIER_RULES as OUTLIER_RULES
 from ._base import Learner as Learner
 from ._base import LearnerSettings as LearnerSettings
 from ._events import EvaluationDone as EvaluationDone

@@ -26,12 +26,14 @@ Invariants:
   radius is 0 (peers' models wait for this node's first training to set the scale).
   ``clip_iterations`` > 1 repeats the clipping around each step's result (centred clipping,
   Karimireddy et al. 2021); each step moves the model by at most the radius.
-- With "clip" and a finite ``clip_outlier``, a received model farther from this node's model
-  than ``clip_outlier`` x the median distance of the recent received models is rejected on
-  arrival (``clip_outlier``, a strike): the limit follows what peers send, not this node's own
-  steps, so a node that drifted from every peer still merges them, while a minority that keeps
-  sending far-away models (a negated or scaled model) is dropped and, after
-  ``strikes_to_penalize`` such models, penalized. What stays within the limit is clipped.
+- With a robust rule (every rule but plain "mean": ``OUTLIER_RULES``) and a finite
+  ``clip_outlier``, a received model farther from this node's model than ``clip_outlier`` x the
+  median distance of the recent received models is rejected on arrival (``clip_outlier``, a
+  strike): the limit follows what peers send, not this node's own steps, so a node that drifted
+  from every peer still merges them, while a minority that keeps sending far-away models (a
+  negated or scaled model) is dropped and, after ``strikes_to_penalize`` such models, penalized.
+  What stays within the limit goes to the rule (clipped, trimmed, ...). Plain "mean" rejects
+  nothing: it is the unbounded reference, only run when a configuration asks for it.
 """
 
 from __future__ import annotations
@@ -80,21 +82,24 @@ class LearnerSettings:
     """Local training per round (gossip: per tick), in epochs."""
     aggregation: str = "clip"
     """Name of the aggregation rule, one of ``ModelOps.rules``: "clip" (self-centred clipping,
-    the default of gossip and server-free), "krum", "multikrum" (FedAvg's default), "median",
-    "trimmed_mean", or "mean" (plain weighted mean: unbounded, only if asked for)."""
+    every protocol's default), "krum", "multikrum", "median", "trimmed_mean", or "mean" (plain
+    weighted mean: unbounded, only if asked for)."""
     clip_radius: float | None = None
     """"clip": the radius; None adapts it (``clip_scale`` x median of recent distances)."""
     clip_scale: float = 2.0
     """"clip" with an adaptive radius: the radius as a multiple of the median recent distance."""
     clip_window: int = 32
-    """"clip" with an adaptive radius: how many recent distances the median is taken over."""
+    """"clip" with an adaptive radius: how many recent distances the median is taken over; every
+    rule of ``OUTLIER_RULES``: how many received distances ``clip_outlier``'s median is taken
+    over."""
     clip_iterations: int = 1
     """"clip": clipping steps, each around the previous one's result (centred clipping, CClip);
     1 clips around this node's model only."""
     clip_outlier: float = 4.0
-    """"clip": a received model farther from this node's model than this many times the median
+    """Every rule but "mean" (``OUTLIER_RULES``; the name is from when "clip" alone read it): a
+    received model farther from this node's model than this many times the median
     distance of the last ``clip_window`` received models (itself included) is rejected on
-    arrival as an outlier (counted ``clip_outlier``, a strike); inf: never (clipped only).
+    arrival as an outlier (counted ``clip_outlier``, a strike); inf: never.
     Clipping alone bounds each far model's pull to the radius, but a same-direction minority
     adds up: three of 16 digits nodes sending -w cost gossip 10 points, server-free 3.1 and
     FedAvg 2.4 over 3 seeds. Honest models were almost never 4 x the median received distance
@@ -114,6 +119,10 @@ class LearnerSettings:
     evaluate_every: int = 0
     """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
+
+OUTLIER_RULES = ("clip", "trimmed_mean", "median", "krum", "multikrum")
+"""The rules that reject a received model as an outlier (``clip_outlier``) before merging:
+every robust rule, so that a far-away minority is dropped and struck whatever merges the rest."""
 
 _RULE_DEFAULTS = {
     f.name: f.default
@@ -471,7 +480,7 @@ class Learner(Generic[W]):
         merges them, while a minority sending far-away models is dropped before it takes an
         inbox place or a merge weight.
         """
-        if self._aggregation != "clip" or math.isinf(self._settings.clip_outlier):
+        if self._aggregation not in OUTLIER_RULES or math.isinf(self._settings.clip_outlier):
             return False, []
         if not self._ops_takes_params:
             return False, []

@@ -43,6 +43,13 @@ def test_a_rejoining_gossip_node_does_only_its_remaining_trainings() -> None:
     assert _make(rounds_based, rounds_done=4).config.max_rounds == 10  # type: ignore[attr-defined]
 
 
+def test_every_robust_rule_reads_the_outlier_limit() -> None:
+    for rule in ("clip", "trimmed_mean", "median", "krum", "multikrum"):
+        setup = parse_setup({"protocol": "fedavg", "aggregation": rule, "clip_outlier": 2.5})
+        learner = _make(setup)
+        assert learner.config.clip_outlier == 2.5  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("values", "key", "says"),
     [
@@ -54,6 +61,11 @@ def test_a_rejoining_gossip_node_does_only_its_remaining_trainings() -> None:
         ({"protocol": "gossip", "max_rounds": 0}, "max_rounds", "must be >= 1; got 0"),
         ({"protocol": "gossip", "krum_f": 1}, "krum_f", 'the rule "clip" does not read it'),
         ({"protocol": "fedavg", "krum_f": 1}, "krum_f", 'the rule "clip" does not read it'),
+        (
+            {"protocol": "fedavg", "aggregation": "mean", "clip_outlier": 2.5},
+            "clip_outlier",
+            'the rule "mean" does not read it',
+        ),
         (
             {"protocol": "gossip", "aggregation": "median", "trim_fraction": 0.1},
             "trim_fraction",

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from p2pfl.protocols import (
+    OUTLIER_RULES,
     Adopt,
     FedAvgConfig,
     FedAvgLearner,
@@ -335,6 +336,34 @@ def test_server_free_and_fedavg_count_an_outlier_as_arrived(report: Any) -> None
         assert Metric("round_models_merged", 3) in actions
 
 
+@pytest.mark.parametrize("rule", [*OUTLIER_RULES, "mean"])
+def test_every_robust_rule_rejects_outliers_before_merging_and_plain_mean_none(
+    report: Any, rule: str
+) -> None:
+    ops = FloatOps(max_distance=1e12)
+    for learner, config in [
+        (ServerFreeLearner, ServerFreeConfig(round_timeout=5.0, aggregation=rule)),
+        (FedAvgLearner, FedAvgConfig(round_timeout=5.0, aggregation=rule)),
+    ]:
+        machine = learner("a", 1.0, ops, random.Random(0), config)
+        for peer in ("b", "c", "d"):
+            machine.handle(PeerUp(peer), 0.0)
+        machine.handle(Start(), 0.0)
+        machine.handle(TrainingDone(2.0, report(10)), 1.0)
+        machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
+        machine.handle(MessageReceived("c", RU(0, 3.0, 10)), 2.0)
+        # d's model is 1e6 away against received distances of 1.5 and 2.0 (default limit 4 x).
+        actions = machine.handle(MessageReceived("d", RU(0, 1e6, 10)), 2.0)
+        (adopted,) = [a for a in actions if isinstance(a, Adopt)]
+        if rule == "mean":  # the unbounded reference: nothing rejected, d's model merged
+            assert machine.dropped["clip_outlier"] == 0 and adopted.weights > 1e5
+            assert Metric("round_models_merged", 4) in actions
+        else:  # rejected on arrival, a strike; the rule merges own, b and c only
+            assert machine.dropped["clip_outlier"] == 1 and dict(machine._strikes) == {"d": 1}
+            assert 2.0 <= adopted.weights <= 3.0
+            assert Metric("round_models_merged", 3) in actions
+
+
 def test_plain_mean_only_when_configured() -> None:
     ops = FloatOps(max_distance=1e12)
     config = GossipConfig(period=10.0, jitter=0.0, budget=2.0, aggregation="mean")
@@ -385,7 +414,8 @@ def test_fedavg_default_centred_clipping_bounds_a_sign_flipped_update(report: An
 
 def test_fedavg_multikrum_leaves_a_scaled_update_out(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
-    config = FedAvgConfig(round_timeout=5.0, aggregation="multikrum")
+    # Multi-Krum alone: the default would reject c's model as an outlier first (tested above).
+    config = FedAvgConfig(round_timeout=5.0, aggregation="multikrum", clip_outlier=math.inf)
     machine = FedAvgLearner("a", 1.0, ops, random.Random(0), config)
     for peer in ("b", "c", "d"):
         machine.handle(PeerUp(peer), 0.0)
