@@ -1,13 +1,22 @@
-"""Where a results folder came from: the commit, the exact command and the package versions.
+"""Where a results folder came from: the commit, the exact command, the package versions and
+the machine's floating-point path.
 
 Results are reproducible or they are not results: every ``p2pfl simulate`` writes
 ``provenance.json`` next to ``results.json``, so a committed folder says which code produced it
 and how to produce it again (``tests/sim/test_committed_results.py`` re-runs the small digits
 experiment and compares).
+
+The same code and seed give the same bits only on the same floating-point path: torch picks its
+CPU kernels by instruction set (AVX2, AVX-512, ...), and their sums round differently, which
+many training steps amplify (the digits experiment's final accuracies moved by up to 1.4 points
+between kernel paths of one machine; rounds, bytes and times did not move). ``float_fingerprint``
+digests a few training steps and a numpy softmax, so two records with the same fingerprint
+should agree to the bit, and two with different ones only as far as training noise allows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shlex
@@ -16,7 +25,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["PACKAGES", "provenance", "write_provenance"]
+__all__ = ["PACKAGES", "float_fingerprint", "provenance", "write_provenance"]
 
 MAX_PATHS = 50
 
@@ -31,6 +40,61 @@ def _git(*args: str, cwd: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
+
+
+def float_fingerprint() -> str:
+    """16 hex digits of a digest of 8 fixed Adam steps of a small MLP (torch, one thread) and a
+    numpy log-softmax: equal where training rounds the same way. Uses its own generators and
+    restores torch's thread count, so the run that follows sees no difference."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from p2pfl.ml.adam import Adam
+
+    digest = hashlib.sha256()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the engines train; a reduction's order follows its threads
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(256, 64, generator=gen)
+        y = torch.randint(0, 10, (256,), generator=gen)
+        params = [
+            torch.randn(128, 64, generator=gen) * 0.1,
+            torch.zeros(128),
+            torch.randn(10, 128, generator=gen) * 0.1,
+            torch.zeros(10),
+        ]
+        for param in params:
+            param.requires_grad_()
+        optimizer = Adam(params, lr=3e-3)
+        for batch in range(8):
+            rows = slice(batch * 32, (batch + 1) * 32)
+            hidden = F.relu(F.linear(x[rows], params[0], params[1]))
+            loss = F.cross_entropy(F.linear(hidden, params[2], params[3]), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        for param in params:
+            digest.update(param.detach().numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((256, 65)) @ rng.standard_normal((65, 10))
+    logits -= logits.max(axis=1, keepdims=True)
+    digest.update((logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def provenance(argv: list[str], *, source: Path | None = None) -> dict[str, object]:
@@ -56,6 +120,8 @@ def provenance(argv: list[str], *, source: Path | None = None) -> dict[str, obje
         + ([f"... {len(paths) - MAX_PATHS} more"] if len(paths) > MAX_PATHS else []),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "float_fingerprint": float_fingerprint(),
         "packages": versions,
     }
 
