@@ -314,17 +314,23 @@ def test_a_node_far_from_every_peer_still_merges_them() -> None:
     assert machine.dropped["clip_outlier"] == 0 and len(machine._inbox) == 2
 
 
+def _trained_in_round_0(learner: Any, config: Any, ops: FloatOps, report: Any) -> Any:
+    """A round-based machine at 1.0 with peers b, c, d, started, its own training done (2.0)."""
+    machine = learner("a", 1.0, ops, random.Random(0), config)
+    for peer in ("b", "c", "d"):
+        machine.handle(PeerUp(peer), 0.0)
+    machine.handle(Start(), 0.0)
+    machine.handle(TrainingDone(2.0, report(10)), 1.0)
+    return machine
+
+
 def test_server_free_and_fedavg_count_an_outlier_as_arrived(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
     for learner, config in [
         (ServerFreeLearner, ServerFreeConfig(round_timeout=5.0, clip_outlier=3.0)),
         (FedAvgLearner, FedAvgConfig(round_timeout=5.0, clip_outlier=3.0)),
     ]:
-        machine = learner("a", 1.0, ops, random.Random(0), config)
-        for peer in ("b", "c", "d"):
-            machine.handle(PeerUp(peer), 0.0)
-        machine.handle(Start(), 0.0)
-        machine.handle(TrainingDone(2.0, report(10)), 1.0)  # step 1.0: radius 1.0
+        machine = _trained_in_round_0(learner, config, ops, report)  # step 1.0: radius 1.0
         machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
         machine.handle(MessageReceived("c", RU(0, 3.0, 10)), 2.0)
         # 1e6 from the centre 1.0, against a median received distance of 1.5 to 2.0: dropped,
@@ -345,11 +351,7 @@ def test_every_robust_rule_rejects_outliers_before_merging_and_plain_mean_none(
         (ServerFreeLearner, ServerFreeConfig(round_timeout=5.0, aggregation=rule)),
         (FedAvgLearner, FedAvgConfig(round_timeout=5.0, aggregation=rule)),
     ]:
-        machine = learner("a", 1.0, ops, random.Random(0), config)
-        for peer in ("b", "c", "d"):
-            machine.handle(PeerUp(peer), 0.0)
-        machine.handle(Start(), 0.0)
-        machine.handle(TrainingDone(2.0, report(10)), 1.0)
+        machine = _trained_in_round_0(learner, config, ops, report)
         machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
         machine.handle(MessageReceived("c", RU(0, 3.0, 10)), 2.0)
         # d's model is 1e6 away against received distances of 1.5 and 2.0 (default limit 4 x).
@@ -377,11 +379,7 @@ def test_server_free_clips_every_model_around_the_rounds_starting_model(report: 
     ops = FloatOps(max_distance=1e12)
     # Clipping alone: the default would reject c's model as an outlier first (tested below).
     config = ServerFreeConfig(clip_outlier=math.inf)
-    machine = ServerFreeLearner("a", 1.0, ops, random.Random(0), config)
-    for peer in ("b", "c", "d"):
-        machine.handle(PeerUp(peer), 0.0)
-    machine.handle(Start(), 0.0)
-    machine.handle(TrainingDone(2.0, report(10)), 1.0)  # step 1.0: radius 1 x 1.0
+    machine = _trained_in_round_0(ServerFreeLearner, config, ops, report)  # radius 1 x step 1.0
     machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
     machine.handle(MessageReceived("c", RU(0, -1e6, 10)), 2.0)
     actions = machine.handle(MessageReceived("d", RU(0, 3.0, 10)), 3.0)
@@ -398,11 +396,7 @@ def test_server_free_clips_every_model_around_the_rounds_starting_model(report: 
 def test_fedavg_default_centred_clipping_bounds_a_sign_flipped_update(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
     config = FedAvgConfig(round_timeout=5.0, clip_outlier=math.inf)  # clipping alone
-    machine = FedAvgLearner("a", 1.0, ops, random.Random(0), config)
-    for peer in ("b", "c", "d"):
-        machine.handle(PeerUp(peer), 0.0)
-    machine.handle(Start(), 0.0)
-    machine.handle(TrainingDone(2.0, report(10)), 1.0)
+    machine = _trained_in_round_0(FedAvgLearner, config, ops, report)
     machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
     machine.handle(MessageReceived("c", RU(0, -1e6, 10)), 2.0)
     actions = machine.handle(MessageReceived("d", RU(0, 3.0, 10)), 2.0)
@@ -416,11 +410,7 @@ def test_fedavg_multikrum_leaves_a_scaled_update_out(report: Any) -> None:
     ops = FloatOps(max_distance=1e12)
     # Multi-Krum alone: the default would reject c's model as an outlier first (tested above).
     config = FedAvgConfig(round_timeout=5.0, aggregation="multikrum", clip_outlier=math.inf)
-    machine = FedAvgLearner("a", 1.0, ops, random.Random(0), config)
-    for peer in ("b", "c", "d"):
-        machine.handle(PeerUp(peer), 0.0)
-    machine.handle(Start(), 0.0)
-    machine.handle(TrainingDone(2.0, report(10)), 1.0)
+    machine = _trained_in_round_0(FedAvgLearner, config, ops, report)
     machine.handle(MessageReceived("b", RU(0, 2.5, 10)), 2.0)
     machine.handle(MessageReceived("c", RU(0, -1e6, 10)), 2.0)
     actions = machine.handle(MessageReceived("d", RU(0, 3.0, 10)), 2.0)
