@@ -11,7 +11,8 @@ CPU kernels by instruction set (AVX2, AVX-512, ...), and their sums round differ
 many training steps amplify (the digits experiment's final accuracies moved by up to 1.4 points
 between kernel paths of one machine; rounds, bytes and times did not move). ``float_fingerprint``
 digests a few training steps and a numpy softmax, so two records with the same fingerprint
-should agree to the bit, and two with different ones only as far as training noise allows.
+should agree to the bit, and two with different ones only as far as training noise allows. It is
+taken after the run, and only where the run trained in this process (see ``write_provenance``).
 """
 
 from __future__ import annotations
@@ -121,7 +122,6 @@ def provenance(argv: list[str], *, source: Path | None = None) -> dict[str, obje
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
-        "float_fingerprint": float_fingerprint(),
         "packages": versions,
     }
 
@@ -130,9 +130,17 @@ def write_provenance(
     out_dir: Path, argv: list[str] | None = None, *, record: dict[str, object] | None = None
 ) -> Path:
     """Write ``provenance.json``: ``record`` (taken before the run wrote anything, so its own
-    output does not count as an uncommitted change), else one for ``argv`` (``sys.argv``)."""
+    output does not count as an uncommitted change), else one for ``argv`` (``sys.argv``).
+
+    Adds ``float_fingerprint`` where this process has loaded torch, i.e. where the run trained
+    here (the virtual engine); the processes engine's harness never loads torch (its daemons
+    train), and loading it only for this would cost every such run a second and 280 MiB, so its
+    record says null."""
     if record is None:
         record = provenance(sys.argv[1:] if argv is None else argv)
+    if "float_fingerprint" not in record:
+        trained_here = "torch" in sys.modules
+        record = {**record, "float_fingerprint": float_fingerprint() if trained_here else None}
     path = out_dir / "provenance.json"
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path

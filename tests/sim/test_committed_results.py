@@ -94,3 +94,18 @@ def test_the_float_fingerprint_tells_kernel_paths_apart() -> None:
         for env in ({}, {"ATEN_CPU_CAPABILITY": "default"})
     }
     assert len(fingerprints) == 2
+
+
+def test_a_harness_without_torch_records_no_fingerprint_and_loads_none(tmp_path: Path) -> None:
+    """The processes engine's harness does not load torch; writing provenance must not either."""
+    code = (
+        "import sys, json, pathlib\n"
+        "from p2pfl.sim.provenance import write_provenance\n"
+        f"path = write_provenance(pathlib.Path({str(tmp_path)!r}), ['simulate', 'x.toml'])\n"
+        "record = json.loads(path.read_text())\n"
+        "print(record['float_fingerprint'], 'torch' in sys.modules, 'cpu' in record)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    assert out.stdout.split() == ["None", "False", "True"]
