@@ -12,7 +12,7 @@ many training steps amplify (the digits experiment's final accuracies moved by u
 between kernel paths of one machine; rounds, bytes and times did not move). ``float_fingerprint``
 digests a few training steps and a numpy softmax, so two records with the same fingerprint
 should agree to the bit, and two with different ones only as far as training noise allows. It is
-taken after the run, and only where the run trained in this process (see ``write_provenance``).
+taken after the run, and only in a process that has loaded torch (see ``write_provenance``).
 """
 
 from __future__ import annotations
@@ -132,10 +132,10 @@ def write_provenance(
     """Write ``provenance.json``: ``record`` (taken before the run wrote anything, so its own
     output does not count as an uncommitted change), else one for ``argv`` (``sys.argv``).
 
-    Adds ``float_fingerprint`` where this process has loaded torch, i.e. where the run trained
-    here (the virtual engine); the processes engine's harness never loads torch (its daemons
-    train), and loading it only for this would cost every such run a second and 280 MiB, so its
-    record says null."""
+    Adds ``float_fingerprint`` where this process has loaded torch by now: the virtual engine
+    trained here, and the processes engine's harness loaded the task (in a thread, while its
+    daemons started). A process that never loaded torch records null rather than importing it
+    for this (a second and 280 MiB). Taken after the run, it cannot delay or change it."""
     if record is None:
         record = provenance(sys.argv[1:] if argv is None else argv)
     if "float_fingerprint" not in record:

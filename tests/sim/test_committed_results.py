@@ -96,8 +96,8 @@ def test_the_float_fingerprint_tells_kernel_paths_apart() -> None:
     assert len(fingerprints) == 2
 
 
-def test_a_harness_without_torch_records_no_fingerprint_and_loads_none(tmp_path: Path) -> None:
-    """The processes engine's harness does not load torch; writing provenance must not either."""
+def test_a_process_without_torch_records_no_fingerprint_and_loads_none(tmp_path: Path) -> None:
+    """Writing provenance never imports torch only to take the fingerprint."""
     code = (
         "import sys, json, pathlib\n"
         "from p2pfl.sim.provenance import write_provenance\n"
