@@ -8,7 +8,7 @@ experiment and compares).
 
 The same code and seed give the same bits only on the same floating-point path: torch picks its
 CPU kernels by instruction set (AVX2, AVX-512, ...), and their sums round differently, which
-many training steps amplify (the digits experiment's final accuracies moved by up to 1.4 points
+many training steps amplify (the digits experiment's final accuracies moved by up to 1.9 points
 between kernel paths of one machine; rounds, bytes and times did not move). ``float_fingerprint``
 digests a few training steps and a numpy softmax, so two records with the same fingerprint
 should agree to the bit, and two with different ones only as far as training noise allows. It is
