@@ -139,8 +139,8 @@ def write_provenance(
     if record is None:
         record = provenance(sys.argv[1:] if argv is None else argv)
     if "float_fingerprint" not in record:
-        trained_here = "torch" in sys.modules
-        record = {**record, "float_fingerprint": float_fingerprint() if trained_here else None}
+        torch_loaded = "torch" in sys.modules
+        record = {**record, "float_fingerprint": float_fingerprint() if torch_loaded else None}
     path = out_dir / "provenance.json"
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
