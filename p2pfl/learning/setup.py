@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from p2pfl.learning.codecs import codec_problem
 from p2pfl.protocols import (
     OUTLIER_RULES,
+    WEIGHTED_RULES,
     FedAvgConfig,
     FedAvgLearner,
     GossipConfig,
@@ -62,6 +63,7 @@ RULE_KEYS: dict[str, tuple[str, ...]] = {
     "krum_f": ("krum", "multikrum"),
     "krum_m": ("multikrum",),
     "trim_fraction": ("trimmed_mean",),
+    "max_sample_ratio": WEIGHTED_RULES,  # server-free and FedAvg only (gossip weighs by age)
 }
 """Each rule parameter and the rules that read it."""
 
@@ -115,9 +117,9 @@ class LearningSetup(BaseModel):
     krum_f: int | None = _opt(ge=0)
     krum_m: int | None = _opt(ge=1)
     trim_fraction: float | None = _opt(ge=0, lt=0.5)
+    max_sample_ratio: float | None = _opt(ge=1)
     # -- what every protocol reads
     max_rounds: int | None = _opt(ge=1)
-    max_sample_ratio: float | None = _opt(ge=1)
     strikes_to_penalize: int | None = _opt(ge=1)
     evaluate_every: int | None = _opt(ge=0)
     # -- the protocols' own parameters (each read by the protocols whose config has it)

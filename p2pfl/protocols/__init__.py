@@ -39,8 +39,10 @@ from ._actions import SetTimer as SetTimer
 from ._actions import Train as Train
 from ._actions import UseFeatures as UseFeatures
 from ._base import OUTLIER_RULES as OUTLIER_RULES
+from ._base import WEIGHTED_RULES as WEIGHTED_RULES
 from ._base import Learner as Learner
 from ._base import LearnerSettings as LearnerSettings
+from ._base import SampleWeightedSettings as SampleWeightedSettings
 from ._events import EvaluationDone as EvaluationDone
 from ._events import Event as Event
 from ._events import MessageReceived as MessageReceived

@@ -15,9 +15,10 @@ Invariants:
 - A training result that fails validation against what was trained (NaN/inf, wrong shape) is
   counted (``own_training_invalid:<reason>``) and replaced by the model trained on, so no
   non-finite model is ever adopted, sent or merged.
-- Claims cannot buy influence: sample counts used as weights are capped at
-  ``max_sample_ratio`` times the lower median of the counts in the same merge (counted as
-  ``samples_capped``); ages and rounds are bounded by each machine (see their docstrings).
+- Claims cannot buy influence: where a merge weighs models by stated sample counts (server-free
+  and FedAvg, with a rule of ``WEIGHTED_RULES``) each count is capped at ``max_sample_ratio``
+  times the lower median of the counts in the same merge (counted as ``samples_capped``); ages
+  and rounds are bounded by each machine (see their docstrings).
 - Aggregation is robust by default. With rule "clip" (self-centred clipping) each merged
   model's difference from this node's model is clipped to a radius: ``clip_radius`` if set,
   else ``clip_scale`` times the median of recent distances (this node's own training steps and
@@ -111,14 +112,26 @@ class LearnerSettings:
     """"multikrum": how many of the best-scored inputs are averaged; None: n - krum_f."""
     trim_fraction: float = 0.2
     """"trimmed_mean": the fraction of largest and of smallest values dropped per coordinate."""
-    max_sample_ratio: float = 4.0
-    """A stated sample count weighs at most this many times the merge's lower median count."""
     max_rounds: int | None = None
     strikes_to_penalize: int = 3
     """Rejected updates from one peer before it is penalized."""
     evaluate_every: int = 0
     """Emit ``Evaluate(model)`` after every this many completed rounds; 0 = never."""
 
+
+@dataclass(frozen=True, slots=True)
+class SampleWeightedSettings(LearnerSettings):
+    """What a protocol that weighs merged models by their stated sample counts adds: server-free
+    and FedAvg (gossip weighs by age)."""
+
+    max_sample_ratio: float = 4.0
+    """A stated sample count weighs at most this many times the merge's lower median count;
+    read by the rules that weigh (``WEIGHTED_RULES``)."""
+
+
+WEIGHTED_RULES = ("clip", "multikrum", "mean")
+"""The rules whose merge weighs its inputs; "median", "trimmed_mean" and "krum" count every
+input alike, so a sample count (and its cap) changes nothing there."""
 
 OUTLIER_RULES = ("clip", "trimmed_mean", "median", "krum", "multikrum")
 """The rules that reject a received model as an outlier (``clip_outlier``) before merging:
@@ -160,7 +173,7 @@ def _check_rule_settings(config: LearnerSettings) -> None:
         raise ValueError(f"krum_m must be at least 1, got {config.krum_m}")
     if not 0 <= config.trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {config.trim_fraction}")
-    if not config.max_sample_ratio >= 1:
+    if isinstance(config, SampleWeightedSettings) and not config.max_sample_ratio >= 1:
         raise ValueError(f"max_sample_ratio must be at least 1, got {config.max_sample_ratio}")
 
 
@@ -504,10 +517,13 @@ class Learner(Generic[W]):
         params = self._rule_params(models, centre)
         return self._ops.aggregate(self._aggregation, centre, models, weights, params)
 
-    def _capped_samples(self, samples: list[int]) -> list[float]:
-        """Sample counts as merge weights, each capped at ``max_sample_ratio`` x lower median."""
+    def _capped_samples(self, samples: list[int], ratio: float) -> list[float]:
+        """Sample counts as merge weights, each capped at ``ratio`` x the lower median; as they
+        are where the rule does not weigh (nothing capped, nothing counted)."""
+        if self._aggregation not in WEIGHTED_RULES:
+            return [float(n) for n in samples]
         ordered = sorted(samples)
-        cap = self._settings.max_sample_ratio * max(ordered[(len(ordered) - 1) // 2], 1)
+        cap = ratio * max(ordered[(len(ordered) - 1) // 2], 1)
         capped = sum(1 for n in samples if n > cap)
         if capped:
             self.dropped["samples_capped"] += capped

@@ -37,7 +37,7 @@ import random
 from dataclasses import dataclass
 
 from ._actions import Action, Adopt, Log, Metric, Send
-from ._base import Learner, LearnerSettings, W
+from ._base import Learner, SampleWeightedSettings, W
 from ._events import TrainingReport
 from ._messages import GlobalModel, Message, RoundUpdate
 from ._ops import FeaturePlan, ModelOps
@@ -46,7 +46,7 @@ _ROUND = "round"
 
 
 @dataclass(frozen=True, slots=True)
-class FedAvgConfig(LearnerSettings):
+class FedAvgConfig(SampleWeightedSettings):
     round_timeout: float = 10.0
     """Seconds the aggregator waits for updates after broadcasting a round."""
     aggregator: str | None = None
@@ -130,7 +130,7 @@ class FedAvgLearner(Learner[W]):
         own = [self._own] if self._own is not None else []
         arrived = own + [u for _, u in sorted(self._updates.items()) if u is not None]
         if arrived:
-            weights = self._capped_samples([n for _, n in arrived])
+            weights = self._capped_samples([n for _, n in arrived], self.config.max_sample_ratio)
             self._model = self._aggregate([w for w, _ in arrived], weights)
         self._settled = True
         actions: list[Action[W]] = [

@@ -34,7 +34,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from ._actions import Action, Adopt, Metric, Send
-from ._base import Learner, LearnerSettings, W
+from ._base import Learner, SampleWeightedSettings, W
 from ._events import TrainingReport
 from ._messages import Message, RoundUpdate
 from ._ops import FeaturePlan, ModelOps
@@ -43,7 +43,7 @@ _ROUND = "round"
 
 
 @dataclass(frozen=True, slots=True)
-class ServerFreeConfig(LearnerSettings):
+class ServerFreeConfig(SampleWeightedSettings):
     clip_scale: float = 1.0
     clip_iterations: int = 3
     round_timeout: float = 10.0
@@ -155,7 +155,10 @@ class ServerFreeLearner(Learner[W]):
         }
         own = self._own[0]
         models = [own] + [received[p][0] for p in sorted(received)]
-        samples = self._capped_samples([self._own[1]] + [received[p][1] for p in sorted(received)])
+        samples = self._capped_samples(
+            [self._own[1]] + [received[p][1] for p in sorted(received)],
+            self.config.max_sample_ratio,
+        )
         # Centred on the model this round's training started from (this node's last merge), as
         # FedAvg's clipping is centred on the global model: every input, own included, is then
         # one round's progress, and the radius a multiple of one training step.

@@ -76,6 +76,20 @@ def test_every_robust_rule_reads_the_outlier_limit() -> None:
             "range_km",
             'only with neighbours = "range"',
         ),
+        # Gossip weighs by age, and these rules count every input alike: a cap changes nothing.
+        (
+            {"protocol": "gossip", "max_sample_ratio": 2.0},
+            "max_sample_ratio",
+            "gossip does not read it (a parameter of server-free, fedavg)",
+        ),
+        *(
+            (
+                {"protocol": "server-free", "aggregation": rule, "max_sample_ratio": 2.0},
+                "max_sample_ratio",
+                f'the rule "{rule}" does not read it (only clip, multikrum, mean)',
+            )
+            for rule in ("trimmed_mean", "median", "krum")
+        ),
         ({"protocol": "gossip", "max_norm": 0.0}, "max_norm", "must be > 0"),
         ({"protocol": "gossip", "perod": 1.0}, "perod", "unknown key"),
         ({"protocol": "gossip", "period": True}, "period", "must be a number"),
@@ -88,6 +102,14 @@ def test_a_setup_the_validator_refuses_names_the_key(
         parse_setup(values)
     assert info.value.key == key
     assert says in info.value.problem
+
+
+def test_the_sample_cap_is_read_by_every_weighing_rule_of_both_round_protocols() -> None:
+    for protocol in ("server-free", "fedavg"):
+        for rule in ("clip", "multikrum", "mean"):
+            values = {"protocol": protocol, "aggregation": rule, "max_sample_ratio": 2.0}
+            learner = _make(parse_setup(values))
+            assert learner.config.max_sample_ratio == 2.0  # type: ignore[attr-defined]
 
 
 def test_parameters_are_the_protocol_config_fields() -> None:

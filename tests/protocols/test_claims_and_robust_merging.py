@@ -5,6 +5,7 @@ Exact actions on scripted scenarios, with a float clock and float models (``Floa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from typing import Any
@@ -212,6 +213,33 @@ def test_fedavg_caps_a_stated_sample_count(report: Any) -> None:
     # Lower median of (10, 2**40) is 10: b weighs 30. (20 + 30 * 6) / 40 = 5.
     assert machine.handle(MessageReceived("b", RU(0, 6.0, 2**40)), 2.0)[0] == Adopt(5.0)
     assert machine.dropped["samples_capped"] == 1
+
+
+def test_a_rule_that_does_not_weigh_caps_and_counts_nothing(report: Any) -> None:
+    # The trimmed mean, the median and Krum count every input alike: a stated count decides
+    # nothing there, so nothing is capped or counted as capped (under "mean" it is, above).
+    for rule in ("trimmed_mean", "median", "krum"):
+        config = FedAvgConfig(round_timeout=5.0, aggregation=rule)
+        machine = FedAvgLearner("a", 1.0, FloatOps(), random.Random(0), config)
+        for peer in ("b", "c"):
+            machine.handle(PeerUp(peer), 0.0)
+        machine.handle(Start(), 0.0)
+        machine.handle(TrainingDone(2.0, report(10)), 1.0)
+        machine.handle(MessageReceived("b", RU(0, 2.5, 2**40)), 2.0)
+        assert isinstance(machine.handle(MessageReceived("c", RU(0, 3.0, 10)), 3.0)[0], Adopt)
+        assert machine.dropped["samples_capped"] == 0, rule
+
+
+@pytest.mark.parametrize("config_cls", [ServerFreeConfig, FedAvgConfig])
+def test_a_sample_cap_below_one_is_refused(config_cls: Any) -> None:
+    learner_cls = ServerFreeLearner if config_cls is ServerFreeConfig else FedAvgLearner
+    with pytest.raises(ValueError, match="max_sample_ratio"):
+        learner_cls("a", 1.0, FloatOps(), random.Random(0), config_cls(max_sample_ratio=0.5))
+
+
+def test_gossip_has_no_sample_cap() -> None:
+    # Gossip weighs models by age; a sample cap there would be a key with no effect.
+    assert "max_sample_ratio" not in {f.name for f in dataclasses.fields(GossipConfig)}
 
 
 # -- part 2: robust merging by default --------------------------------------------------------
@@ -463,7 +491,6 @@ def test_rule_parameters_an_ops_without_params_would_ignore_are_refused() -> Non
         ({"krum_f": -1}, "krum_f"),
         ({"krum_m": 0}, "krum_m"),
         ({"trim_fraction": 0.5}, "trim_fraction"),
-        ({"max_sample_ratio": 0.5}, "max_sample_ratio"),
         ({"max_age_lead": -1}, "max_age_lead"),
     ],
 )
