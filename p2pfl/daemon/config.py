@@ -30,7 +30,7 @@ EXIT_CONFIG = 2
 """Exit status for a configuration the daemon cannot run with (systemd: do not restart)."""
 
 TrustModeName = Literal["federation", "allowlist", "open"]
-PartitionName = Literal["iid", "dirichlet"]
+PartitionName = Literal["iid", "dirichlet", "quantity"]  # ml.partition.PARTITIONERS
 IcePolicyName = Literal["all", "relay"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["logfmt", "json"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from p2pfl.daemon.config import ConfigError, load_config, locate, parse_config
+from p2pfl.ml.partition import PARTITIONERS
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "p2pfl" / "daemon" / "p2pfl.toml"  # daemon/p2pfl.toml links to it
@@ -111,6 +112,16 @@ def test_wrong_choice_lists_the_choices(tmp_path: Path) -> None:
         _parse('[protocol]\nname = "gosip"\n', tmp_path)
     assert info.value.line == 2
     assert '"gossip", "server-free", "fedavg"' in str(info.value)
+
+
+def test_every_partition_a_scenario_names_is_a_daemon_partition(tmp_path: Path) -> None:
+    # The processes engine writes a scenario's partition into each daemon's [task]: a
+    # partition the daemon refused made a valid scenario fail there ("quantity" did).
+    for partition in PARTITIONERS:
+        text = f'[trust]\nmode = "open"\n[task]\npartition = "{partition}"\nalpha = 0.3\n'
+        assert _parse(text, tmp_path).task.partition == partition  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match='"iid", "dirichlet", "quantity"'):
+        _parse('[trust]\nmode = "open"\n[task]\npartition = "skewed"\n', tmp_path)
 
 
 def test_dotted_key_at_top_level_is_located(tmp_path: Path) -> None:

@@ -3,12 +3,13 @@
 The processes engine writes each ``[[setup]]`` into every daemon's configuration by the setup
 description itself (``learning.setup.daemon_tables``); here one small run sets the keys whose
 effect a daemon shows in its status: the update norm bound (every peer's model is refused and
-counted as ``invalid_update:norm_exceeded``), the learning-rate schedule (the factor of each
-daemon's last training is the virtual engine's for as many trainings of the same plan) and the
-kept optimizer (the Adam moments have seen every step of the daemon's trainings, not only the
-last one's), next to a codec and a rule with its parameter
-(that the daemons read those back: tests/learning/test_setup_roundtrip.py, tests/sim/
-test_codec.py). The virtual engine's effects of every key: tests/learning/test_every_key.py.
+counted as ``invalid_update:norm_exceeded``), the task's partition (quantity skew: unequal node
+sizes), the learning-rate schedule (the factor of each daemon's last training is the virtual
+engine's for as many trainings of the same plan) and the kept optimizer (the Adam moments have
+seen every step of the daemon's trainings, not only the last one's), next to a codec and a rule
+with its parameter (that the daemons read those back: tests/learning/test_setup_roundtrip.py,
+tests/sim/test_codec.py). The virtual engine's effects of every key:
+tests/learning/test_every_key.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ seed = 2
 [task]
 name = "digits"
 nodes = 3
+partition = "quantity"
+alpha = 0.3
 [training]
 epochs = 0.5
 eval_interval = 1.0
@@ -68,6 +71,9 @@ def test_the_daemons_apply_the_setup_keys(short_tmp: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     (setup,) = load_results(out / "results.json").setups
     assert setup.aggregation == "trimmed_mean"
+    # partition = "quantity" (the daemons refused it once): node sizes differ, and so do the
+    # steps of one half-epoch training (an IID split would give each node the same).
+    assert len({node.extra["training"]["last_steps"] for node in setup.nodes}) == 3
     for node in setup.nodes:
         # max_norm: every model from a peer is farther than 1e-6 from this node's own.
         assert node.extra["rejected"].get("invalid_update:norm_exceeded", 0) > 0, node.extra
