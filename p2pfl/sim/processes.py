@@ -52,7 +52,15 @@ from p2pfl.sim.forkserver import ForkedProcess, ForkServer
 from p2pfl.sim.netns import BridgedNetwork
 from p2pfl.sim.network import build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import PartitionSpec, Scenario, SetupSpec, StopSpec, scenario_error
+from p2pfl.sim.scenario import (
+    NetworkSpec,
+    PartitionSpec,
+    Scenario,
+    SetupSpec,
+    StopSpec,
+    TrainingSpec,
+    scenario_error,
+)
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
 __all__ = ["ClusterSpec", "DaemonCluster", "DaemonNode", "ProcessesEngineError", "run"]
@@ -467,7 +475,8 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
     after ``churn.downtime``, resuming from its checkpoint; partitions cut the links between
     groups (:meth:`BridgedNetwork.cut`); both are listed in ``extra.applied``. Per-link latency
     and loss become ``tc netem`` where the kernel has it; what is not applied (bandwidth limits,
-    netem on a kernel without it) is listed in ``extra.not_applied``.
+    netem on a kernel without it, what only the virtual engine models: :func:`virtual_only`) is
+    listed in ``extra.not_applied``.
     """
     from p2pfl.sim.netns import can_create_namespaces, sweep_stale_namespaces
 
@@ -498,6 +507,26 @@ def run(scenario: Scenario, *, progress: Progress | None = None) -> Results:
         setups=setups,
         scenario_source=dict(scenario.raw),
     )
+
+
+def virtual_only(scenario: Scenario, setup: SetupSpec) -> list[str]:
+    """The scenario's keys, set away from their defaults, that only the virtual engine models:
+    its compute speed, evaluation sample, numpy training path, detection delay and a
+    topology's links for every protocol. Real daemons train on their real data in real time,
+    score every node, notice a departure by their own timeouts and, but for server-free's
+    ``neighbours = "topology"``, connect to every member: the keys are listed in
+    ``extra.not_applied`` (and said on screen), not dropped in silence."""
+    training, network = TrainingSpec(), NetworkSpec()
+    keys = [
+        f"training.{name}"
+        for name in ("samples_per_s", "speed_spread", "eval_nodes", "path")
+        if getattr(scenario.training, name) != getattr(training, name)
+    ]
+    if scenario.network.detect_s != network.detect_s:
+        keys.append("network.detect_s")
+    if scenario.network.topology != network.topology and setup.neighbours != "topology":
+        keys.append('network.topology (a full mesh: only neighbours = "topology" follows it)')
+    return keys
 
 
 def refuse_unapplied_training(scenario: Scenario) -> None:
@@ -734,7 +763,9 @@ def _run_setup(
     spec = _cluster_spec(scenario, setup, task)
     stop = setup.stop or scenario.stop
     net = scenario.network
-    not_applied = [] if net.bandwidth_mbps >= 1000 else ["network.bandwidth_mbps"]
+    not_applied = virtual_only(scenario, setup)
+    if net.bandwidth_mbps < 1000:
+        not_applied.append("network.bandwidth_mbps")
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="p2pfl-sim-", dir="/tmp"))
     report = progress or (lambda _setup, _fraction, _status: None)
