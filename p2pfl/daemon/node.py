@@ -803,7 +803,7 @@ class Node:
         self.notifier.reloading()
         try:
             new = load_config(self.config_path)
-            trust, _ = load_trust(new, self.identity)
+            trust, certificate = load_trust(new, self.identity)
         except (ConfigError, StartupError) as exc:
             log.error("reload failed; keeping the running configuration", extra={"error": str(exc)})
             self.notifier.ready(self._status_line())
@@ -834,6 +834,9 @@ class Node:
         )
         if live_discovery != self.config.discovery:  # static peers apply now, the rest at start
             log.warning("changed [discovery] keys other than static_peers need a restart")
+        if certificate != self.prepared.certificate:
+            # Presented in adverts and at signaling, and held by peers for the life of a link.
+            log.warning("a changed [trust] certificate needs a restart to be presented to peers")
         if (new.logging.file, new.logging.format) != (
             self.config.logging.file,
             self.config.logging.format,
