@@ -642,17 +642,7 @@ class Node:
                     "metrics endpoint",
                     extra={"url": f"http://{config.metrics.host}:{port}/metrics"},
                 )
-            setup = learner_setup(config)
-            if setup.max_peers is not None:
-                from p2pfl.daemon.sampling import SampledLinks
-
-                # Shuffles once per gossip period, as the virtual engine's nodes do.
-                self.links = SampledLinks(
-                    self.identity.node_id,
-                    setup.max_peers,
-                    float(setup.config().period),
-                    self.drops,
-                )
+            self.links = self.sampled_links()
             async with PeerTransport(
                 self.identity,
                 self.prepared.trust,
@@ -795,6 +785,25 @@ class Node:
                 await self.state.changed.wait()
             self.notifier.status(self._status_line())
             await trio.sleep(1.0)  # at most one STATUS= per second
+
+    def sampled_links(self) -> Any:
+        """With ``[limits] max_peers``: the view of that many links kept by peer sampling
+        (``p2pfl.daemon.sampling.SampledLinks``), its draws seeded by ``[protocol] seed`` and
+        the node id as the learner's are; shuffling once per gossip period, as the virtual
+        engine's nodes do. None: a link to every member."""
+        setup = learner_setup(self.config)
+        if setup.max_peers is None:
+            return None
+        from p2pfl.daemon.sampling import SampledLinks
+
+        node_id = self.identity.node_id
+        return SampledLinks(
+            node_id,
+            setup.max_peers,
+            float(setup.config().period),
+            self.drops,
+            random.Random(f"{self.config.protocol.seed}:{node_id}:sampling"),
+        )
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration and apply what can change while running."""
