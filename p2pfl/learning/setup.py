@@ -157,6 +157,11 @@ class LearningSetup(BaseModel):
                     f'the rule "{rule}" does not read it (only {", ".join(rules)}); remove the key '
                     f'or set aggregation = "{rules[0]}"',
                 )
+        if self.clip_radius is not None and self.clip_scale is not None:
+            raise SetupError(
+                "clip_scale",
+                "scales the adaptive radius, and clip_radius fixes the radius; remove one",
+            )
         if self.neighbours != "all" and self.protocol != "server-free":
             raise SetupError(
                 "neighbours",

@@ -90,6 +90,11 @@ def test_every_robust_rule_reads_the_outlier_limit() -> None:
             )
             for rule in ("trimmed_mean", "median", "krum")
         ),
+        (
+            {"protocol": "gossip", "clip_radius": 1.0, "clip_scale": 3.0},
+            "clip_scale",
+            "clip_radius fixes the radius; remove one",
+        ),
         ({"protocol": "gossip", "max_norm": 0.0}, "max_norm", "must be > 0"),
         ({"protocol": "gossip", "perod": 1.0}, "perod", "unknown key"),
         ({"protocol": "gossip", "period": True}, "period", "must be a number"),
