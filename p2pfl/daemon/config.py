@@ -665,6 +665,15 @@ def _check_neighbours(config: Config) -> None:
                 'neighbours = "range" needs the other members\' positions: [protocol.positions] '
                 '"<node id>" = [lat, lon]',
             )
+    if proto.neighbour_ids and proto.neighbours != "topology":
+        raise config.error(
+            "protocol.neighbour_ids",
+            'applies only with neighbours = "topology"; remove it or set that',
+        )
+    if proto.positions and proto.neighbours != "range":
+        raise config.error(
+            "protocol.positions", 'applies only with neighbours = "range"; remove it or set that'
+        )
     if proto.neighbours == "topology" and not proto.neighbour_ids:
         raise config.error(
             "protocol.neighbours",

@@ -281,6 +281,14 @@ def test_range_neighbours_read_position_range_and_member_positions(tmp_path: Pat
         ('"server-free"', '"gossip"', 9, "protocol.neighbours", "only server-free"),
         ("range_km = 16.0", "range_km = 0", 10, "protocol.range_km", "must be > 0"),
         ('neighbours = "range"', 'neighbours = "task"', 9, "protocol.neighbours", '"range"'),
+        # Positions with another kind of neighbours would be read and do nothing.
+        (
+            'neighbours = "range"\nrange_km = 16.0\n',
+            "",
+            10,
+            "protocol.positions",
+            'applies only with neighbours = "range"',
+        ),
     ],
 )
 def test_range_neighbours_mistakes_name_file_line_and_key(
@@ -298,6 +306,11 @@ def test_topology_neighbours_need_the_neighbour_ids(tmp_path: Path) -> None:
     text = '[trust]\nmode = "open"\n[protocol]\nname = "server-free"\nneighbours = "topology"\n'
     with pytest.raises(ConfigError, match=r":5: protocol\.neighbours: .*neighbour_ids"):
         _parse(text, tmp_path)
+    ids = 'neighbour_ids = ["aaaa"]\n'
+    with pytest.raises(
+        ConfigError, match=r':5: protocol\.neighbour_ids: .*neighbours = "topology"'
+    ):
+        _parse('[trust]\nmode = "open"\n[protocol]\nname = "server-free"\n' + ids, tmp_path)
     config = _parse(text + 'neighbour_ids = ["aaaa"]\n', tmp_path)
     assert config.protocol.neighbour_ids == ("aaaa",)  # type: ignore[attr-defined]
 
