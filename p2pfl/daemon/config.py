@@ -495,6 +495,18 @@ def _check_cross_fields(config: Config) -> None:
             "trust.allowlist",
             'trust mode "allowlist" needs allowlist = "PATH" (one public key per line)',
         )
+    # Keys of another trust mode would be read and do nothing.
+    for key, value, mode in (
+        ("federation_public_key", trust.federation_public_key, "federation"),
+        ("certificate", trust.certificate, "federation"),
+        ("allowlist", trust.allowlist, "allowlist"),
+    ):
+        if value and trust.mode != mode:
+            raise config.error(
+                f"trust.{key}",
+                f'applies only to mode = "{mode}" (this node\'s is "{trust.mode}"); remove it '
+                "or set that mode",
+            )
     if trust.revocations is not None and trust.mode != "federation":
         raise config.error(
             "trust.revocations",

@@ -198,6 +198,24 @@ def test_path_mtu_is_read_and_below_ipv6_minimum_is_refused(tmp_path: Path) -> N
     assert ">= 1280" in str(info.value)
 
 
+FEDERATION_KEY = 'federation_public_key = "' + "ab" * 32 + '"\n'
+
+
+@pytest.mark.parametrize(
+    ("trust", "key"),
+    [
+        ('mode = "open"\n' + FEDERATION_KEY, "federation_public_key"),
+        ('mode = "allowlist"\nallowlist = "keys"\ncertificate = "node.cert"\n', "certificate"),
+        ('mode = "federation"\n' + FEDERATION_KEY + 'allowlist = "keys"\n', "allowlist"),
+    ],
+)
+def test_a_key_of_another_trust_mode_is_refused(tmp_path: Path, trust: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _parse("[trust]\n" + trust, tmp_path)
+    assert info.value.key == f"trust.{key}"
+    assert "applies only to mode" in info.value.message
+
+
 def test_revocations_need_federation_trust(tmp_path: Path) -> None:
     text = '[trust]\nmode = "open"\nrevocations = "revoked.list"\n'
     with pytest.raises(ConfigError) as info:
