@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from p2pfl.learning.setup import DAEMON_PLACES, PARAMETER_KEYS, LearningSetup, from_daemon
+from p2pfl.ml.catalog import GRAPH_TASKS
 from p2pfl.tomlkeys import locate
 
 EXIT_CONFIG = 2
@@ -483,6 +484,12 @@ def _describe(value: Any) -> str:
 
 
 def _check_cross_fields(config: Config) -> None:
+    if config.task.name in GRAPH_TASKS and config.task.partition != "iid":
+        raise config.error(
+            "task.partition",
+            f"the nodes of {config.task.name} are its cloudlets (node_index), each with its own "
+            "sensors; remove partition (and alpha)",
+        )
     trust = config.trust
     if trust.mode == "federation" and not _is_hex_key(trust.federation_public_key):
         raise config.error(

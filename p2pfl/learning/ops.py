@@ -33,6 +33,7 @@ import torch
 
 from p2pfl.ml import TrainConfig, load_task
 from p2pfl.ml.aggregation import StateDictOps as StateDictOps
+from p2pfl.ml.catalog import GRAPH_TASKS
 from p2pfl.protocols import FeaturePlan
 
 StateDict = dict[str, torch.Tensor]
@@ -146,7 +147,7 @@ def build_task(
 
 def is_graph_task(name: str) -> bool:
     """Tasks with one node per cloudlet of a sensor graph (halo readings from the owners)."""
-    return name.startswith("traffic-")
+    return name in GRAPH_TASKS
 
 
 def node_task(

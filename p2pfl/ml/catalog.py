@@ -8,13 +8,17 @@ loads the graph and forecasting code.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from p2pfl.ml.task import DigitsTask, Task
+if TYPE_CHECKING:
+    from p2pfl.ml.task import Task
 
-__all__ = ["TASKS", "load_task"]
+__all__ = ["GRAPH_TASKS", "TASKS", "load_task"]
 
-TASKS = ("digits", "digits-logreg", "traffic-metr-la", "traffic-pems-bay")
+GRAPH_TASKS = ("traffic-metr-la", "traffic-pems-bay")
+"""One node per cloudlet of a sensor graph: their nodes are the cloudlets, not a partition."""
+TASKS = ("digits", "digits-logreg", *GRAPH_TASKS)
+"""Every task by name; importing this module imports no torch (the tasks load in load_task)."""
 
 
 def load_task(
@@ -31,14 +35,21 @@ def load_task(
     Options: digits take ``config`` (TrainConfig). Traffic tasks take those of
     :class:`~p2pfl.ml.forecast.TrafficTask` (``days``, ``readings``, ``graph``, ``config``,
     ``speed_model``, ``model_config``, ``hops``, ``range_km``); their nodes are the cloudlets,
-    so ``partition`` and ``alpha`` do not apply to them.
+    so ``partition`` does not apply to them (any but "iid" is refused).
     """
     if name in ("digits", "digits-logreg"):
+        from p2pfl.ml.task import DigitsTask
+
         model = "mlp" if name == "digits" else "logreg"
         return DigitsTask(
             n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, model=model, **options
         )
-    if name in ("traffic-metr-la", "traffic-pems-bay"):
+    if name in GRAPH_TASKS:
+        if partition != "iid":
+            raise ValueError(
+                f"partition {partition!r}: the nodes of {name} are its cloudlets, each with its "
+                "own sensors; remove partition (and alpha)"
+            )
         from p2pfl.ml.forecast import TrafficTask  # only for traffic nodes: see the docstring
 
         return TrafficTask(

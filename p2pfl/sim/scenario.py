@@ -23,6 +23,7 @@ from p2pfl.learning.setup import (
     parse_setup,
     schedule_scale,
 )
+from p2pfl.ml.catalog import GRAPH_TASKS, TASKS
 from p2pfl.sim.attacks import AttackSpec, parse_attacks
 from p2pfl.tomlkeys import where
 
@@ -341,7 +342,7 @@ def parse_scenario(
 
     t = _Reader(source, top.get("task", dict), "task.", text)
     task = TaskSpec(
-        name=t.get("name", str),
+        name=t.choice("name", TASKS),
         nodes=t.integer("nodes", low=1),
         partition=t.choice("partition", ("iid", "dirichlet", "quantity"), "iid"),
         alpha=t.number("alpha", 0.5, low=1e-9),
@@ -349,6 +350,12 @@ def parse_scenario(
         batch_size=t.integer("batch_size", None, low=1),
         options=dict(t.table_of("options")),
     )
+    if task.name in GRAPH_TASKS and task.partition != "iid":
+        raise t.error(
+            "partition",
+            f"the nodes of {task.name} are its cloudlets, each with its own sensors; remove "
+            "partition (and alpha)",
+        )
     t.done()
 
     tr = _Reader(source, top.table_of("training"), "training.", text)

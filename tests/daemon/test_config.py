@@ -124,6 +124,12 @@ def test_every_partition_a_scenario_names_is_a_daemon_partition(tmp_path: Path) 
         _parse('[trust]\nmode = "open"\n[task]\npartition = "skewed"\n', tmp_path)
 
 
+def test_a_graph_task_refuses_a_partition(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\n[task]\nname = "traffic-metr-la"\npartition = "dirichlet"\n'
+    with pytest.raises(ConfigError, match=r":5: task\.partition: the nodes of traffic-metr-la"):
+        _parse(text, tmp_path)
+
+
 def test_dotted_key_at_top_level_is_located(tmp_path: Path) -> None:
     text = 'trust.mode = "open"\n# comment\nexecutor.threads = 0\n'
     with pytest.raises(ConfigError) as info:

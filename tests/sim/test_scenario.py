@@ -26,6 +26,11 @@ SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
         (lambda d: d.update(setup=[]), "setup: needs at least one"),
         (lambda d: d["stop"].update(rounds=0), "stop.rounds: must be at least 1"),
         (lambda d: d["task"].update(partition="skewed"), "task.partition: must be one of"),
+        (lambda d: d["task"].update(name="digts"), "task.name: must be one of digits, "),
+        (
+            lambda d: d["task"].update(name="traffic-metr-la", partition="dirichlet"),
+            "task.partition: the nodes of traffic-metr-la are its cloudlets",
+        ),
         (
             lambda d: d["network"].update(partitions=[{"start": 5.0, "end": 2.0}]),
             "network.partitions[0].end: must be after start",
