@@ -60,6 +60,7 @@ from p2pfl.sim.scenario import (
     StopSpec,
     TrainingSpec,
     scenario_error,
+    task_errors,
 )
 from p2pfl.trust import CERTIFICATE_FILE, FederationAuthority
 
@@ -574,7 +575,8 @@ class _Loading:
 def _load_task(scenario: Scenario) -> Any:
     from p2pfl.learning.ops import load_scenario_task
 
-    return load_scenario_task(scenario)
+    with task_errors(scenario):
+        return load_scenario_task(scenario)
 
 
 def _cluster_spec(scenario: Scenario, setup: SetupSpec, task: Any = None) -> ClusterSpec:
@@ -1038,7 +1040,8 @@ def _run_centralized(
     from p2pfl.learning.ops import TaskWorkload
 
     stop = setup.stop or scenario.stop
-    workload = TaskWorkload(scenario)
+    with task_errors(scenario):
+        workload = TaskWorkload(scenario)
     workload.use_stream(setup.name)  # the virtual engine's stream for this setup
     epochs = setup.epochs if setup.epochs is not None else scenario.training.epochs
     weights = workload.initial()

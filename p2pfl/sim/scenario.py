@@ -8,9 +8,10 @@ The whole format, with defaults, is in ``simulations/README.md``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,23 @@ class ScenarioError(ValueError):
 def scenario_error(source: str, text: str | None, key: str, problem: str) -> ScenarioError:
     """The error for ``key`` (``setup[1].period``) of the scenario read from ``text``."""
     return ScenarioError(f"{where(source, text, key)}: {key}: {problem}")
+
+
+@contextlib.contextmanager
+def task_errors(scenario: Scenario) -> Iterator[None]:
+    """The [task] mistakes only building the task finds (a node count a graph task does not
+    have, an option the task does not take, an unreadable readings file) as ``file:line:
+    task: ...`` errors, as every other scenario mistake is."""
+    try:
+        yield
+    except ScenarioError:
+        raise
+    except ValueError as exc:
+        raise scenario_error(scenario.source, scenario.text, "task", str(exc)) from None
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise scenario_error(scenario.source, scenario.text, "task.options", str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,11 +7,12 @@ The workloads themselves (``Workload``, ``TaskWorkload``, ``StateDictOps``) live
 from __future__ import annotations
 
 from p2pfl.learning.ops import TaskWorkload, Workload
-from p2pfl.sim.scenario import Scenario
+from p2pfl.sim.scenario import Scenario, task_errors
 from p2pfl.sim.vectorized import VectorizedLogReg
 
 
 def make_workload(scenario: Scenario) -> Workload:
-    if scenario.training.path == "vectorized":
-        return VectorizedLogReg(scenario)
-    return TaskWorkload(scenario)
+    with task_errors(scenario):
+        if scenario.training.path == "vectorized":
+            return VectorizedLogReg(scenario)
+        return TaskWorkload(scenario)

@@ -86,6 +86,26 @@ def test_a_setup_mistake_is_one_line_with_file_line_and_key(
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ('name = "digits-logreg"\nnodes = 4\n[task.options]\nfoo = 1', ":7: task.options: "),
+        ('name = "traffic-metr-la"\nnodes = 4', ":4: task: task 'traffic-metr-la' has one node"),
+    ],
+)
+def test_a_task_mistake_found_building_the_task_is_one_line(
+    tmp_path: Path, change: str, says: str
+) -> None:
+    # Found by the task itself once the engine builds it: file:line too, not a traceback.
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO.replace('name = "digits-logreg"\nnodes = 4', change))
+    result = CliRunner().invoke(main, ["simulate", str(scenario), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("p2pfl: ")]
+    assert len(error) == 1 and error[0].startswith(f"p2pfl: {scenario}{says}"), result.output
+    assert "Traceback" not in result.output
+
+
 def test_the_printed_status_command_is_the_running_p2pfl(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
