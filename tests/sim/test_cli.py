@@ -78,9 +78,15 @@ def test_a_setup_mistake_is_one_line_with_file_line_and_key(
     if "server-free" in change:
         text = text.replace('protocol = "gossip"\n', "")
     scenario.write_text(text)
-    result = CliRunner().invoke(main, ["simulate", str(scenario), "--out", str(tmp_path / "o")])
+    _assert_one_error_line(scenario, says)
+
+
+def _assert_one_error_line(scenario: Path, says: str) -> None:
+    """``p2pfl simulate`` exits 2 with one ``p2pfl: FILE:LINE: key: ...`` line (after the
+    progress bar's, when the engine found it while setting up the run), no traceback."""
+    out = scenario.parent / "o"
+    result = CliRunner().invoke(main, ["simulate", str(scenario), "--out", str(out)])
     assert result.exit_code == 2, result.output
-    # One line (after the progress bar's, when the engine found it while setting up the run).
     error = [line for line in result.output.splitlines() if line.startswith("p2pfl: ")]
     assert len(error) == 1 and error[0].startswith(f"p2pfl: {scenario}{says}"), result.output
     assert "Traceback" not in result.output
@@ -99,11 +105,7 @@ def test_a_task_mistake_found_building_the_task_is_one_line(
     # Found by the task itself once the engine builds it: file:line too, not a traceback.
     scenario = tmp_path / "s.toml"
     scenario.write_text(SCENARIO.replace('name = "digits-logreg"\nnodes = 4', change))
-    result = CliRunner().invoke(main, ["simulate", str(scenario), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2, result.output
-    error = [line for line in result.output.splitlines() if line.startswith("p2pfl: ")]
-    assert len(error) == 1 and error[0].startswith(f"p2pfl: {scenario}{says}"), result.output
-    assert "Traceback" not in result.output
+    _assert_one_error_line(scenario, says)
 
 
 def test_the_printed_status_command_is_the_running_p2pfl(
