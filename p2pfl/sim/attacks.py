@@ -152,6 +152,14 @@ def _nodes(
     if isinstance(nodes, int | float) and not isinstance(nodes, bool):
         if not 0 < nodes < 1:
             raise error(index, "nodes", f"a fraction must be in (0, 1), got {nodes}")
+        count = attacker_count(nodes, n_nodes)
+        if count > n_nodes - 1:
+            raise error(
+                index,
+                "nodes",
+                f"{nodes} of {n_nodes} nodes is {count} attackers; at most {n_nodes - 1} can "
+                "attack (one node is never drawn: FedAvg's aggregator, else n000)",
+            )
         return float(nodes), ()
     if not isinstance(nodes, list) or not nodes:
         raise error(index, "nodes", 'must be a fraction (0.2) or a list of node ids (["n003"])')
@@ -165,7 +173,14 @@ def _nodes(
         ids.append(int(match.group(1)))
     if len(set(ids)) != len(ids):
         raise error(index, "nodes", "a node is listed twice")
+    if len(ids) == n_nodes:
+        raise error(index, "nodes", "lists every node: leave at least one honest node to score")
     return None, tuple(sorted(ids))
+
+
+def attacker_count(fraction: float, n_nodes: int) -> int:
+    """How many of ``n_nodes`` attack for ``nodes = fraction``: rounded, at least one."""
+    return max(1, round(fraction * n_nodes))
 
 
 def attackers(scenario: Any, setup: Any) -> dict[int, Attack]:
@@ -179,7 +194,7 @@ def attackers(scenario: Any, setup: Any) -> dict[int, Attack]:
         if spec.fraction is None:
             return dict.fromkeys(spec.ids, spec.attack)
         eligible = [i for i in range(n) if i != _trusted(scenario)]
-        count = max(1, round(spec.fraction * n))
+        count = attacker_count(spec.fraction, n)
         chosen = random.Random(f"{scenario.seed}:attackers").sample(eligible, count)
         return dict.fromkeys(sorted(chosen), spec.attack)
     return {}

@@ -278,10 +278,12 @@ class _Reader:
 def _stop(source: str, text: str | None, table: Mapping[str, Any], prefix: str) -> StopSpec:
     r = _Reader(source, table, prefix, text)
     stop = StopSpec(
-        time=r.number("time", low=0.0),
+        time=r.number("time"),
         rounds=r.integer("rounds", None, low=1),
         megabytes=r.number("megabytes", None, low=0.0),
     )
+    if not 0 < stop.time < math.inf:
+        raise r.error("time", f"must be a positive, finite number of seconds, got {stop.time}")
     r.done()
     return stop
 
@@ -475,6 +477,8 @@ def load_scenario(path: Path) -> Scenario:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(f"{path}: cannot read the scenario file ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start}): not a TOML file") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

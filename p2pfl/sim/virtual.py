@@ -295,15 +295,15 @@ class _SetupRun:
         self.seq = itertools.count()
         self.now = 0.0
         self.bytes_total = 0
-        eval_rng = random.Random(f"{seed}:eval")
-        k = scenario.training.eval_nodes
-        self.eval_nodes = sorted(eval_rng.sample(range(n), k)) if 0 < k < n else list(range(n))
         self.curve: list[dict[str, float]] = []
         # [[attack]] (sim.attacks): attackers' machines are wrapped in new_machine, their data
         # poisoned for label-flip when the run starts, and they are not evaluated (the figures
-        # are the honest nodes').
+        # are the honest nodes': eval_nodes of them, a fixed sample by seed).
         self.attackers = attackers(scenario, setup)
-        self.eval_nodes = [i for i in self.eval_nodes if i not in self.attackers]
+        honest = [i for i in range(n) if i not in self.attackers]
+        k = scenario.training.eval_nodes
+        eval_rng = random.Random(f"{seed}:eval")
+        self.eval_nodes = sorted(eval_rng.sample(honest, k)) if 0 < k < len(honest) else honest
         # kind = "absent": those nodes are never started (no machine, no links, no traffic).
         self.absent = frozenset(i for i, a in self.attackers.items() if a.kind == "absent")
         if setup.learning is not None:

@@ -46,6 +46,15 @@ def load(tmp_path: Path, attack: str) -> Scenario:
         ('[[attack]]\nkind = "ipm"\n', 15, "nodes", "is required"),
         ('[[attack]]\nkind = "ipm"\nnodes = 1.5\n', 17, "nodes", "fraction must be in (0, 1)"),
         ('[[attack]]\nkind = "ipm"\nnodes = ["n009"]\n', 17, "nodes", "ids are n000..n005"),
+        # One node is never drawn (FedAvg's aggregator), and some node must stay to be scored.
+        ('[[attack]]\nkind = "ipm"\nnodes = 0.95\n', 17, "nodes", "is 6 attackers; at most 5"),
+        (
+            '[[attack]]\nkind = "absent"\nnodes = ["n000", "n001", "n002", "n003", "n004", '
+            '"n005"]\n',
+            17,
+            "nodes",
+            "lists every node",
+        ),
         ('[[attack]]\nkind = "ipm"\nnodes = 0.2\nepsilon = "big"\n', 18, "epsilon", "a number"),
         ('[[attack]]\nkind = "ipm"\nnodes = 0.2\nstart = -1\n', 18, "start", ">= 0"),
         ('[[attack]]\nkind = "ipm"\nnodes = 0.2\nspeed = 1\n', 18, "speed", "unknown key"),
@@ -90,6 +99,19 @@ def test_a_fraction_is_drawn_by_seed_among_nodes_but_fedavgs_aggregator(tmp_path
     explicit = load(tmp_path, '[[attack]]\nkind = "nan"\nnodes = ["n000", "n004"]\nsetups = ["g"]')
     assert attackers(explicit, explicit.setups[0]) == {0: Attack("nan"), 4: Attack("nan")}
     assert attackers(explicit, explicit.setups[1]) == {}
+
+
+def test_the_evaluation_sample_is_drawn_from_the_honest_nodes(tiny: Tiny) -> None:
+    # One node scored of six, five of them attackers: it is the honest one (a sample drawn from
+    # all six, attackers then left out, could be empty: no curve at all).
+    scenario = tiny(
+        training={"eval_nodes": 1, "path": "vectorized"},
+        stop={"time": 3.0},
+        setup=[{"name": "gossip", "protocol": "gossip", "period": 1.0}],
+        attack=[{"nodes": ["n000", "n001", "n002", "n004", "n005"], "kind": "absent"}],
+    )
+    (result,) = virtual.run(scenario).setups
+    assert [n.node for n in result.nodes] == ["n003"] and result.final["accuracy"] >= 0
 
 
 @pytest.mark.slow

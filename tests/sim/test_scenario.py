@@ -25,6 +25,8 @@ SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
         (lambda d: d["setup"][2].update(name="gossip"), "setup[2].name: 'gossip' is used"),
         (lambda d: d.update(setup=[]), "setup: needs at least one"),
         (lambda d: d["stop"].update(rounds=0), "stop.rounds: must be at least 1"),
+        (lambda d: d["stop"].update(time=0.0), "stop.time: must be a positive, finite"),
+        (lambda d: d["stop"].update(time=float("inf")), "stop.time: must be a positive, finite"),
         (lambda d: d["task"].update(partition="skewed"), "task.partition: must be one of"),
         (lambda d: d["task"].update(name="digts"), "task.name: must be one of digits, "),
         (
@@ -53,6 +55,10 @@ def test_bad_toml_and_missing_file_name_the_path(tmp_path: Path) -> None:
         load_scenario(bad)
     with pytest.raises(ScenarioError, match=r"nope\.toml: cannot read"):
         load_scenario(tmp_path / "nope.toml")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfename = 1\n")
+    with pytest.raises(ScenarioError, match=r"binary\.toml: not UTF-8 text \(byte 0\)"):
+        load_scenario(binary)
 
 
 def test_defaults_fill_what_is_left_out(tiny_dict: dict[str, Any]) -> None:
