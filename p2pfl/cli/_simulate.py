@@ -65,6 +65,10 @@ def simulate(scenario: Path, engine: str, out: Path | None) -> None:
     module = importlib.import_module(f"p2pfl.sim.{engine}")
     record = provenance(["simulate", *sys.argv[2:]])  # before the run writes anything
     out_dir = out or Path("out") / spec.name
+    try:  # before the run, not after it: a run's results must have somewhere to go
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"--out {out_dir}: {exc.strerror}; choose another folder", EXIT_USAGE) from None
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs and pipes: do not squeeze the results table

@@ -357,6 +357,8 @@ def parse_scenario(
     its line, given the document's ``text``)."""
     top = _Reader(source, data, "", text)
     name = top.get("name", str)
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise top.error("name", f"{name!r} names the results folder out/NAME: no path in it")
     seed = top.integer("seed", 0)
     description = top.get("description", str, "")
 

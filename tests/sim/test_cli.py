@@ -108,6 +108,17 @@ def test_a_task_mistake_found_building_the_task_is_one_line(
     _assert_one_error_line(scenario, says)
 
 
+def test_an_unusable_out_folder_is_refused_before_the_run(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO)
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "o"
+    result = CliRunner().invoke(main, ["simulate", str(scenario), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"p2pfl: --out {out}: Not a directory; choose another")
+    assert "gossip" not in result.output  # no setup ran
+
+
 def test_the_printed_status_command_is_the_running_p2pfl(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
