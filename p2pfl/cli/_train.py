@@ -110,6 +110,7 @@ def train(
 
     from p2pfl.cli._errors import EXIT_DATA, fail
     from p2pfl.ml import load_task
+    from p2pfl.ml.executor import device_problem
     from p2pfl.ml.forecast import TrafficTask, baseline_metrics
     from p2pfl.ml.models import parameter_count
     from p2pfl.ml.readings import ReadingsError
@@ -119,8 +120,8 @@ def train(
     console = Console()
     if threads:
         torch.set_num_threads(threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.UsageError(f"--device {device}: torch sees no CUDA device; use --device cpu")
+    if (problem := device_problem(device)) is not None:
+        raise click.UsageError(f"--device {device}: {problem}")
     traffic = task_name.startswith("traffic-")
     epochs = epochs if epochs is not None else _DEFAULT_EPOCHS.get(task_name, 3.0)
     options: dict[str, Any] = {"days": days, "readings": readings} if traffic else {}

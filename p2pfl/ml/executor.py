@@ -81,6 +81,20 @@ __all__ = ["Executor", "ExecutorError"]
 Mode = Literal["thread", "process"]
 
 
+def device_problem(device: str) -> str | None:
+    """What is wrong with training on ``device`` here (None: nothing): it must be a torch
+    device of type cpu or cuda, and a cuda device one torch sees."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return f"{device!r} is not a torch device; use cpu, cuda or cuda:N"
+    if kind not in ("cpu", "cuda"):
+        return f"device {device!r}: training runs on cpu or cuda (cuda:N)"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"device {device!r} requested but torch sees no CUDA device; use cpu"
+    return None
+
+
 class ExecutorError(RuntimeError):
     """A job failed in the worker process; the message carries the child's traceback."""
 
@@ -220,8 +234,8 @@ class Executor:
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+        if (problem := device_problem(device)) is not None:
+            raise ValueError(problem)
         if mode not in ("thread", "process"):
             raise ValueError(f"mode must be 'thread' or 'process', got {mode!r}")
         self.task = task

@@ -113,6 +113,17 @@ def test_live_replay_without_a_graph_tasks_cloudlets_exits_2(short_tmp: Path) ->
     assert f"{config}:10: data.replay_speed: live replay needs a traffic task" in line
 
 
+@pytest.mark.parametrize("device", ["tpu", "meta"])
+def test_a_device_torch_cannot_train_on_exits_2(short_tmp: Path, device: str) -> None:
+    (short_tmp / "state").mkdir()
+    NodeIdentity.generate().save(short_tmp / "state")
+    config = _config(short_tmp, extra=f'[executor]\ndevice = "{device}"\n')
+    result = _run(config, "--check")
+    assert result.returncode == 2
+    line = _one_line(result)
+    assert f"{config}:10: executor.device: " in line and repr(device) in line
+
+
 def test_another_cloudlets_file_exits_4(short_tmp: Path) -> None:
     from click.testing import CliRunner
 
