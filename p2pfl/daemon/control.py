@@ -177,8 +177,11 @@ class DaemonNotRunning(ControlError):
     pass
 
 
-def request(socket_path: Path, cmd: str, *, timeout: float = 5.0, **args: Any) -> Any:
-    """Send one request and return its ``result``; raise ControlError with a one-line reason."""
+def request(
+    socket_path: Path, cmd: str, *, timeout: float = 5.0, expect: type = dict, **args: Any
+) -> Any:
+    """Send one request and return its ``result`` (of type ``expect``: every command's is an
+    object); raise ControlError with a one-line reason."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
@@ -207,7 +210,10 @@ def request(socket_path: Path, cmd: str, *, timeout: float = 5.0, **args: Any) -
         raise ControlError(f"the daemon on {socket_path} sent an unexpected reply")
     if not message["ok"]:
         raise ControlError(f"the daemon refused {cmd!r}: {message.get('error', 'no reason given')}")
-    return message.get("result")
+    result = message.get("result")
+    if not isinstance(result, expect):
+        raise ControlError(f"the daemon on {socket_path} sent an unexpected {cmd!r} result")
+    return result
 
 
 def _read_line(sock: socket.socket, socket_path: Path) -> bytes:
@@ -229,7 +235,13 @@ def _read_line(sock: socket.socket, socket_path: Path) -> bytes:
 
 
 def fetch_status(socket_path: Path, *, timeout: float = 5.0) -> NodeStatus:
-    return _node_status_from_json(request(socket_path, "status", timeout=timeout))
+    reply = request(socket_path, "status", timeout=timeout)
+    try:
+        return _node_status_from_json(reply)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ControlError(
+            f"the daemon on {socket_path} sent a status this p2pfl cannot read: {exc}"
+        ) from None
 
 
 # ---- server -----------------------------------------------------------------------------------

@@ -422,3 +422,32 @@ async def _cli_status_text(path: Path) -> str:
         result = await _cli("status", "--socket", str(path))
         nursery.cancel_scope.cancel()
     return result.stdout.decode()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b'{"ok": true}\n', b'{"ok": true, "result": [1]}\n', b'{"ok": true, "result": {"x": 1}}\n'],
+)
+def test_a_reply_without_a_status_is_one_line_not_a_crash(short_tmp: Path, reply: bytes) -> None:
+    """Something else on the socket (or a broken daemon) answers ok without a status."""
+    import threading
+
+    path = short_tmp / "control.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(4096)
+            connection.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ControlError, match=f"the daemon on {path} sent "):
+            fetch_status(path)
+    finally:
+        thread.join(5)
+        server.close()
