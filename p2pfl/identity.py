@@ -154,10 +154,11 @@ def load_private_key(path: Path, *, create_command: str) -> Ed25519PrivateKey:
         raise IdentityError(f"no key at {path}; create one with `{create_command}`") from None
     except OSError as exc:
         raise IdentityError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # before fdopen, which refuses a directory itself
+        os.close(fd)
+        raise IdentityError(f"{path} is not a regular file; point to the key file itself")
     with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise IdentityError(f"{path} is not a regular file; point to the key file itself")
         if info.st_mode & 0o077:
             raise IdentityError(
                 f"{path} can be read by group or others (mode {stat.S_IMODE(info.st_mode):03o}); "

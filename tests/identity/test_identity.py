@@ -81,6 +81,12 @@ def test_corrupt_key_file_is_an_identity_error(tmp_path: Path) -> None:
         NodeIdentity.load(tmp_path)
 
 
+def test_a_directory_where_the_key_should_be_is_an_identity_error(tmp_path: Path) -> None:
+    (tmp_path / KEY_FILE).mkdir()
+    with pytest.raises(IdentityError, match="is not a regular file; point to the key file"):
+        NodeIdentity.load(tmp_path)
+
+
 def test_load_or_create_creates_once_then_loads(tmp_path: Path) -> None:
     created = NodeIdentity.load_or_create(tmp_path / "s")
     assert NodeIdentity.load_or_create(tmp_path / "s").node_id == created.node_id
