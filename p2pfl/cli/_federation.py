@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from p2pfl.cli._errors import EXIT_IDENTITY, fail
+from p2pfl.cli._errors import EXIT_IDENTITY, EXIT_USAGE, fail
 from p2pfl.files import atomic_write
 from p2pfl.identity import IdentityError, node_id_for
 from p2pfl.trust import (
@@ -77,6 +77,8 @@ def init(directory: Path, force: bool) -> None:
 )
 def admit(directory: Path, node_key: str, name: str, days: float, out: Path) -> None:
     """Sign a membership certificate for a node."""
+    if not 0 < days <= MAX_DAYS:  # also nan
+        raise click.BadParameter(f"must be more than 0 and at most {MAX_DAYS}", param_hint="--days")
     key = _parse_node_key(node_key)
     try:
         authority = FederationAuthority.load(directory)
@@ -86,11 +88,23 @@ def admit(directory: Path, node_key: str, name: str, days: float, out: Path) -> 
         raise fail(str(exc), EXIT_IDENTITY) from None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--name") from None
-    atomic_write(out, certificate, mode=0o644)
+    _write(out, certificate)
     with (directory / MEMBERS_FILE).open("a", encoding="utf-8") as members:
         members.write(f"{key.hex()} {name}\n")
     click.echo(f"admitted {node_id_for(key)} as {name!r} until {_utc(now + days * 86400)}")
     click.echo(f"certificate written to {out}", err=True)
+
+
+MAX_DAYS = 36500
+"""The longest validity ``admit`` signs: 100 years (a certificate stores milliseconds)."""
+
+
+def _write(out: Path, data: bytes) -> None:
+    """Write ``--out``; a path that cannot be written is one usage line, nothing half-written."""
+    try:
+        atomic_write(out, data, mode=0o644)
+    except OSError as exc:
+        raise fail(f"--out {out}: {exc.strerror}; choose another path", EXIT_USAGE) from None
 
 
 def _parse_node_key(node_key: str) -> bytes:
@@ -109,12 +123,15 @@ def _member_keys(directory: Path, name: str) -> list[bytes]:
     path = directory / MEMBERS_FILE
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+        keys = [
+            bytes.fromhex(k) for k, _, n in (line.partition(" ") for line in lines) if n == name
+        ]
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, or a line without a hex key
+        reason = exc.strerror if isinstance(exc, OSError) else f"not a members file ({exc})"
         raise fail(
-            f"cannot look up member {name!r}: {path}: {exc.strerror}; revoke with --node-key",
+            f"cannot look up member {name!r}: {path}: {reason}; revoke with --node-key",
             EXIT_IDENTITY,
         ) from None
-    keys = [bytes.fromhex(k) for k, _, n in (line.partition(" ") for line in lines) if n == name]
     if not keys:
         raise click.BadParameter(f"no member named {name!r} in {path}", param_hint="--name")
     return keys
@@ -186,7 +203,7 @@ def revoke(
         raise click.BadParameter(str(exc), param_hint="--reason") from None
     atomic_write(master, data, mode=0o644)
     if out is not None:
-        atomic_write(out, data, mode=0o644)
+        _write(out, data)
     for key in keys:
         click.echo(f"revoked {node_id_for(key)}" + (f" ({reason})" if reason else ""))
     click.echo(

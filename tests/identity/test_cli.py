@@ -8,6 +8,7 @@ import stat
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from p2pfl.cli import main
@@ -95,6 +96,35 @@ def test_federation_admit_rejects_bad_node_key(tmp_path: Path) -> None:
         str(tmp_path / "c"),
     )
     assert code == 2 and "64 hex digits" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--days", "nan"], "invalid value for --days: must be more than 0 and at most 36500"),
+        (["--days", "1e12"], "invalid value for --days: must be more than 0 and at most 36500"),
+        (["--out", "nodir/c.cert"], "nodir/c.cert: No such file or directory; choose another"),
+    ],
+)
+def test_federation_admit_mistakes_are_one_line(
+    tmp_path: Path, extra: list[str], says: str
+) -> None:
+    run("federation", "init", "--dir", str(tmp_path))
+    key = NodeIdentity.generate().public_key.hex()
+    args = ["--node-key", key, "--name", "n", "--out", str(tmp_path / "c.cert")]
+    if extra[0] == "--out":
+        args[-1] = str(tmp_path / extra[1])
+    else:
+        args += extra
+    code, out = run("federation", "admit", "--dir", str(tmp_path), *args)
+    assert code == 2 and says in out and "Traceback" not in out, out
+
+
+def test_a_members_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
+    run("federation", "init", "--dir", str(tmp_path))
+    (tmp_path / "members.txt").write_bytes(b"\xff\xfe n\n")
+    code, out = run("federation", "revoke", "--dir", str(tmp_path), "--name", "n")
+    assert code == 3 and "cannot look up member 'n'" in out and "not a members file" in out
 
 
 def test_federation_revoke_extends_the_list_that_show_displays(tmp_path: Path) -> None:
