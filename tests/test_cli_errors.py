@@ -33,6 +33,10 @@ def test_exit_statuses_are_the_daemons_own_and_listed_in_help() -> None:
         ["simulate", "--engine", "quantum", "s.toml"],
         ["federation", "admit", "--dir", "fed", "--node-key", "abc", "--name", "n", "--out", "c"],
         ["status", "--socket", "a", "--config", "b"],
+        ["train", "--epochs", "nan"],
+        ["train", "--task", "traffic-metr-la", "--days", "0"],
+        ["train", "--threads", "-1"],
+        ["train", "--device", "tpu"],
         ["nonsense"],
     ],
 )
@@ -42,6 +46,19 @@ def test_usage_mistakes_exit_2_with_one_line(args: list[str]) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("p2pfl: "), err
     assert "--help" in lines[0] and "Error:" not in err and "Usage:" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["data", "split", "--synthetic", "1", "--out", "/dev/null/sub"],
+        ["train", "--epochs", "0.01", "--out", "/dev/null/sub"],
+    ],
+)
+def test_an_out_folder_that_cannot_be_made_exits_2_before_the_work(args: list[str]) -> None:
+    code, err = _run(*args)
+    assert code == 2
+    assert err.strip() == "p2pfl: --out /dev/null/sub: Not a directory; choose another folder"
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,10 @@ def split(
     existing = sorted(out.glob("cloudlet-*.npz")) if out.is_dir() else []
     if existing:
         raise fail(f"{existing[0]}: already there; split into an empty folder (--out)", EXIT_USAGE)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"--out {out}: {exc.strerror}; choose another folder", EXIT_USAGE) from None
     manifest: dict[str, Any] = {
         "graph": sensor_graph.name,
         "source": str(readings) if readings is not None else f"synthetic, {days} days, seed {seed}",

@@ -56,6 +56,10 @@ def _check_out(out: Path) -> None:
     """Refuse an ``--out`` that holds an earlier run (before spending minutes training)."""
     from p2pfl.cli._errors import EXIT_USAGE, fail
 
+    try:  # now, not after the training: somewhere to write its metrics
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"--out {out}: {exc.strerror}; choose another folder", EXIT_USAGE) from None
     if (out / "metrics.json").exists():
         raise fail(
             f"--out {out} already holds metrics.json from an earlier run; give a new folder, "
@@ -76,7 +80,11 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 @click.command("train")
 @click.option("--task", "task_name", type=click.Choice(_TASKS), default="digits", show_default=True)
-@click.option("--epochs", type=float, help="Passes over the data [digits: 20, traffic: 3].")
+@click.option(
+    "--epochs",
+    type=click.FloatRange(min=0, min_open=True, max=1e6),
+    help="Passes over the data [digits: 20, traffic: 3].",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -84,14 +92,22 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     help="Folder for metrics.json; one with an earlier run's is refused. "
     "[default: a new <task>-<time> folder in $XDG_DATA_HOME/p2pfl/train]",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--days", type=int, default=28, show_default=True, help="Traffic: synthetic days.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=28,
+    show_default=True,
+    help="Traffic: synthetic days.",
+)
 @click.option(
     "--readings",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Traffic: real speeds (CSV/NPZ/HDF5, time x sensors) instead of synthetic ones.",
 )
-@click.option("--threads", type=int, default=None, help="torch threads [all cores].")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch threads [all cores]."
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def train(
     task_name: str,
@@ -115,6 +131,8 @@ def train(
     from p2pfl.ml.models import parameter_count
     from p2pfl.ml.readings import ReadingsError
 
+    if epochs is not None and not math.isfinite(epochs):
+        raise click.BadParameter(f"{epochs} is not a number of passes", param_hint="--epochs")
     if out is not None:
         _check_out(out)
     console = Console()

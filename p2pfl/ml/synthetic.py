@@ -100,8 +100,8 @@ def generate_speeds(
     graph: SensorGraph, *, days: int, seed: int = 0, model: SpeedModel | None = None
 ) -> np.ndarray:
     """[days * 288, sensors] float32 speeds in mph, NaN where a reading is missing."""
-    if days < 1:
-        raise ValueError(f"days must be >= 1, got {days}")
+    if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+        raise ValueError(f"days must be a whole number of days >= 1, got {days!r}")
     m = model or SpeedModel()
     rng = np.random.default_rng(seed)
     n, steps = graph.num_sensors, days * STEPS_PER_DAY
