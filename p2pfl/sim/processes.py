@@ -641,7 +641,7 @@ def _aggregator_index(setup: SetupSpec, n_nodes: int) -> int | None:
     """``setup.aggregator`` as a node index: the virtual engine's id ("n001") or "node-1"."""
     if setup.protocol != "fedavg" or setup.aggregator is None:
         return None
-    from p2pfl.sim.virtual import node_ids
+    from p2pfl.sim.scenario import node_ids
 
     names = {name: i for i, name in enumerate(node_ids(n_nodes))}
     names.update({f"node-{i}": i for i in range(n_nodes)})

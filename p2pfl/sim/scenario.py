@@ -42,6 +42,12 @@ def scenario_error(source: str, text: str | None, key: str, problem: str) -> Sce
     return ScenarioError(f"{where(source, text, key)}: {key}: {problem}")
 
 
+def node_ids(n: int) -> list[str]:
+    """The engines' node ids for ``n`` nodes: n000, n001, ... (wider from 1,000 nodes)."""
+    width = max(3, len(str(n - 1)))
+    return [f"n{i:0{width}d}" for i in range(n)]
+
+
 @contextlib.contextmanager
 def task_errors(scenario: Scenario) -> Iterator[None]:
     """The [task] mistakes only building the task finds (a node count a graph task does not
@@ -451,6 +457,15 @@ def parse_scenario(
         if s in names[:i]:
             raise scenario_error(
                 source, text, f"setup[{i}].name", f"{s!r} is used twice; names must differ"
+            )
+    ids = node_ids(task.nodes)
+    for i, setup in enumerate(setups):
+        if setup.aggregator is not None and setup.aggregator not in ids:
+            raise scenario_error(
+                source,
+                text,
+                f"setup[{i}].aggregator",
+                f"{setup.aggregator!r} is not a node id; ids are {ids[0]}..{ids[-1]}",
             )
     top.used.add("attack")  # [[attack]]: its own module
     attacks = parse_attacks(data, source, names, task.nodes, ScenarioError, text=text)

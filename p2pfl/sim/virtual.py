@@ -72,7 +72,7 @@ from p2pfl.protocols import (
 from p2pfl.sim.attacks import attackers, describe, poison_data
 from p2pfl.sim.network import NetworkModel, build_topology
 from p2pfl.sim.results import NodeResult, Results, SetupResult
-from p2pfl.sim.scenario import Scenario, ScenarioError, SetupSpec, scenario_error
+from p2pfl.sim.scenario import Scenario, ScenarioError, SetupSpec, node_ids, scenario_error
 from p2pfl.sim.workload import make_workload
 from p2pfl.wire import WireError
 
@@ -136,11 +136,6 @@ class _Node:
     trainings: int = 0
     optimizer_state: dict[str, Any] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def node_ids(n: int) -> list[str]:
-    width = max(3, len(str(n - 1)))
-    return [f"n{i:0{width}d}" for i in range(n)]
 
 
 def shuffle_message_bytes(message: ShuffleRequest | ShuffleReply) -> int:

@@ -27,6 +27,10 @@ SIMULATIONS = Path(__file__).resolve().parents[2] / "simulations"
         (lambda d: d["stop"].update(rounds=0), "stop.rounds: must be at least 1"),
         (lambda d: d["stop"].update(time=0.0), "stop.time: must be a positive, finite"),
         (lambda d: d.update(name="../esc"), "name: '../esc' names the results folder"),
+        (
+            lambda d: d["setup"][2].update(aggregator="n009"),
+            "setup[2].aggregator: 'n009' is not a node id; ids are n000..n005",
+        ),
         (lambda d: d["stop"].update(time=float("inf")), "stop.time: must be a positive, finite"),
         (lambda d: d["task"].update(partition="skewed"), "task.partition: must be one of"),
         (lambda d: d["task"].update(name="digts"), "task.name: must be one of digits, "),
