@@ -177,11 +177,9 @@ class DaemonNotRunning(ControlError):
     pass
 
 
-def request(
-    socket_path: Path, cmd: str, *, timeout: float = 5.0, expect: type = dict, **args: Any
-) -> Any:
-    """Send one request and return its ``result`` (of type ``expect``: every command's is an
-    object); raise ControlError with a one-line reason."""
+def request(socket_path: Path, cmd: str, *, timeout: float = 5.0, **args: Any) -> Any:
+    """Send one request and return its ``result`` (every command's is an object); raise
+    ControlError with a one-line reason."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
@@ -211,7 +209,7 @@ def request(
     if not message["ok"]:
         raise ControlError(f"the daemon refused {cmd!r}: {message.get('error', 'no reason given')}")
     result = message.get("result")
-    if not isinstance(result, expect):
+    if not isinstance(result, dict):
         raise ControlError(f"the daemon on {socket_path} sent an unexpected {cmd!r} result")
     return result
 
