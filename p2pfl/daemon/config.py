@@ -14,6 +14,7 @@ files it names can move together. Directories left unset fall back to what syste
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -520,6 +521,14 @@ def _check_cross_fields(config: Config) -> None:
             'revocation lists are signed by the federation key: set mode = "federation" '
             "or remove revocations",
         )
+    try:
+        ipaddress.ip_address(config.discovery.listen_host)
+    except ValueError:
+        raise config.error(
+            "discovery.listen_host",
+            f'"{config.discovery.listen_host}" is not an IP address (for example "0.0.0.0" for '
+            'every interface, or "192.0.2.10")',
+        ) from None
     for peer in config.discovery.static_peers:
         host, sep, port = peer.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -182,6 +182,8 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
     except OSError as exc:
         raise StartupError(f"state directory {state_dir}: {exc.strerror}", EXIT_CONFIG) from None
     trust, certificate = load_trust(config, identity)
+    if config.discovery.interface:  # looked up again at start; --check says now if it is not there
+        interface_address(config.discovery.interface)
 
     task_cfg = config.task
     if task_cfg.data is not None and not task_cfg.data.exists():

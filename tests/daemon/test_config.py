@@ -130,6 +130,14 @@ def test_a_graph_task_refuses_a_partition(tmp_path: Path) -> None:
         _parse(text, tmp_path)
 
 
+def test_a_listen_host_that_is_not_an_ip_address_is_named(tmp_path: Path) -> None:
+    text = '[trust]\nmode = "open"\n[discovery]\nlisten_host = "999.1.1.1"\n'
+    with pytest.raises(ConfigError, match=r':4: discovery\.listen_host: "999.1.1.1" is not an IP'):
+        _parse(text, tmp_path)
+    config = _parse(text.replace("999.1.1.1", "::"), tmp_path)
+    assert config.discovery.listen_host == "::"  # type: ignore[attr-defined]
+
+
 def test_dotted_key_at_top_level_is_located(tmp_path: Path) -> None:
     text = 'trust.mode = "open"\n# comment\nexecutor.threads = 0\n'
     with pytest.raises(ConfigError) as info:

@@ -124,6 +124,15 @@ def test_a_device_torch_cannot_train_on_exits_2(short_tmp: Path, device: str) ->
     assert f"{config}:10: executor.device: " in line and repr(device) in line
 
 
+def test_check_finds_an_interface_that_is_not_there(short_tmp: Path) -> None:
+    (short_tmp / "state").mkdir()
+    NodeIdentity.generate().save(short_tmp / "state")
+    config = _config(short_tmp, extra='interface = "nosuchif0"\n')
+    result = _run(config, "--check")
+    assert result.returncode == 2
+    assert "[discovery] interface 'nosuchif0': " in _one_line(result)
+
+
 def test_another_cloudlets_file_exits_4(short_tmp: Path) -> None:
     from click.testing import CliRunner
 
