@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from p2pfl.learning.setup import DAEMON_PLACES, PARAMETER_KEYS, LearningSetup, from_daemon
-from p2pfl.ml.catalog import GRAPH_TASKS
+from p2pfl.ml.catalog import partition_problem
 from p2pfl.tomlkeys import locate
 
 EXIT_CONFIG = 2
@@ -485,12 +485,8 @@ def _describe(value: Any) -> str:
 
 
 def _check_cross_fields(config: Config) -> None:
-    if config.task.name in GRAPH_TASKS and config.task.partition != "iid":
-        raise config.error(
-            "task.partition",
-            f"the nodes of {config.task.name} are its cloudlets (node_index), each with its own "
-            "sensors; remove partition (and alpha)",
-        )
+    if (problem := partition_problem(config.task.name, config.task.partition)) is not None:
+        raise config.error("task.partition", problem)
     trust = config.trust
     if trust.mode == "federation" and not _is_hex_key(trust.federation_public_key):
         raise config.error(

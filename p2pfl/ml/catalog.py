@@ -13,12 +13,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from p2pfl.ml.task import Task
 
-__all__ = ["GRAPH_TASKS", "TASKS", "load_task"]
+__all__ = ["GRAPH_TASKS", "TASKS", "load_task", "partition_problem"]
 
 GRAPH_TASKS = ("traffic-metr-la", "traffic-pems-bay")
 """One node per cloudlet of a sensor graph: their nodes are the cloudlets, not a partition."""
 TASKS = ("digits", "digits-logreg", *GRAPH_TASKS)
 """Every task by name; importing this module imports no torch (the tasks load in load_task)."""
+
+
+def partition_problem(name: str, partition: str) -> str | None:
+    """Why task ``name`` cannot be split by ``partition`` (None: it can): a graph task's nodes
+    are its cloudlets. Scenarios, daemon configurations and :func:`load_task` ask it."""
+    if name in GRAPH_TASKS and partition != "iid":
+        return (
+            f"the nodes of {name} are its cloudlets, each with its own sensors; remove "
+            "partition (and alpha)"
+        )
+    return None
 
 
 def load_task(
@@ -45,11 +56,8 @@ def load_task(
             n_nodes=n_nodes, partition=partition, alpha=alpha, seed=seed, model=model, **options
         )
     if name in GRAPH_TASKS:
-        if partition != "iid":
-            raise ValueError(
-                f"partition {partition!r}: the nodes of {name} are its cloudlets, each with its "
-                "own sensors; remove partition (and alpha)"
-            )
+        if (problem := partition_problem(name, partition)) is not None:
+            raise ValueError(f"partition {partition!r}: {problem}")
         from p2pfl.ml.forecast import TrafficTask  # only for traffic nodes: see the docstring
 
         return TrafficTask(

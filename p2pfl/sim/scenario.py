@@ -24,7 +24,7 @@ from p2pfl.learning.setup import (
     parse_setup,
     schedule_scale,
 )
-from p2pfl.ml.catalog import GRAPH_TASKS, TASKS
+from p2pfl.ml.catalog import TASKS, partition_problem
 from p2pfl.sim.attacks import AttackSpec, parse_attacks
 from p2pfl.tomlkeys import where
 
@@ -378,12 +378,8 @@ def parse_scenario(
         batch_size=t.integer("batch_size", None, low=1),
         options=dict(t.table_of("options")),
     )
-    if task.name in GRAPH_TASKS and task.partition != "iid":
-        raise t.error(
-            "partition",
-            f"the nodes of {task.name} are its cloudlets, each with its own sensors; remove "
-            "partition (and alpha)",
-        )
+    if (problem := partition_problem(task.name, task.partition)) is not None:
+        raise t.error("partition", problem)
     t.done()
 
     tr = _Reader(source, top.table_of("training"), "training.", text)
