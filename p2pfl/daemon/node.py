@@ -98,6 +98,8 @@ class Prepared:
     resumed: Checkpoint | None
     lock_fd: int
     halo: Any = None  # p2pfl.learning.features.HaloStore of a graph task's cloudlet, or None
+    host: str = ""
+    """The address to listen on: [discovery] interface's, looked up once here, else listen_host."""
 
 
 def load_trust(config: Config, identity: NodeIdentity) -> tuple[TrustPolicy, bytes | None]:
@@ -182,8 +184,9 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
     except OSError as exc:
         raise StartupError(f"state directory {state_dir}: {exc.strerror}", EXIT_CONFIG) from None
     trust, certificate = load_trust(config, identity)
-    if config.discovery.interface:  # looked up again at start; --check says now if it is not there
-        interface_address(config.discovery.interface)
+    host = config.discovery.listen_host
+    if config.discovery.interface:  # here, so that --check says it if it is not there
+        host = interface_address(config.discovery.interface)
 
     task_cfg = config.task
     if task_cfg.data is not None and not task_cfg.data.exists():
@@ -278,7 +281,17 @@ def prepare(config: Config, *, check: bool = False) -> Prepared:
         os.close(lock_fd)
         raise
     return Prepared(
-        config, identity, trust, certificate, trainer, machine, checkpoints, resumed, lock_fd, halo
+        config,
+        identity,
+        trust,
+        certificate,
+        trainer,
+        machine,
+        checkpoints,
+        resumed,
+        lock_fd,
+        halo,
+        host,
     )
 
 
@@ -580,13 +593,10 @@ class Node:
         from p2pfl.wire import DEFAULT_LIMITS, EnvelopeVerifier
 
         config = self.config
-        host = config.discovery.listen_host
-        if config.discovery.interface:
-            host = interface_address(config.discovery.interface)
         max_bytes = int(config.limits.max_message_mb * _MIB)
         turn = read_turn_credentials(config)
         transport_config = TransportConfig(
-            host=host,
+            host=self.prepared.host,
             signaling_port=config.discovery.signaling_port,
             mdns=config.discovery.mdns,
             static_peers=config.discovery.static_peers,
@@ -703,7 +713,7 @@ class Node:
                     "node started",
                     extra={
                         "node": self.identity.node_id,
-                        "signaling": f"{host}:{transport.signaling_port}",
+                        "signaling": f"{self.prepared.host}:{transport.signaling_port}",
                         "control": str(config.control_socket),
                         "round": self.state.round,
                     },
