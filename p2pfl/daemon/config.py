@@ -499,10 +499,12 @@ def _check_cross_fields(config: Config) -> None:
             "trust.allowlist",
             'trust mode "allowlist" needs allowlist = "PATH" (one public key per line)',
         )
-    # Keys of another trust mode would be read and do nothing.
+    # Keys of another trust mode would be read and do nothing (a revocation list is signed by
+    # the federation key).
     for key, value, mode in (
         ("federation_public_key", trust.federation_public_key, "federation"),
         ("certificate", trust.certificate, "federation"),
+        ("revocations", trust.revocations, "federation"),
         ("allowlist", trust.allowlist, "allowlist"),
     ):
         if value and trust.mode != mode:
@@ -511,12 +513,6 @@ def _check_cross_fields(config: Config) -> None:
                 f'applies only to mode = "{mode}" (this node\'s is "{trust.mode}"); remove it '
                 "or set that mode",
             )
-    if trust.revocations is not None and trust.mode != "federation":
-        raise config.error(
-            "trust.revocations",
-            'revocation lists are signed by the federation key: set mode = "federation" '
-            "or remove revocations",
-        )
     try:
         ipaddress.ip_address(config.discovery.listen_host)
     except ValueError:
